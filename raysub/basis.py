@@ -1,0 +1,200 @@
+"""Stage 2 — basis: the DLDR principal directions of the trajectory, by a distributed Gram matrix.
+
+W is the T×N trajectory (snapshots as rows), stored in blocks of coordinates. Centring subtracts each
+coordinate's mean over the T snapshots, so it is exact block by block. With W̃ the centred matrix:
+
+    G = W̃ W̃ᵀ = Σ_b W̃_b W̃_bᵀ          (T×T, float64, one term per block actor)
+    G = V Λ Vᵀ, σ_k = √λ_k            (driver, eigh, descending)
+    U_b = W̃_bᵀ V_D Σ_D⁻¹              (N_b×D, by each block actor)
+
+Only T×T and T×D matrices cross the network. Each block actor reads its T snapshot shards once (verifying
+checksums) into one T×N_b float32 array and keeps it for both passes; the arithmetic runs on float64 tiles of
+``TILE`` columns (centring per tile, in float64, so the tiny differences between snapshots keep their digits).
+
+Sign convention: each component is signed so that the largest-magnitude entry of its right singular vector
+v_k (its coefficients over the T snapshots) is positive. Explained-variance ratio: λ_k / Σ_j λ_j.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from raysub.errors import ConfigError, StorageError
+from raysub.storage import ColumnWriter, RunDir, basis_rel, decode_columns, decode_vector
+
+TILE = 1 << 15  # columns per float64 tile: T·TILE·8 bytes (26 MB at T=100)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+class BlockGram:
+    """Holds one block W_b of the trajectory; computes its centred Gram and, later, its basis rows.
+
+    Args:
+        run_uri: Run directory.
+        block: Block number b.
+        shards: [(path, sha256)] of the block's snapshots in order.
+    """
+
+    def __init__(self, run_uri: str, block: int, shards: List[Tuple[str, str]], num_coords: int):
+        self.run = RunDir(run_uri)
+        self.block = block
+        self.shards = shards
+        self.num_coords = num_coords
+        self.rss0 = _rss_bytes()
+        self.peak = self.rss0
+        self.W_TN: Optional[np.ndarray] = None
+
+    def _track(self):
+        self.peak = max(self.peak, _rss_bytes())
+
+    def load(self) -> float:
+        t0 = time.perf_counter()
+        self.W_TN = np.empty((len(self.shards), self.num_coords), dtype=np.float32)
+        for i, (rel, checksum) in enumerate(self.shards):
+            buf = self.run.read_bytes(rel, checksum)
+            decode_vector(buf, out=self.W_TN[i])
+            if i == 0:
+                self._track()
+            del buf
+        self._track()
+        return time.perf_counter() - t0
+
+    def gram(self) -> Dict[str, Any]:
+        """{"gram": T×T float64 centred Gram of this block, "sqnorm_mean": ‖mean_b‖², timings}."""
+        load_s = self.load() if self.W_TN is None else 0.0
+        t0 = time.perf_counter()
+        T = self.W_TN.shape[0]
+        gram_TT = np.zeros((T, T), dtype=np.float64)
+        for start in range(0, self.num_coords, TILE):
+            X = self.W_TN[:, start : start + TILE].astype(np.float64)
+            X -= X.mean(axis=0, keepdims=True)
+            gram_TT += X @ X.T
+            self._track()
+        return {"gram": gram_TT, "load_s": load_s, "gram_s": time.perf_counter() - t0}
+
+    def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32") -> Dict[str, Any]:
+        """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
+
+        Returns:
+            Its path and sha256, the write time, and the actor's memory (start and peak RSS, block bytes).
+        """
+        t0 = time.perf_counter()
+        with self.run.open_writer(basis_rel(self.block)) as sink:
+            writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
+            for start in range(0, self.num_coords, TILE):
+                X = self.W_TN[:, start : start + TILE].astype(np.float64)
+                X -= X.mean(axis=0, keepdims=True)
+                writer.write(proj_TD.T @ X)
+                self._track()
+            writer.close()
+        return {"path": basis_rel(self.block), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
+                "peak_rss": self.peak, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
+
+
+def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
+    """eigh of the summed Gram; the top ``dim`` components with the sign convention applied.
+
+    Raises:
+        ConfigError: ``dim`` ≥ T, or ``dim`` exceeds the numerical rank of the trajectory.
+    """
+    T = gram_TT.shape[0]
+    if not 0 < dim < T:
+        raise ConfigError(f"basis.dim={dim} must be in [1, {T - 1}] for {T} snapshots (the centred trajectory has "
+                          f"rank ≤ {T - 1}): lower basis.dim or sample more snapshots")
+    evals, evecs = np.linalg.eigh(gram_TT)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0.0, None), evecs[:, order]
+    tol = evals[0] * T * np.finfo(np.float64).eps * 10 if evals[0] > 0 else 1.0
+    rank = int((evals > tol).sum())
+    if dim > rank:
+        raise ConfigError(f"basis.dim={dim} exceeds the numerical rank {rank} of the trajectory (snapshots are "
+                          f"linearly dependent): lower basis.dim to ≤ {rank}")
+    V_TD = evecs[:, :dim].copy()
+    pivot = np.abs(V_TD).argmax(axis=0)
+    V_TD *= np.sign(V_TD[pivot, np.arange(dim)])
+    sigma = np.sqrt(evals)
+    total = evals.sum()
+    return {"eigenvalues": evals, "singular_values": sigma, "V": V_TD,
+            "explained_variance_ratio": evals / total if total > 0 else np.zeros_like(evals), "rank": rank}
+
+
+def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dict[str, str],
+                dtype: str = "float32") -> Dict[str, Any]:
+    """Run the block actors on Ray, sum the Grams, solve, write the basis shards and ``basis/spectrum.json``.
+
+    Args:
+        blocks: the trajectory's block indices (``trajectory/block_*/index.json`` contents).
+        shards: {path: sha256} from the manifest; every snapshot is verified against it.
+    Returns:
+        The spectrum record written to ``basis/spectrum.json`` plus per-block timings and memory.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # every block stays in memory between the two passes, so all block actors must be alive at once
+    per_actor = min(1.0, cpus / len(blocks))
+    Actor = ray.remote(BlockGram).options(num_cpus=per_actor)
+    actors = []
+    for b in blocks:
+        entries = []
+        for s in b["snapshots"]:
+            if s["path"] not in shards:
+                raise StorageError(f"snapshot {s['path']} is not in the manifest: resample with --overwrite")
+            entries.append((s["path"], shards[s["path"]]))
+        actors.append(Actor.remote(run.uri, b["block"], entries, b["stop"] - b["start"]))
+    try:
+        grams = ray.get([a.gram.remote() for a in actors])
+        gram_TT = sum(g["gram"] for g in grams)
+        spec = solve_spectrum(gram_TT, dim)
+        proj_TD = spec["V"] / spec["singular_values"][:dim]
+        writes = ray.get([a.write_basis.remote(proj_TD, dtype) for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    record = {
+        "dim": dim,
+        "num_snapshots": int(gram_TT.shape[0]),
+        "rank": spec["rank"],
+        "dtype": dtype,
+        "eigenvalues": spec["eigenvalues"].tolist(),
+        "singular_values": spec["singular_values"].tolist(),
+        "explained_variance_ratio": spec["explained_variance_ratio"].tolist(),
+        "explained_variance_top_dim": float(spec["explained_variance_ratio"][:dim].sum()),
+        "right_singular_vectors": spec["V"].tolist(),
+        "blocks": [{"block": b["block"], "start": b["start"], "stop": b["stop"], **w} for b, w in zip(blocks, writes)],
+        "timings": {"load_s": max(g["load_s"] for g in grams), "gram_s": max(g["gram_s"] for g in grams),
+                    "write_s": max(w["write_s"] for w in writes), "total_s": time.perf_counter() - t0},
+    }
+    run.write_json("basis/spectrum.json", record)
+    return record
+
+
+def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
+    """The D×N basis (leading ``dim`` components) of a run, checked against the manifest's checksums.
+
+    Raises:
+        ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
+    """
+    run = RunDir(run_uri) if isinstance(run_uri, str) else run_uri
+    if not run.exists("basis/spectrum.json"):
+        raise StorageError(f"{run.path('basis')} has no basis: run 'raysub basis {run.uri}' first")
+    spec = run.read_json("basis/spectrum.json")
+    dim = spec["dim"] if dim is None else dim
+    if dim > spec["dim"]:
+        raise ConfigError(f"train.dim={dim} exceeds the {spec['dim']} components stored in {run.path('basis')}: "
+                          f"rebuild with 'raysub basis {run.uri} basis.dim={dim} --overwrite'")
+    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
+    sums = manifest.get("shards", {})
+    parts = []
+    for b in spec["blocks"]:
+        buf = run.read_bytes(b["path"], sums.get(b["path"], b["sha256"]))
+        parts.append(decode_columns(buf, dim))
+    return np.concatenate(parts, axis=1)

@@ -1,0 +1,148 @@
+"""Ray plumbing shared by the stages: start or join a cluster, run a TorchTrainer with progress lines.
+
+Progress: rank 0 puts one dict per epoch on a `ray.util.queue.Queue`; the driver prints it as one line while
+`fit()` runs in a thread. Ray's own start-up and worker logs are kept off the console for a local run
+(``log_to_driver=False``); they stay in Ray's session logs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue as pyqueue
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+from raysub.config import Config
+from raysub.errors import ConfigError
+
+
+def ensure_ray(cfg: Config, quiet: bool = True) -> None:
+    """Start a local Ray cluster for the run (``cluster.address`` None) or join ``cluster.address``.
+
+    Raises:
+        ConfigError: the cluster has fewer logical CPUs/GPUs than ``cluster`` asks for.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        # Train V2 drains ray.train.report on its health-check poll (2 s by default), which would stall every
+        # epoch shorter than that; a local cluster inherits this from the driver's environment.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        kwargs: Dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING)
+        if cfg.cluster.address is None:
+            want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
+            num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(want + 0.999))
+            kwargs.update(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+        else:
+            kwargs.update(address=cfg.cluster.address)
+        ray.init(**kwargs)
+    check_resources(cfg)
+
+
+def check_resources(cfg: Config) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(
+            f"cluster.num_workers={cfg.cluster.num_workers} × cluster.cpus_per_worker={cfg.cluster.cpus_per_worker} "
+            f"needs {need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower them or add nodes"
+        )
+    if cfg.cluster.use_gpu and total.get("GPU", 0) < cfg.cluster.num_workers:
+        raise ConfigError(
+            f"cluster.use_gpu=true with {cfg.cluster.num_workers} workers needs as many GPUs but the Ray cluster "
+            f"has {total.get('GPU', 0):g}: lower cluster.num_workers or set cluster.use_gpu=false"
+        )
+
+
+def make_progress_queue():
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], None]):
+    """Run ``trainer.fit()`` in a thread, printing each progress dict rank 0 sends; return the Result.
+
+    Raises:
+        whatever fit raised (a worker's error surfaces as Ray Train's TrainingFailedError).
+    """
+    box: Dict[str, Any] = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        try:
+            while True:
+                printer(progress.get_nowait())
+        except pyqueue.Empty:
+            pass
+        except Exception:
+            pass
+        if not alive:
+            break
+        time.sleep(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage_path: str):
+    """A TorchTrainer on ``cluster.num_workers`` workers (gloo on CPU, nccl on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = ScalingConfig(
+        num_workers=cfg.cluster.num_workers,
+        use_gpu=cfg.cluster.use_gpu,
+        resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
+    )
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+    )
+
+
+def unwrap_train_error(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray Train failure, if it is one of ours (ConfigError)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            return e
+        for attr in ("worker_failures", "cause", "__cause__", "__context__"):
+            val = getattr(e, attr, None)
+            if isinstance(val, dict):
+                stack.extend(val.values())
+            elif isinstance(val, BaseException):
+                stack.append(val)
+    return exc
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

@@ -1,0 +1,385 @@
+"""Typed run configuration: dataclasses, YAML files, dotted ``key=value`` overrides.
+
+Every problem is collected and reported at once (`ConfigError.problems`), before anything starts: unknown
+keys, wrong types, out-of-range values, unknown registry names, missing data directories, and cross-field
+checks such as ``basis.dim < number of snapshots``. `to_dict`/`from_dict` carry a config through Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from raysub.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = field(default="digits", metadata={"help": "registered dataset name"})
+    root: Optional[str] = field(default=None, metadata={"help": "dataset directory (default per dataset)"})
+    batch_size: int = field(default=64, metadata={"help": "global training batch, split evenly over workers"})
+    eval_batch_size: int = field(default=1024, metadata={"help": "global evaluation batch"})
+    augment: bool = field(default=True, metadata={"help": "training augmentation where the dataset has one"})
+    num_workers: int = field(default=0, metadata={"help": "data-loading processes per Ray worker (ImageNet)"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "ImageNet crop size (default 224)"})
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="mlp", metadata={"help": "registered model name"})
+    options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword options of the model"})
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = field(
+        default=None,
+        metadata={"help": "Ray address; None starts a local cluster for the run, 'auto' joins a running one"},
+    )
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, nccl backend"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "logical CPUs each worker reserves"})
+    num_cpus: Optional[int] = field(default=None, metadata={"help": "logical CPUs of a local cluster"})
+    max_failures: int = field(default=0, metadata={"help": "worker-group restarts Ray Train may do"})
+
+
+@dataclass
+class SGDConfig:
+    """The full-parameter SGD run: the baseline, and the run whose trajectory is sampled."""
+
+    epochs: int = field(default=30, metadata={"help": "epochs of the full SGD run (baseline)"})
+    lr: float = field(default=0.1, metadata={"help": "initial learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "heavy-ball momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "L2 weight decay"})
+    lr_milestones: List[int] = field(default_factory=list, metadata={"help": "epochs where lr *= lr_gamma"})
+    lr_gamma: float = field(default=0.1, metadata={"help": "step-decay factor"})
+
+
+@dataclass
+class SampleConfig:
+    epochs: int = field(default=15, metadata={"help": "snapshot window: the first N epochs of the SGD run"})
+    snapshots_per_epoch: int = field(default=1, metadata={"help": "uniformly spaced snapshots per epoch"})
+    snapshot_every_steps: int = field(default=0, metadata={"help": ">0: snapshot every k steps instead"})
+
+
+@dataclass
+class BasisConfig:
+    dim: int = field(default=15, metadata={"help": "principal components computed and stored (d)"})
+
+
+@dataclass
+class TrainConfig:
+    """Subspace training from theta0: theta = theta0 + P z, only z is trained."""
+
+    optimizer: str = field(default="psgd", metadata={"help": "registered subspace optimizer"})
+    projection: str = field(default="dldr", metadata={"help": "registered projection family"})
+    dim: Optional[int] = field(default=None, metadata={"help": "leading basis columns used (default basis.dim)"})
+    label: Optional[str] = field(default=None, metadata={"help": "name of the result (default: optimizer)"})
+    epochs: int = field(default=40, metadata={"help": "subspace training epochs"})
+    lr: float = field(default=1.0, metadata={"help": "initial learning rate (DLDR P-SGD: 1)"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum, kept in d dimensions"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "decay on z; non-zero pulls theta towards theta0 inside the subspace"}
+    )
+    lr_milestones: List[int] = field(default_factory=lambda: [30], metadata={"help": "lr step-decay epochs"})
+    lr_gamma: float = field(default=0.1, metadata={"help": "step-decay factor"})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (default data.batch_size)"})
+    basis_dtype: str = field(default="float32", metadata={"help": "storage of P on the device: float32|bfloat16"})
+
+
+@dataclass
+class Config:
+    run_dir: str = field(default="runs/quickstart", metadata={"help": "local path or pyarrow.fs URI"})
+    seed: int = field(default=0, metadata={"help": "seeds theta0, data order and augmentation"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- conversion -------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Config":
+        """Build and type-check a config. Raises ConfigError listing every problem."""
+        problems: List[str] = []
+        cfg = _build(cls, data or {}, "", problems)
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    def to_yaml(self, header: str = "") -> str:
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- derived values ---------------------------------------------------------------------------------
+    @property
+    def train_dim(self) -> int:
+        return self.train.dim if self.train.dim is not None else self.basis.dim
+
+    @property
+    def train_label(self) -> str:
+        return self.train.label or self.train.optimizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building from plain data with type checks
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, problems: List[str]):
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Returns the value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return dict(value) if isinstance(value, dict) else value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is typing.Any:
+        return value
+    raise AssertionError(f"unsupported config annotation {tp}")
+
+
+def _build(cls, data, prefix: str, problems: List[str]):
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            problems.append(f"unknown key '{prefix}{key}': known keys here are {', '.join(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.", problems)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name, problems)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files and overrides
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.lr=0.5", "model.options.hidden=[32,32]"]`` -> nested dict; values are parsed as YAML."""
+    nested: Dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=0.5")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {part} is not a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return nested
+
+
+def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the quickstart defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown keys, wrong types (all at once).
+    """
+    data: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found: pass an existing YAML file, e.g. configs/quickstart.yaml")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax")
+    return Config.from_dict(merge(data, parse_overrides(overrides)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# semantic checks
+
+def num_snapshots(cfg: Config, steps_per_epoch: int) -> int:
+    """Snapshots the sampler writes: theta0 plus those taken inside the window."""
+    if cfg.sample.snapshot_every_steps > 0:
+        return 1 + (cfg.sample.epochs * steps_per_epoch) // cfg.sample.snapshot_every_steps
+    return 1 + cfg.sample.epochs * cfg.sample.snapshots_per_epoch
+
+
+def snapshot_steps(cfg: Config, steps_per_epoch: int) -> List[int]:
+    """Global step counts (1-based, after the update) at which snapshots 1..t-1 are taken."""
+    total = cfg.sample.epochs * steps_per_epoch
+    if cfg.sample.snapshot_every_steps > 0:
+        k = cfg.sample.snapshot_every_steps
+        return list(range(k, total + 1, k))
+    per = cfg.sample.snapshots_per_epoch
+    steps = []
+    for epoch in range(cfg.sample.epochs):
+        for j in range(1, per + 1):
+            steps.append(epoch * steps_per_epoch + math.ceil(j * steps_per_epoch / per))
+    return steps
+
+
+def _positive(problems, key, value, allow_zero=False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "≥ 0" if allow_zero else "> 0"
+        problems.append(f"{key}={value}: must be {bound}")
+
+
+def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
+    """All semantic problems of a config (empty list: fine). Does not start Ray or load data."""
+    from raysub import data as data_mod
+    from raysub import models as models_mod
+    from raysub import optim as optim_mod
+    from raysub import projection as proj_mod
+
+    problems: List[str] = []
+    for registry, name, key in (
+        (data_mod.DATASETS, cfg.data.name, "data.name"),
+        (models_mod.MODELS, cfg.model.name, "model.name"),
+        (optim_mod.OPTIMIZERS, cfg.train.optimizer, "train.optimizer"),
+        (proj_mod.PROJECTIONS, cfg.train.projection, "train.projection"),
+    ):
+        if name not in registry:
+            problems.append(f"{key}: unknown {registry.kind} {name!r}: choose one of {', '.join(registry.names())}")
+    for key, value in (
+        ("data.batch_size", cfg.data.batch_size),
+        ("data.eval_batch_size", cfg.data.eval_batch_size),
+        ("cluster.num_workers", cfg.cluster.num_workers),
+        ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker),
+        ("sgd.epochs", cfg.sgd.epochs),
+        ("sgd.lr", cfg.sgd.lr),
+        ("sample.epochs", cfg.sample.epochs),
+        ("sample.snapshots_per_epoch", cfg.sample.snapshots_per_epoch),
+        ("basis.dim", cfg.basis.dim),
+        ("train.dim", cfg.train.dim),
+        ("train.epochs", cfg.train.epochs),
+        ("train.lr", cfg.train.lr),
+        ("train.batch_size", cfg.train.batch_size),
+    ):
+        _positive(problems, key, value)
+    for key, value in (
+        ("data.num_workers", cfg.data.num_workers),
+        ("cluster.max_failures", cfg.cluster.max_failures),
+        ("sgd.momentum", cfg.sgd.momentum),
+        ("sgd.weight_decay", cfg.sgd.weight_decay),
+        ("sample.snapshot_every_steps", cfg.sample.snapshot_every_steps),
+        ("train.momentum", cfg.train.momentum),
+        ("train.weight_decay", cfg.train.weight_decay),
+    ):
+        _positive(problems, key, value, allow_zero=True)
+    for key, value in (("sgd.momentum", cfg.sgd.momentum), ("train.momentum", cfg.train.momentum)):
+        if value >= 1:
+            problems.append(f"{key}={value}: must be < 1")
+    for key, value in (("sgd.lr_gamma", cfg.sgd.lr_gamma), ("train.lr_gamma", cfg.train.lr_gamma)):
+        if not 0 < value <= 1:
+            problems.append(f"{key}={value}: must be in (0, 1]")
+    if cfg.sample.epochs > cfg.sgd.epochs:
+        problems.append(
+            f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "
+            "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
+        )
+    if cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim:
+        problems.append(f"train.dim={cfg.train.dim} exceeds basis.dim={cfg.basis.dim}: raise basis.dim")
+    if cfg.train.basis_dtype not in ("float32", "bfloat16"):
+        problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
+    if cfg.cluster.num_workers and cfg.data.batch_size and cfg.data.batch_size % cfg.cluster.num_workers:
+        problems.append(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by cluster.num_workers="
+            f"{cfg.cluster.num_workers}: pick a multiple so every rank gets an equal share"
+        )
+    tb = cfg.train.batch_size
+    if tb and cfg.cluster.num_workers and tb % cfg.cluster.num_workers:
+        problems.append(
+            f"train.batch_size={tb} is not divisible by cluster.num_workers={cfg.cluster.num_workers}: pick a multiple"
+        )
+    # d must be below the number of snapshots (the centred trajectory has rank <= t-1)
+    if cfg.sample.snapshot_every_steps == 0 and cfg.basis.dim > 0 and cfg.sample.epochs > 0:
+        t = num_snapshots(cfg, steps_per_epoch=1)
+        if cfg.basis.dim >= t:
+            problems.append(
+                f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled (the centred trajectory has rank "
+                f"≤ {t - 1}): lower basis.dim or sample more (sample.epochs, sample.snapshots_per_epoch)"
+            )
+    if check_data and cfg.data.name in data_mod.DATASETS:
+        problems.extend(
+            data_mod.validate_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+        )
+    if cfg.model.name in models_mod.MODELS and cfg.data.name in data_mod.DATASETS:
+        pass  # model options are checked when the model is built in plan()
+    return problems
+
+
+def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
+    return {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
+
+
+def check(cfg: Config, *, check_data: bool = True) -> Config:
+    """Raise ConfigError with every problem of ``cfg``; return it unchanged when fine."""
+    problems = validate(cfg, check_data=check_data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

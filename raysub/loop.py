@@ -1,0 +1,126 @@
+"""Pieces shared by the per-worker training loops (sampling SGD and subspace training).
+
+Data order: every epoch has one global permutation drawn from (seed, epoch); it is cut into global batches of
+B examples (the last incomplete batch is dropped) and rank r of W takes rows [r·B/W, (r+1)·B/W) of each. So W
+workers see exactly the examples one worker with batch B sees, in the same order, and a resumed run replays the
+same order from its epoch.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> Tuple[int, int]:
+    if dist_ready():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_threads() -> None:
+    """One intra-op thread per reserved CPU (Ray sets OMP_NUM_THREADS from the worker's CPUs)."""
+    n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def epoch_batches(num_examples: int, global_batch: int, seed: int, epoch: int, rank: int, world: int
+                  ) -> List[torch.Tensor]:
+    """This rank's index batches for ``epoch`` (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(num_examples, generator=gen)
+    local = global_batch // world
+    steps = num_examples // global_batch
+    return [perm[s * global_batch + rank * local : s * global_batch + (rank + 1) * local] for s in range(steps)]
+
+
+def eval_batches(num_examples: int, global_batch: int, rank: int, world: int) -> List[torch.Tensor]:
+    """A contiguous shard of the evaluation split for this rank, in batches of global_batch/W."""
+    bounds = torch.linspace(0, num_examples, world + 1).round().long().tolist()
+    idx = torch.arange(bounds[rank], bounds[rank + 1])
+    local = max(1, global_batch // world)
+    return [idx[i : i + local] for i in range(0, len(idx), local)]
+
+
+def lr_at(epoch: int, base_lr: float, milestones: Sequence[int], gamma: float) -> float:
+    """Step decay: ``base_lr · gamma^(number of milestones ≤ epoch)`` (epochs are 0-based)."""
+    return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if dist_ready() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data, split: str, global_batch: int,
+             device: torch.device, num_workers: int = 0) -> Dict[str, float]:
+    """Loss and accuracy on ``split``, each rank doing its shard, summed over ranks."""
+    rank, world = rank_world()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    batches = eval_batches(data.size(split), global_batch, rank, world)
+    for x, y in data.batches(split, batches, augment=False, seed=0, num_workers=num_workers):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = forward(x)
+        stats[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        stats[1] += (logits.argmax(1) == y).sum().double()
+        stats[2] += y.numel()
+    all_reduce_sum_(stats)
+    return {"loss": float(stats[0] / stats[2]), "acc": float(stats[1] / stats[2])}
+
+
+def broadcast_buffers_(module: torch.nn.Module) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) equal to rank 0's."""
+    if dist_ready() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def save_checkpoint(state: Dict) -> "object":
+    """A Ray Train Checkpoint holding ``state`` (torch.save) in a temporary directory."""
+    from ray.train import Checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="raysub-ckpt-")
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    return Checkpoint.from_directory(tmp)
+
+
+def load_checkpoint() -> Optional[Dict]:
+    """The state of the latest checkpoint Ray Train hands this run (after a restart), or None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as path:
+        return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def maybe_inject_failure(run_dir, epoch: int) -> None:
+    """Testing hook: ``RAYSUB_FAIL_AFTER_EPOCH=k`` kills the worker once after epoch k's checkpoint.
+
+    A marker file in the run directory makes it fire once, so Ray Train's restart (or ``--resume``) goes on.
+    """
+    k = os.environ.get("RAYSUB_FAIL_AFTER_EPOCH")
+    if k is None or int(k) != epoch:
+        return
+    marker = "failure_injected"
+    if run_dir.exists(marker):
+        return
+    rank, _ = rank_world()
+    if dist_ready():
+        dist.barrier()
+    if rank == 0:
+        run_dir.write_text(marker, f"epoch {epoch}\n")
+    if dist_ready():
+        dist.barrier()
+    raise RuntimeError(f"RAYSUB_FAIL_AFTER_EPOCH={k}: injected failure after epoch {epoch}")

@@ -1,0 +1,62 @@
+"""PNG plots of a run: explained variance of the trajectory PCA, test accuracy against epoch per method."""
+from __future__ import annotations
+
+import io
+from typing import Any, Dict, Sequence
+
+
+def _save(run, rel: str, fig) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    run.write_bytes(rel, buf.getvalue())
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.0))
+
+
+def plot_explained_variance(run, ratio: Sequence[float], dim: int) -> None:
+    """Bars: explained-variance ratio per component; line: cumulative; the kept components highlighted."""
+    import numpy as np
+
+    fig, ax = _figure()
+    ratio = np.asarray(ratio)
+    k = np.arange(1, len(ratio) + 1)
+    ax.bar(k, ratio, color=["tab:blue" if i <= dim else "tab:gray" for i in k], label="per component")
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance ratio")
+    ax2 = ax.twinx()
+    ax2.plot(k, np.cumsum(ratio), color="tab:red", marker=".", label="cumulative")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_ylabel("cumulative")
+    ax.axvline(dim + 0.5, color="k", lw=0.8, ls="--")
+    ax.set_title(f"trajectory PCA: top {dim} explain {100 * ratio[:dim].sum():.1f}%")
+    _save(run, "plots/explained_variance.png", fig)
+
+
+def plot_accuracy(run, summary: Dict[str, Any]) -> None:
+    """Test accuracy against epoch for every method with a history; the snapshot window shaded."""
+    fig, ax = _figure()
+    for name, r in summary["results"].items():
+        hist = r.get("history")
+        if not hist:
+            continue
+        label = f"{name} (d={r['dim']:,})"
+        ax.plot([h["epoch"] for h in hist], [100 * h["test_acc"] for h in hist], marker=".", label=label)
+    window = summary["results"].get("sgd@sample")
+    if window:
+        ax.axvspan(0, window["epochs"], color="gray", alpha=0.15, label="snapshot window")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{summary.get('model', '')} on {summary.get('dataset', '')}")
+    _save(run, "plots/test_accuracy.png", fig)

@@ -1,0 +1,262 @@
+"""Run directories on any `pyarrow.fs` filesystem: atomic writes, Arrow shards with checksums, the manifest.
+
+A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) that every node can reach.
+Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's
+sha256 goes into ``manifest.json``; readers verify it.
+
+Layout::
+
+    RUN/config.yaml            resolved config
+    RUN/manifest.json          versions, git revision, device, world size, stage timings, layout, shards
+    RUN/theta0.pt              initial state_dict (parameters and buffers) of the seeded model
+    RUN/trajectory/block_BBB/snap_SSSSS.arrow   rank B's slice of snapshot S (float32, column "v")
+    RUN/trajectory/block_BBB/index.json         the block's snapshots with checksums (written by rank B)
+    RUN/basis/block_BBB.arrow  U_b: one float32 column per component (rows = coordinates of block B)
+    RUN/basis/spectrum.json    eigenvalues, singular values, explained-variance ratio of every component
+    RUN/summary.json, RUN/plots/*.png, RUN/checkpoints/ (Ray Train)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raysub.errors import StorageError
+
+
+def sha256(data) -> str:
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+class _HashingSink:
+    """A file-like sink that hashes what it forwards (so a streamed shard needs no second read)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.hash = hashlib.sha256()
+        self.sha256: Optional[str] = None
+        self.closed = False
+        self.pos = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.hash.update(view)
+        self.out.write(view)
+        self.pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RunDir:
+    """A run directory on a pyarrow filesystem.
+
+    Args:
+        uri: Local path (made absolute) or filesystem URI.
+    """
+
+    def __init__(self, uri: str):
+        if "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))
+        self.uri = uri
+        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+
+    # -- paths --------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def is_nonempty(self) -> bool:
+        if not self.exists():
+            return False
+        info = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        return len(info) > 0
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def delete(self, *parts: str) -> None:
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(*parts))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(*parts))
+
+    def listdir(self, *parts: str):
+        if not self.exists(*parts):
+            return []
+        sel = pafs.FileSelector(self.path(*parts), recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray Train keeps this run's checkpoints (its RunConfig.storage_path)."""
+        return self.uri.rstrip("/") + "/checkpoints" if "://" in self.uri else os.path.join(self.uri, "checkpoints")
+
+    # -- bytes, text, json --------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data) -> str:
+        """Atomically write ``data`` to ``rel``; returns its sha256."""
+        target = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, target)
+        return sha256(data)
+
+    @contextlib.contextmanager
+    def open_writer(self, rel: str):
+        """Stream a file to ``rel`` atomically; yields a sink with ``write``; ``sink.sha256`` is set on exit."""
+        target = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        out = self.fs.open_output_stream(tmp)
+        sink = _HashingSink(out)
+        try:
+            yield sink
+            out.close()
+            self.fs.move(tmp, target)
+        except BaseException:
+            out.close()
+            self.fs.delete_file(tmp)
+            raise
+        sink.sha256 = sink.hash.hexdigest()
+
+    def read_bytes(self, rel: str, checksum: Optional[str] = None) -> pa.Buffer:
+        """Read ``rel``; verify its sha256 when ``checksum`` is given.
+
+        Raises:
+            StorageError: missing file or checksum mismatch.
+        """
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as src:
+                buf = src.read_buffer()
+        except (FileNotFoundError, OSError) as exc:
+            if self.exists(rel):
+                raise
+            raise StorageError(
+                f"{self.path(rel)} is missing: the run directory is incomplete; rerun the stage that writes it "
+                f"(with --overwrite)"
+            ) from exc
+        if checksum is not None and sha256(buf) != checksum:
+            raise StorageError(
+                f"{self.path(rel)} is corrupted (sha256 does not match the manifest): rerun the stage that "
+                f"writes it (with --overwrite)"
+            )
+        return buf
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel).to_pybytes())
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).to_pybytes().decode()
+
+    # -- torch state --------------------------------------------------------------------------------------
+    def write_torch(self, rel: str, obj: Any) -> str:
+        import torch
+
+        bio = io.BytesIO()
+        torch.save(obj, bio)
+        return self.write_bytes(rel, bio.getvalue())
+
+    def read_torch(self, rel: str, checksum: Optional[str] = None) -> Any:
+        import torch
+
+        buf = self.read_bytes(rel, checksum)
+        return torch.load(io.BytesIO(buf.to_pybytes()), map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arrow shards
+
+def encode_vector(values: np.ndarray, metadata: Optional[Dict[str, str]] = None) -> pa.Buffer:
+    """A 1-D float32 vector as an Arrow IPC file (one column "v")."""
+    assert values.ndim == 1
+    table = pa.table({"v": pa.array(np.ascontiguousarray(values, dtype=np.float32))})
+    table = table.replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def decode_vector(buf: pa.Buffer, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Inverse of `encode_vector`; copies into ``out`` when given (no second temporary)."""
+    col = pa.ipc.open_file(buf).read_all().column("v")
+    arr = col.chunk(0).to_numpy(zero_copy_only=True) if col.num_chunks == 1 else col.to_numpy()
+    if out is None:
+        return arr.copy()
+    out[...] = arr
+    return out
+
+
+class ColumnWriter:
+    """Streams a D×N float32/float64 matrix into an Arrow IPC file, one column per row (u0..u{D-1}), tile by tile."""
+
+    def __init__(self, sink, num_columns: int, dtype: str = "float32"):
+        self.dtype = np.dtype(dtype)
+        self.schema = pa.schema([(f"u{k}", pa.from_numpy_dtype(self.dtype)) for k in range(num_columns)])
+        self.writer = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), self.schema)
+
+    def write(self, tile_DK: np.ndarray) -> None:
+        arrays = [pa.array(np.ascontiguousarray(row, dtype=self.dtype)) for row in tile_DK]
+        self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def decode_columns(buf: pa.Buffer, num_columns: Optional[int] = None) -> np.ndarray:
+    """Inverse of `ColumnWriter`: the leading ``num_columns`` rows as a D×N array of the stored dtype."""
+    table = pa.ipc.open_file(buf).read_all()
+    d = table.num_columns if num_columns is None else num_columns
+    out = np.empty((d, table.num_rows), dtype=table.schema.field(0).type.to_pandas_dtype())
+    for k in range(d):
+        offset = 0
+        for chunk in table.column(k).chunks:
+            a = chunk.to_numpy(zero_copy_only=True)
+            out[k, offset : offset + len(a)] = a
+            offset += len(a)
+    return out
+
+
+def block_bounds(num_params: int, num_blocks: int) -> Tuple[Tuple[int, int], ...]:
+    """Contiguous, near-equal blocks of the flat parameter vector: ((start, stop), ...)."""
+    edges = np.linspace(0, num_params, num_blocks + 1).round().astype(int)
+    return tuple((int(edges[i]), int(edges[i + 1])) for i in range(num_blocks))
+
+
+def snapshot_rel(block: int, snap: int) -> str:
+    return f"trajectory/block_{block:03d}/snap_{snap:05d}.arrow"
+
+
+def block_index_rel(block: int) -> str:
+    return f"trajectory/block_{block:03d}/index.json"
+
+
+def basis_rel(block: int) -> str:
+    return f"basis/block_{block:03d}.arrow"

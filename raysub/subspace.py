@@ -1,0 +1,157 @@
+"""Stage 3 — train in the subspace: θ = θ0 + P z, only z ∈ R^D is trained, on Ray Train.
+
+Every worker holds P (replicated), computes the gradient g_r of its share of the global batch (mean loss over
+its B/W examples), projects it, g̃_r = Pᵀ g_r, and all-reduces D floats — not N: projection is linear, so the
+mean of the projections is the projection of the mean gradient. Every worker then applies the same Δz, so θ
+stays identical across workers without ever communicating N floats.
+
+BatchNorm: running statistics are buffers outside the subspace. Each worker updates its own during the epoch
+(from its local batches); at the end of every epoch, before evaluation and the checkpoint, they are
+broadcast from rank 0, so all workers evaluate and checkpoint the same model.
+
+The step allocates nothing N-sized: θ is written in place by addmv into a flat buffer whose views are the
+model's parameters, gradients accumulate in place into a flat gradient buffer, and only D floats leave it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import torch
+
+from raysub import loop
+from raysub.config import Config, dataset_kwargs
+from raysub.storage import RunDir
+
+
+class SubspaceModel:
+    """A model evaluated at θ0 + P z with `torch.func.functional_call`.
+
+    Args:
+        model: The architecture; its buffers are used (and updated) in place.
+        theta0_N: Initial flat parameters.
+        projection: The subspace (a `Projection`).
+    """
+
+    def __init__(self, model: torch.nn.Module, theta0_N: torch.Tensor, projection):
+        from raysub.flat import FlatParams
+
+        self.model = model
+        self.theta0_N = theta0_N
+        self.projection = projection
+        self.flat = FlatParams(model, theta0_N)
+
+    @torch.no_grad()
+    def set_z(self, z_D: torch.Tensor) -> None:
+        self.flat.theta_N.copy_(self.theta0_N)
+        self.projection.lift_add_(z_D.detach(), self.flat.theta_N)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.model, self.flat.state(), (x,))
+
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor):
+        """Mean cross-entropy at the current z and its projected gradient Pᵀ∇L (D floats, local to this rank)."""
+        self.flat.zero_grad()
+        loss = torch.nn.functional.cross_entropy(self.forward(x), y)
+        loss.backward()
+        return loss.detach(), self.projection.project(self.flat.grad_N)
+
+
+def subspace_loop(config: Dict[str, Any]) -> None:
+    """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
+    import ray.train
+    import ray.train.torch
+
+    from raysub.data import load_dataset
+    from raysub.flat import flatten_params
+    from raysub.models import build_model
+    from raysub.optim import build_optimizer
+    from raysub.projection import PROJECTIONS
+
+    cfg = Config.from_dict(config["cfg"])
+    progress = config.get("progress")
+    loop.setup_threads()
+    rank, world = loop.rank_world()
+    device = ray.train.torch.get_device()
+    run = RunDir(cfg.run_dir)
+
+    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    model.load_state_dict(run.read_torch("theta0.pt"))
+    model.to(device)
+    theta0_N = flatten_params(model)
+    dtype = torch.bfloat16 if cfg.train.basis_dtype == "bfloat16" else torch.float32
+    projection = PROJECTIONS.get(cfg.train.projection)(theta0_N.numel(), cfg.train_dim, cfg.seed,
+                                                       run_dir=run.uri, device=device, dtype=dtype)
+    sub = SubspaceModel(model, theta0_N, projection)
+    z_D = torch.zeros(cfg.train_dim, device=device, requires_grad=True)
+    opt = build_optimizer(cfg.train.optimizer, [z_D], cfg.train)
+    batch = cfg.train.batch_size or cfg.data.batch_size
+
+    state = loop.load_checkpoint()
+    if state is None:
+        start_epoch, history, elapsed = 0, [], 0.0
+    else:
+        with torch.no_grad():
+            z_D.copy_(state["z"].to(device))
+        opt.load_state_dict(state["optimizer"])
+        for name, buf in model.named_buffers():
+            buf.copy_(state["buffers"][name].to(device))
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+
+    comm_floats = 0
+    t_start = time.perf_counter() - elapsed
+    for epoch in range(start_epoch, cfg.train.epochs):
+        for group in opt.param_groups:
+            group["lr"] = loop.lr_at(epoch, cfg.train.lr, cfg.train.lr_milestones, cfg.train.lr_gamma)
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        batches = loop.epoch_batches(data.size("train"), batch, cfg.seed, epoch, rank, world)
+        for x, y in data.batches("train", batches, augment=cfg.data.augment, seed=cfg.seed * 100_003 + epoch,
+                                 num_workers=cfg.data.num_workers):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sub.set_z(z_D)
+            loss, g_D = sub.loss_and_grad(x, y)
+            if world > 1:
+                loop.all_reduce_sum_(g_D)
+                g_D /= world
+                comm_floats = g_D.numel()
+            z_D.grad = g_D.to(z_D.dtype)
+            opt.step()
+            loss_sum[0] += loss.double()
+            loss_sum[1] += 1
+        loop.all_reduce_sum_(loss_sum)
+        loop.broadcast_buffers_(model)
+        sub.set_z(z_D)
+        model.eval()
+        with torch.no_grad():
+            test = loop.evaluate(sub.forward, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
+        now = time.perf_counter() - t_start
+        record = {"stage": cfg.train_label, "epoch": epoch + 1, "epochs": cfg.train.epochs,
+                  "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "test_loss": test["loss"],
+                  "test_acc": test["acc"], "elapsed_s": now, "allreduce_floats_per_step": comm_floats}
+        history.append(record)
+        metrics = {**record, "history": history, "z_norm": float(z_D.detach().norm())}
+        if rank == 0:
+            if progress is not None:
+                progress.put(record)
+            ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                    "elapsed": now, "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
+            ray.train.report(metrics, checkpoint=loop.save_checkpoint(ckpt))
+        else:
+            ray.train.report(metrics)
+
+
+def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
+    """Driver side: run `subspace_loop` on Ray Train. Returns {"history", "wall_s"}."""
+    from raysub.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+
+    progress = make_progress_queue()
+    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress}, cfg,
+                            f"train-{cfg.train_label}", run.storage_path)
+    t0 = time.perf_counter()
+    try:
+        result = fit_with_progress(trainer, progress, printer)
+    except Exception as exc:
+        raise unwrap_train_error(exc)
+    return {"history": result.metrics["history"], "wall_s": time.perf_counter() - t0}
