@@ -105,12 +105,13 @@ def load_checkpoint() -> Optional[Dict]:
         return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
 
 
-def maybe_inject_failure(run_dir, epoch: int) -> None:
-    """Testing hook: ``RAYSUB_FAIL_AFTER_EPOCH=k`` kills the worker once after epoch k's checkpoint.
+def maybe_inject_failure(run_dir, epoch: int, fail_after_epoch: Optional[int]) -> None:
+    """Testing hook: ``RAYSUB_FAIL_AFTER_EPOCH=k`` in the driver's environment (passed to the workers in the loop
+    config) makes every worker raise once, after epoch k's checkpoint.
 
     A marker file in the run directory makes it fire once, so Ray Train's restart (or ``--resume``) goes on.
     """
-    k = os.environ.get("RAYSUB_FAIL_AFTER_EPOCH")
+    k = fail_after_epoch
     if k is None or int(k) != epoch:
         return
     marker = "failure_injected"

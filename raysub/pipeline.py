@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from raysub.config import Config, check, dataset_kwargs, load_config, merge, num_snapshots, parse_overrides
 from raysub.errors import ConfigError, StorageError
-from raysub.storage import RunDir, block_bounds
+from raysub.storage import RunDir, block_bounds, sha256
 
 Printer = Callable[[str], None]
 
@@ -299,6 +299,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     run.write_json("summary.json", summary)
     manifest = run.read_json("manifest.json")
     manifest["stages"][f"train.{label}"] = {"complete": True, "wall_s": out["wall_s"]}
+    manifest["shards"][f"train/{label}.pt"] = sha256(run.read_bytes(f"train/{label}.pt"))
     run.write_json("manifest.json", manifest)
     from raysub.plots import plot_accuracy
 

@@ -13,6 +13,7 @@ function of seed and epoch), and never duplicates or loses one.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, List
 
@@ -23,8 +24,12 @@ from raysub.config import Config, snapshot_steps
 from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
 
 
-def _write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
-                    index: List[Dict[str, Any]]) -> None:
+def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
+                   index: List[Dict[str, Any]]) -> None:
+    """Write block ``block`` of the flat vector as snapshot ``snap`` and rewrite the block's index.
+
+    ``index`` is this block's snapshot list; entries from ``snap`` on are replaced (a resumed run rewrites them).
+    """
     start, stop = bounds[block]
     values = flat_N[start:stop].detach().to("cpu", torch.float32).numpy()
     rel = snapshot_rel(block, snap)
@@ -70,7 +75,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
     if state is None:
         start_epoch, step, history, elapsed = 0, 0, [], 0.0
         window_s = None
-        _write_snapshot(run, flatten_params(model), rank, bounds, 0, 0, 0, index)
+        write_snapshot(run, flatten_params(model), rank, bounds, 0, 0, 0, index)
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -97,7 +102,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
             loss_sum[1] += 1
             if step in snap_at:
                 with torch.no_grad():
-                    _write_snapshot(run, flatten_params(model), rank, bounds, snap_at[step], step, epoch + 1, index)
+                    write_snapshot(run, flatten_params(model), rank, bounds, snap_at[step], step, epoch + 1, index)
         loop.all_reduce_sum_(loss_sum)
         model.eval()
         test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
@@ -117,7 +122,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=loop.save_checkpoint(ckpt_state))
         else:
             ray.train.report(metrics)
-        loop.maybe_inject_failure(run, epoch + 1)
+        loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
 
 
 def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[str, Any]:
@@ -129,8 +134,9 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
     from raysub.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
 
     progress = make_progress_queue()
-    trainer = torch_trainer(sample_loop, {"cfg": cfg.to_dict(), "progress": progress}, cfg, "sample",
-                            run.storage_path)
+    loop_config = {"cfg": cfg.to_dict(), "progress": progress,
+                   "fail_after_epoch": os.environ.get("RAYSUB_FAIL_AFTER_EPOCH")}
+    trainer = torch_trainer(sample_loop, loop_config, cfg, "sample", run.storage_path)
     t0 = time.perf_counter()
     try:
         result = fit_with_progress(trainer, progress, printer)

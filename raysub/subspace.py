@@ -140,6 +140,11 @@ def subspace_loop(config: Dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=loop.save_checkpoint(ckpt))
         else:
             ray.train.report(metrics)
+    if rank == 0:
+        # the trained model is θ0 + P z with these buffers
+        run.write_torch(f"train/{cfg.train_label}.pt", {
+            "z": z_D.detach().cpu(), "dim": cfg.train_dim, "projection": cfg.train.projection,
+            "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}})
 
 
 def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Launch plumbing shared by the jobs/ entrypoints: find raysub, join a running cluster, call the CLI.
+
+Not a job itself; every job runs the same way:
+
+    python jobs/dldr.py [CONFIG] [key=value ...]                  # local: a throwaway Ray cluster on this machine
+    ray job submit --working-dir . -- python jobs/dldr.py ...     # on a running Ray cluster
+
+Joining the cluster. Under ``ray job submit`` the job supervisor starts the driver on the head node with
+``RAY_ADDRESS`` set to the cluster's GCS address, and raysub must join that cluster rather than start its own
+(raysub's default, ``cluster.address: null``, starts a local one). So a job appends ``cluster.address=auto``
+when ``RAY_ADDRESS`` is set (non-empty) or Ray is already initialized in this process, unless the command line
+has its own ``cluster.address=...``. ``auto`` makes ``ray.init`` use ``RAY_ADDRESS``, else the latest cluster
+started on this machine (``ray start --head``). The same rule lets ``RAY_ADDRESS=127.0.0.1:6379 python
+jobs/dldr.py`` drive a cluster directly from a shell on the head node. To force a private local cluster while
+``RAY_ADDRESS`` is exported, unset it (``env -u RAY_ADDRESS python jobs/dldr.py``).
+
+Run directories. The driver of a submitted job runs in a temporary copy of the working dir, so a relative
+``run_dir`` (the shipped configs use ``runs/NAME``) lands inside that copy and is lost with it. On a cluster pass
+an absolute path (single node) or a URI every node can reach (``run_dir=s3://bucket/run``, multi-node); the
+jobs print a warning otherwise.
+
+Token auth (Ray 2.60's default): the job client needs ``RAY_AUTH_MODE=token`` and the cluster's token
+(``~/.ray/auth_token`` on the head, or ``RAY_AUTH_TOKEN``); see cluster/local.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "raysub", "configs")
+
+
+def use_repo_raysub() -> None:
+    """Import raysub from this checkout (``python jobs/x.py`` puts jobs/, not the repo root, on sys.path).
+
+    Under ``ray job submit --working-dir .`` Ray already puts the uploaded working dir on PYTHONPATH.
+    """
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+def on_cluster() -> bool:
+    """True when this driver should join a running cluster: ``RAY_ADDRESS`` is set or Ray is initialized."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    if "ray" in sys.modules:
+        return bool(sys.modules["ray"].is_initialized())
+    return False
+
+
+def split_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(positionals, flags): ``--resume`` / ``--overwrite`` / ``-h`` may be written anywhere."""
+    flags = [a for a in argv if a.startswith("-")]
+    return [a for a in argv if not a.startswith("-")], flags
+
+
+def cluster_overrides(positionals: Sequence[str]) -> List[str]:
+    """``["cluster.address=auto"]`` on a cluster unless the command line sets cluster.address; else ``[]``."""
+    if any(a.startswith("cluster.address=") for a in positionals):
+        return []
+    return ["cluster.address=auto"] if on_cluster() else []
+
+
+def run_dir_of(command: str, positionals: Sequence[str]) -> Optional[str]:
+    """The run directory a command will use (None when the config does not load: the CLI reports that)."""
+    from raysub.cli import QUICKSTART, resolve_config
+    from raysub.config import load_config
+    from raysub.errors import ConfigError
+
+    if command in ("basis", "train"):
+        return positionals[0] if positionals else None
+    has_config = bool(positionals) and "=" not in positionals[0]
+    config = resolve_config(positionals[0]) if has_config else QUICKSTART
+    try:
+        return load_config(config, positionals[1:] if has_config else positionals).run_dir
+    except ConfigError:
+        return None
+
+
+def warn_local_run_dir(run_dir: Optional[str]) -> None:
+    """On a cluster, warn when ``run_dir`` is a relative path (it would land in the job's temporary copy)."""
+    if not run_dir or not on_cluster() or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
+        return
+    print(f"raysub job: warning: run_dir={run_dir} is relative: on a cluster it resolves to "
+          f"{os.path.abspath(run_dir)} (this job's temporary working dir) and only this node sees it. "
+          f"Pass run_dir=/absolute/path (single node) or run_dir=s3://bucket/path (multi-node).",
+          file=sys.stderr, flush=True)
+
+
+def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) -> int:
+    """``raysub COMMAND [config] ARGV... [cluster.address=auto]``; returns the exit status.
+
+    Args:
+        command: run | sample | basis | train.
+        argv: The job's own arguments (positionals and flags in any order).
+        config: A fixed config placed before ``argv`` (jobs that ship one config).
+    """
+    use_repo_raysub()
+    from raysub.cli import main
+
+    positionals, flags = split_flags(argv)
+    if config is not None:
+        positionals = [config, *positionals]
+    if on_cluster() and "-h" not in flags and "--help" not in flags:
+        warn_local_run_dir(run_dir_of(command, positionals))
+    return main([command, *positionals, *cluster_overrides(positionals), *flags])

@@ -1,0 +1,37 @@
+"""The whole DLDR pipeline: sample an SGD trajectory → PCA basis → P-SGD in the subspace, then a results table.
+
+Default config: the embedded quickstart (scikit-learn digits, 2 CPU workers, about 1.5 minutes on 2 cores).
+Any shipped config by name or path, then dotted overrides; --resume continues a run, --overwrite replaces it.
+
+Local (starts a throwaway Ray cluster on this machine):
+
+    python jobs/dldr.py
+    python jobs/dldr.py run_dir=/tmp/quickstart --overwrite
+    python jobs/dldr.py raysub/configs/fashion_mnist_lenet.yaml cluster.num_workers=2
+
+On a running cluster (the driver joins it: cluster.address=auto is added because RAY_ADDRESS is set, see
+jobs/_launch.py; use an absolute run_dir on one node, an s3:// or gs:// URI across nodes):
+
+    export RAY_ADDRESS=http://127.0.0.1:8265        # the head's dashboard (job server)
+    export RAY_AUTH_MODE=token                      # token-auth clusters (Ray 2.60's default), see cluster/local.md;
+                                                    # the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN
+    ray job submit --working-dir . -- python jobs/dldr.py run_dir=/tmp/raysub/quickstart --overwrite
+    ray job submit --working-dir . -- python jobs/dldr.py raysub/configs/cifar10_resnet20.yaml \
+        run_dir=s3://BUCKET/raysub/cifar10_resnet20
+
+Prints one line per epoch of every stage, then the table (SGD baseline, SGD at the end of the sampling window,
+P-SGD) and the run directory (summary.json, plots/).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    from _launch import run_cli
+
+    return run_cli("run", sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

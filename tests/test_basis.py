@@ -1,0 +1,117 @@
+"""The distributed Gram basis against a dense reference (numpy SVD of the centred trajectory)."""
+import numpy as np
+import pytest
+import torch
+
+from raysub.basis import build_basis, load_basis, solve_spectrum
+from raysub.errors import ConfigError, StorageError
+from raysub.sample import collect_trajectory, write_snapshot
+from raysub.storage import RunDir, block_bounds
+
+T, N, RANK = 24, 5003, 6
+
+
+def planted_trajectory(seed=0):
+    """θ_s = θ0 + Σ_k a_k(s) u_k + small noise: a rank-6 subspace with decaying scales, stored in float32."""
+    rng = np.random.default_rng(seed)
+    theta0 = rng.normal(size=N)
+    Q, _ = np.linalg.qr(rng.normal(size=(N, RANK)))
+    coef = rng.normal(size=(T, RANK)) * np.array([10.0, 5.0, 3.0, 1.0, 0.5, 0.2])
+    W = theta0 + coef @ Q.T + 1e-3 * rng.normal(size=(T, N))
+    return W.astype(np.float32)
+
+
+def write_trajectory(run: RunDir, W_TN: np.ndarray, num_blocks: int):
+    bounds = block_bounds(W_TN.shape[1], num_blocks)
+    for b in range(num_blocks):
+        index = []
+        for s in range(W_TN.shape[0]):
+            write_snapshot(run, torch.from_numpy(W_TN[s]), b, bounds, s, s, 0, index)
+    return collect_trajectory(run)
+
+
+def dense_reference(W_TN, dim):
+    X = W_TN.astype(np.float64)
+    X = X - X.mean(axis=0)
+    A, S, Bt = np.linalg.svd(X, full_matrices=False)
+    A, Bt = A[:, :dim], Bt[:dim]
+    # raysub's sign convention: largest-|.| entry of each right singular vector (over snapshots) positive
+    signs = np.sign(A[np.abs(A).argmax(axis=0), np.arange(dim)])
+    return S, Bt * signs[:, None]
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    return planted_trajectory()
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 5])
+def test_matches_dense_svd(ray_session, tmp_path, trajectory, num_blocks):
+    dim = 8
+    run = RunDir(str(tmp_path / "run"))
+    blocks, shards = write_trajectory(run, trajectory, num_blocks)
+    record = build_basis(run, dim, blocks, shards, dtype="float64")
+    U_DN = load_basis(run.uri, dim)
+    assert U_DN.dtype == np.float64 and U_DN.shape == (dim, N)
+
+    S_ref, U_ref = dense_reference(trajectory, dim)
+    sv = np.array(record["singular_values"])
+    np.testing.assert_allclose(sv[:dim], S_ref[:dim], rtol=1e-9)
+    # orthonormal columns
+    np.testing.assert_allclose(U_DN @ U_DN.T, np.eye(dim), atol=1e-10)
+    # principal angles between the subspaces (top RANK are well separated; the noise tail is near-degenerate)
+    cosines = np.linalg.svd(U_ref[:RANK] @ U_DN[:RANK].T, compute_uv=False)
+    assert np.arccos(np.clip(cosines.min(), -1, 1)) <= 1e-6
+    # the sign convention makes the vectors themselves agree, not just the span
+    np.testing.assert_allclose(U_DN[:RANK], U_ref[:RANK], atol=1e-7)
+    ratio = np.array(record["explained_variance_ratio"])
+    np.testing.assert_allclose(ratio.sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(ratio, S_ref**2 / (S_ref**2).sum(), rtol=1e-9, atol=1e-15)
+
+
+def test_float32_storage_is_close(ray_session, tmp_path, trajectory):
+    run = RunDir(str(tmp_path / "run"))
+    blocks, shards = write_trajectory(run, trajectory, 2)
+    build_basis(run, 5, blocks, shards)  # default float32 storage
+    U_DN = load_basis(run.uri).astype(np.float64)
+    np.testing.assert_allclose(U_DN @ U_DN.T, np.eye(5), atol=1e-6)
+
+
+def test_corrupted_shard_is_refused(ray_session, tmp_path, trajectory):
+    run = RunDir(str(tmp_path / "run"))
+    blocks, shards = write_trajectory(run, trajectory, 2)
+    path = run.path(blocks[1]["snapshots"][3]["path"])
+    data = bytearray(open(path, "rb").read())
+    data[-100] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(Exception) as exc:
+        build_basis(run, 4, blocks, shards)
+    assert "corrupted" in str(exc.value)
+    assert not run.exists("basis/spectrum.json")
+
+
+def test_missing_shard_is_refused(ray_session, tmp_path, trajectory):
+    run = RunDir(str(tmp_path / "run"))
+    blocks, shards = write_trajectory(run, trajectory, 2)
+    run.delete(blocks[0]["snapshots"][0]["path"])
+    with pytest.raises(Exception) as exc:
+        build_basis(run, 4, blocks, shards)
+    assert "missing" in str(exc.value)
+    assert not run.exists("basis/spectrum.json")
+
+
+def test_impossible_dimensions():
+    G = np.diag([3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(ConfigError, match="basis.dim=4"):
+        solve_spectrum(G, 4)
+    with pytest.raises(ConfigError, match="basis.dim=0"):
+        solve_spectrum(G, 0)
+    with pytest.raises(ConfigError, match="numerical rank 3"):
+        solve_spectrum(np.diag([3.0, 2.0, 1.0, 0.0, 0.0]), 4)
+    spec = solve_spectrum(G, 2)
+    assert spec["rank"] == 3 and spec["V"].shape == (4, 2)
+
+
+def test_load_basis_errors(tmp_path):
+    with pytest.raises(StorageError, match="no basis"):
+        load_basis(str(tmp_path))

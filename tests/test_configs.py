@@ -1,0 +1,124 @@
+"""Every shipped config loads and validates, every cluster manifest parses, every job is a safe thin entrypoint."""
+from __future__ import annotations
+
+import ast
+import glob
+import importlib.util
+import os
+import sys
+
+import pytest
+import yaml
+
+from raysub.config import load_config, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "raysub", "configs", "*.yaml")))
+CLUSTER_YAMLS = sorted(glob.glob(os.path.join(REPO, "cluster", "*.yaml")))
+JOBS = sorted(glob.glob(os.path.join(REPO, "jobs", "*.py")))  # jobs/bench/ is not matched: its own tests
+
+
+def _name(path: str) -> str:
+    return os.path.relpath(path, REPO)
+
+
+def test_files_found():
+    assert len(CONFIGS) >= 4 and CLUSTER_YAMLS and JOBS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert validate(cfg, check_data=False) == []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_shipped_config_names_its_command(path):
+    with open(path) as fh:
+        first = fh.readline()
+    assert first.startswith(("# raysub", "# python")), f"{_name(path)}: first line must be the command that runs it"
+    name = os.path.splitext(os.path.basename(path))[0]
+    assert name in first, f"{_name(path)}: the command on line 1 should name the config"
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=_name)
+def test_cluster_yaml_parses(path):
+    with open(path) as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize("path", JOBS, ids=_name)
+def test_job_docstring_has_launch_commands(path):
+    with open(path) as fh:
+        doc = ast.get_docstring(ast.parse(fh.read()))
+    assert doc, f"{_name(path)} needs a module docstring with its launch commands"
+    assert "ray job submit" in doc and "python jobs/" in doc
+
+
+@pytest.mark.parametrize("path", JOBS, ids=_name)
+def test_job_import_has_no_side_effects(path, monkeypatch, capsys):
+    """Importing a job runs nothing: no Ray, no CLI, no output. The work sits under ``__main__``."""
+    import raysub.cli
+
+    calls = []
+    monkeypatch.setattr(raysub.cli, "main", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    ray_was_initialized = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    spec = importlib.util.spec_from_file_location(f"_job_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert calls == []
+    assert capsys.readouterr() == ("", "")
+    if not ray_was_initialized:
+        assert not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    if not os.path.basename(path).startswith("_"):
+        assert callable(getattr(module, "main", None)), f"{_name(path)} needs main(argv=None) -> int"
+
+
+@pytest.mark.parametrize(
+    "job, argv, env, expected",
+    [
+        ("dldr", ["run_dir=/tmp/x", "--overwrite"], {}, ["run", "run_dir=/tmp/x", "--overwrite"]),
+        ("dldr", ["--overwrite", "cfg.yaml", "seed=1"], {"RAY_ADDRESS": "10.0.0.1:6379"},
+         ["run", "cfg.yaml", "seed=1", "cluster.address=auto", "--overwrite"]),
+        ("sample", ["cluster.address=ray://h:10001"], {"RAY_ADDRESS": "10.0.0.1:6379"},
+         ["sample", "cluster.address=ray://h:10001"]),
+        ("basis", ["/runs/a", "basis.dim=5"], {"RAY_ADDRESS": "auto"},
+         ["basis", "/runs/a", "basis.dim=5", "cluster.address=auto"]),
+        ("train", ["s3://b/r", "--resume"], {}, ["train", "s3://b/r", "--resume"]),
+    ],
+)
+def test_job_builds_cli_arguments(job, argv, env, expected, monkeypatch):
+    """Jobs pass their arguments through and add cluster.address=auto only when a cluster is there to join."""
+    import raysub.cli
+
+    calls = []
+    monkeypatch.setattr(raysub.cli, "main", lambda args: calls.append(args) or 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    spec = importlib.util.spec_from_file_location(f"_job_{job}", os.path.join(REPO, "jobs", f"{job}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(argv) == 0
+    assert calls == [expected]
+
+
+def test_imagenet_job_uses_its_config(monkeypatch):
+    import raysub.cli
+
+    calls = []
+    monkeypatch.setattr(raysub.cli, "main", lambda args: calls.append(args) or 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    path = os.path.join(REPO, "jobs", "imagenet_resnet18.py")
+    spec = importlib.util.spec_from_file_location("_job_imagenet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["train.epochs=2"]) == 0
+    command, config, *rest = calls[0]
+    assert command == "run" and os.path.samefile(config, os.path.join(REPO, "raysub", "configs",
+                                                                      "imagenet_resnet18.yaml"))
+    assert rest == ["train.epochs=2"]

@@ -1,0 +1,159 @@
+"""Real Ray integration: the sampler on Ray Train (gloo DDP), resume, the basis stage, P-SGD on Ray Train.
+
+All tests share one Ray session and a handful of small runs on the digits MLP (~10 s each on 2 cores).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from raysub import pipeline
+from raysub.basis import load_basis
+from raysub.config import load_config
+from raysub.errors import ConfigError
+from raysub.sample import collect_trajectory
+from raysub.storage import RunDir, decode_vector
+
+BASE = ["sgd.epochs=2", "sample.epochs=2", "sample.snapshot_every_steps=4", "basis.dim=5", "train.epochs=1",
+        "train.lr_milestones=[]", "data.batch_size=64", "sgd.lr_milestones=[]"]
+
+
+def quiet(_line):
+    pass
+
+
+def trajectory(run_dir) -> np.ndarray:
+    """The T×N trajectory reassembled from its blocks."""
+    run = RunDir(run_dir)
+    blocks, shards = collect_trajectory(run)
+    rows = []
+    for s in range(len(blocks[0]["snapshots"])):
+        parts = [decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"])) for b in blocks]
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """Reference runs: 1 worker and 2 workers, same global batch and data order."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for workers in (1, 2):
+        cfg = load_config(None, BASE + [f"cluster.num_workers={workers}", f"run_dir={root}/w{workers}"])
+        pipeline.stage_sample(cfg, say=quiet)
+        out[workers] = cfg.run_dir
+    return out
+
+
+def test_sample_parity_two_workers_match_one(runs):
+    W1, W2 = trajectory(runs[1]), trajectory(runs[2])
+    steps = 2 * (1437 // 64)
+    assert W1.shape == W2.shape == (1 + steps // 4, 4810)
+    np.testing.assert_array_equal(W1[0], W2[0])  # θ0
+    np.testing.assert_allclose(W2, W1, rtol=0, atol=2e-5)
+    assert np.abs(W1[-1] - W1[0]).max() > 1e-2  # it did move
+
+
+def test_run_directory_contents(runs):
+    run = RunDir(runs[2])
+    manifest = run.read_json("manifest.json")
+    assert manifest["world_size"] == 2 and manifest["num_params"] == 4810
+    assert [b["start"] for b in manifest["blocks"]] == [0, 2405]
+    assert manifest["layout"][0]["name"] == "net.0.weight" or manifest["layout"][0]["offset"] == 0
+    for key in ("torch", "ray", "python"):
+        assert key in manifest["versions"]
+    assert manifest["git_revision"]
+    assert manifest["stages"]["sample"]["complete"]
+    assert len([p for p in manifest["shards"] if p.startswith("trajectory/")]) == 2 * manifest["num_snapshots"]
+    assert run.exists("config.yaml") and run.exists("theta0.pt")
+    summary = run.read_json("summary.json")
+    assert 0 < summary["results"]["sgd"]["test_acc"] <= 1
+    assert summary["results"]["sgd"]["epochs"] == 2
+    assert summary["num_snapshots"] == manifest["num_snapshots"]
+
+
+def test_resume_after_worker_failure_reproduces_trajectory(runs, tmp_path, monkeypatch):
+    """Ray Train restarts the failed worker group from the epoch-1 checkpoint; nothing is lost or duplicated."""
+    monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
+    cfg = load_config(None, BASE + ["cluster.num_workers=2", "cluster.max_failures=1", f"run_dir={tmp_path}/r"])
+    pipeline.stage_sample(cfg, say=quiet)
+    assert RunDir(cfg.run_dir).exists("failure_injected")
+    np.testing.assert_array_equal(trajectory(cfg.run_dir), trajectory(runs[2]))
+
+
+def test_resume_from_cli_after_crash(runs, tmp_path, monkeypatch, capsys):
+    """A run that died after epoch 1 (no automatic restart) is finished by `raysub sample --resume`."""
+    from raysub.cli import main
+
+    monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
+    args = ["sample"] + BASE + ["cluster.num_workers=2", f"run_dir={tmp_path}/r"]
+    with pytest.raises(Exception):
+        main(args)
+    manifest = RunDir(f"{tmp_path}/r").read_json("manifest.json")
+    assert "sample" not in manifest["stages"]
+    assert main(args) == 2  # an existing run without --resume/--overwrite is refused
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    np.testing.assert_array_equal(trajectory(f"{tmp_path}/r"), trajectory(runs[2]))
+
+
+@pytest.fixture(scope="module")
+def basis_run(runs):
+    pipeline.stage_basis(runs[2], ["basis.dim=5"], say=quiet)
+    return runs[2]
+
+
+def test_basis_stage(basis_run):
+    run = RunDir(basis_run)
+    U = load_basis(basis_run)
+    assert U.shape == (5, 4810)
+    np.testing.assert_allclose(U.astype(np.float64) @ U.T, np.eye(5), atol=1e-5)
+    spec = run.read_json("basis/spectrum.json")
+    assert len(spec["explained_variance_ratio"]) == spec["num_snapshots"]
+    assert run.exists("plots/explained_variance.png")
+    summary = run.read_json("summary.json")
+    assert summary["dim"] == 5 and "basis_s" in summary["timings"]
+
+
+def test_psgd_parity_two_workers_match_one(basis_run):
+    z = {}
+    for workers in (1, 2):
+        label = f"psgd_w{workers}"
+        pipeline.stage_train(basis_run, [f"cluster.num_workers={workers}", f"train.label={label}"], say=quiet)
+        z[workers] = RunDir(basis_run).read_torch(f"train/{label}.pt")["z"]
+    assert float(z[1].norm()) > 0
+    torch.testing.assert_close(z[2], z[1], rtol=1e-4, atol=1e-5)
+    summary = RunDir(basis_run).read_json("summary.json")
+    assert summary["results"]["psgd_w2"]["allreduce_floats_per_step"] == 5
+    assert abs(summary["results"]["psgd_w2"]["test_acc"] - summary["results"]["psgd_w1"]["test_acc"]) < 0.01
+    assert RunDir(basis_run).exists("plots/test_accuracy.png")
+
+
+def test_train_refuses_existing_label_and_bad_dim(basis_run):
+    with pytest.raises(ConfigError, match="--overwrite"):
+        pipeline.stage_train(basis_run, ["train.label=psgd_w1"], say=quiet)
+    with pytest.raises(ConfigError, match="train.dim=9"):
+        pipeline.stage_train(basis_run, ["train.dim=9", "train.label=x"], say=quiet)
+    with pytest.raises(ConfigError, match="only takes"):
+        pipeline.stage_train(basis_run, ["sample.epochs=9"], say=quiet)
+
+
+def test_basis_refuses_corrupted_shard(runs, tmp_path):
+    import shutil
+
+    from raysub.cli import main
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(runs[1], dst)
+    manifest = RunDir(dst).read_json("manifest.json")
+    path = os.path.join(dst, "trajectory/block_000/snap_00003.arrow")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x55
+    open(path, "wb").write(bytes(data))
+    assert main(["basis", dst, "basis.dim=3"]) == 2
+    assert not RunDir(dst).exists("basis/spectrum.json")
+    os.remove(path)
+    assert main(["basis", dst, "basis.dim=3"]) == 2
+    assert not RunDir(dst).exists("basis")
+    assert manifest == RunDir(dst).read_json("manifest.json")
