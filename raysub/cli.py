@@ -53,16 +53,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     ns = parser.parse_args(argv)
 
+    from raysub.cluster import unwrap_train_error
     from raysub.errors import ConfigError
 
     try:
         return _dispatch(ns)
-    except ConfigError as exc:
-        print(f"raysub: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("raysub: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        err = unwrap_train_error(exc)
+        if not isinstance(err, ConfigError):
+            raise
+        print(f"raysub: error: {'; '.join(err.problems)}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(ns) -> int:

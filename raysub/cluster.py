@@ -125,17 +125,21 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
 
 
 def unwrap_train_error(exc: BaseException) -> BaseException:
-    """The user-facing error inside a Ray Train failure, if it is one of ours (ConfigError)."""
+    """Our ConfigError inside a Ray failure (a task, actor or Train worker error), if there is one; else ``exc``."""
     seen = set()
     stack = [exc]
     while stack:
         e = stack.pop()
-        if id(e) in seen or e is None:
+        if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the original exception
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+            continue
         if isinstance(e, ConfigError):
             return e
-        for attr in ("worker_failures", "cause", "__cause__", "__context__"):
+        for attr in ("worker_failures", "__cause__", "__context__"):
             val = getattr(e, attr, None)
             if isinstance(val, dict):
                 stack.extend(val.values())

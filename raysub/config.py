@@ -239,6 +239,13 @@ def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def shipped_configs() -> List[str]:
+    import os
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or the quickstart defaults when ``path`` is None) and apply overrides.
 
@@ -251,7 +258,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             with open(path) as fh:
                 data = yaml.safe_load(fh) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found: pass an existing YAML file, e.g. configs/quickstart.yaml")
+            raise ConfigError(f"config file {path} not found: pass a YAML file or a shipped config name "
+                              f"({', '.join(shipped_configs())})")
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax")
     return Config.from_dict(merge(data, parse_overrides(overrides)))

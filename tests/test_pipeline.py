@@ -139,7 +139,7 @@ def test_train_refuses_existing_label_and_bad_dim(basis_run):
         pipeline.stage_train(basis_run, ["sample.epochs=9"], say=quiet)
 
 
-def test_basis_refuses_corrupted_shard(runs, tmp_path):
+def test_basis_refuses_corrupted_shard(runs, tmp_path, capsys):
     import shutil
 
     from raysub.cli import main
@@ -152,8 +152,11 @@ def test_basis_refuses_corrupted_shard(runs, tmp_path):
     data[len(data) // 2] ^= 0x55
     open(path, "wb").write(bytes(data))
     assert main(["basis", dst, "basis.dim=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "snap_00003.arrow is corrupted" in err
     assert not RunDir(dst).exists("basis/spectrum.json")
     os.remove(path)
     assert main(["basis", dst, "basis.dim=3"]) == 2
+    assert "snap_00003.arrow is missing" in capsys.readouterr().err
     assert not RunDir(dst).exists("basis")
     assert manifest == RunDir(dst).read_json("manifest.json")

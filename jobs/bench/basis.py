@@ -1,0 +1,424 @@
+"""Benchmark: raysub's distributed DLDR basis vs. a plain read of the trajectory vs. the DLDR reference PCA.
+
+What it measures
+    A synthetic trajectory of ResNet-18 size (n = 11,689,512 parameters, t = 100 snapshots, 4.7 GB of
+    float32) is written exactly as raysub's sampler writes it (`raysub.sample._write_snapshot`): the flat
+    vector is cut into ``--num-blocks`` contiguous blocks by `raysub.storage.block_bounds` (as 4 DDP ranks
+    would), every snapshot of every block is one Arrow shard written with `RunDir.write_bytes(snapshot_rel(b, s),
+    encode_vector(values, {...}))`, and every block has its ``index.json`` with the shards' sha256. The
+    trajectory is realistic rather than white noise: θ_s = θ0 + Σ_k a_k(s) u_k + ε_s with a planted rank-K
+    structure (a_k(s) = c·r^(k-1)·cos(πk(s+½)/t), the principal-component shape of an SGD trajectory; u_k
+    random; ε small iid noise), generated block by block in float32 so the generator never holds the matrix.
+
+    Then, side by side in one run (the ratios are what to read; absolute seconds depend on the machine):
+      read_s       one plain sequential read of every shard's bytes (`RunDir.read_bytes`), one process;
+                   measured before and after every basis build (and after the reference), median reported.
+      basis_s      `raysub.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
+                   i.e. read + verify + distributed Gram + eigh + writing the D×N basis shards. Peak RAM of
+                   a block actor from the record's "blocks" entries: (peak_rss - start_rss) / block_bytes.
+      reference_s  the DLDR reference code's way (nblt/DLDR train_psgd.py), in a separate process so its
+                   peak RSS is its own: load every snapshot as one flat vector into a list, W = np.array(W)
+                   (t×n float32), PCA(n_components=dim).fit_transform(W) with scikit-learn (which centres
+                   W itself), np.save(components_). Its peak RSS is the child's VmHWM from
+                   /proc/self/status (ru_maxrss would include the parent's: Linux carries it across exec).
+    Correctness: the reference's singular values and components are compared with raysub's (max relative
+    singular-value difference, largest principal angle between the two D-dimensional subspaces), so the
+    comparison is against the same answer.
+
+    Page cache: the trajectory has just been written, so every read here (the plain read, raysub's actors,
+    the reference) is served from the page cache: these are warm-cache figures, and the output says so.
+
+How long it takes (2-core AMD EPYC VM, 24 GiB RAM, local disk)
+    default size (n = 11.7M, t = 100, 4.7 GB):  about 3-4 minutes (roughly 1.5 min of it writing the
+        trajectory); needs ~4.7 GB in /tmp (+1.9 GB for the basis, +1.9 GB for the reference's components)
+        and ~15 GB of free RAM for the reference PCA.
+    smoke size (--num-params 200000 --snapshots 20): about 15 seconds, mostly Ray start-up.
+
+How to run
+    locally:     python jobs/bench/basis.py [--num-params 200000 --snapshots 20] [--dim 40] [--keep]
+    on a cluster: ray job submit --working-dir . -- python jobs/bench/basis.py --dir s3://bucket/bench-basis
+                 (on a multi-node cluster --dir must be a path or URI every node can reach; the default is
+                 a temporary directory under /tmp on the driver node.)
+
+Output: progress lines, a table, and as the last line of stdout one JSON object with the figures
+(basis_over_read, peak_ram_over_block, reference_over_raysub_time, reference_over_raysub_ram, raw seconds
+and bytes, n, t, dim, num_blocks, agreement with the reference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from raysub.storage import (RunDir, block_bounds, block_index_rel, decode_vector, encode_vector,  # noqa: E402
+                            snapshot_rel)
+
+RESNET18_PARAMS = 11_689_512
+GOAL_BASIS_OVER_READ = 2.0
+GOAL_PEAK_RAM_OVER_BLOCK = 1.5
+THETA0_STD = 0.05
+
+
+def log(msg: str) -> None:
+    print(f"[bench.basis {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+# ------------------------------------------------------------------------------------------- trajectory
+
+
+def planted_coefficients(t: int, rank: int, decay: float, scale: float) -> np.ndarray:
+    """a_k(s) = scale·decay^(k-1)·√(2/t)·cos(πk(s+½)/t), k = 1..rank: t×rank, zero-mean orthogonal columns."""
+    s = np.arange(t) + 0.5
+    k = np.arange(1, rank + 1)
+    amp = scale * decay ** (k - 1) * np.sqrt(2.0 / t)
+    return (amp * np.cos(np.pi * np.outer(s, k) / t)).astype(np.float32)
+
+
+def write_trajectory(run: RunDir, n: int, t: int, num_blocks: int, rank: int, decay: float, scale: float,
+                     noise: float, seed: int, steps_per_snapshot: int = 391) -> int:
+    """Write the synthetic trajectory the way the sampler does; returns the bytes written (shards only)."""
+    bounds = block_bounds(n, num_blocks)
+    A_TK = planted_coefficients(t, rank, decay, scale)
+    written = 0
+    t0 = time.perf_counter()
+    for b, (start, stop) in enumerate(bounds):
+        nb = stop - start
+        rng = np.random.default_rng([seed, b])
+        theta0 = rng.standard_normal(nb, dtype=np.float32)
+        theta0 *= THETA0_STD
+        U_KN = rng.standard_normal((rank, nb), dtype=np.float32)  # rank·nb·4 bytes (0.7 GB at the default)
+        index = []
+        for s in range(t):
+            values = A_TK[s] @ U_KN
+            values += theta0
+            if noise > 0:
+                eps = rng.standard_normal(nb, dtype=np.float32)
+                eps *= noise
+                values += eps
+                del eps
+            step = s * steps_per_snapshot
+            rel = snapshot_rel(b, s)
+            buf = encode_vector(values, {"snapshot": s, "step": step, "block": b})
+            checksum = run.write_bytes(rel, buf)
+            written += buf.size
+            del buf, values
+            index.append({"snapshot": s, "step": step, "epoch": s, "path": rel, "sha256": checksum})
+            if (s + 1) % max(1, t // 4) == 0 or s + 1 == t:
+                log(f"  wrote block {b + 1}/{num_blocks} snapshot {s + 1}/{t} "
+                    f"({gib(written)}, {time.perf_counter() - t0:.0f}s)")
+        run.write_json(block_index_rel(b), {"block": b, "start": start, "stop": stop, "snapshots": index})
+        del U_KN, theta0
+    return written
+
+
+def read_all(run: RunDir, blocks) -> float:
+    """One plain sequential read of every shard's bytes, single process; returns seconds."""
+    t0 = time.perf_counter()
+    total = 0
+    for b in blocks:
+        for s in b["snapshots"]:
+            buf = run.read_bytes(s["path"])
+            total += buf.size
+            del buf
+    return time.perf_counter() - t0
+
+
+# -------------------------------------------------------------------------------- the DLDR reference way
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak RSS (VmHWM). Unlike ru_maxrss it is not inherited from the parent across fork/exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reference_child(args) -> None:
+    """Runs in its own process: load the whole t×n matrix, sklearn PCA, save the components (the reference)."""
+    from sklearn.decomposition import PCA
+
+    run = RunDir(args.reference_child)
+    names = [d for d in run.listdir("trajectory") if d.startswith("block_")]
+    blocks = [run.read_json(f"trajectory/{d}/index.json") for d in names]
+    t = len(blocks[0]["snapshots"])
+    rss_after_imports = vm_hwm_bytes()
+
+    t0 = time.perf_counter()
+    W = []
+    for s in range(t):  # as the reference's get_model_param_vec: one flat vector per snapshot
+        W.append(np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"])) for b in blocks]))
+    W = np.array(W)  # the reference's `W = np.array(W)`: t×n float32
+    t1 = time.perf_counter()
+    np.random.seed(args.seed)
+    pca = PCA(n_components=args.dim)
+    pca.fit_transform(W)
+    P = np.array(pca.components_)
+    t2 = time.perf_counter()
+    np.save(args.ref_out, P)
+    t3 = time.perf_counter()
+    peak = vm_hwm_bytes()
+    out = {"load_s": t1 - t0, "pca_s": t2 - t1, "save_s": t3 - t2, "total_s": t3 - t0, "peak_rss": peak,
+           "rss_after_imports": rss_after_imports, "matrix_bytes": int(W.nbytes), "svd_solver": pca._fit_svd_solver,
+           "singular_values": pca.singular_values_.astype(float).tolist(),
+           "explained_variance_ratio": pca.explained_variance_ratio_.astype(float).tolist()}
+    print(json.dumps(out), flush=True)
+
+
+def run_reference(run: RunDir, dim: int, ref_out: str, seed: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--reference-child", run.uri, "--dim", str(dim),
+           "--ref-out", ref_out, "--seed", str(seed)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference subprocess failed with exit code {proc.returncode} "
+                           f"(-9 means it was killed, probably out of memory): {proc.stdout[-2000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_wall_s"] = wall
+    return res
+
+
+def compare_bases(run: RunDir, ref_npy: str, dim: int, raysub_sv, ref_sv, chunk: int = 1 << 18) -> dict:
+    """Largest principal angle between raysub's and the reference's D-dim subspaces; singular-value agreement."""
+    from raysub.basis import load_basis
+
+    B = load_basis(run.uri, dim)  # D×N float32, raysub's
+    P = np.load(ref_npy, mmap_mode="r")  # D×N float32, the reference's
+    assert B.shape == P.shape, (B.shape, P.shape)
+    M = np.zeros((dim, dim))
+    Gb = np.zeros((dim, dim))
+    Gp = np.zeros((dim, dim))
+    for c in range(0, B.shape[1], chunk):
+        b = B[:, c : c + chunk].astype(np.float64)
+        p = np.asarray(P[:, c : c + chunk], dtype=np.float64)
+        M += p @ b.T
+        Gb += b @ b.T
+        Gp += p @ p.T
+    # orthonormalise both (float32 storage leaves them orthonormal only to ~1e-7) before the angles
+    Lb, Lp = np.linalg.cholesky(Gb), np.linalg.cholesky(Gp)
+    C = np.linalg.solve(Lp, M)
+    C = np.linalg.solve(Lb, C.T).T
+    cosines = np.clip(np.linalg.svd(C, compute_uv=False), -1.0, 1.0)
+    angles = np.arccos(cosines)
+    diag_cos = np.abs(np.diag(M)) / np.sqrt(np.diag(Gb) * np.diag(Gp))
+    rs = np.asarray(raysub_sv[:dim], dtype=np.float64)
+    fs = np.asarray(ref_sv[:dim], dtype=np.float64)
+    rel = np.abs(fs - rs) / rs
+    return {"sv_max_rel_diff": float(rel.max()), "max_principal_angle_rad": float(angles.max()),
+            "max_principal_angle_deg": float(np.degrees(angles.max())),
+            "min_component_abs_cosine": float(diag_cos.min()),
+            "basis_orthonormality_err": float(np.abs(Gb - np.eye(dim)).max())}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def init_ray():
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: connect to the cluster as it is
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
+    return ray
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-params", type=int, default=RESNET18_PARAMS, help="n (default: ResNet-18's 11,689,512)")
+    ap.add_argument("--snapshots", type=int, default=100, help="t (default 100)")
+    ap.add_argument("--dim", type=int, default=40, help="basis dimension D (default 40; lowered to t//2 if ≥ t)")
+    ap.add_argument("--num-blocks", type=int, default=4, help="trajectory blocks, i.e. sampler ranks (default 4)")
+    ap.add_argument("--rank", type=int, default=60, help="planted rank K of the trajectory (≤ t-1; default 60)")
+    ap.add_argument("--decay", type=float, default=0.9, help="planted amplitude ratio between components")
+    ap.add_argument("--scale", type=float, default=0.1, help="amplitude of the leading planted component")
+    ap.add_argument("--noise", type=float, default=1e-4, help="std of the iid noise per coordinate and snapshot")
+    ap.add_argument("--repeats", type=int, default=1, help="basis builds (each between two reads; median)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default=None, help="run directory (path or URI); default: a temp dir under /tmp")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--skip-reference", action="store_true", help="skip the sklearn reference (it needs ~3×t·n·4 "
+                                                                   "bytes of RAM)")
+    ap.add_argument("--reference-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ref-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.reference_child:
+        reference_child(args)
+        return
+
+    n, t, nblk = args.num_params, args.snapshots, args.num_blocks
+    dim = args.dim
+    if not 0 < dim < t:
+        dim = max(1, t // 2)
+        log(f"--dim {args.dim} is not below t={t} snapshots: using dim={dim}")
+    rank = min(args.rank, t - 1)
+    if rank < dim:
+        log(f"note: planted rank {rank} < dim {dim}; components beyond {rank} are noise and may differ")
+
+    t_start = time.perf_counter()
+    made_dir = args.dir is None
+    uri = args.dir or tempfile.mkdtemp(prefix="raysub-bench-basis-", dir="/tmp")
+    run = RunDir(uri)
+    if run.exists("trajectory"):
+        raise SystemExit(f"{run.uri} already holds a trajectory: pick another --dir or delete it")
+    local_tmp = tempfile.mkdtemp(prefix="raysub-bench-basis-ref-", dir="/tmp")
+    ref_npy = os.path.join(local_tmp, "components.npy")
+    traj_bytes = 4 * n * t
+    log(f"n={n:,} parameters, t={t} snapshots ({gib(traj_bytes)} float32), dim={dim}, {nblk} blocks, "
+        f"planted rank {rank} (decay {args.decay}), noise {args.noise}; dir {run.uri}")
+    try:
+        log("writing the trajectory as the sampler does ...")
+        tw = time.perf_counter()
+        written = write_trajectory(run, n, t, nblk, rank, args.decay, args.scale, args.noise, args.seed)
+        write_s = time.perf_counter() - tw
+        log(f"wrote {gib(written)} in {write_s:.1f}s")
+
+        from raysub.sample import collect_trajectory
+
+        blocks, shards = collect_trajectory(run)
+        log("page cache: the trajectory was just written, so every read below is served warm from the page cache")
+
+        reads, basis_runs, records = [], [], []
+        log("warm-up read ...")
+        read_all(run, blocks)
+        reads.append(read_all(run, blocks))
+        log(f"read_s = {reads[-1]:.2f}s ({written / reads[-1] / 2**30:.2f} GiB/s)")
+
+        log(f"starting Ray (num_cpus={os.cpu_count()}) ...")
+        ray = init_ray()
+        from raysub.basis import build_basis
+
+        for r in range(args.repeats):
+            log(f"raysub build_basis (repeat {r + 1}/{args.repeats}) ...")
+            t0 = time.perf_counter()
+            rec = build_basis(run, dim, blocks, shards)
+            basis_runs.append(time.perf_counter() - t0)
+            records.append(rec)
+            tm = rec["timings"]
+            log(f"basis_s = {basis_runs[-1]:.2f}s (actors: load {tm['load_s']:.2f}s, gram {tm['gram_s']:.2f}s, "
+                f"write {tm['write_s']:.2f}s)")
+            reads.append(read_all(run, blocks))
+            log(f"read_s = {reads[-1]:.2f}s")
+        ray.shutdown()
+
+        ref, cmp = None, None
+        if not args.skip_reference:
+            log(f"reference (DLDR's way: t×n matrix in RAM + sklearn PCA) in a subprocess; needs ~"
+                f"{gib(3 * traj_bytes)} RAM ...")
+            ref = run_reference(run, dim, ref_npy, args.seed)
+            log(f"reference_s = {ref['total_s']:.2f}s (load {ref['load_s']:.2f}s, pca {ref['pca_s']:.2f}s "
+                f"[{ref['svd_solver']}], save {ref['save_s']:.2f}s), peak RSS {gib(ref['peak_rss'])}")
+            reads.append(read_all(run, blocks))
+            log(f"read_s = {reads[-1]:.2f}s")
+            log("comparing the reference's basis with raysub's ...")
+            cmp = compare_bases(run, ref_npy, dim, records[-1]["singular_values"], ref["singular_values"])
+            log(f"max relative singular-value difference {cmp['sv_max_rel_diff']:.2e}, largest principal angle "
+                f"{cmp['max_principal_angle_deg']:.2e} deg")
+    finally:
+        shutil.rmtree(local_tmp, ignore_errors=True)
+        if not args.keep:
+            if made_dir and "://" not in uri:
+                shutil.rmtree(uri, ignore_errors=True)
+            else:
+                run.delete()
+        else:
+            log(f"kept {run.uri}")
+
+    # ------------------------------------------------------------------------------------------ figures
+    read_s = statistics.median(reads)
+    basis_s = statistics.median(basis_runs)
+    rec = records[int(np.argsort(basis_runs)[len(basis_runs) // 2])]
+    blk = rec["blocks"]
+    over_block = max((b["peak_rss"] - b["start_rss"]) / b["block_bytes"] for b in blk)
+    abs_over_block = max(b["peak_rss"] / b["block_bytes"] for b in blk)
+    actor_peak = max(b["peak_rss"] for b in blk)
+    block_bytes = max(b["block_bytes"] for b in blk)
+    evr = rec["explained_variance_top_dim"]
+
+    fig = {
+        "n": n, "t": t, "dim": dim, "num_blocks": nblk, "planted_rank": rank, "trajectory_bytes": int(written),
+        "page_cache": "warm (trajectory written just before; all reads served from the page cache)",
+        "read_s": read_s, "read_s_all": reads, "basis_s": basis_s, "basis_s_all": basis_runs,
+        "basis_load_s": rec["timings"]["load_s"], "basis_gram_s": rec["timings"]["gram_s"],
+        "basis_write_s": rec["timings"]["write_s"],
+        "basis_over_read": basis_s / read_s, "goal_basis_over_read": GOAL_BASIS_OVER_READ,
+        "peak_ram_over_block": over_block, "goal_peak_ram_over_block": GOAL_PEAK_RAM_OVER_BLOCK,
+        "peak_rss_over_block_abs": abs_over_block, "raysub_actor_peak_rss_bytes": int(actor_peak),
+        "block_bytes": int(block_bytes), "explained_variance_top_dim": evr,
+        "trajectory_write_s": write_s,
+    }
+    if ref is not None:
+        fig.update({
+            "reference_s": ref["total_s"], "reference_load_s": ref["load_s"], "reference_pca_s": ref["pca_s"],
+            "reference_save_s": ref["save_s"], "reference_svd_solver": ref["svd_solver"],
+            "reference_peak_bytes": int(ref["peak_rss"]),
+            "reference_rss_after_imports_bytes": int(ref["rss_after_imports"]),
+            "reference_over_raysub_time": ref["total_s"] / basis_s,
+            "reference_over_raysub_ram": ref["peak_rss"] / actor_peak,
+            **cmp,
+        })
+    fig["basis_over_read_ok"] = fig["basis_over_read"] <= GOAL_BASIS_OVER_READ
+    fig["peak_ram_over_block_ok"] = over_block <= GOAL_PEAK_RAM_OVER_BLOCK
+    fig["wall_s"] = time.perf_counter() - t_start
+
+    rows = [
+        ("plain sequential read (median)", f"{read_s:8.2f} s", "  ".join(f"{x:.2f}" for x in reads)),
+        ("raysub build_basis (median)", f"{basis_s:8.2f} s",
+         f"actors: load {fig['basis_load_s']:.2f}  gram {fig['basis_gram_s']:.2f}  write {fig['basis_write_s']:.2f}"),
+        ("  basis / read", f"{fig['basis_over_read']:8.2f} x",
+         f"goal <= {GOAL_BASIS_OVER_READ}: {'met' if fig['basis_over_read_ok'] else 'NOT met'}"),
+        ("  actor (peak-start) RSS / block", f"{over_block:8.2f} x",
+         f"goal <= {GOAL_PEAK_RAM_OVER_BLOCK}: {'met' if fig['peak_ram_over_block_ok'] else 'NOT met'}"
+         f"; block {gib(block_bytes)}"),
+        ("  actor peak RSS / block", f"{abs_over_block:8.2f} x", f"largest actor peak RSS {gib(actor_peak)}"),
+    ]
+    if ref is not None:
+        rows += [
+            ("DLDR reference (sklearn PCA)", f"{ref['total_s']:8.2f} s",
+             f"load {ref['load_s']:.2f}  pca {ref['pca_s']:.2f} ({ref['svd_solver']})  save {ref['save_s']:.2f}"),
+            ("  reference peak RSS", f"{ref['peak_rss'] / 2**30:8.2f} GiB",
+             f"t×n matrix {gib(ref['matrix_bytes'])}"),
+            ("  reference / raysub time", f"{fig['reference_over_raysub_time']:8.2f} x", ""),
+            ("  reference / raysub peak RAM", f"{fig['reference_over_raysub_ram']:8.2f} x",
+             "reference process peak RSS / largest raysub actor peak RSS"),
+            ("  max rel. singular-value diff", f"{cmp['sv_max_rel_diff']:8.1e}", "reference vs raysub, top dim"),
+            ("  largest principal angle", f"{cmp['max_principal_angle_deg']:8.1e} deg",
+             f"min |cos| of matched components {cmp['min_component_abs_cosine']:.6f}"),
+        ]
+    print()
+    print(f"raysub basis benchmark: n={n:,}  t={t}  dim={dim}  blocks={nblk}  trajectory {gib(written)}  "
+          f"explained variance (top {dim}) {evr:.4f}")
+    print("page cache: warm (the trajectory was written just before; every read hits the page cache)")
+    print("-" * 100)
+    for name, val, note in rows:
+        print(f"{name:34s} {val:>14s}   {note}")
+    print("-" * 100)
+    print(json.dumps(fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()
