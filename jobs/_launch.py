@@ -12,7 +12,9 @@ when ``RAY_ADDRESS`` is set (non-empty) or Ray is already initialized in this pr
 has its own ``cluster.address=...``. ``auto`` makes ``ray.init`` use ``RAY_ADDRESS``, else the latest cluster
 started on this machine (``ray start --head``). The same rule lets ``RAY_ADDRESS=127.0.0.1:6379 python
 jobs/dldr.py`` drive a cluster directly from a shell on the head node. To force a private local cluster while
-``RAY_ADDRESS`` is exported, unset it (``env -u RAY_ADDRESS python jobs/dldr.py``).
+``RAY_ADDRESS`` is exported, unset it (``env -u RAY_ADDRESS python jobs/dldr.py``). A job-server URL in
+``RAY_ADDRESS`` (``http://HEAD:8265``, for the ``ray job`` CLI) cannot drive a run: the job stops with a one-line
+error; give the job CLI ``RAY_API_SERVER_ADDRESS`` instead.
 
 Run directories. The driver of a submitted job runs in a temporary copy of the working dir, so a relative
 ``run_dir`` (the shipped configs use ``runs/NAME``) lands inside that copy and is lost with it. On a cluster pass
@@ -39,6 +41,12 @@ def use_repo_raysub() -> None:
     """
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
+
+
+def job_server_address() -> Optional[str]:
+    """``RAY_ADDRESS`` when it is a job-server URL (``http://HEAD:8265``): meant for ``ray job``, not a driver."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address.startswith(("http://", "https://")) else None
 
 
 def on_cluster() -> bool:
@@ -84,7 +92,8 @@ def warn_local_run_dir(run_dir: Optional[str]) -> None:
     if not run_dir or not on_cluster() or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
         return
     print(f"raysub job: warning: run_dir={run_dir} is relative: on a cluster it resolves to "
-          f"{os.path.abspath(run_dir)} (this job's temporary working dir) and only this node sees it. "
+          f"{os.path.abspath(run_dir)} (under `ray job submit`: inside the job's temporary copy of the working dir, "
+          f"lost with it) and only this node sees it. "
           f"Pass run_dir=/absolute/path (single node) or run_dir=s3://bucket/path (multi-node).",
           file=sys.stderr, flush=True)
 
@@ -101,6 +110,12 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) 
     from raysub.cli import main
 
     positionals, flags = split_flags(argv)
+    if job_server_address():
+        print(f"raysub job: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with "
+              f"`ray job submit --working-dir . -- python jobs/...` (set RAY_API_SERVER_ADDRESS for the job client "
+              f"instead), or unset RAY_ADDRESS to run here, or set it to the cluster's GCS address HEAD:6379",
+              file=sys.stderr, flush=True)
+        return 2
     if config is not None:
         positionals = [config, *positionals]
     if on_cluster() and "-h" not in flags and "--help" not in flags:

@@ -9,7 +9,7 @@ Local:
 
 On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; RUN_DIR absolute or a URI):
 
-    export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
+    export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/basis.py s3://BUCKET/raysub/cifar10_resnet20 basis.dim=40
 """
 from __future__ import annotations

@@ -9,12 +9,12 @@ Local (starts a throwaway Ray cluster on this machine):
     python jobs/dldr.py run_dir=/tmp/quickstart --overwrite
     python jobs/dldr.py raysub/configs/fashion_mnist_lenet.yaml cluster.num_workers=2
 
-On a running cluster (the driver joins it: cluster.address=auto is added because RAY_ADDRESS is set, see
-jobs/_launch.py; use an absolute run_dir on one node, an s3:// or gs:// URI across nodes):
+On a running cluster (the driver joins it: the job supervisor sets RAY_ADDRESS for the driver, so the job adds
+cluster.address=auto, see jobs/_launch.py; use an absolute run_dir on one node, an s3:// or gs:// URI across nodes):
 
-    export RAY_ADDRESS=http://127.0.0.1:8265        # the head's dashboard (job server)
-    export RAY_AUTH_MODE=token                      # token-auth clusters (Ray 2.60's default), see cluster/local.md;
-                                                    # the token comes from ~/.ray/auth_token or RAY_AUTH_TOKEN
+    export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265   # the head's job server (dashboard port)
+    export RAY_AUTH_MODE=token     # token-auth clusters (on by default once a token exists), see cluster/local.md;
+                                   # the client sends ~/.ray/auth_token, or RAY_AUTH_TOKEN if set
     ray job submit --working-dir . -- python jobs/dldr.py run_dir=/tmp/raysub/quickstart --overwrite
     ray job submit --working-dir . -- python jobs/dldr.py raysub/configs/cifar10_resnet20.yaml \
         run_dir=s3://BUCKET/raysub/cifar10_resnet20

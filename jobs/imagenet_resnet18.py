@@ -13,7 +13,7 @@ Local (one machine with 8 GPUs; or fewer: cluster.num_workers=4, batch 256 split
 On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; run_dir must be a URI or a
 shared filesystem path every node sees):
 
-    export RAY_ADDRESS=http://HEAD:8265 RAY_AUTH_MODE=token         # token auth: see cluster/local.md
+    export RAY_API_SERVER_ADDRESS=http://HEAD:8265 RAY_AUTH_MODE=token         # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/imagenet_resnet18.py \
         run_dir=s3://BUCKET/raysub/imagenet_resnet18
     ray job submit --no-wait --working-dir . -- python jobs/imagenet_resnet18.py \

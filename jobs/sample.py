@@ -10,7 +10,7 @@ Local:
 
 On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; run_dir absolute or a URI):
 
-    export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
+    export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/sample.py raysub/configs/cifar10_resnet20.yaml \
         run_dir=s3://BUCKET/raysub/cifar10_resnet20
 """

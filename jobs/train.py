@@ -11,7 +11,7 @@ Local:
 
 On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; RUN_DIR absolute or a URI):
 
-    export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
+    export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/train.py s3://BUCKET/raysub/cifar10_resnet20 \
         train.dim=20 train.label=psgd_d20
 """

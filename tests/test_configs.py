@@ -122,3 +122,18 @@ def test_imagenet_job_uses_its_config(monkeypatch):
     assert command == "run" and os.path.samefile(config, os.path.join(REPO, "raysub", "configs",
                                                                       "imagenet_resnet18.yaml"))
     assert rest == ["train.epochs=2"]
+
+
+def test_job_rejects_job_server_address(monkeypatch, capsys):
+    """RAY_ADDRESS=http://HEAD:8265 is for the `ray job` CLI; a driver cannot use it: one line, exit 2."""
+    import raysub.cli
+
+    monkeypatch.setattr(raysub.cli, "main", lambda args: pytest.fail("must not reach the CLI"))
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    spec = importlib.util.spec_from_file_location("_job_dldr_http", os.path.join(REPO, "jobs", "dldr.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 2
+    err = capsys.readouterr().err
+    assert "RAY_API_SERVER_ADDRESS" in err and len(err.strip().splitlines()) == 1

@@ -160,3 +160,27 @@ def test_basis_refuses_corrupted_shard(runs, tmp_path, capsys):
     assert "snap_00003.arrow is missing" in capsys.readouterr().err
     assert not RunDir(dst).exists("basis")
     assert manifest == RunDir(dst).read_json("manifest.json")
+
+
+def test_raysub_run_end_to_end(ray_session, tmp_path, capsys):
+    """`raysub run` (the quickstart config, shortened): progress lines, the table, summary.json, plots."""
+    from raysub.cli import main
+
+    run_dir = tmp_path / "q"
+    args = ["run", "sgd.epochs=3", "sample.epochs=2", "sgd.lr_milestones=[]", "basis.dim=3", "train.epochs=2",
+            "train.lr_milestones=[1]", f"run_dir={run_dir}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[sgd] epoch 3/3" in out and "[psgd] epoch 2/2" in out and "[basis]" in out
+    assert "method" in out and "psgd" in out
+    summary = RunDir(str(run_dir)).read_json("summary.json")
+    for method in ("sgd", "psgd"):
+        r = summary["results"][method]
+        assert 0.5 < r["test_acc"] <= 1 and r["epochs"] > 0 and r["wall_s"] > 0
+    assert summary["dim"] == 3 and summary["num_params"] == 4810 and summary["num_snapshots"] == 5
+    assert {"sample_s", "basis_s", "train_s"} <= set(summary["timings"])
+    for plot in ("explained_variance.png", "test_accuracy.png"):
+        assert (run_dir / "plots" / plot).stat().st_size > 1000
+    # --resume on a finished run skips every stage
+    assert main(args + ["--resume"]) == 0
+    assert "skipping" in capsys.readouterr().out

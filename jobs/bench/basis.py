@@ -129,6 +129,48 @@ def write_trajectory(run: RunDir, n: int, t: int, num_blocks: int, rank: int, de
     return written
 
 
+def resident_fraction(run: RunDir, blocks) -> float | None:
+    """Fraction of the trajectory's pages in the page cache (mincore(2)); None if not a local Linux path."""
+    import ctypes
+    import mmap
+
+    if "://" in run.uri or not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        page = mmap.PAGESIZE
+        resident = total = 0
+        for b in blocks:
+            for s in b["snapshots"]:
+                path = run.path(s["path"])
+                size = os.path.getsize(path)
+                if size == 0:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                    if addr in (None, ctypes.c_void_p(-1).value):
+                        return None
+                    npages = (size + page - 1) // page
+                    vec = (ctypes.c_ubyte * npages)()
+                    rc = libc.mincore(ctypes.c_void_p(addr), size, vec)
+                    libc.munmap(ctypes.c_void_p(addr), size)
+                    if rc != 0:
+                        return None
+                    resident += sum(v & 1 for v in bytes(vec))
+                    total += npages
+                finally:
+                    os.close(fd)
+        return resident / total if total else None
+    except (OSError, AttributeError):
+        return None
+
+
 def read_all(run: RunDir, blocks) -> float:
     """One plain sequential read of every shard's bytes, single process; returns seconds."""
     t0 = time.perf_counter()
@@ -241,7 +283,9 @@ def init_ray():
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: connect to the cluster as it is
         ray.init(log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
+        # address="local": a fresh instance of our own, even if another local Ray instance is running (plain
+        # ray.init() would join that one, whose CPUs other jobs may be using, and refuse num_cpus)
+        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     return ray
 
 
@@ -256,7 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decay", type=float, default=0.9, help="planted amplitude ratio between components")
     ap.add_argument("--scale", type=float, default=0.1, help="amplitude of the leading planted component")
     ap.add_argument("--noise", type=float, default=1e-4, help="std of the iid noise per coordinate and snapshot")
-    ap.add_argument("--repeats", type=int, default=1, help="basis builds (each between two reads; median)")
+    ap.add_argument("--repeats", type=int, default=2, help="basis builds, each between two reads (default 2; median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="run directory (path or URI); default: a temp dir under /tmp")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -280,6 +324,11 @@ def main(argv=None) -> None:
         log(f"note: planted rank {rank} < dim {dim}; components beyond {rank} are noise and may differ")
 
     t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    if load0 > 0.5 * os.cpu_count():
+        log(f"warning: load average {load0:.2f} on {os.cpu_count()} CPUs: other processes are using the CPU; "
+            "timings will be noisy (the ratios are measured side by side, but a multi-process basis build and a "
+            "single-process read are not slowed alike)")
     made_dir = args.dir is None
     uri = args.dir or tempfile.mkdtemp(prefix="raysub-bench-basis-", dir="/tmp")
     run = RunDir(uri)
@@ -300,7 +349,9 @@ def main(argv=None) -> None:
         from raysub.sample import collect_trajectory
 
         blocks, shards = collect_trajectory(run)
-        log("page cache: the trajectory was just written, so every read below is served warm from the page cache")
+        cached = [resident_fraction(run, blocks)]
+        log("page cache: the trajectory was just written, so the reads below are served from the page cache "
+            f"(resident now: {'n/a' if cached[0] is None else f'{100 * cached[0]:.1f}%'})")
 
         reads, basis_runs, records = [], [], []
         log("warm-up read ...")
@@ -324,6 +375,7 @@ def main(argv=None) -> None:
             reads.append(read_all(run, blocks))
             log(f"read_s = {reads[-1]:.2f}s")
         ray.shutdown()
+        cached.append(resident_fraction(run, blocks))
 
         ref, cmp = None, None
         if not args.skip_reference:
@@ -332,6 +384,7 @@ def main(argv=None) -> None:
             ref = run_reference(run, dim, ref_npy, args.seed)
             log(f"reference_s = {ref['total_s']:.2f}s (load {ref['load_s']:.2f}s, pca {ref['pca_s']:.2f}s "
                 f"[{ref['svd_solver']}], save {ref['save_s']:.2f}s), peak RSS {gib(ref['peak_rss'])}")
+            cached.append(resident_fraction(run, blocks))
             reads.append(read_all(run, blocks))
             log(f"read_s = {reads[-1]:.2f}s")
             log("comparing the reference's basis with raysub's ...")
@@ -361,7 +414,7 @@ def main(argv=None) -> None:
 
     fig = {
         "n": n, "t": t, "dim": dim, "num_blocks": nblk, "planted_rank": rank, "trajectory_bytes": int(written),
-        "page_cache": "warm (trajectory written just before; all reads served from the page cache)",
+        "page_cache": "warm (trajectory written just before; reads served from the page cache)",
         "read_s": read_s, "read_s_all": reads, "basis_s": basis_s, "basis_s_all": basis_runs,
         "basis_load_s": rec["timings"]["load_s"], "basis_gram_s": rec["timings"]["gram_s"],
         "basis_write_s": rec["timings"]["write_s"],
@@ -370,6 +423,8 @@ def main(argv=None) -> None:
         "peak_rss_over_block_abs": abs_over_block, "raysub_actor_peak_rss_bytes": int(actor_peak),
         "block_bytes": int(block_bytes), "explained_variance_top_dim": evr,
         "trajectory_write_s": write_s,
+        "page_cache_resident_fraction": cached,
+        "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     if ref is not None:
         fig.update({
@@ -412,7 +467,10 @@ def main(argv=None) -> None:
     print()
     print(f"raysub basis benchmark: n={n:,}  t={t}  dim={dim}  blocks={nblk}  trajectory {gib(written)}  "
           f"explained variance (top {dim}) {evr:.4f}")
-    print("page cache: warm (the trajectory was written just before; every read hits the page cache)")
+    res_txt = ", ".join("n/a" if c is None else f"{100 * c:.1f}%" for c in cached)
+    print(f"page cache: warm (the trajectory was written just before; resident fraction checked with mincore "
+          f"before the reads/builds: {res_txt}); load average {load0:.2f} -> {os.getloadavg()[0]:.2f} on "
+          f"{os.cpu_count()} CPUs")
     print("-" * 100)
     for name, val, note in rows:
         print(f"{name:34s} {val:>14s}   {note}")
