@@ -21,8 +21,9 @@ Run directories. The driver of a submitted job runs in a temporary copy of the w
 an absolute path (single node) or a URI every node can reach (``run_dir=s3://bucket/run``, multi-node); the
 jobs print a warning otherwise.
 
-Token auth (Ray 2.60's default): the job client needs ``RAY_AUTH_MODE=token`` and the cluster's token
-(``~/.ray/auth_token`` on the head, or ``RAY_AUTH_TOKEN``); see cluster/local.md.
+Token auth (Ray 2.60 turns it on for ``ray start --head`` whenever a token exists): the job client needs
+``RAY_AUTH_MODE=token`` in its own environment and the cluster's token (``~/.ray/auth_token``, or
+``RAY_AUTH_TOKEN``); a submitted driver inherits both from the cluster. See cluster/local.md.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "raysub", "configs")
 
 
 def use_repo_raysub() -> None:

@@ -44,20 +44,31 @@ def ensure_ray(cfg: Config, quiet: bool = True) -> None:
 
 
 def check_resources(cfg: Config) -> None:
+    """Fail early when a local cluster cannot fit the workers; on a joined cluster only warn, since an
+    autoscaler may add the nodes once Ray Train asks for them.
+
+    Raises:
+        ConfigError: a local cluster with fewer logical CPUs/GPUs than ``cluster`` asks for.
+    """
     import ray
 
     total = ray.cluster_resources()
     need_cpu = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    problems = []
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(
+        problems.append(
             f"cluster.num_workers={cfg.cluster.num_workers} × cluster.cpus_per_worker={cfg.cluster.cpus_per_worker} "
             f"needs {need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower them or add nodes"
         )
     if cfg.cluster.use_gpu and total.get("GPU", 0) < cfg.cluster.num_workers:
-        raise ConfigError(
+        problems.append(
             f"cluster.use_gpu=true with {cfg.cluster.num_workers} workers needs as many GPUs but the Ray cluster "
             f"has {total.get('GPU', 0):g}: lower cluster.num_workers or set cluster.use_gpu=false"
         )
+    if problems and cfg.cluster.address is None:
+        raise ConfigError(problems)
+    for p in problems:
+        print(f"raysub: warning: {p} (waiting for the autoscaler, if there is one)", file=sys.stderr, flush=True)
 
 
 def make_progress_queue():
@@ -101,7 +112,7 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
 
 def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage_path: str):
     """A TorchTrainer on ``cluster.num_workers`` workers (gloo on CPU, nccl on GPU)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = ScalingConfig(
@@ -114,6 +125,7 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
         storage_path=storage_path,
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
+        logging_config=LoggingConfig(log_level="WARNING"),  # raysub prints its own progress lines
     )
     return TorchTrainer(
         loop,

@@ -85,13 +85,25 @@ def broadcast_buffers_(module: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
-def save_checkpoint(state: Dict) -> "object":
-    """A Ray Train Checkpoint holding ``state`` (torch.save) in a temporary directory."""
+def report(metrics: Dict, state: Optional[Dict]) -> None:
+    """``ray.train.report`` from every rank; rank 0 passes ``state`` as the checkpoint (torch.save'd).
+
+    Train V2 uploads the checkpoint during the call, so the local temporary copy is removed right after.
+    """
+    import shutil
+
+    import ray.train
     from ray.train import Checkpoint
 
+    if state is None:
+        ray.train.report(metrics)
+        return
     tmp = tempfile.mkdtemp(prefix="raysub-ckpt-")
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    return Checkpoint.from_directory(tmp)
+    try:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint() -> Optional[Dict]:

@@ -64,7 +64,8 @@ def plan(cfg: Config) -> Dict[str, Any]:
 
 
 def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> bool:
-    """Check the run directory's state; returns True when an existing run is resumed.
+    """Check the run directory's state; returns True when an existing run is resumed (``--resume`` on a missing
+    or empty directory starts a new run).
 
     Raises:
         ConfigError: the directory holds a run and neither flag was given, or both were.
@@ -78,9 +79,7 @@ def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> bool:
             return True
         raise ConfigError(f"run directory {run.uri} already exists: pass --resume to continue it or --overwrite to "
                           f"replace it (or set run_dir=NEW_DIR)")
-    if resume:
-        raise ConfigError(f"--resume: run directory {run.uri} does not exist; drop --resume to start it")
-    return False
+    return False  # --resume of a run that never started starts it, so a retried job needs no other flag
 
 
 # ---------------------------------------------------------------------------------------------------------

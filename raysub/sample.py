@@ -115,13 +115,11 @@ def sample_loop(config: Dict[str, Any]) -> None:
         history.append(record)
         ckpt_state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
                       "history": history, "elapsed": now, "window_s": window_s, "num_snapshots": len(index)}
-        metrics = {**record, "history": history, "window_s": window_s}
-        if rank == 0:
-            if progress is not None:
-                progress.put(record)
-            ray.train.report(metrics, checkpoint=loop.save_checkpoint(ckpt_state))
-        else:
-            ray.train.report(metrics)
+        # the whole history only in the last report (what fit() returns), not in every epoch's
+        metrics = {**record, "window_s": window_s, **({"history": history} if epoch + 1 == cfg.sgd.epochs else {})}
+        if rank == 0 and progress is not None:
+            progress.put(record)
+        loop.report(metrics, ckpt_state if rank == 0 else None)
         loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
 
 

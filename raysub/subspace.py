@@ -131,15 +131,13 @@ def subspace_loop(config: Dict[str, Any]) -> None:
                   "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "test_loss": test["loss"],
                   "test_acc": test["acc"], "elapsed_s": now, "allreduce_floats_per_step": comm_floats}
         history.append(record)
-        metrics = {**record, "history": history, "z_norm": float(z_D.detach().norm())}
-        if rank == 0:
-            if progress is not None:
-                progress.put(record)
-            ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
-                    "elapsed": now, "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
-            ray.train.report(metrics, checkpoint=loop.save_checkpoint(ckpt))
-        else:
-            ray.train.report(metrics)
+        metrics = {**record, "z_norm": float(z_D.detach().norm()),
+                   **({"history": history} if epoch + 1 == cfg.train.epochs else {})}
+        if rank == 0 and progress is not None:
+            progress.put(record)
+        ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                "elapsed": now, "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
+        loop.report(metrics, ckpt if rank == 0 else None)
     if rank == 0:
         # the trained model is θ0 + P z with these buffers
         run.write_torch(f"train/{cfg.train_label}.pt", {

@@ -62,11 +62,6 @@ def test_existing_run_dir_needs_a_flag(tmp_path, capsys):
     assert rc == 2 and "exclude" in err
 
 
-def test_resume_of_missing_run(tmp_path, capsys):
-    rc, err = run_cli(capsys, ["sample", f"run_dir={tmp_path}/none", "--resume"])
-    assert rc == 2 and "does not exist" in err
-
-
 def test_stage_on_a_non_run_directory(tmp_path, capsys):
     rc, err = run_cli(capsys, ["basis", str(tmp_path)])
     assert rc == 2 and "not a raysub run directory" in err

@@ -64,16 +64,43 @@ def test_job_import_has_no_side_effects(path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(raysub.cli, "main", lambda *a, **k: calls.append(a) or 0)
     monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    ray_was_initialized = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    ray_imported = "ray" in sys.modules
+    ray_was_initialized = ray_imported and sys.modules["ray"].is_initialized()
+    path_before, environ_before = list(sys.path), dict(os.environ)
     spec = importlib.util.spec_from_file_location(f"_job_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert calls == []
     assert capsys.readouterr() == ("", "")
+    assert sys.path == path_before and dict(os.environ) == environ_before
+    if not ray_imported:
+        assert "ray" not in sys.modules, f"importing {_name(path)} imported ray"
     if not ray_was_initialized:
         assert not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
     if not os.path.basename(path).startswith("_"):
         assert callable(getattr(module, "main", None)), f"{_name(path)} needs main(argv=None) -> int"
+
+
+@pytest.fixture
+def ray_state(monkeypatch):
+    """Set whether this process counts as inside a Ray session (other test files may hold a real one open)."""
+
+    def set_initialized(value: bool) -> None:
+        if value or "ray" in sys.modules:
+            import ray
+
+            monkeypatch.setattr(ray, "is_initialized", lambda: value)
+
+    set_initialized(False)
+    return set_initialized
+
+
+def _load_job(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    spec = importlib.util.spec_from_file_location(f"_job_{name}", os.path.join(REPO, "jobs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize(
@@ -89,7 +116,7 @@ def test_job_import_has_no_side_effects(path, monkeypatch, capsys):
         ("train", ["s3://b/r", "--resume"], {}, ["train", "s3://b/r", "--resume"]),
     ],
 )
-def test_job_builds_cli_arguments(job, argv, env, expected, monkeypatch):
+def test_job_builds_cli_arguments(job, argv, env, expected, monkeypatch, ray_state):
     """Jobs pass their arguments through and add cluster.address=auto only when a cluster is there to join."""
     import raysub.cli
 
@@ -98,26 +125,29 @@ def test_job_builds_cli_arguments(job, argv, env, expected, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    spec = importlib.util.spec_from_file_location(f"_job_{job}", os.path.join(REPO, "jobs", f"{job}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(argv) == 0
+    assert _load_job(job, monkeypatch).main(argv) == 0
     assert calls == [expected]
 
 
-def test_imagenet_job_uses_its_config(monkeypatch):
+def test_job_joins_the_ray_session_it_runs_in(monkeypatch, ray_state):
+    """Called from a process that already did ray.init (a notebook, a test), a job joins that session."""
     import raysub.cli
 
     calls = []
     monkeypatch.setattr(raysub.cli, "main", lambda args: calls.append(args) or 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    path = os.path.join(REPO, "jobs", "imagenet_resnet18.py")
-    spec = importlib.util.spec_from_file_location("_job_imagenet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["train.epochs=2"]) == 0
+    ray_state(True)
+    assert _load_job("train", monkeypatch).main(["/runs/a"]) == 0
+    assert calls == [["train", "/runs/a", "cluster.address=auto"]]
+
+
+def test_imagenet_job_uses_its_config(monkeypatch, ray_state):
+    import raysub.cli
+
+    calls = []
+    monkeypatch.setattr(raysub.cli, "main", lambda args: calls.append(args) or 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _load_job("imagenet_resnet18", monkeypatch).main(["train.epochs=2"]) == 0
     command, config, *rest = calls[0]
     assert command == "run" and os.path.samefile(config, os.path.join(REPO, "raysub", "configs",
                                                                       "imagenet_resnet18.yaml"))
@@ -130,10 +160,6 @@ def test_job_rejects_job_server_address(monkeypatch, capsys):
 
     monkeypatch.setattr(raysub.cli, "main", lambda args: pytest.fail("must not reach the CLI"))
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    spec = importlib.util.spec_from_file_location("_job_dldr_http", os.path.join(REPO, "jobs", "dldr.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([]) == 2
+    assert _load_job("dldr", monkeypatch).main([]) == 2
     err = capsys.readouterr().err
     assert "RAY_API_SERVER_ADDRESS" in err and len(err.strip().splitlines()) == 1

@@ -277,14 +277,17 @@ def compare_bases(run: RunDir, ref_npy: str, dim: int, raysub_sv, ref_sv, chunk:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def init_ray():
+def init_ray(worker_niceness: int = 0):
     import ray
 
     if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: connect to the cluster as it is
         ray.init(log_to_driver=False)
     else:
         # address="local": a fresh instance of our own, even if another local Ray instance is running (plain
-        # ray.init() would join that one, whose CPUs other jobs may be using, and refuse num_cpus)
+        # ray.init() would join that one, whose CPUs other jobs may be using, and refuse num_cpus).
+        # Ray runs its workers at nice 15 by default; with other load on the machine that would slow the block
+        # actors but not the plain read (nice 0 in this process), so the workers get the driver's priority.
+        os.environ["RAY_worker_niceness"] = str(worker_niceness)
         ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     return ray
 
@@ -304,6 +307,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="run directory (path or URI); default: a temp dir under /tmp")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--ray-worker-niceness", type=int, default=0,
+                    help="niceness of the local Ray instance's workers (Ray's default 15; default here 0, the "
+                         "driver's, so the actors and the plain read compete alike for a busy CPU)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the sklearn reference (it needs ~3×t·n·4 "
                                                                    "bytes of RAM)")
     ap.add_argument("--reference-child", default=None, help=argparse.SUPPRESS)
@@ -349,44 +355,54 @@ def main(argv=None) -> None:
         from raysub.sample import collect_trajectory
 
         blocks, shards = collect_trajectory(run)
-        cached = [resident_fraction(run, blocks)]
+
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        cache = {}  # label -> fraction of the trajectory's pages in the page cache just before that measurement
+
+        def timed_read(label: str) -> float:
+            cache[label] = resident_fraction(run, blocks)
+            secs = read_all(run, blocks)
+            log(f"{label}: read_s = {secs:.2f}s ({written / secs / 2**30:.2f} GiB/s; page-cache resident "
+                f"before: {pct(cache[label])})")
+            return secs
+
         log("page cache: the trajectory was just written, so the reads below are served from the page cache "
-            f"(resident now: {'n/a' if cached[0] is None else f'{100 * cached[0]:.1f}%'})")
-
+            f"(resident now: {pct(resident_fraction(run, blocks))}; checked again before every measurement)")
         reads, basis_runs, records = [], [], []
-        log("warm-up read ...")
-        read_all(run, blocks)
-        reads.append(read_all(run, blocks))
-        log(f"read_s = {reads[-1]:.2f}s ({written / reads[-1] / 2**30:.2f} GiB/s)")
+        read_all(run, blocks)  # warm-up (and pulls back anything evicted)
+        reads.append(timed_read("read 1"))
 
-        log(f"starting Ray (num_cpus={os.cpu_count()}) ...")
-        ray = init_ray()
+        log(f"starting Ray (num_cpus={os.cpu_count()}, worker niceness {args.ray_worker_niceness}) ...")
+        ray = init_ray(args.ray_worker_niceness)
         from raysub.basis import build_basis
 
         for r in range(args.repeats):
-            log(f"raysub build_basis (repeat {r + 1}/{args.repeats}) ...")
+            label = f"basis {r + 1}"
+            cache[label] = resident_fraction(run, blocks)
+            log(f"raysub build_basis (repeat {r + 1}/{args.repeats}; page-cache resident before: "
+                f"{pct(cache[label])}) ...")
             t0 = time.perf_counter()
             rec = build_basis(run, dim, blocks, shards)
             basis_runs.append(time.perf_counter() - t0)
             records.append(rec)
             tm = rec["timings"]
-            log(f"basis_s = {basis_runs[-1]:.2f}s (actors: load {tm['load_s']:.2f}s, gram {tm['gram_s']:.2f}s, "
-                f"write {tm['write_s']:.2f}s)")
-            reads.append(read_all(run, blocks))
-            log(f"read_s = {reads[-1]:.2f}s")
+            log(f"{label}: basis_s = {basis_runs[-1]:.2f}s (slowest actor: load {tm['load_s']:.2f}s, gram "
+                f"{tm['gram_s']:.2f}s, write {tm['write_s']:.2f}s)")
+            reads.append(timed_read(f"read {r + 2}"))
         ray.shutdown()
-        cached.append(resident_fraction(run, blocks))
 
-        ref, cmp = None, None
+        ref, cmp, read_after_ref = None, None, None
         if not args.skip_reference:
+            cache["reference"] = resident_fraction(run, blocks)
             log(f"reference (DLDR's way: t×n matrix in RAM + sklearn PCA) in a subprocess; needs ~"
-                f"{gib(3 * traj_bytes)} RAM ...")
+                f"{gib(3.5 * traj_bytes)} RAM; page-cache resident before: {pct(cache['reference'])} ...")
             ref = run_reference(run, dim, ref_npy, args.seed)
             log(f"reference_s = {ref['total_s']:.2f}s (load {ref['load_s']:.2f}s, pca {ref['pca_s']:.2f}s "
                 f"[{ref['svd_solver']}], save {ref['save_s']:.2f}s), peak RSS {gib(ref['peak_rss'])}")
-            cached.append(resident_fraction(run, blocks))
-            reads.append(read_all(run, blocks))
-            log(f"read_s = {reads[-1]:.2f}s")
+            # the reference's RAM use may have evicted the trajectory: informative only, not in the median
+            read_after_ref = timed_read("read after reference")
             log("comparing the reference's basis with raysub's ...")
             cmp = compare_bases(run, ref_npy, dim, records[-1]["singular_values"], ref["singular_values"])
             log(f"max relative singular-value difference {cmp['sv_max_rel_diff']:.2e}, largest principal angle "
@@ -423,7 +439,8 @@ def main(argv=None) -> None:
         "peak_rss_over_block_abs": abs_over_block, "raysub_actor_peak_rss_bytes": int(actor_peak),
         "block_bytes": int(block_bytes), "explained_variance_top_dim": evr,
         "trajectory_write_s": write_s,
-        "page_cache_resident_fraction": cached,
+        "page_cache_resident_before": cache, "read_s_after_reference": read_after_ref,
+        "ray_worker_niceness": args.ray_worker_niceness,
         "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     if ref is not None:
@@ -442,8 +459,9 @@ def main(argv=None) -> None:
 
     rows = [
         ("plain sequential read (median)", f"{read_s:8.2f} s", "  ".join(f"{x:.2f}" for x in reads)),
-        ("raysub build_basis (median)", f"{basis_s:8.2f} s",
-         f"actors: load {fig['basis_load_s']:.2f}  gram {fig['basis_gram_s']:.2f}  write {fig['basis_write_s']:.2f}"),
+        ("raysub build_basis (median)", f"{basis_s:8.2f} s", "  ".join(f"{x:.2f}" for x in basis_runs)),
+        ("  slowest actor's phases", "", f"load {fig['basis_load_s']:.2f}  gram {fig['basis_gram_s']:.2f}  "
+                                         f"write {fig['basis_write_s']:.2f} s (load = read + sha256 + decode)"),
         ("  basis / read", f"{fig['basis_over_read']:8.2f} x",
          f"goal <= {GOAL_BASIS_OVER_READ}: {'met' if fig['basis_over_read_ok'] else 'NOT met'}"),
         ("  actor (peak-start) RSS / block", f"{over_block:8.2f} x",
@@ -455,6 +473,8 @@ def main(argv=None) -> None:
         rows += [
             ("DLDR reference (sklearn PCA)", f"{ref['total_s']:8.2f} s",
              f"load {ref['load_s']:.2f}  pca {ref['pca_s']:.2f} ({ref['svd_solver']})  save {ref['save_s']:.2f}"),
+            ("  read after the reference", f"{read_after_ref:8.2f} s",
+             "informative (its RAM use can evict the page cache); not in the median"),
             ("  reference peak RSS", f"{ref['peak_rss'] / 2**30:8.2f} GiB",
              f"t×n matrix {gib(ref['matrix_bytes'])}"),
             ("  reference / raysub time", f"{fig['reference_over_raysub_time']:8.2f} x", ""),
@@ -467,10 +487,12 @@ def main(argv=None) -> None:
     print()
     print(f"raysub basis benchmark: n={n:,}  t={t}  dim={dim}  blocks={nblk}  trajectory {gib(written)}  "
           f"explained variance (top {dim}) {evr:.4f}")
-    res_txt = ", ".join("n/a" if c is None else f"{100 * c:.1f}%" for c in cached)
-    print(f"page cache: warm (the trajectory was written just before; resident fraction checked with mincore "
-          f"before the reads/builds: {res_txt}); load average {load0:.2f} -> {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} CPUs")
+    res_txt = ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.0f}%'}" for k, v in cache.items())
+    print("page cache: warm - the trajectory was written just before, so reads are served from the page cache as "
+          "far as it holds it;")
+    print(f"  resident fraction (mincore) before each measurement: {res_txt}")
+    print(f"load average {load0:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; Ray worker niceness "
+          f"{args.ray_worker_niceness}")
     print("-" * 100)
     for name, val, note in rows:
         print(f"{name:34s} {val:>14s}   {note}")
