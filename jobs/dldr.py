@@ -1,6 +1,6 @@
 """The whole DLDR pipeline: sample an SGD trajectory → PCA basis → P-SGD in the subspace, then a results table.
 
-Default config: the embedded quickstart (scikit-learn digits, 2 CPU workers, about 1.5 minutes on 2 cores).
+Default config: the embedded quickstart (scikit-learn digits, 2 CPU workers, about 1 minute on 2 cores).
 Any shipped config by name or path, then dotted overrides; --resume continues a run, --overwrite replaces it.
 
 Local (starts a throwaway Ray cluster on this machine):

@@ -81,6 +81,13 @@ class SGDStep:
         self.model, self.x, self.y = model, x, y
         self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
+    def snapshot(self):
+        self._snap = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()))
+
+    def restore(self):
+        self.model.load_state_dict(self._snap[0])
+        self.opt.load_state_dict(self._snap[1])
+
     def step(self):
         self.opt.zero_grad()
         loss = F.cross_entropy(self.model(self.x), self.y)
@@ -113,6 +120,17 @@ class PSGDStep:
         self.sub = SubspaceModel(model, theta0_N, self.projection)
         self.z = torch.zeros(basis_DN.shape[0], requires_grad=True)
         self.opt = build_optimizer("psgd", [self.z], cfg)
+
+    def snapshot(self):
+        self._snap = (self.z.detach().clone(), copy.deepcopy(self.opt.state_dict()),
+                      {k: v.detach().clone() for k, v in self.sub.model.named_buffers()})
+
+    def restore(self):
+        with torch.no_grad():
+            self.z.copy_(self._snap[0])
+        self.opt.load_state_dict(self._snap[1])
+        for k, v in self.sub.model.named_buffers():
+            v.copy_(self._snap[2][k])
 
     def step(self):
         self.sub.set_z(self.z)
@@ -148,23 +166,29 @@ def random_orthonormal(dim: int, n: int, seed: int) -> torch.Tensor:
     return q.t().contiguous().float()  # D×N, orthonormal rows
 
 
-def grad_check(model, x, y, basis_DN, dtype, cfg, seed) -> float:
-    """‖raysub's projected gradient − Pᵀ∇L by plain autograd‖ / ‖Pᵀ∇L‖ at a random z."""
+def grad_check(model, x, y, basis_DN, dtype, cfg, seed):
+    """Checks raysub's step at a random z against plain autograd.
+
+    Returns (theta_err, grad_err): ‖θ(raysub) − (θ0 + Pᵀz in float64)‖ / ‖Pᵀz‖, and ‖raysub's projected gradient
+    − P ∇L(θ)‖ / ‖P ∇L(θ)‖ with ∇L by plain autograd on a copy of the model holding raysub's own θ.
+    """
     m_sub, m_ref = copy.deepcopy(model), copy.deepcopy(model)
     runner = PSGDStep(m_sub, x, y, basis_DN, dtype, cfg, "check")
     z = torch.randn(basis_DN.shape[0], generator=torch.Generator().manual_seed(seed + 7)) * 0.1
     with torch.no_grad():
         runner.z.copy_(z)
     runner.sub.set_z(runner.z)
+    theta = runner.sub.flat.theta_N.detach().clone()
     _, g = runner.sub.loss_and_grad(x, y)
-    P = runner.projection.basis_DN.double()
-    theta = flatten_params(model).double() + P.t() @ z.double()
-    torch.nn.utils.vector_to_parameters(theta.float(), [p for p in m_ref.parameters() if p.requires_grad])
+    P = runner.projection.basis_DN.double()  # the stored basis (bf16-rounded for a bf16 projection)
+    delta = P.t() @ z.double()
+    theta_err = float((theta.double() - flatten_params(model).double() - delta).norm() / delta.norm())
+    torch.nn.utils.vector_to_parameters(theta, [p for p in m_ref.parameters() if p.requires_grad])
     m_ref.zero_grad(set_to_none=True)
     F.cross_entropy(m_ref(x), y).backward()
     full = torch.cat([p.grad.reshape(-1) for p in m_ref.parameters() if p.requires_grad]).double()
     ref = P @ full
-    return float((g.double() - ref).norm() / ref.norm())
+    return theta_err, float((g.double() - ref).norm() / ref.norm())
 
 
 # -------------------------------------------------------------------------------------------- benchmark
@@ -183,31 +207,37 @@ def bench_model(key: str, args) -> dict:
     cfg = TrainConfig(lr=args.psgd_lr, momentum=0.9, weight_decay=0.0)
     log(f"{key}: model {name}, input {shape}, N={n:,} trainable parameters, batch {args.batch}, D={args.dim}")
 
-    err32 = grad_check(model, x, y, basis_DN, torch.float32, cfg, args.seed)
-    err16 = grad_check(model, x, y, basis_DN, torch.bfloat16, cfg, args.seed)
-    log(f"{key}: projected-gradient check vs plain autograd: rel. err {err32:.1e} (float32 basis), "
-        f"{err16:.1e} (bfloat16 basis)")
+    th32, err32 = grad_check(model, x, y, basis_DN, torch.float32, cfg, args.seed)
+    th16, err16 = grad_check(model, x, y, basis_DN, torch.bfloat16, cfg, args.seed)
+    log(f"{key}: check vs plain autograd at a random z: projected-gradient rel. err {err32:.1e} (float32 basis), "
+        f"{err16:.1e} (bfloat16 basis); θ rel. err {th32:.1e} / {th16:.1e}")
 
     runners = [SGDStep(copy.deepcopy(model), x, y),
                PSGDStep(copy.deepcopy(model), x, y, basis_DN, torch.float32, cfg, "P-SGD"),
                PSGDStep(copy.deepcopy(model), x, y, basis_DN, torch.bfloat16, cfg, "P-SGD bf16")]
     # warm-up, and an estimate of the step time to size the timed blocks
+    # Every timed block starts from the same state (taken after the warm-up): on one fixed random batch plain
+    # SGD (lr 0.1, momentum 0.9) soon kills most of LeNet's ReLUs (after ~40 steps), and max-pooling mostly
+    # zeros is ~1.5x faster, which would flatter SGD. Restoring keeps both in the regime of real training.
     est = {}
     for r in runners:
         for _ in range(args.warmup):
             r.step()
+        r.snapshot()
         t0 = time.perf_counter()
         for _ in range(3):
             r.step()
         est[r.label] = (time.perf_counter() - t0) / 3
-    k = max(1, round(args.block_seconds / max(est.values())))
+        r.restore()
+    k = min(args.max_block_steps, max(1, round(args.block_seconds / max(est.values()))))
     log(f"{key}: warmed up ({args.warmup} steps each); ~{1e3 * est['SGD']:.1f} ms/SGD step; timing {args.rounds} "
-        f"interleaved rounds of {k} steps per variant")
+        f"interleaved rounds of {k} steps per variant, each block from the post-warm-up state")
 
     times = {r.label: [] for r in runners}
     for rnd in range(args.rounds):
         order = runners[rnd % len(runners):] + runners[: rnd % len(runners)]
         for r in order:
+            r.restore()
             t0 = time.perf_counter()
             for _ in range(k):
                 loss = r.step()
@@ -219,6 +249,8 @@ def bench_model(key: str, args) -> dict:
 
     # per-phase breakdown (interleaved too)
     phase = {r.label: [] for r in runners}
+    for r in runners:
+        r.restore()
     for i in range(args.phase_steps):
         for r in runners:
             phase[r.label].append(r.phases())
@@ -244,7 +276,8 @@ def bench_model(key: str, args) -> dict:
             "ms": ms, "ratio": ms["P-SGD"] / ms["SGD"], "ratio_bf16": ms["P-SGD bf16"] / ms["SGD"],
             "ms_all": {lbl: [1e3 * t for t in v] for lbl, v in times.items()},
             "breakdown_ms": breakdown, "projection_ms": proj_ms, "grad_check_rel_err": err32,
-            "grad_check_rel_err_bf16": err16, "losses_finite": finite}
+            "grad_check_rel_err_bf16": err16, "theta_rel_err": th32, "theta_rel_err_bf16": th16,
+            "losses_finite": finite}
 
 
 def main(argv=None) -> None:
@@ -254,10 +287,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=40, help="subspace dimension D (default 40)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--models", default="lenet,resnet20", help="comma-separated subset of: " + ",".join(SHAPES))
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds (default 21)")
     ap.add_argument("--block-seconds", type=float, default=0.4, help="target seconds per timed block of steps")
+    ap.add_argument("--max-block-steps", type=int, default=20,
+                    help="at most this many steps per timed block (each block starts from the same state)")
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
-    ap.add_argument("--phase-steps", type=int, default=10, help="steps for the per-phase breakdown (default 10)")
+    ap.add_argument("--phase-steps", type=int, default=20, help="steps for the per-phase breakdown (default 20)")
     ap.add_argument("--psgd-lr", type=float, default=1.0, help="P-SGD learning rate (raysub's default train.lr 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -315,6 +350,7 @@ def main(argv=None) -> None:
         fig[f"projection_ms_{k}"] = r["projection_ms"]
         fig[f"grad_check_rel_err_{k}"] = r["grad_check_rel_err"]
         fig[f"grad_check_rel_err_bf16_{k}"] = r["grad_check_rel_err_bf16"]
+        fig[f"theta_rel_err_{k}"] = r["theta_rel_err"]
         fig[f"losses_finite_{k}"] = r["losses_finite"]
     if "resnet20" in res:
         fig["allreduce_floats_ddp"] = res["resnet20"]["num_params"]
