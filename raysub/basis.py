@@ -58,7 +58,7 @@ class BlockGram:
         t0 = time.perf_counter()
         self.W_TN = np.empty((len(self.shards), self.num_coords), dtype=np.float32)
         for i, (rel, checksum) in enumerate(self.shards):
-            buf = self.run.read_bytes(rel, checksum)
+            buf = self.run.read_buffer(rel, checksum)
             decode_vector(buf, out=self.W_TN[i])
             if i == 0:
                 self._track()

@@ -26,6 +26,8 @@ class DataConfig:
     augment: bool = field(default=True, metadata={"help": "training augmentation where the dataset has one"})
     num_workers: int = field(default=0, metadata={"help": "data-loading processes per Ray worker (ImageNet)"})
     image_size: Optional[int] = field(default=None, metadata={"help": "ImageNet crop size (default 224)"})
+    label_noise: float = field(default=0.0, metadata={"help": "fraction of training labels made random"})
+    label_noise_seed: Optional[int] = field(default=None, metadata={"help": "which labels (default: seed)"})
 
 
 @dataclass
@@ -89,6 +91,10 @@ class TrainConfig:
     lr_gamma: float = field(default=0.1, metadata={"help": "step-decay factor"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (default data.batch_size)"})
     basis_dtype: str = field(default="float32", metadata={"help": "storage of P on the device: float32|bfloat16"})
+    line_search_c: float = field(default=0.4, metadata={"help": "P-BFGS Armijo constant c (paper: 0.4)"})
+    line_search_beta: float = field(default=0.55, metadata={"help": "P-BFGS backtracking factor β (paper: 0.55)"})
+    max_backtracks: int = field(default=20, metadata={"help": "P-BFGS line-search trials before it fails"})
+    y_same_batch: bool = field(default=False, metadata={"help": "P-BFGS: curvature pair y from the same batch"})
 
 
 @dataclass
@@ -352,6 +358,13 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
         )
     if cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim:
         problems.append(f"train.dim={cfg.train.dim} exceeds basis.dim={cfg.basis.dim}: raise basis.dim")
+    if not cfg.train.line_search_c > 0 or cfg.train.line_search_c >= 1:
+        problems.append(f"train.line_search_c={cfg.train.line_search_c}: the Armijo constant must be in (0, 1)")
+    if not 0 < cfg.train.line_search_beta < 1:
+        problems.append(f"train.line_search_beta={cfg.train.line_search_beta}: the backtracking factor must be in (0, 1)")
+    _positive(problems, "train.max_backtracks", cfg.train.max_backtracks)
+    if not 0.0 <= cfg.data.label_noise <= 1.0:
+        problems.append(f"data.label_noise={cfg.data.label_noise}: a fraction of the labels must be in [0, 1]")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
         problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
     if cfg.cluster.num_workers and cfg.data.batch_size and cfg.data.batch_size % cfg.cluster.num_workers:
@@ -383,6 +396,17 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
 
 def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
     return {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
+
+
+def open_dataset(cfg: Config):
+    """The run's dataset, with label noise applied when ``data.label_noise`` > 0."""
+    from raysub.data import NoisyLabels, load_dataset
+
+    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    if cfg.data.label_noise > 0:
+        seed = cfg.seed if cfg.data.label_noise_seed is None else cfg.data.label_noise_seed
+        data = NoisyLabels(data, cfg.data.label_noise, seed)
+    return data
 
 
 def check(cfg: Config, *, check_data: bool = True) -> Config:

@@ -665,3 +665,36 @@ def validate_dataset(name: str, root: Optional[str], **kwargs) -> List[str]:
     root = default_root(name) if root is None else os.path.expanduser(root)
     check = getattr(factory, "problems", None)
     return list(check(root, **kwargs)) if check else []
+
+
+class NoisyLabels(Dataset):
+    """A dataset whose training labels are partly replaced by uniformly random ones (DLDR §5.4, Zhang et al.).
+
+    A fixed fraction of the training examples, chosen by ``seed``, gets a label drawn uniformly from all
+    classes (so about 1/C of them keep their true label, as in the protocol). The choice depends only on
+    (seed, fraction, dataset), so every method trained with the same seed sees the same corrupted labels.
+    The test split is untouched.
+    """
+
+    def __init__(self, base: Dataset, fraction: float, seed: int):
+        self.base = base
+        self.name, self.num_classes, self.input_shape = base.name, base.num_classes, base.input_shape
+        self.fraction, self.seed = fraction, seed
+        labels = base.labels("train")
+        gen = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(labels), generator=gen)[: int(round(fraction * len(labels)))]
+        self.noisy = labels.clone()
+        self.noisy[chosen] = torch.randint(0, base.num_classes, (len(chosen),), generator=gen)
+        self.corrupted = chosen
+
+    def size(self, split: str) -> int:
+        return self.base.size(split)
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.noisy.clone() if split == "train" else self.base.labels(split)
+
+    def batches(self, split, batch_indices, *, augment, seed, num_workers=0):
+        batch_indices = list(batch_indices)
+        for (x, y), idx in zip(self.base.batches(split, batch_indices, augment=augment, seed=seed,
+                                                 num_workers=num_workers), batch_indices):
+            yield x, (self.noisy[_as_index(idx)] if split == "train" else y)

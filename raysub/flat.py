@@ -48,12 +48,17 @@ class FlatParams:
     ``grad_N`` after backward: the per-parameter gradients are pre-assigned views of ``grad_N``, so autograd
     accumulates into them in place and no n-sized temporary is allocated for flattening.
 
+    ``bind=True`` also makes these views the module's own parameters, so ``model(x)`` evaluates at theta with
+    no per-call cost; `state` serves `torch.func.functional_call` either way. (Measured on LeNet-5 at batch
+    128 on CPU, functional_call's per-call re-parametrization costs ~1 ms of a ~8 ms step.)
+
     Args:
         model: Supplies the layout and the buffers (BatchNorm statistics), which stay the model's own.
         theta_N: Initial flat parameter values (copied).
+        bind: Replace the model's parameters by the flat views.
     """
 
-    def __init__(self, model: torch.nn.Module, theta_N: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, theta_N: torch.Tensor, bind: bool = False):
         self.layout = param_layout(model)
         self.theta_N = theta_N.detach().clone()
         self.grad_N = torch.zeros_like(self.theta_N)
@@ -64,6 +69,14 @@ class FlatParams:
             p.grad = self.grad_N[e.offset : e.offset + e.numel].view(e.shape)
             self.params[e.name] = p
         self.buffers = dict(model.named_buffers())
+        if bind:
+            for name, p in self.params.items():
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                param = torch.nn.Parameter(p)  # an alias of the view: same storage
+                param.grad = p.grad
+                module._parameters[attr] = param
+                self.params[name] = param
 
     def zero_grad(self) -> None:
         self.grad_N.zero_()

@@ -7,6 +7,7 @@ same order from its epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -76,6 +77,28 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data, split: str, 
         stats[2] += y.numel()
     all_reduce_sum_(stats)
     return {"loss": float(stats[0] / stats[2]), "acc": float(stats[1] / stats[2])}
+
+
+@contextlib.contextmanager
+def frozen_buffers(module: torch.nn.Module):
+    """Trial forwards (line searches) in train mode must not move BatchNorm running statistics."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, old in zip(module.buffers(), saved):
+                buf.copy_(old)
+
+
+def global_step_losses(losses: List[torch.Tensor]) -> List[float]:
+    """This epoch's per-step training losses, averaged over ranks (one all-reduce per epoch)."""
+    if not losses:
+        return []
+    t = torch.stack([l.detach().double() for l in losses])
+    _, world = rank_world()
+    all_reduce_sum_(t)
+    return (t / world).tolist()
 
 
 def broadcast_buffers_(module: torch.nn.Module) -> None:

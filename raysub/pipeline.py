@@ -12,7 +12,7 @@ import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from raysub.config import Config, check, dataset_kwargs, load_config, merge, num_snapshots, parse_overrides
+from raysub.config import Config, check, load_config, merge, num_snapshots, open_dataset, parse_overrides
 from raysub.errors import ConfigError, StorageError
 from raysub.storage import RunDir, block_bounds, sha256
 
@@ -34,12 +34,11 @@ def plan(cfg: Config) -> Dict[str, Any]:
     """
     import torch
 
-    from raysub.data import load_dataset
     from raysub.flat import layout_to_json, param_layout
     from raysub.models import build_model
 
     check(cfg)
-    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    data = open_dataset(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     layout = param_layout(model)
@@ -122,6 +121,15 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
+    """Write the per-step training losses to curves/LABEL.json; return the convergence step (SL2O §4.1)."""
+    from raysub.metrics import convergence_step
+
+    run.write_json(f"curves/{label}.json", {"train_loss": step_losses})
+    return {"convergence_step": convergence_step(step_losses), "steps": len(step_losses),
+            "min_train_loss": min(step_losses) if step_losses else None}
+
+
 def read_summary(run: RunDir) -> Dict[str, Any]:
     return run.read_json("summary.json") if run.exists("summary.json") else {"results": {}, "timings": {}}
 
@@ -178,7 +186,8 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
     summary.update({"dataset": cfg.data.name, "model": cfg.model.name, "num_params": info["num_params"],
                     "num_snapshots": out["num_snapshots"], "world_size": cfg.cluster.num_workers})
     summary["results"]["sgd"] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
-                                 "wall_s": hist[-1]["elapsed_s"], "dim": info["num_params"], "history": hist}
+                                 "wall_s": hist[-1]["elapsed_s"], "dim": info["num_params"],
+                                 **_loss_curve(run, "sgd", out["step_losses"]), "history": hist}
     summary["results"]["sgd@sample"] = {"test_acc": window["test_acc"], "epochs": window["epoch"],
                                         "wall_s": out["window_s"], "dim": info["num_params"]}
     summary["timings"]["sample_s"] = out["window_s"]
@@ -284,7 +293,8 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     if not resume and ckpt_dir.exists(ckpt_name):
         ckpt_dir.delete(ckpt_name)  # a fresh run must not pick up an old run's checkpoints
     say(f"[{label}] {cfg.train.optimizer} in a {cfg.train_dim}-dim {cfg.train.projection} subspace, "
-        f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs; all-reduce {cfg.train_dim} floats per step")
+        f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs; all-reduce {cfg.train_dim} floats per step"
+        + (" (+1: the loss, for the line search)" if cfg.train.optimizer == "pbfgs" else ""))
     out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
     hist = out["history"]
     summary = read_summary(run)
@@ -292,7 +302,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                                  "wall_s": hist[-1]["elapsed_s"], "dim": cfg.train_dim,
                                  "optimizer": cfg.train.optimizer, "projection": cfg.train.projection,
                                  "allreduce_floats_per_step": hist[-1]["allreduce_floats_per_step"],
-                                 "history": hist}
+                                 **_loss_curve(run, label, out["step_losses"]), "history": hist}
     summary["timings"]["train_s"] = hist[-1]["elapsed_s"]
     summary["timings"][f"train_stage_s.{label}"] = out["wall_s"]
     run.write_json("summary.json", summary)

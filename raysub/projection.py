@@ -38,6 +38,11 @@ class Projection(abc.ABC):
         """``out += P z`` in place; families override it to avoid an N-sized temporary."""
         return out_N.add_(self.lift(z_D).to(out_N.dtype))
 
+    def affine_(self, z_D: torch.Tensor, base_N: torch.Tensor, out_N: torch.Tensor) -> torch.Tensor:
+        """``out = base + P z`` in place (θ = θ0 + P z); families may fuse it into one pass."""
+        out_N.copy_(base_N)
+        return self.lift_add_(z_D, out_N)
+
 
 class MatrixProjection(Projection):
     """An explicit basis held as a D×N matrix (rows are basis vectors), e.g. the DLDR trajectory basis.
@@ -63,6 +68,12 @@ class MatrixProjection(Projection):
             # addmv writes straight into out: no N-sized temporary
             return torch.addmv(out_N, self.basis_DN.t(), z_D.to(out_N.dtype), out=out_N)
         return out_N.add_(self.lift(z_D.to(self.basis_DN.dtype)).to(out_N.dtype))
+
+    def affine_(self, z_D: torch.Tensor, base_N: torch.Tensor, out_N: torch.Tensor) -> torch.Tensor:
+        if self.basis_DN.dtype == out_N.dtype:
+            # one pass over θ0, P and θ: no copy, no temporary
+            return torch.addmv(base_N, self.basis_DN.t(), z_D.to(out_N.dtype), out=out_N)
+        return super().affine_(z_D, base_N, out_N)
 
 
 @PROJECTIONS.register("dldr")

@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import torch
 
 from raysub import loop
-from raysub.config import Config, snapshot_steps
+from raysub.config import Config, open_dataset, snapshot_steps
 from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
 
 
@@ -45,10 +45,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from raysub.data import load_dataset
     from raysub.flat import flatten_params
     from raysub.models import build_model
-    from raysub.config import dataset_kwargs
 
     cfg = Config.from_dict(config["cfg"])
     progress = config.get("progress")
@@ -57,7 +55,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     run = RunDir(cfg.run_dir)
 
-    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    data = open_dataset(cfg)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     model.load_state_dict(run.read_torch("theta0.pt"))
     model.to(device)
@@ -73,14 +71,14 @@ def sample_loop(config: Dict[str, Any]) -> None:
 
     state = loop.load_checkpoint()
     if state is None:
-        start_epoch, step, history, elapsed = 0, 0, [], 0.0
+        start_epoch, step, history, elapsed, step_losses = 0, 0, [], 0.0, []
         window_s = None
         write_snapshot(run, flatten_params(model), rank, bounds, 0, 0, 0, index)
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, history, elapsed = state["epoch"], state["step"], state["history"], state["elapsed"]
-        window_s = state["window_s"]
+        window_s, step_losses = state["window_s"], state["step_losses"]
         index = run.read_json(block_index_rel(rank))["snapshots"][: state["num_snapshots"]]
 
     t_start = time.perf_counter() - elapsed
@@ -88,7 +86,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = loop.lr_at(epoch, cfg.sgd.lr, cfg.sgd.lr_milestones, cfg.sgd.lr_gamma)
         model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        losses = []
         batches = loop.epoch_batches(data.size("train"), cfg.data.batch_size, cfg.seed, epoch, rank, world)
         for i, (x, y) in enumerate(data.batches("train", batches, augment=cfg.data.augment,
                                                  seed=cfg.seed * 100_003 + epoch, num_workers=cfg.data.num_workers)):
@@ -98,25 +96,28 @@ def sample_loop(config: Dict[str, Any]) -> None:
             loss.backward()
             opt.step()
             step += 1
-            loss_sum[0] += loss.detach().double()
-            loss_sum[1] += 1
+            losses.append(loss.detach())
             if step in snap_at:
                 with torch.no_grad():
                     write_snapshot(run, flatten_params(model), rank, bounds, snap_at[step], step, epoch + 1, index)
-        loop.all_reduce_sum_(loss_sum)
+        epoch_losses = loop.global_step_losses(losses)
+        step_losses.extend(epoch_losses)
         model.eval()
         test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
         now = time.perf_counter() - t_start
         if epoch + 1 == cfg.sample.epochs:
             window_s = now
         record = {"stage": "sgd", "epoch": epoch + 1, "epochs": cfg.sgd.epochs,
-                  "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "test_loss": test["loss"],
+                  "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1), "test_loss": test["loss"],
                   "test_acc": test["acc"], "elapsed_s": now, "num_snapshots": len(index)}
         history.append(record)
         ckpt_state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
-                      "history": history, "elapsed": now, "window_s": window_s, "num_snapshots": len(index)}
+                      "history": history, "elapsed": now, "window_s": window_s, "num_snapshots": len(index),
+                      "step_losses": step_losses}
         # the whole history only in the last report (what fit() returns), not in every epoch's
-        metrics = {**record, "window_s": window_s, **({"history": history} if epoch + 1 == cfg.sgd.epochs else {})}
+        last = epoch + 1 == cfg.sgd.epochs
+        metrics = {**record, "window_s": window_s,
+                   **({"history": history, "step_losses": step_losses} if last else {})}
         if rank == 0 and progress is not None:
             progress.put(record)
         loop.report(metrics, ckpt_state if rank == 0 else None)
@@ -143,7 +144,8 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
     wall = time.perf_counter() - t0
     metrics = result.metrics
     blocks, shards = collect_trajectory(run)
-    return {"history": metrics["history"], "window_s": metrics["window_s"], "wall_s": wall,
+    return {"history": metrics["history"], "step_losses": metrics["step_losses"], "window_s": metrics["window_s"],
+            "wall_s": wall,
             "num_snapshots": len(blocks[0]["snapshots"]), "blocks": blocks, "shards": shards}
 
 

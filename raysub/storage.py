@@ -152,16 +152,30 @@ class RunDir:
         except (FileNotFoundError, OSError) as exc:
             if self.exists(rel):
                 raise
-            raise StorageError(
-                f"{self.path(rel)} is missing: the run directory is incomplete; rerun the stage that writes it "
-                f"(with --overwrite)"
-            ) from exc
+            raise self._missing(rel) from exc
+        return self._verified(rel, buf, checksum)
+
+    def _missing(self, rel: str) -> StorageError:
+        return StorageError(f"{self.path(rel)} is missing: the run directory is incomplete; rerun the stage that "
+                            f"writes it (with --overwrite)")
+
+    def _verified(self, rel: str, buf: pa.Buffer, checksum: Optional[str]) -> pa.Buffer:
         if checksum is not None and sha256(buf) != checksum:
-            raise StorageError(
-                f"{self.path(rel)} is corrupted (sha256 does not match the manifest): rerun the stage that "
-                f"writes it (with --overwrite)"
-            )
+            raise StorageError(f"{self.path(rel)} is corrupted (sha256 does not match the manifest): rerun the stage "
+                               f"that writes it (with --overwrite)")
         return buf
+
+    def read_buffer(self, rel: str, checksum: Optional[str] = None) -> pa.Buffer:
+        """Like `read_bytes`, but memory-maps local files: the bytes are read once, by the checksum and the
+        consumer, instead of being copied into a new buffer first."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return self.read_bytes(rel, checksum)
+        try:
+            with pa.memory_map(self.path(rel)) as mm:
+                buf = mm.read_buffer()
+        except FileNotFoundError as exc:
+            raise self._missing(rel) from exc
+        return self._verified(rel, buf, checksum)
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -20,15 +20,20 @@ from typing import Any, Dict
 import torch
 
 from raysub import loop
-from raysub.config import Config, dataset_kwargs
+from raysub.config import Config, open_dataset
 from raysub.storage import RunDir
 
 
 class SubspaceModel:
-    """A model evaluated at θ0 + P z with `torch.func.functional_call`.
+    """A model evaluated at θ = θ0 + P z.
+
+    The model's parameters are bound to views of one flat buffer θ (`FlatParams`, ``bind=True``): `set_z`
+    rewrites θ in place and ``model(x)`` evaluates there — the same function as
+    ``torch.func.functional_call(model, θ, buffers)`` without its per-call re-parametrization cost.
 
     Args:
-        model: The architecture; its buffers are used (and updated) in place.
+        model: The architecture (its parameters are replaced by the flat views); its buffers are used and
+            updated in place.
         theta0_N: Initial flat parameters.
         projection: The subspace (a `Projection`).
     """
@@ -39,15 +44,14 @@ class SubspaceModel:
         self.model = model
         self.theta0_N = theta0_N
         self.projection = projection
-        self.flat = FlatParams(model, theta0_N)
+        self.flat = FlatParams(model, theta0_N, bind=True)
 
     @torch.no_grad()
     def set_z(self, z_D: torch.Tensor) -> None:
-        self.flat.theta_N.copy_(self.theta0_N)
-        self.projection.lift_add_(z_D.detach(), self.flat.theta_N)
+        self.projection.affine_(z_D.detach(), self.theta0_N, self.flat.theta_N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(self.model, self.flat.state(), (x,))
+        return self.model(x)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor):
         """Mean cross-entropy at the current z and its projected gradient Pᵀ∇L (D floats, local to this rank)."""
@@ -56,13 +60,27 @@ class SubspaceModel:
         loss.backward()
         return loss.detach(), self.projection.project(self.flat.grad_N)
 
+    @torch.no_grad()
+    def loss_at(self, z_D: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+        """L(z) on this batch, averaged over ranks (line-search trials: every rank sees the same value)."""
+        self.set_z(z_D)
+        loss = torch.nn.functional.cross_entropy(self.forward(x), y).reshape(1)
+        _, world = loop.rank_world()
+        return float(loop.all_reduce_sum_(loss) / world)
+
+    def grad_at(self, z_D: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pᵀ∇L(z) on this batch, averaged over ranks."""
+        self.set_z(z_D)
+        _, g_D = self.loss_and_grad(x, y)
+        _, world = loop.rank_world()
+        return loop.all_reduce_sum_(g_D) / world
+
 
 def subspace_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
     import ray.train
     import ray.train.torch
 
-    from raysub.data import load_dataset
     from raysub.flat import flatten_params
     from raysub.models import build_model
     from raysub.optim import build_optimizer
@@ -75,7 +93,7 @@ def subspace_loop(config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     run = RunDir(cfg.run_dir)
 
-    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    data = open_dataset(cfg)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     model.load_state_dict(run.read_torch("theta0.pt"))
     model.to(device)
@@ -90,8 +108,9 @@ def subspace_loop(config: Dict[str, Any]) -> None:
 
     state = loop.load_checkpoint()
     if state is None:
-        start_epoch, history, elapsed = 0, [], 0.0
+        start_epoch, history, elapsed, step_losses = 0, [], 0.0, []
     else:
+        step_losses = state["step_losses"]
         with torch.no_grad():
             z_D.copy_(state["z"].to(device))
         opt.load_state_dict(state["optimizer"])
@@ -100,27 +119,37 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
 
     comm_floats = 0
+    line_search = getattr(opt, "needs_evaluate", False)
     t_start = time.perf_counter() - elapsed
     for epoch in range(start_epoch, cfg.train.epochs):
         for group in opt.param_groups:
             group["lr"] = loop.lr_at(epoch, cfg.train.lr, cfg.train.lr_milestones, cfg.train.lr_gamma)
         model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        losses = []
         batches = loop.epoch_batches(data.size("train"), batch, cfg.seed, epoch, rank, world)
         for x, y in data.batches("train", batches, augment=cfg.data.augment, seed=cfg.seed * 100_003 + epoch,
                                  num_workers=cfg.data.num_workers):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sub.set_z(z_D)
             loss, g_D = sub.loss_and_grad(x, y)
-            if world > 1:
+            if line_search:
+                # the loss rides along (D+1 floats): the Armijo test needs the global L(z)
+                packed = loop.all_reduce_sum_(torch.cat([g_D, loss.reshape(1).to(g_D.dtype)])) / world
+                g_D, loss = packed[:-1], packed[-1]
+            elif world > 1:
                 loop.all_reduce_sum_(g_D)
                 g_D /= world
-                comm_floats = g_D.numel()
+            comm_floats = g_D.numel() + (1 if line_search else 0) if world > 1 else 0
             z_D.grad = g_D.to(z_D.dtype)
-            opt.step()
-            loss_sum[0] += loss.double()
-            loss_sum[1] += 1
-        loop.all_reduce_sum_(loss_sum)
+            if line_search:
+                with loop.frozen_buffers(model):
+                    opt.step(float(loss), evaluate=lambda zt: sub.loss_at(zt, x, y),
+                             grad_at=lambda zt: sub.grad_at(zt, x, y))
+            else:
+                opt.step()
+            losses.append(loss)
+        step_losses.extend(loop.global_step_losses(losses))
+        epoch_losses = step_losses[len(step_losses) - len(losses):]
         loop.broadcast_buffers_(model)
         sub.set_z(z_D)
         model.eval()
@@ -128,14 +157,18 @@ def subspace_loop(config: Dict[str, Any]) -> None:
             test = loop.evaluate(sub.forward, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
         now = time.perf_counter() - t_start
         record = {"stage": cfg.train_label, "epoch": epoch + 1, "epochs": cfg.train.epochs,
-                  "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "test_loss": test["loss"],
+                  "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1), "test_loss": test["loss"],
                   "test_acc": test["acc"], "elapsed_s": now, "allreduce_floats_per_step": comm_floats}
+        if line_search:
+            record["line_search"] = dict(opt.stats)
         history.append(record)
+        last = epoch + 1 == cfg.train.epochs
         metrics = {**record, "z_norm": float(z_D.detach().norm()),
-                   **({"history": history} if epoch + 1 == cfg.train.epochs else {})}
+                   **({"history": history, "step_losses": step_losses} if last else {})}
         if rank == 0 and progress is not None:
             progress.put(record)
         ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                "step_losses": step_losses,
                 "elapsed": now, "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
         loop.report(metrics, ckpt if rank == 0 else None)
     if rank == 0:
@@ -157,4 +190,5 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         result = fit_with_progress(trainer, progress, printer)
     except Exception as exc:
         raise unwrap_train_error(exc)
-    return {"history": result.metrics["history"], "wall_s": time.perf_counter() - t0}
+    return {"history": result.metrics["history"], "step_losses": result.metrics["step_losses"],
+            "wall_s": time.perf_counter() - t0}

@@ -24,6 +24,10 @@ def run_cli(capsys, args):
         ("train.lr=-0.5", "train.lr=-0.5: must be > 0"),
         ("sgd.lr=-1", "sgd.lr=-1.0: must be > 0"),
         ("trian.lr=1", "unknown key 'trian'"),
+        ("train.line_search_c=0", "train.line_search_c=0.0: the Armijo constant must be in (0, 1)"),
+        ("train.line_search_beta=1.5", "train.line_search_beta=1.5: the backtracking factor must be in (0, 1)"),
+        ("data.label_noise=1.2", "data.label_noise=1.2"),
+        ("data.label_noise=-0.1", "data.label_noise=-0.1"),
         ("train.epochs=many", "train.epochs: expected an integer"),
     ],
 )

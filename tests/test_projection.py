@@ -103,3 +103,25 @@ def test_step_allocates_no_n_sized_gradient():
     assert float(flat.grad_N.abs().sum()) > 0
     for name, p in flat.params.items():
         assert p.grad.data_ptr() >= grad_ptr  # views of the flat buffer, filled in place
+
+
+@pytest.mark.parametrize("name", PROJECTIONS.names())
+def test_affine_matches_base_plus_lift(name, tmp_path):
+    proj = make_projection(name, 300, 5, tmp_path)
+    z, base, out = torch.randn(5), torch.randn(300), torch.empty(300)
+    proj.affine_(z, base, out)
+    torch.testing.assert_close(out, base + proj.lift(z))
+
+
+def test_bound_model_parameters_are_the_flat_views():
+    model = small_model()
+    theta0 = flatten_params(model)
+    Q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(theta0.numel(), 3)))
+    sub = SubspaceModel(model, theta0, MatrixProjection(torch.from_numpy(Q.T.copy()).float()))
+    z = torch.tensor([0.5, -1.0, 2.0])
+    sub.set_z(z)
+    torch.testing.assert_close(flatten_params(model), theta0 + sub.projection.lift(z))
+    x = torch.randn(4, 6)
+    model.eval()
+    ref = torch.func.functional_call(small_model().eval(), {**sub.flat.state()}, (x,))
+    torch.testing.assert_close(sub.forward(x), ref)
