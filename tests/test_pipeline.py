@@ -184,3 +184,23 @@ def test_raysub_run_end_to_end(ray_session, tmp_path, capsys):
     # --resume on a finished run skips every stage
     assert main(args + ["--resume"]) == 0
     assert "skipping" in capsys.readouterr().out
+
+
+def test_label_noise_job(ray_session, tmp_path, capsys):
+    """jobs/label_noise.py end to end on digits: table, JSON, plot; SGD best ≥ SGD final by definition."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("label_noise", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "label_noise.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "ln"
+    assert job.main(["quickstart", "--levels", "0.5", "--dims", "2,3", "--out", str(out), "sgd.epochs=2",
+                     "sample.epochs=2", "train.epochs=1", "train.lr_milestones=[]", "sgd.lr_milestones=[]"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rows[0]["c"] == 0.5 and rows[0]["sgd_best"] >= rows[0]["sgd_final"]
+    assert {"psgd_d2", "psgd_d3"} <= set(rows[0])
+    assert (out / "label_noise.png").exists() and (out / "label_noise.md").exists()
+    assert job.main(["quickstart", "--levels", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

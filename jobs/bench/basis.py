@@ -11,8 +11,13 @@ What it measures
     random; ε small iid noise), generated block by block in float32 so the generator never holds the matrix.
 
     Then, side by side in one run (the ratios are what to read; absolute seconds depend on the machine):
-      read_s       one plain sequential read of every shard's bytes (`RunDir.read_bytes`), one process;
-                   measured before and after every basis build (and after the reference), median reported.
+      read_s       one plain sequential read of every shard's bytes, one process: pyarrow
+                   ``fs.open_input_file(path).read_buffer()`` (one read of the known size, as fast as Python's
+                   own open().read()); measured before and after every basis build, median reported. Right
+                   after each, the same read through raysub's `RunDir.read_bytes` (no checksum) is timed too
+                   (read_bytes_s): it uses ``open_input_stream().read_buffer()``, which pyarrow implements for a
+                   stream of unknown size as a Python loop of 256 KiB reads joined into one bytes object
+                   (extra copies), several times slower than a plain read of an 11.7 MB shard.
       basis_s      `raysub.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
                    i.e. read + verify + distributed Gram + eigh + writing the D×N basis shards. Peak RAM of
                    a block actor from the record's "blocks" entries: (peak_rss - start_rss) / block_bytes.
@@ -25,14 +30,23 @@ What it measures
     singular-value difference, largest principal angle between the two D-dimensional subspaces), so the
     comparison is against the same answer.
 
-    Page cache: the trajectory has just been written, so every read here (the plain read, raysub's actors,
-    the reference) is served from the page cache: these are warm-cache figures, and the output says so.
+    Page cache: the trajectory has just been written, so the reads here (the plain read, raysub's actors,
+    the reference) are served from the page cache: these are warm-cache figures. The fraction of the
+    trajectory resident in the page cache is checked with mincore(2) before every measurement and printed
+    (the reference's ~16 GB can evict it; the read after the reference is therefore kept out of the median).
+
+    CPU contention: the figures are ratios of measurements taken alternately in one run, but a multi-process
+    basis build and a single-process read are not slowed alike by other load; the load average is printed.
+    Ray runs its workers at nice 15 by default, so on a busy machine the block actors would lose to the
+    driver's read; the local Ray instance started here runs them at the driver's priority
+    (--ray-worker-niceness, default 0).
 
 How long it takes (2-core AMD EPYC VM, 24 GiB RAM, local disk)
-    default size (n = 11.7M, t = 100, 4.7 GB):  about 3-4 minutes (roughly 1.5 min of it writing the
-        trajectory); needs ~4.7 GB in /tmp (+1.9 GB for the basis, +1.9 GB for the reference's components)
-        and ~15 GB of free RAM for the reference PCA.
-    smoke size (--num-params 200000 --snapshots 20): about 15 seconds, mostly Ray start-up.
+    default size (n = 11.7M, t = 100, 4.7 GB): about 5 minutes on a quiet machine (0.7 min writing the
+        trajectory, 1.5 min raysub and the reads, 2.7 min the reference PCA); over 10 minutes when other
+        processes load the CPU. Needs ~6.6 GB free in /tmp (trajectory + basis + the reference's components)
+        and ~16 GB of free RAM for the reference (--skip-reference to leave it out).
+    smoke size (--num-params 200000 --snapshots 20): about 15-40 seconds, mostly Ray start-up.
 
 How to run
     locally:     python jobs/bench/basis.py [--num-params 200000 --snapshots 20] [--dim 40] [--keep]
@@ -171,13 +185,21 @@ def resident_fraction(run: RunDir, blocks) -> float | None:
         return None
 
 
-def read_all(run: RunDir, blocks) -> float:
-    """One plain sequential read of every shard's bytes, single process; returns seconds."""
+def read_all(run: RunDir, blocks, how: str = "plain") -> float:
+    """One sequential read of every shard's bytes, single process; returns seconds.
+
+    how="plain": ``fs.open_input_file(path).read_buffer()`` (one read of the known size; any pyarrow filesystem).
+    how="read_bytes": raysub's `RunDir.read_bytes` without checksum (what raysub's block actors call).
+    """
     t0 = time.perf_counter()
     total = 0
     for b in blocks:
         for s in b["snapshots"]:
-            buf = run.read_bytes(s["path"])
+            if how == "plain":
+                with run.fs.open_input_file(run.path(s["path"])) as src:
+                    buf = src.read_buffer()
+            else:
+                buf = run.read_bytes(s["path"])
             total += buf.size
             del buf
     return time.perf_counter() - t0
@@ -361,17 +383,24 @@ def main(argv=None) -> None:
 
         cache = {}  # label -> fraction of the trajectory's pages in the page cache just before that measurement
 
-        def timed_read(label: str) -> float:
+        rb_reads = []  # RunDir.read_bytes, measured right after each plain read
+
+        def timed_read(label: str, keep: bool = True) -> float:
             cache[label] = resident_fraction(run, blocks)
-            secs = read_all(run, blocks)
-            log(f"{label}: read_s = {secs:.2f}s ({written / secs / 2**30:.2f} GiB/s; page-cache resident "
-                f"before: {pct(cache[label])})")
+            secs = read_all(run, blocks, "plain")
+            secs_rb = read_all(run, blocks, "read_bytes")
+            if keep:
+                rb_reads.append(secs_rb)
+            log(f"{label}: read_s = {secs:.2f}s ({written / secs / 2**30:.2f} GiB/s; RunDir.read_bytes "
+                f"{secs_rb:.2f}s = {written / secs_rb / 2**30:.2f} GiB/s; page-cache resident before: "
+                f"{pct(cache[label])})")
             return secs
 
         log("page cache: the trajectory was just written, so the reads below are served from the page cache "
             f"(resident now: {pct(resident_fraction(run, blocks))}; checked again before every measurement)")
         reads, basis_runs, records = [], [], []
         read_all(run, blocks)  # warm-up (and pulls back anything evicted)
+        read_all(run, blocks, "read_bytes")
         reads.append(timed_read("read 1"))
 
         log(f"starting Ray (num_cpus={os.cpu_count()}, worker niceness {args.ray_worker_niceness}) ...")
@@ -402,7 +431,7 @@ def main(argv=None) -> None:
             log(f"reference_s = {ref['total_s']:.2f}s (load {ref['load_s']:.2f}s, pca {ref['pca_s']:.2f}s "
                 f"[{ref['svd_solver']}], save {ref['save_s']:.2f}s), peak RSS {gib(ref['peak_rss'])}")
             # the reference's RAM use may have evicted the trajectory: informative only, not in the median
-            read_after_ref = timed_read("read after reference")
+            read_after_ref = timed_read("read after reference", keep=False)
             log("comparing the reference's basis with raysub's ...")
             cmp = compare_bases(run, ref_npy, dim, records[-1]["singular_values"], ref["singular_values"])
             log(f"max relative singular-value difference {cmp['sv_max_rel_diff']:.2e}, largest principal angle "
@@ -419,6 +448,7 @@ def main(argv=None) -> None:
 
     # ------------------------------------------------------------------------------------------ figures
     read_s = statistics.median(reads)
+    read_bytes_s = statistics.median(rb_reads)
     basis_s = statistics.median(basis_runs)
     rec = records[int(np.argsort(basis_runs)[len(basis_runs) // 2])]
     blk = rec["blocks"]
@@ -435,6 +465,7 @@ def main(argv=None) -> None:
         "basis_load_s": rec["timings"]["load_s"], "basis_gram_s": rec["timings"]["gram_s"],
         "basis_write_s": rec["timings"]["write_s"],
         "basis_over_read": basis_s / read_s, "goal_basis_over_read": GOAL_BASIS_OVER_READ,
+        "read_bytes_s": read_bytes_s, "read_bytes_s_all": rb_reads, "basis_over_read_bytes": basis_s / read_bytes_s,
         "peak_ram_over_block": over_block, "goal_peak_ram_over_block": GOAL_PEAK_RAM_OVER_BLOCK,
         "peak_rss_over_block_abs": abs_over_block, "raysub_actor_peak_rss_bytes": int(actor_peak),
         "block_bytes": int(block_bytes), "explained_variance_top_dim": evr,
@@ -458,12 +489,16 @@ def main(argv=None) -> None:
     fig["wall_s"] = time.perf_counter() - t_start
 
     rows = [
-        ("plain sequential read (median)", f"{read_s:8.2f} s", "  ".join(f"{x:.2f}" for x in reads)),
+        ("plain sequential read (median)", f"{read_s:8.2f} s", "  ".join(f"{x:.2f}" for x in reads)
+         + f"  ({written / read_s / 2**30:.2f} GiB/s; pyarrow open_input_file().read_buffer())"),
+        ("RunDir.read_bytes read (median)", f"{read_bytes_s:8.2f} s", "  ".join(f"{x:.2f}" for x in rb_reads)
+         + f"  ({written / read_bytes_s / 2**30:.2f} GiB/s; raysub's reader, no checksum)"),
         ("raysub build_basis (median)", f"{basis_s:8.2f} s", "  ".join(f"{x:.2f}" for x in basis_runs)),
         ("  slowest actor's phases", "", f"load {fig['basis_load_s']:.2f}  gram {fig['basis_gram_s']:.2f}  "
                                          f"write {fig['basis_write_s']:.2f} s (load = read + sha256 + decode)"),
         ("  basis / read", f"{fig['basis_over_read']:8.2f} x",
          f"goal <= {GOAL_BASIS_OVER_READ}: {'met' if fig['basis_over_read_ok'] else 'NOT met'}"),
+        ("  basis / RunDir.read_bytes read", f"{fig['basis_over_read_bytes']:8.2f} x", "informative"),
         ("  actor (peak-start) RSS / block", f"{over_block:8.2f} x",
          f"goal <= {GOAL_PEAK_RAM_OVER_BLOCK}: {'met' if fig['peak_ram_over_block_ok'] else 'NOT met'}"
          f"; block {gib(block_bytes)}"),
