@@ -286,6 +286,9 @@ class ClassGradientQN:
             a = torch.where(valid, lam.sqrt() / safe, torch.zeros_like(lam))
             m64 = self.m_KN.double()
             gram = (m64 @ m64.T) * a[:, None] * a[None, :]
+            if not bool(torch.isfinite(gram).all()):  # diverged: propagate NaN instead of failing inside eigh
+                self.last.update(sigma=torch.full_like(a, float("nan")), kept=0)
+                return lr * g_N + float("nan")
             sigma, W = torch.linalg.eigh(gram)
             smax = sigma.max()
             keep = (sigma > self.rcond * smax) & (smax > 0)
@@ -297,6 +300,8 @@ class ClassGradientQN:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step on the batch (this rank's shard under DDP). Returns the global batch's mean loss before it."""
+        if y.numel() == 0:
+            raise ValueError("ClassGradientQN.step: empty batch")
         correct = self.mode != "sgd"
         G_KN, extras = self._global_sums(x, y, correct)
         with torch.no_grad():
@@ -327,6 +332,34 @@ class ClassGradientQN:
         if "sigma" in self.last:
             out["newton_eigenvalues"] = self.last["sigma"].tolist()
             out["newton_directions"] = self.last["kept"]
+        return out
+
+    def curvature_check(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, List[float]]:
+        """The paper's λ̄_k next to the Gauss–Newton curvature v_kᵀ H_GN v_k on the batch (x, y) (local, no
+        all-reduce), H_GN the first term of eq. 6: (1/|B|) Σ_μ J_μᵀ (diag p^μ − p^μ p^μᵀ) J_μ. One forward-mode JVP
+        batched over the seen classes' v_k. A diagnostic of eq. 10–12 (which drop the ε terms of eq. 9)."""
+        c = self.class_gradients()
+        norms = c.norm(dim=1)
+        seen = (norms > 0).nonzero().flatten()
+        lam = self.lambdas()
+        out = {"class": seen.tolist(), "lambda": lam[seen].tolist(), "gn": []}
+        if len(seen) == 0:
+            return out
+        V = c[seen] / norms[seen][:, None]
+        f = self._logits_fn(x)
+
+        def flat_f(theta):
+            params, offset = [], 0
+            for v in self._views:
+                params.append(theta[offset : offset + v.numel()].view(v.shape))
+                offset += v.numel()
+            return f(*params)
+
+        with torch.no_grad():
+            p = torch.softmax(flat_f(self.theta_N), dim=1)
+            jv = torch.func.vmap(lambda t: torch.func.jvp(flat_f, (self.theta_N,), (t,))[1])(V)  # (K, B, C)
+            curv = ((p * jv * jv).sum(2) - (p * jv).sum(2).pow(2)).mean(1)
+        out["gn"] = curv.double().tolist()
         return out
 
     def state_dict(self) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ import queue as pyqueue
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from raysub.config import Config
 from raysub.errors import ConfigError

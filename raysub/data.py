@@ -10,7 +10,6 @@ per batch; ImageNet streams JPEGs through a torch DataLoader. Nothing here downl
 from __future__ import annotations
 
 import gzip
-import inspect
 import os
 import pickle
 import struct
@@ -596,20 +595,6 @@ class ImageNet(Dataset):
 # ------------------------------------------------------------------------------------------------- API
 
 
-def _check_options(name: str, factory, kwargs: Dict[str, Any]) -> None:
-    """Raise ConfigError naming unknown keyword options of a dataset factory."""
-    params = list(inspect.signature(factory).parameters.values())[1:]  # skip root
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    known = [p.name for p in params]
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        options = f"its options are {', '.join(known)}" if known else "it takes no options"
-        raise ConfigError(
-            f"dataset {name!r} got unexpected option(s) {', '.join(repr(u) for u in unknown)}: {options}"
-        )
-
-
 def default_root(name: str) -> Optional[str]:
     """Where dataset `name` is looked for when no root is given.
 
@@ -638,7 +623,7 @@ def load_dataset(name: str, root: Optional[str] = None, **kwargs) -> Dataset:
         DataError: missing or malformed files (one line, naming the path and the fix).
     """
     factory = DATASETS.get(name)
-    _check_options(name, factory, kwargs)
+    DATASETS.check_options(name, kwargs, skip=1)
     if root is None:
         root = default_root(name)
     else:
@@ -659,7 +644,7 @@ def validate_dataset(name: str, root: Optional[str], **kwargs) -> List[str]:
     """
     try:
         factory = DATASETS.get(name)
-        _check_options(name, factory, kwargs)
+        DATASETS.check_options(name, kwargs, skip=1)
     except ConfigError as e:
         return list(e.problems)
     root = default_root(name) if root is None else os.path.expanduser(root)

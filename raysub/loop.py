@@ -33,6 +33,27 @@ def setup_threads() -> None:
         torch.set_num_threads(n)
 
 
+def worker_setup(config: Dict):
+    """What both training loops start with: the config, progress queue, rank/world, device, run directory,
+    dataset, and the model at θ0 (loaded from ``theta0.pt``, so every rank starts identical) on the device."""
+    import ray.train.torch
+
+    from raysub.config import Config, open_dataset
+    from raysub.models import build_model
+    from raysub.storage import RunDir
+
+    cfg = Config.from_dict(config["cfg"])
+    setup_threads()
+    rank, world = rank_world()
+    device = ray.train.torch.get_device()
+    run = RunDir(cfg.run_dir)
+    data = open_dataset(cfg)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    model.load_state_dict(run.read_torch("theta0.pt"))
+    model.to(device)
+    return cfg, config.get("progress"), rank, world, device, run, data, model
+
+
 def epoch_batches(num_examples: int, global_batch: int, seed: int, epoch: int, rank: int, world: int
                   ) -> List[torch.Tensor]:
     """This rank's index batches for ``epoch`` (see the module docstring)."""

@@ -6,8 +6,7 @@ torch's global RNG, so ``torch.manual_seed(s)`` before building gives bit-identi
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -196,20 +195,6 @@ def resnet18(num_classes: int, input_shape: Tuple[int, ...]) -> nn.Module:
 # ------------------------------------------------------------------------------------------------- API
 
 
-def _check_options(name: str, factory, kwargs: Dict[str, Any]) -> None:
-    """Raise ConfigError naming unknown keyword options of a model factory."""
-    params = list(inspect.signature(factory).parameters.values())[2:]  # skip num_classes, input_shape
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    known = [p.name for p in params]
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        options = f"its options are {', '.join(known)}" if known else "it takes no options"
-        raise ConfigError(
-            f"model {name!r} got unexpected option(s) {', '.join(repr(u) for u in unknown)}: {options}"
-        )
-
-
 def build_model(name: str, num_classes: int, input_shape: Tuple[int, ...], **kwargs) -> nn.Module:
     """Build a registered model with freshly initialized parameters (from torch's global RNG).
 
@@ -226,7 +211,7 @@ def build_model(name: str, num_classes: int, input_shape: Tuple[int, ...], **kwa
         ConfigError: unknown name or option, or an input shape the model cannot take.
     """
     factory = MODELS.get(name)
-    _check_options(name, factory, kwargs)
+    MODELS.check_options(name, kwargs, skip=2)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"model {name!r}: num_classes={num_classes!r} must be a positive integer")
     input_shape = tuple(input_shape)

@@ -10,9 +10,9 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-from raysub.config import Config, check, load_config, merge, num_snapshots, open_dataset, parse_overrides
+from raysub.config import Config, check, merge, num_snapshots, open_dataset, parse_overrides
 from raysub.errors import ConfigError, StorageError
 from raysub.storage import RunDir, block_bounds, sha256
 
@@ -145,7 +145,6 @@ def _write_config(run: RunDir, cfg: Config) -> None:
 def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print,
                  info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Validate, then sample the trajectory (and train the SGD baseline) into ``cfg.run_dir``."""
-    import torch
 
     from raysub.cluster import ensure_ray
     from raysub.flat import flatten_params

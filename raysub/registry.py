@@ -4,6 +4,7 @@ A plug-in is one file and one ``register`` call; an unknown name lists the known
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Generic, List, TypeVar
 
 from raysub.errors import ConfigError
@@ -44,6 +45,23 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}: choose one of {', '.join(sorted(self._entries))}"
             )
         return self._entries[name]
+
+    def check_options(self, name: str, kwargs: Dict, skip: int) -> None:
+        """Raise ConfigError naming keyword options the factory ``name`` does not take.
+
+        Args:
+            skip: leading positional parameters of the factory that are not options.
+        """
+        params = list(inspect.signature(self.get(name)).parameters.values())[skip:]
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return
+        known = [p.name for p in params]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            options = f"its options are {', '.join(known)}" if known else "it takes no options"
+            raise ConfigError(
+                f"{self.kind} {name!r} got unexpected option(s) {', '.join(repr(u) for u in unknown)}: {options}"
+            )
 
     def names(self) -> List[str]:
         return sorted(self._entries)

@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import torch
 
 from raysub import loop
-from raysub.config import Config, open_dataset, snapshot_steps
+from raysub.config import Config, snapshot_steps
 from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
 
 
@@ -41,24 +41,11 @@ def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: 
 
 def sample_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
-    import ray.train
-    import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
     from raysub.flat import flatten_params
-    from raysub.models import build_model
 
-    cfg = Config.from_dict(config["cfg"])
-    progress = config.get("progress")
-    loop.setup_threads()
-    rank, world = loop.rank_world()
-    device = ray.train.torch.get_device()
-    run = RunDir(cfg.run_dir)
-
-    data = open_dataset(cfg)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    model.load_state_dict(run.read_torch("theta0.pt"))
-    model.to(device)
+    cfg, progress, rank, world, device, run, data, model = loop.worker_setup(config)
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
                           weight_decay=cfg.sgd.weight_decay)

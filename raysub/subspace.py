@@ -20,7 +20,7 @@ from typing import Any, Dict
 import torch
 
 from raysub import loop
-from raysub.config import Config, open_dataset
+from raysub.config import Config
 from raysub.storage import RunDir
 
 
@@ -78,25 +78,11 @@ class SubspaceModel:
 
 def subspace_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
-    import ray.train
-    import ray.train.torch
-
     from raysub.flat import flatten_params
-    from raysub.models import build_model
     from raysub.optim import build_optimizer
     from raysub.projection import PROJECTIONS
 
-    cfg = Config.from_dict(config["cfg"])
-    progress = config.get("progress")
-    loop.setup_threads()
-    rank, world = loop.rank_world()
-    device = ray.train.torch.get_device()
-    run = RunDir(cfg.run_dir)
-
-    data = open_dataset(cfg)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    model.load_state_dict(run.read_torch("theta0.pt"))
-    model.to(device)
+    cfg, progress, rank, world, device, run, data, model = loop.worker_setup(config)
     theta0_N = flatten_params(model)
     dtype = torch.bfloat16 if cfg.train.basis_dtype == "bfloat16" else torch.float32
     projection = PROJECTIONS.get(cfg.train.projection)(theta0_N.numel(), cfg.train_dim, cfg.seed,
