@@ -15,16 +15,19 @@ cotangent k (< C) is 1 at (μ, k) for every μ of class k — its VJP is Σ_{μ�
 together with the class counts, the curvature sums Σ_{μ∈B_k} p_k(1−p_k), the batch size and the loss, in one
 all-reduce; dividing afterwards makes c_k the mean over the GLOBAL batch's class-k examples, so every rank holds
 the same statistics and takes the same step. Cost: forward + (C+1) batched backward passes; memory (C+1)·N for
-the VJPs plus C·N for the EMA of the class gradients (fine for LeNet-5: N≈62k, C=10). Measured on LeNet-5,
-batch 64, one CPU thread: ≈ 7–10× a plain SGD step (the batched conv backward dominates), which is the "C backward
-passes" cost the paper's appendix B names.
+the VJPs plus C·N for the EMA of the class gradients (fine for LeNet-5: N≈62k, C=10). Measured on LeNet-5/
+Fashion-MNIST, batch 128 over 2 CPU workers: ≈ 5.6× the SGD step of the same code (jobs/class_gradient_qn.py; the
+batched conv backward dominates) — the "C backward passes" cost of the paper's appendix B. (Grouping the batch by
+class and vmapping the forward over per-class parameter copies halves it on LeNet, but changes what BatchNorm
+sees, so it is not done here.)
 
 Design choices (each is an option):
 
-* Orthogonalisation (``mode``). The paper assumes the c_k orthogonal (eq. 11); they are not (on LeNet/Fashion-
-  MNIST their pairwise cosines are far from 0), and then eq. 15 taken literally is not a Newton step: the
-  rank-one corrections of overlapping v_k add up (two nearly parallel v_k apply the correction along their common
-  direction twice, overshooting to ≈ 2/λ), and I − Σ v_k v_kᵀ is not a projector.
+* Orthogonalisation (``mode``). The paper assumes the c_k orthogonal (eq. 11); they are not (LeNet-5 on
+  Fashion-MNIST: mean |cos| between the EMA class gradients ≈ 0.3, max ≈ 0.8–0.9 during training), and then
+  eq. 15 taken literally is not a Newton step: the rank-one corrections of overlapping v_k add up (two nearly
+  parallel v_k apply the correction along their common direction twice, overshooting to ≈ 2/λ), and
+  I − Σ v_k v_kᵀ is not a projector.
   - ``"orthonormal"`` (default): build the paper's own low-rank Hessian from the same EMA statistics,
     H = Σ_k λ̄_k v_k v_kᵀ (eq. 11 without assuming orthogonality), take its exact eigen-system inside span{v_k}
     through the C×C Gram matrix (S = diag(√λ̄_k) V, eigh(S Sᵀ) = W Σ Wᵀ, eigenvectors e_j = Sᵀ w_j/√σ_j, which are
@@ -46,6 +49,14 @@ Design choices (each is an option):
   paper has none) adds a constant to the curvature before inverting (Levenberg–Marquardt).
 * The paper's Appendix D used heavy-ball momentum 0.9 for both methods; this optimizer (and its "sgd" mode) has
   none, as the comparison here is plain SGD vs. plain quasi-Newton at the same η.
+
+What eq. 12 gets wrong (measured with `curvature_check` on LeNet-5/Fashion-MNIST): at initialisation the logit
+gradients hardly depend on the class of the example, so the ε terms that eq. 10 drops are as large as the kept
+ones and λ_k ≈ 0.015 is ~10× below the true Gauss–Newton curvature v_kᵀ H_GN v_k ≈ 0.15; the undamped Newton step
+along v_k is then ~10× too long and training blows up within a few steps (both modes, with or without bias
+correction). From the first epoch on, λ_k is instead ~1–3× LARGER than that curvature (consistent with the
+sampling noise of c_k^B, ≈13 examples per class per batch of 128, inflating |c_k^B|²), i.e. the steps are too
+short. ``damping=1`` (the scale of λ_k^(0)) avoids the blow-up.
 
 BatchNorm buffers are updated by each rank's own forward (as DDP without SyncBatchNorm does); broadcast them
 (``raysub.loop.broadcast_buffers_``) before evaluating when the model has any.
@@ -115,6 +126,8 @@ class ClassGradientQN:
         mode: "orthonormal" (default), "paper" or "sgd"; see the module docstring.
         damping: Added to the curvature before inverting (≥ 0; paper: 0).
         rcond: In "orthonormal" mode, eigen-directions with σ ≤ rcond·max σ are left to SGD.
+        bias_correction: Eq. 17's (1-γ)/(1-γ^t) correction of the λ_k RMS (default). False: a plain EMA started at
+            λ_k^(0) = 1 — the only reading of the paper under which its λ_k^(0) = 1 has any effect.
         name: The model's name in error messages (default: its class name).
         sync_initial: Under DDP, broadcast rank 0's θ to every rank at construction (a collective: every rank
             must construct the optimizer).
@@ -153,9 +166,12 @@ class ClassGradientQN:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"ClassGradientQN: model {name!r} has no trainable parameters")
+        kinds = {(p.dtype, p.device) for _, p in trainable}
+        if len(kinds) > 1:
+            raise ConfigError(f"ClassGradientQN: model {name!r} mixes parameter dtypes/devices "
+                              f"{sorted(str(k) for k in kinds)}; one flat vector needs a single dtype and device")
         self.names = [n for n, _ in trainable]
-        ref = trainable[0][1]
-        self.theta_N = torch.cat([p.detach().reshape(-1) for _, p in trainable]).to(ref.dtype)
+        self.theta_N = torch.cat([p.detach().reshape(-1) for _, p in trainable])
         self.N = self.theta_N.numel()
         self._views: List[torch.Tensor] = []
         offset = 0

@@ -259,3 +259,34 @@ def test_two_ranks_take_the_single_process_step():
     for s in range(3):
         opt.step(*batch(12, dtype=torch.float64, seed=40 + s))
     torch.testing.assert_close(ddp_theta, opt.theta_N, atol=1e-10, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ job CLI
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr 0 must be > 0"),
+    (["--gamma", "1.5"], "--gamma 1.5 must be in (0, 1)"),
+    (["--data-root", "/nonexistent/fashion"], "no such directory"),
+    (["--lr", "abc"], "invalid float value"),
+])
+def test_job_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
+    import importlib.util
+    import sys
+
+    jobs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+    sys.path.insert(0, jobs)
+    try:
+        spec = importlib.util.spec_from_file_location("class_gradient_qn_job", os.path.join(jobs, "class_gradient_qn.py"))
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        out = tmp_path / "out"
+        try:
+            rc = job.main([*argv, "--out", str(out)])
+        except SystemExit as e:  # argparse type errors
+            rc = e.code
+    finally:
+        sys.path.remove(jobs)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
