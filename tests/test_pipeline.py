@@ -204,3 +204,21 @@ def test_label_noise_job(ray_session, tmp_path, capsys):
     assert (out / "label_noise.png").exists() and (out / "label_noise.md").exists()
     assert job.main(["quickstart", "--levels", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_pbfgs_parity_two_workers_match_one(basis_run):
+    """P-BFGS under DDP: the all-reduced losses make every worker take the same line-search decisions."""
+    z = {}
+    for workers in (1, 2):
+        label = f"pbfgs_w{workers}"
+        pipeline.stage_train(basis_run, [f"cluster.num_workers={workers}", f"train.label={label}",
+                                         "train.optimizer=pbfgs", "train.batch_size=256", "train.epochs=1"],
+                             say=quiet)
+        z[workers] = RunDir(basis_run).read_torch(f"train/{label}.pt")["z"]
+    assert float(z[1].norm()) > 0
+    torch.testing.assert_close(z[2], z[1], rtol=1e-4, atol=1e-5)
+    summary = RunDir(basis_run).read_json("summary.json")
+    r = summary["results"]["pbfgs_w2"]
+    assert r["allreduce_floats_per_step"] == 6  # d + the loss
+    assert r["history"][-1]["line_search"]["steps"] == 1437 // 256
+    assert r["steps"] == 1437 // 256 and "convergence_step" in r

@@ -25,7 +25,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 DEFAULTS = ["sample.epochs=8", "sample.snapshots_per_epoch=6", "basis.dim=40", "train.optimizer=pbfgs",
             "train.label=pbfgs", "train.batch_size=1024", "train.epochs=10"]
@@ -80,4 +79,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     sys.exit(main())
