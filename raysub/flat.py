@@ -49,8 +49,8 @@ class FlatParams:
     accumulates into them in place and no n-sized temporary is allocated for flattening.
 
     ``bind=True`` also makes these views the module's own parameters, so ``model(x)`` evaluates at theta with
-    no per-call cost; `state` serves `torch.func.functional_call` either way. (Measured on LeNet-5 at batch
-    128 on CPU, functional_call's per-call re-parametrization costs ~1 ms of a ~8 ms step.)
+    no re-parametrization per call; `state` serves `torch.func.functional_call` either way (both evaluate the
+    same function; jobs/bench/step.py measures the step).
 
     Args:
         model: Supplies the layout and the buffers (BatchNorm statistics), which stay the model's own.

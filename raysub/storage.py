@@ -147,7 +147,8 @@ class RunDir:
             StorageError: missing file or checksum mismatch.
         """
         try:
-            with self.fs.open_input_stream(self.path(rel)) as src:
+            # a random-access file knows its size: one read, not a loop of 256 KiB chunks
+            with self.fs.open_input_file(self.path(rel)) as src:
                 buf = src.read_buffer()
         except (FileNotFoundError, OSError) as exc:
             if self.exists(rel):

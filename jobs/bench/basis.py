@@ -19,12 +19,13 @@ What it measures
                    stream of unknown size as a Python loop of 256 KiB reads joined into one bytes object
                    (extra copies), several times slower than a plain read of an 11.7 MB shard.
       basis_s      `raysub.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
-                   i.e. read + verify + distributed Gram + eigh + writing the D×N basis shards. Peak RAM of
+                   i.e. read (its actors memory-map local shards) + sha256 verify + distributed Gram + eigh
+                   + writing the D×N basis shards; the slowest actor's load/gram/write split is printed. Peak RAM of
                    a block actor from the record's "blocks" entries: (peak_rss - start_rss) / block_bytes.
       reference_s  the DLDR reference code's way (nblt/DLDR train_psgd.py), in a separate process so its
-                   peak RSS is its own: load every snapshot as one flat vector into a list, W = np.array(W)
-                   (t×n float32), PCA(n_components=dim).fit_transform(W) with scikit-learn (which centres
-                   W itself), np.save(components_). Its peak RSS is the child's VmHWM from
+                   peak RSS is its own: load every snapshot (plain read, as read_s) as one flat vector into
+                   a list, W = np.array(W) (t×n float32), PCA(n_components=dim).fit_transform(W) with
+                   scikit-learn (which centres W itself), np.save(components_). Its peak RSS is the child's VmHWM from
                    /proc/self/status (ru_maxrss would include the parent's: Linux carries it across exec).
     Correctness: the reference's singular values and components are compared with raysub's (max relative
     singular-value difference, largest principal angle between the two D-dimensional subspaces), so the
@@ -230,7 +231,11 @@ def reference_child(args) -> None:
     t0 = time.perf_counter()
     W = []
     for s in range(t):  # as the reference's get_model_param_vec: one flat vector per snapshot
-        W.append(np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"])) for b in blocks]))
+        parts = []
+        for b in blocks:  # the same plain read as read_s (not RunDir.read_bytes' slower chunked stream read)
+            with run.fs.open_input_file(run.path(b["snapshots"][s]["path"])) as src:
+                parts.append(decode_vector(src.read_buffer()))
+        W.append(np.concatenate(parts))
     W = np.array(W)  # the reference's `W = np.array(W)`: t×n float32
     t1 = time.perf_counter()
     np.random.seed(args.seed)
