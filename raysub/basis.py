@@ -176,7 +176,7 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         "timings": {"load_s": max(g["load_s"] for g in grams), "gram_s": max(g["gram_s"] for g in grams),
                     "write_s": max(w["write_s"] for w in writes), "total_s": time.perf_counter() - t0},
     }
-    run.write_json("basis/spectrum.json", record)
+    record["sha256"] = run.write_json("basis/spectrum.json", record)
     return record
 
 

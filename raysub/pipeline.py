@@ -245,7 +245,7 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     wall = time.perf_counter() - t0
     for b in record["blocks"]:
         manifest["shards"][b["path"]] = b["sha256"]
-    manifest["shards"]["basis/spectrum.json"] = None  # written with the shards; listed for completeness
+    manifest["shards"]["basis/spectrum.json"] = record["sha256"]
     manifest["stages"]["basis"] = {"complete": True, "wall_s": wall, "dim": cfg.basis.dim, **record["timings"]}
     run.write_json("manifest.json", manifest)
     _write_config(run, cfg)
