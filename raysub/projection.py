@@ -76,16 +76,5 @@ class MatrixProjection(Projection):
         return super().affine_(z_D, base_N, out_N)
 
 
-@PROJECTIONS.register("dldr")
-def dldr_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
-                    dtype=torch.float32) -> MatrixProjection:
-    """The DLDR basis of a run directory (its leading ``dim`` principal directions)."""
-    from raysub.basis import load_basis
-
-    if run_dir is None:
-        from raysub.errors import ConfigError
-
-        raise ConfigError("projection 'dldr' needs a run directory with a basis: run 'raysub basis RUN_DIR' first")
-    basis_DN = load_basis(run_dir, dim)
-    assert basis_DN.shape == (dim, num_params), (basis_DN.shape, dim, num_params)
-    return MatrixProjection(torch.from_numpy(basis_DN).to(device), dtype=dtype)
+# the families register themselves on import (one file each under raysub/projections/)
+from raysub import projections as _families  # noqa: E402,F401

@@ -8,33 +8,135 @@ from raysub.projection import PROJECTIONS, MatrixProjection
 from raysub.subspace import SubspaceModel
 
 
-def make_projection(name, num_params, dim, tmp_path, dtype=torch.float32):
+RANDOM = ["dense", "sparse", "fastfood", "fastjl"]
+
+
+def make_projection(name, num_params, dim, tmp_path, dtype=torch.float32, seed=0, **options):
     if name == "dldr":
-        Q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(num_params, dim)))
+        Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(num_params, dim)))
         return MatrixProjection(torch.from_numpy(Q.T.copy()), dtype=dtype)
-    return PROJECTIONS.get(name)(num_params, dim, 0, dtype=dtype)
+    if name == "identity":
+        dim = num_params  # full-parameter training: D = N
+    return PROJECTIONS.get(name)(num_params, dim, seed, dtype=dtype, **options)
+
+
+def test_every_family_is_registered():
+    assert set(RANDOM + ["dldr", "identity"]) <= set(PROJECTIONS.names())
 
 
 @pytest.mark.parametrize("name", PROJECTIONS.names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adjoint_identity(name, dtype, tmp_path):
-    n, d = 1000, 7
+@pytest.mark.parametrize("n,d", [(1000, 7), (4099, 300)])
+def test_adjoint_identity(name, dtype, n, d, tmp_path):
     proj = make_projection(name, n, d, tmp_path, dtype)
+    d = proj.dim
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(d, generator=gen, dtype=dtype)
     g = torch.randn(n, generator=gen, dtype=dtype)
-    lhs = torch.dot(proj.lift(z), g)
-    rhs = torch.dot(z, proj.project(g))
+    up, down = proj.lift(z), proj.project(g)
+    assert up.dtype == dtype and down.dtype == dtype
+    lhs, rhs = torch.dot(up, g), torch.dot(z, down)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert abs(float(lhs - rhs)) <= tol * max(1.0, abs(float(lhs)))
-    assert proj.lift(z).shape == (n,) and proj.project(g).shape == (d,)
+    # relative to the size of the terms summed (the dot product itself may cancel to near 0)
+    assert abs(float(lhs - rhs)) <= tol * float(up.norm() * g.norm())
+    assert up.shape == (n,) and down.shape == (d,)
     assert proj.dim == d and proj.num_params == n
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_seed_determinism(name, tmp_path):
+    z = torch.randn(20)
+    a = make_projection(name, 3000, 20, tmp_path, seed=5).lift(z)
+    b = make_projection(name, 3000, 20, tmp_path, seed=5).lift(z)
+    c = make_projection(name, 3000, 20, tmp_path, seed=6).lift(z)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", RANDOM)
+@pytest.mark.parametrize("n", [4099, 1 << 14])
+def test_columns_have_unit_norm(name, n, tmp_path):
+    proj = make_projection(name, n, 24, tmp_path, dtype=torch.float64)
+    norms = torch.stack([proj.lift(e).norm() for e in torch.eye(24, dtype=torch.float64)])
+    tol = 0.05 if name == "fastfood" else 1e-9  # fastfood: unit norm in expectation, O(1/sqrt(N)) spread
+    assert float((norms - 1).abs().max()) <= tol, norms
+
+
+def _held_numel(obj) -> int:
+    return sum(v.numel() for v in vars(obj).values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name,options", [("dense", {"max_bytes": 0}), ("sparse", {}), ("fastfood", {}),
+                                          ("fastjl", {})])
+def test_memory_bound_no_n_by_d_tensor(name, options, tmp_path):
+    n, d = (1 << 14) + 3, 512
+    proj = make_projection(name, n, d, tmp_path, **options)
+    held = _held_numel(proj)
+    # O(N) (fastfood pads to 2^15), O(D·sqrt(N)) for sparse: far below N·D = 8.4M
+    assert held <= 4 * (1 << 15) + 3 * d * (int(n ** 0.5) + 1), held
+    assert held < n * d / 16
+
+
+def test_dense_streamed_equals_stored(tmp_path):
+    n, d = 40_000, 9  # more than one generation block
+    stored = make_projection("dense", n, d, tmp_path, dtype=torch.float64, seed=2)
+    streamed = make_projection("dense", n, d, tmp_path, dtype=torch.float64, seed=2, max_bytes=0)
+    assert type(stored).__name__ == "MatrixProjection" and type(streamed).__name__ == "StreamedDenseProjection"
+    z, g = torch.randn(d, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    torch.testing.assert_close(streamed.lift(z), stored.lift(z))
+    torch.testing.assert_close(streamed.project(g), stored.project(g))
+
+
+@pytest.mark.parametrize("name", RANDOM + ["identity"])
+@pytest.mark.parametrize("dim", [0, -3, 1001])
+def test_bad_dimension_is_one_clear_error(name, dim, tmp_path):
+    from raysub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.dim"):
+        PROJECTIONS.get(name)(1000, dim, 0)
+
+
+@pytest.mark.parametrize("name", PROJECTIONS.names())
+def test_projected_gradient_is_the_autograd_gradient(name, tmp_path):
+    """Training uses Pᵀ∇θL; it must equal ∂L(θ0 + P z)/∂z computed by autograd through lift."""
+    n, d = 2000, 11
+    proj = make_projection(name, n, d, tmp_path, dtype=torch.float64)
+    d = proj.dim
+    theta0, c = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    z = (0.1 * torch.randn(d, dtype=torch.float64)).requires_grad_(True)
+    loss = torch.tanh((theta0 + proj.lift(z)) * c).sum()
+    (auto,) = torch.autograd.grad(loss, z)
+    theta = (theta0 + proj.lift(z.detach())).requires_grad_(True)
+    (g_theta,) = torch.autograd.grad(torch.tanh(theta * c).sum(), theta)
+    torch.testing.assert_close(proj.project(g_theta), auto)
+
+
+def test_fastjl_mod_index_tiles_the_report_way():
+    """index='mod' (the report's code) makes θ periodic in the flat index, up to the per-parameter scale p;
+    the default shuffled index does not."""
+    n, d = 3000, 100  # L = 128
+    z = torch.randn(d, dtype=torch.float64)
+    for index, periodic in (("mod", True), ("shuffled", False)):
+        proj = PROJECTIONS.get("fastjl")(n, d, 0, dtype=torch.float64, index=index)
+        w = proj.lift(z) / proj.p
+        both = (proj.p[:-128] != 0) & (proj.p[128:] != 0)
+        same = torch.isclose(w[:-128][both], w[128:][both])
+        assert bool(same.all()) is periodic
+
+
+def test_fastjl_constants_follow_the_report():
+    from raysub.projections.fastjl import density
+
+    assert density(100) == 1.0
+    assert abs(density(1000) - 2 * np.log(60_000) ** 2 / 1000) < 1e-12
+    proj = PROJECTIONS.get("fastjl")(200_000, 1000, 0)
+    assert abs(float((proj.p != 0).double().mean()) - density(1000)) < 0.01
 
 
 @pytest.mark.parametrize("name", PROJECTIONS.names())
 def test_lift_add_in_place(name, tmp_path):
     proj = make_projection(name, 500, 4, tmp_path)
-    z = torch.randn(4)
+    z = torch.randn(proj.dim)
     out = torch.randn(500)
     expect = out + proj.lift(z)
     ptr = out.data_ptr()
@@ -108,7 +210,7 @@ def test_step_allocates_no_n_sized_gradient():
 @pytest.mark.parametrize("name", PROJECTIONS.names())
 def test_affine_matches_base_plus_lift(name, tmp_path):
     proj = make_projection(name, 300, 5, tmp_path)
-    z, base, out = torch.randn(5), torch.randn(300), torch.empty(300)
+    z, base, out = torch.randn(proj.dim), torch.randn(300), torch.empty(300)
     proj.affine_(z, base, out)
     torch.testing.assert_close(out, base + proj.lift(z))
 

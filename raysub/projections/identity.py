@@ -1,0 +1,37 @@
+"""``identity`` — P = I with D = N: training z is ordinary full-parameter training from θ0.
+
+The sweep's full-training baseline runs through the same loop as every subspace trial with this family, so
+the baseline and the subspace runs differ only in P.
+"""
+from __future__ import annotations
+
+import torch
+
+from raysub.errors import ConfigError
+from raysub.projection import PROJECTIONS, Projection
+
+
+class IdentityProjection(Projection):
+    def __init__(self, num_params: int):
+        self.num_params = self.dim = num_params
+
+    def lift(self, z_D: torch.Tensor) -> torch.Tensor:
+        return z_D.clone()
+
+    def project(self, g_N: torch.Tensor) -> torch.Tensor:
+        return g_N.clone()
+
+    def lift_add_(self, z_D, out_N):
+        return out_N.add_(z_D.to(out_N.dtype))
+
+    def affine_(self, z_D, base_N, out_N):
+        return torch.add(base_N, z_D.to(out_N.dtype), out=out_N)
+
+
+@PROJECTIONS.register("identity")
+def identity_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
+                        dtype=torch.float32) -> IdentityProjection:
+    """Full-parameter training; ``dim`` must equal the number of parameters."""
+    if dim != num_params:
+        raise ConfigError(f"projection 'identity' needs train.dim = the model's {num_params} parameters, got {dim}")
+    return IdentityProjection(num_params)
