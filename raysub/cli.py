@@ -4,6 +4,7 @@
     raysub sample [CONFIG] [key=value ...] [--resume | --overwrite]  stage 1: SGD baseline + trajectory
     raysub basis RUN_DIR [basis.dim=D ...] [--overwrite]             stage 2: distributed Gram basis
     raysub train RUN_DIR [train.KEY=V ...] [--resume | --overwrite]  stage 3: train z in the subspace
+    raysub sweep CONFIG [key=value ...] [--resume | --overwrite]     intrinsic-dimension sweep on Ray Tune
 
 With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline). A bad input
 prints one line naming it and the fix, exits 2, and writes nothing.
@@ -42,6 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help="YAML config, then dotted overrides")
         p.add_argument("--resume", action="store_true", help="continue an existing run directory")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p = sub.add_parser("sweep", help="intrinsic-dimension sweep: projection family x d x seed on Ray Tune")
+    p.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="YAML config (or shipped name), overrides")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sweep directory")
     p = sub.add_parser("basis", help="build the trajectory basis of a sampled run")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -72,6 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _dispatch(ns) -> int:
     from raysub import pipeline
     from raysub.config import load_config
+    from raysub.errors import ConfigError
 
     if ns.command in ("run", "sample"):
         config, overrides = _split(ns.args)
@@ -80,6 +86,14 @@ def _dispatch(ns) -> int:
             pipeline.run_pipeline(cfg, resume=ns.resume, overwrite=ns.overwrite)
         else:
             pipeline.stage_sample(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    elif ns.command == "sweep":
+        from raysub.sweep import run_sweep
+
+        config, overrides = _split(ns.args)
+        if config is None:
+            raise ConfigError("raysub sweep needs a CONFIG first: a YAML file or a shipped name (sweep_digits, "
+                              "sweep_fashion_mnist_fc, sweep_fashion_mnist_lenet)")
+        run_sweep(load_config(resolve_config(config), overrides), resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "basis":
         pipeline.stage_basis(ns.run_dir, ns.overrides, overwrite=ns.overwrite)
     elif ns.command == "train":

@@ -18,8 +18,11 @@ from raysub.config import Config
 from raysub.errors import ConfigError
 
 
-def ensure_ray(cfg: Config, quiet: bool = True) -> None:
+def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
     """Start a local Ray cluster for the run (``cluster.address`` None) or join ``cluster.address``.
+
+    A local cluster gets ``cluster.num_cpus`` logical CPUs, else the machine's count — raised to fit the
+    workers when ``grow`` (a single run), kept when not (a sweep schedules its trials into what there is).
 
     Raises:
         ConfigError: the cluster has fewer logical CPUs/GPUs than ``cluster`` asks for.
@@ -35,7 +38,8 @@ def ensure_ray(cfg: Config, quiet: bool = True) -> None:
         kwargs: Dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING)
         if cfg.cluster.address is None:
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
-            num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(want + 0.999))
+            num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
+                                                else os.cpu_count() or 1)
             kwargs.update(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
         else:
             kwargs.update(address=cfg.cluster.address)
@@ -110,7 +114,8 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
     return box["result"]
 
 
-def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage_path: str):
+def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage_path: str,
+                  callbacks=None):
     """A TorchTrainer on ``cluster.num_workers`` workers (gloo on CPU, nccl on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -126,6 +131,7 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         logging_config=LoggingConfig(log_level="WARNING"),  # raysub prints its own progress lines
+        callbacks=callbacks,
     )
     return TorchTrainer(
         loop,

@@ -28,6 +28,9 @@ class DataConfig:
     image_size: Optional[int] = field(default=None, metadata={"help": "ImageNet crop size (default 224)"})
     label_noise: float = field(default=0.0, metadata={"help": "fraction of training labels made random"})
     label_noise_seed: Optional[int] = field(default=None, metadata={"help": "which labels (default: seed)"})
+    val_fraction: float = field(
+        default=0.0, metadata={"help": "fraction of the training split held out as a validation split (sweeps)"})
+    val_seed: int = field(default=0, metadata={"help": "which examples are held out (fixed across trials)"})
 
 
 @dataclass
@@ -79,6 +82,10 @@ class TrainConfig:
 
     optimizer: str = field(default="psgd", metadata={"help": "registered subspace optimizer"})
     projection: str = field(default="dldr", metadata={"help": "registered projection family"})
+    projection_options: Dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "keyword options of the projection family (e.g. fastjl index)"})
+    basis_run: Optional[str] = field(
+        default=None, metadata={"help": "run directory whose DLDR basis 'dldr' reads (default: this run)"})
     dim: Optional[int] = field(default=None, metadata={"help": "leading basis columns used (default basis.dim)"})
     label: Optional[str] = field(default=None, metadata={"help": "name of the result (default: optimizer)"})
     epochs: int = field(default=40, metadata={"help": "subspace training epochs"})
@@ -98,6 +105,29 @@ class TrainConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Intrinsic-dimension sweep (``raysub sweep``): projection family × dimension × seed on Ray Tune."""
+
+    families: List[str] = field(default_factory=lambda: ["dense", "fastfood", "fastjl"],
+                                metadata={"help": "projection families swept"})
+    dims: List[int] = field(default_factory=lambda: [10, 100, 1000], metadata={"help": "coarse grid of d"})
+    family_dims: Dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "per-family coarse grid overriding dims, e.g. {dldr: [2, 5, 10]}"})
+    family_options: Dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "per-family projection options, e.g. {fastjl: {index: mod}}"})
+    seeds: List[int] = field(default_factory=lambda: [0, 1], metadata={"help": "seeds (projection and data order)"})
+    threshold: float = field(default=0.9, metadata={"help": "d_int = smallest d reaching threshold × baseline"})
+    baseline: Optional[float] = field(
+        default=None, metadata={"help": "given baseline validation accuracy; None: the sweep trains it"})
+    refine: int = field(default=3, metadata={"help": "extra d between last failing and first passing; 0: none"})
+    workers_per_trial: int = field(default=1, metadata={"help": "1: a trial runs in its Tune actor; >1: DDP"})
+    max_concurrent: Optional[int] = field(
+        default=None, metadata={"help": "concurrent trials (default: as many as the cluster's CPUs/GPUs fit)"})
+    asha: bool = field(default=False, metadata={"help": "ASHA early stopping on validation accuracy"})
+    grace_period: int = field(default=2, metadata={"help": "ASHA: epochs before a trial may be stopped"})
+
+
+@dataclass
 class Config:
     run_dir: str = field(default="runs/quickstart", metadata={"help": "local path or pyarrow.fs URI"})
     seed: int = field(default=0, metadata={"help": "seeds theta0, data order and augmentation"})
@@ -108,6 +138,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -356,13 +387,21 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
             f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "
             "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
         )
-    if cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim:
+    if cfg.train.projection == "dldr" and cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim:
         problems.append(f"train.dim={cfg.train.dim} exceeds basis.dim={cfg.basis.dim}: raise basis.dim")
     if not cfg.train.line_search_c > 0 or cfg.train.line_search_c >= 1:
         problems.append(f"train.line_search_c={cfg.train.line_search_c}: the Armijo constant must be in (0, 1)")
     if not 0 < cfg.train.line_search_beta < 1:
         problems.append(f"train.line_search_beta={cfg.train.line_search_beta}: the backtracking factor must be in (0, 1)")
     _positive(problems, "train.max_backtracks", cfg.train.max_backtracks)
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={cfg.data.val_fraction}: the held-out fraction must be in [0, 1)")
+    if cfg.train.projection in proj_mod.PROJECTIONS:
+        try:
+            proj_mod.PROJECTIONS.check_options(cfg.train.projection, cfg.train.projection_options, skip=3,
+                                               internal=proj_mod.FACTORY_ARGS)
+        except ConfigError as exc:
+            problems.extend(f"train.projection_options: {p}" for p in exc.problems)
     if not 0.0 <= cfg.data.label_noise <= 1.0:
         problems.append(f"data.label_noise={cfg.data.label_noise}: a fraction of the labels must be in [0, 1]")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
@@ -399,13 +438,16 @@ def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
 
 
 def open_dataset(cfg: Config):
-    """The run's dataset, with label noise applied when ``data.label_noise`` > 0."""
-    from raysub.data import NoisyLabels, load_dataset
+    """The run's dataset, with label noise applied when ``data.label_noise`` > 0 and a validation split held
+    out of the training split when ``data.val_fraction`` > 0."""
+    from raysub.data import HoldOut, NoisyLabels, load_dataset
 
     data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
     if cfg.data.label_noise > 0:
         seed = cfg.seed if cfg.data.label_noise_seed is None else cfg.data.label_noise_seed
         data = NoisyLabels(data, cfg.data.label_noise, seed)
+    if cfg.data.val_fraction > 0:
+        data = HoldOut(data, cfg.data.val_fraction, cfg.data.val_seed)
     return data
 
 

@@ -35,9 +35,10 @@ def setup_threads() -> None:
 
 def worker_setup(config: Dict):
     """What both training loops start with: the config, progress queue, rank/world, device, run directory,
-    dataset, and the model at θ0 (loaded from ``theta0.pt``, so every rank starts identical) on the device."""
-    import ray.train.torch
+    dataset, and the model at θ0 (loaded from ``theta0.pt``, so every rank starts identical) on the device.
 
+    ``config["session"]``: "train" (a Ray Train worker, the default) or "tune" (a single-process trial running
+    in its Ray Tune actor: no process group, reports and checkpoints go through ``ray.tune``)."""
     from raysub.config import Config, open_dataset
     from raysub.models import build_model
     from raysub.storage import RunDir
@@ -45,7 +46,12 @@ def worker_setup(config: Dict):
     cfg = Config.from_dict(config["cfg"])
     setup_threads()
     rank, world = rank_world()
-    device = ray.train.torch.get_device()
+    if config.get("session") == "tune":
+        device = torch.device("cuda" if cfg.cluster.use_gpu and torch.cuda.is_available() else "cpu")
+    else:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
     run = RunDir(cfg.run_dir)
     data = open_dataset(cfg)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
@@ -129,32 +135,37 @@ def broadcast_buffers_(module: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
-def report(metrics: Dict, state: Optional[Dict]) -> None:
-    """``ray.train.report`` from every rank; rank 0 passes ``state`` as the checkpoint (torch.save'd).
+def _session(session: str):
+    if session == "tune":
+        import ray.tune as api
+    else:
+        import ray.train as api
+    return api
 
-    Train V2 uploads the checkpoint during the call, so the local temporary copy is removed right after.
+
+def report(metrics: Dict, state: Optional[Dict], session: str = "train") -> None:
+    """``ray.train.report`` from every rank (``ray.tune.report`` in a Tune trial); rank 0 passes ``state`` as the
+    checkpoint (torch.save'd).
+
+    Both upload the checkpoint during the call, so the local temporary copy is removed right after.
     """
     import shutil
 
-    import ray.train
-    from ray.train import Checkpoint
-
+    api = _session(session)
     if state is None:
-        ray.train.report(metrics)
+        api.report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="raysub-ckpt-")
     try:
         torch.save(state, os.path.join(tmp, "state.pt"))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        api.report(metrics, checkpoint=api.Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint() -> Optional[Dict]:
-    """The state of the latest checkpoint Ray Train hands this run (after a restart), or None."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
+def load_checkpoint(session: str = "train") -> Optional[Dict]:
+    """The state of the latest checkpoint Ray Train (or Tune) hands this run after a restart, or None."""
+    ckpt = _session(session).get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as path:

@@ -60,3 +60,27 @@ def plot_accuracy(run, summary: Dict[str, Any]) -> None:
     ax.legend()
     ax.set_title(f"{summary.get('model', '')} on {summary.get('dataset', '')}")
     _save(run, "plots/test_accuracy.png", fig)
+
+
+def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: float, threshold: float) -> None:
+    """Validation accuracy against d (log axis) per family: mean over seeds with the seeds' range, the baseline
+    and the threshold line; d_int is where a family's curve first reaches the line."""
+    import numpy as np
+
+    fig, ax = _figure()
+    for family in sorted({p["family"] for p in points}):
+        rows = sorted((p for p in points if p["family"] == family), key=lambda p: p["dim"])
+        d = np.array([p["dim"] for p in rows])
+        mean = np.array([100 * p["val_acc"] for p in rows])
+        lo = mean - np.array([100 * p["val_acc_min"] for p in rows])
+        hi = np.array([100 * p["val_acc_max"] for p in rows]) - mean
+        ax.errorbar(d, mean, yerr=[lo, hi], marker="o", ms=4, capsize=2, label=family)
+    ax.axhline(100 * baseline, color="k", lw=0.8, ls=":", label=f"full training {100 * baseline:.1f}%")
+    ax.axhline(100 * target, color="tab:red", lw=1.0, ls="--", label=f"{threshold:.0%} of full ({100 * target:.1f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("subspace dimension d")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("intrinsic dimension sweep")
+    _save(run, "plots/accuracy_vs_dim.png", fig)

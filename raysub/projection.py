@@ -17,6 +17,7 @@ import torch
 from raysub.registry import Registry
 
 PROJECTIONS: Registry = Registry("projection family")
+FACTORY_ARGS = ("run_dir", "device", "dtype")  # what the training loop passes; the rest are user options
 
 
 class Projection(abc.ABC):

@@ -5,7 +5,7 @@ A plug-in is one file and one ``register`` call; an unknown name lists the known
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Generic, List, TypeVar
+from typing import Callable, Dict, Generic, List, Sequence, TypeVar
 
 from raysub.errors import ConfigError
 
@@ -46,17 +46,18 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
-    def check_options(self, name: str, kwargs: Dict, skip: int) -> None:
+    def check_options(self, name: str, kwargs: Dict, skip: int, internal: Sequence[str] = ()) -> None:
         """Raise ConfigError naming keyword options the factory ``name`` does not take.
 
         Args:
             skip: leading positional parameters of the factory that are not options.
+            internal: keyword parameters raysub itself passes (not user options).
         """
         params = list(inspect.signature(self.get(name)).parameters.values())[skip:]
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return
-        known = [p.name for p in params]
-        unknown = sorted(set(kwargs) - set(known))
+        known = [p.name for p in params if p.name not in internal]
+        unknown = sorted(set(kwargs) - set(known)) + sorted(set(kwargs) & set(internal))
         if unknown:
             options = f"its options are {', '.join(known)}" if known else "it takes no options"
             raise ConfigError(

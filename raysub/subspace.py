@@ -83,16 +83,19 @@ def subspace_loop(config: Dict[str, Any]) -> None:
     from raysub.projection import PROJECTIONS
 
     cfg, progress, rank, world, device, run, data, model = loop.worker_setup(config)
+    session = config.get("session", "train")
     theta0_N = flatten_params(model)
     dtype = torch.bfloat16 if cfg.train.basis_dtype == "bfloat16" else torch.float32
     projection = PROJECTIONS.get(cfg.train.projection)(theta0_N.numel(), cfg.train_dim, cfg.seed,
-                                                       run_dir=run.uri, device=device, dtype=dtype)
+                                                       run_dir=cfg.train.basis_run or run.uri, device=device,
+                                                       dtype=dtype, **cfg.train.projection_options)
+    has_val = cfg.data.val_fraction > 0
     sub = SubspaceModel(model, theta0_N, projection)
     z_D = torch.zeros(cfg.train_dim, device=device, requires_grad=True)
     opt = build_optimizer(cfg.train.optimizer, [z_D], cfg.train)
     batch = cfg.train.batch_size or cfg.data.batch_size
 
-    state = loop.load_checkpoint()
+    state = loop.load_checkpoint(session)
     if state is None:
         start_epoch, history, elapsed, step_losses = 0, [], 0.0, []
     else:
@@ -141,14 +144,18 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         model.eval()
         with torch.no_grad():
             test = loop.evaluate(sub.forward, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
+            val = (loop.evaluate(sub.forward, data, "val", cfg.data.eval_batch_size, device, cfg.data.num_workers)
+                   if has_val else None)
         now = time.perf_counter() - t_start
         record = {"stage": cfg.train_label, "epoch": epoch + 1, "epochs": cfg.train.epochs,
                   "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1), "test_loss": test["loss"],
                   "test_acc": test["acc"], "elapsed_s": now, "allreduce_floats_per_step": comm_floats}
+        if val is not None:
+            record.update(val_loss=val["loss"], val_acc=val["acc"])
         if line_search:
             record["line_search"] = dict(opt.stats)
         history.append(record)
-        last = epoch + 1 == cfg.train.epochs
+        last = epoch + 1 == cfg.train.epochs and not config.get("sweep")  # Tune keeps every epoch's row
         metrics = {**record, "z_norm": float(z_D.detach().norm()),
                    **({"history": history, "step_losses": step_losses} if last else {})}
         if rank == 0 and progress is not None:
@@ -156,8 +163,9 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
                 "step_losses": step_losses,
                 "elapsed": now, "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()}}
-        loop.report(metrics, ckpt if rank == 0 else None)
-    if rank == 0:
+        loop.report(metrics, ckpt if rank == 0 else None, session)
+        loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
+    if rank == 0 and not config.get("sweep"):
         # the trained model is θ0 + P z with these buffers
         run.write_torch(f"train/{cfg.train_label}.pt", {
             "z": z_D.detach().cpu(), "dim": cfg.train_dim, "projection": cfg.train.projection,

@@ -1,0 +1,430 @@
+"""Intrinsic-dimension sweeps on Ray Tune: projection family × dimension d × seed (Li et al., 2018).
+
+Every trial trains z ∈ R^d in θ = θ0 + P z from the *same* θ0 (the sweep directory's ``theta0.pt``, or the
+basis run's when ``dldr`` is swept) with one family's P drawn from the trial's seed, and reports validation and
+test accuracy every epoch. The full-training baseline is the same loop with P = I (family ``identity``,
+trained with the ``sgd`` section's lr and momentum), one run per seed — or a number given as
+``sweep.baseline``. A trial's accuracy is the one at its best *validation* epoch (test is reported alongside,
+never used to choose), and a (family, d) point is the mean over seeds.
+
+d_int (d_int90 for threshold 0.9) of a family = the smallest swept d whose mean validation accuracy reaches
+``threshold`` × baseline. The search runs in two Tune experiments: the coarse grid (plus the baseline), then
+``sweep.refine`` extra dimensions spaced geometrically between each family's last failing and first passing d.
+
+Trials: with ``sweep.workers_per_trial`` = 1 (default) a trial runs the subspace loop inside its Tune actor
+(``cluster.cpus_per_worker`` CPUs, no Ray Train start-up per trial); with more, a trial is a Tune function
+that runs a Ray Train `TorchTrainer` (DDP) — Train V2 does not accept a trainer as a Tune trainable — whose
+metrics reach Tune through `TuneReportCallback`; the trial itself reserves no CPU, so the Train workers can
+always be placed (no Train-inside-Tune deadlock). ``max_concurrent_trials`` is what the cluster fits.
+
+Resume: each phase is a Tune experiment under ``RUN_DIR/tune/``; ``--resume`` restores it with
+`Tuner.restore` (finished trials are kept, unfinished ones continue from their last epoch checkpoint).
+
+Outputs in the sweep directory: ``results.json`` (every trial, every point, d_int per family),
+``trials.csv``, ``plots/accuracy_vs_dim.png``, and the table on the console.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from raysub.config import Config, check, open_dataset
+from raysub.errors import ConfigError
+from raysub.storage import RunDir
+
+BASELINE = "identity"
+# A DDP trial's own Tune actor only waits on its TorchTrainer: it reserves no CPU (so the Train workers always
+# fit and no trial can starve another's workers), and one byte of memory, since Tune refuses an empty bundle.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
+Trial = Tuple[str, int, int]  # (family, d, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# planning: every check before Ray starts or anything is written
+
+def family_grid(cfg: Config) -> Dict[str, List[int]]:
+    """The coarse grid of d per family (``sweep.family_dims`` overrides ``sweep.dims``)."""
+    return {f: [int(d) for d in cfg.sweep.family_dims.get(f, cfg.sweep.dims)] for f in cfg.sweep.families}
+
+
+def plan_sweep(cfg: Config) -> Dict[str, Any]:
+    """Validate a sweep without starting Ray or writing anything.
+
+    Returns:
+        {"num_params", "model", "grid", "basis_dim"}.
+    Raises:
+        ConfigError: every problem found, in one message.
+    """
+    import torch
+
+    from raysub.models import build_model
+    from raysub.projection import FACTORY_ARGS, PROJECTIONS
+
+    check(cfg)
+    sw = cfg.sweep
+    problems: List[str] = []
+    known = [n for n in PROJECTIONS.names() if n != BASELINE]
+    if not sw.families:
+        problems.append(f"sweep.families is empty: name at least one of {', '.join(known)}")
+    for f in sw.families:
+        if f not in known:
+            problems.append(f"sweep.families: unknown projection family {f!r}: choose from {', '.join(known)}")
+    for key in ("family_dims", "family_options"):
+        for f in getattr(sw, key):
+            if f not in sw.families:
+                problems.append(f"sweep.{key}.{f}: {f!r} is not in sweep.families ({', '.join(sw.families)})")
+    for f, options in sw.family_options.items():
+        if f in known and f in sw.families:
+            try:
+                PROJECTIONS.check_options(f, options, skip=3, internal=FACTORY_ARGS)
+            except ConfigError as exc:
+                problems.extend(f"sweep.family_options.{f}: {p}" for p in exc.problems)
+    if not sw.seeds:
+        problems.append("sweep.seeds is empty: give at least one seed, e.g. sweep.seeds=[0,1]")
+    if len(set(sw.seeds)) != len(sw.seeds):
+        problems.append(f"sweep.seeds={sw.seeds} repeats a seed: a repeated seed is the same trial twice")
+    if not 0 < sw.threshold <= 1:
+        problems.append(f"sweep.threshold={sw.threshold}: a fraction of the baseline must be in (0, 1]")
+    if sw.baseline is not None and not 0 < sw.baseline <= 1:
+        problems.append(f"sweep.baseline={sw.baseline}: a validation accuracy must be in (0, 1]")
+    if cfg.data.val_fraction <= 0:
+        problems.append("data.val_fraction=0: a sweep selects d on a held-out validation split, never on test; "
+                        "set data.val_fraction (e.g. 0.1)")
+    for key, value in (("sweep.refine", sw.refine),):
+        if value < 0:
+            problems.append(f"{key}={value}: must be ≥ 0")
+    for key, value in (("sweep.workers_per_trial", sw.workers_per_trial), ("sweep.max_concurrent", sw.max_concurrent),
+                       ("sweep.grace_period", sw.grace_period)):
+        if value is not None and value < 1:
+            problems.append(f"{key}={value}: must be ≥ 1")
+    if problems:
+        raise ConfigError(problems)
+
+    data = open_dataset(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    n = sum(p.numel() for p in model.parameters())
+    batch = cfg.train.batch_size or cfg.data.batch_size
+    if data.size("train") // batch == 0:
+        problems.append(f"batch size {batch} exceeds the {data.size('train')} training examples left after the "
+                        f"validation split: lower it")
+    grid = family_grid(cfg)
+    for f, dims in grid.items():
+        key = f"sweep.family_dims.{f}" if f in sw.family_dims else "sweep.dims"
+        if not dims:
+            problems.append(f"{key} has no values: give the coarse grid of d, e.g. {key}=[10,100,1000]")
+        for d in dims:
+            if d <= 0:
+                problems.append(f"{key}: d={d} must be > 0")
+            elif d > n:
+                problems.append(f"{key}: d={d} exceeds the model's {n:,} parameters: a subspace must be smaller")
+    basis_dim = None
+    if "dldr" in sw.families:
+        basis_dim = _check_basis_run(cfg, n, grid["dldr"], problems)
+    if problems:
+        raise ConfigError(problems)
+    return {"num_params": n, "model": model, "grid": grid, "basis_dim": basis_dim}
+
+
+def _check_basis_run(cfg: Config, n: int, dims: Sequence[int], problems: List[str]) -> Optional[int]:
+    src = cfg.train.basis_run
+    if not src:
+        problems.append("family 'dldr' needs a sampled run with a basis: set train.basis_run=RUN_DIR (made by "
+                        "'raysub run' or 'raysub sample' + 'raysub basis')")
+        return None
+    run = RunDir(src)
+    if not run.exists("basis/spectrum.json"):
+        problems.append(f"train.basis_run={src} has no basis (no basis/spectrum.json): run 'raysub basis {src}' first")
+        return None
+    stored = run.read_json("basis/spectrum.json")["dim"]
+    manifest = run.read_json("manifest.json")
+    if manifest.get("num_params") != n:
+        problems.append(f"train.basis_run={src} is a {manifest.get('num_params')}-parameter model, this sweep's "
+                        f"model has {n}: use the same data and model as that run")
+    too_big = [d for d in dims if d > stored]
+    if too_big:
+        problems.append(f"dldr dims {too_big} exceed the {stored} components stored in {src}: lower "
+                        f"sweep.family_dims.dldr or rebuild the basis with a larger basis.dim")
+    return stored
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials the cluster runs at once.
+
+    Raises:
+        ConfigError: one trial needs more CPUs or GPUs than the whole cluster has.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    w, c = cfg.sweep.workers_per_trial, cfg.cluster.cpus_per_worker
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    problems = []
+    if w * c > cpus:
+        problems.append(f"one trial needs sweep.workers_per_trial={w} × cluster.cpus_per_worker={c:g} = {w * c:g} "
+                        f"CPUs but the Ray cluster has {cpus:g}: lower them or add nodes")
+    if cfg.cluster.use_gpu and w > gpus:
+        problems.append(f"one trial needs {w} GPUs (cluster.use_gpu=true) but the Ray cluster has {gpus:g}: lower "
+                        f"sweep.workers_per_trial or set cluster.use_gpu=false")
+    if problems:
+        raise ConfigError(problems)
+    fit = int(cpus / (w * c) + 1e-9)
+    if cfg.cluster.use_gpu:
+        fit = min(fit, int(gpus // w))
+    return max(1, min(fit, cfg.sweep.max_concurrent or fit))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trials
+
+def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict[str, Any]:
+    """One trial's config (a plain dict, as Ray ships it): family, d and seed set; the baseline (identity)
+    trains with the ``sgd`` section's lr and momentum."""
+    import copy
+
+    cfg = copy.deepcopy(base)
+    cfg["seed"] = seed
+    cfg["cluster"]["num_workers"] = cfg["sweep"]["workers_per_trial"]
+    train = cfg["train"]
+    train.update(projection=family, dim=dim, label=f"{family}-d{dim}-s{seed}")
+    train["projection_options"] = dict(cfg["sweep"]["family_options"].get(family, {}))
+    if family == BASELINE:
+        train.update(optimizer="psgd", lr=cfg["sgd"]["lr"], momentum=cfg["sgd"]["momentum"], weight_decay=0.0)
+    return cfg
+
+
+def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optional[str] = None) -> None:
+    """The Tune function trainable: one subspace training run."""
+    from raysub.subspace import subspace_loop
+
+    spec = config["trial"]
+    cfg = trial_config(base, spec["family"], spec["dim"], spec["seed"])
+    loop_config = {"cfg": cfg, "progress": None, "sweep": True, "fail_after_epoch": fail_after_epoch}
+    if base["sweep"]["workers_per_trial"] == 1:
+        subspace_loop({**loop_config, "session": "tune"})
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysub.cluster import torch_trainer
+
+    name = f"{spec['family']}-d{spec['dim']}-s{spec['seed']}"
+    storage = base["run_dir"].rstrip("/") + "/tune/train"
+    trainer = torch_trainer(subspace_loop, loop_config, Config.from_dict(cfg), name, storage,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_concurrent: int, resume: bool,
+               say) -> List[Dict[str, Any]]:
+    """Run ``trials`` as the Tune experiment ``tune/NAME`` (restored when resuming); one row per trial."""
+    from ray import tune
+
+    storage = run.path("tune") if "://" not in run.uri else run.uri.rstrip("/") + "/tune"
+    path = f"{storage}/{name}"
+    base = cfg.to_dict()
+    # RAYSUB_FAIL_AFTER_EPOCH: the failure-injection hook of the tests (see loop.maybe_inject_failure)
+    trainable = tune.with_parameters(_trial, base=base, fail_after_epoch=os.environ.get("RAYSUB_FAIL_AFTER_EPOCH"))
+    if cfg.sweep.workers_per_trial == 1:
+        res = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
+    else:
+        res = DRIVER_RESOURCES  # the Train workers reserve the CPUs/GPUs
+    trainable = tune.with_resources(trainable, res)
+    if resume and tune.Tuner.can_restore(path):
+        say(f"[sweep] {name}: restoring {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if cfg.sweep.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(max_t=cfg.train.epochs, time_attr="epoch",
+                                      grace_period=min(cfg.sweep.grace_period, cfg.train.epochs))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([{"family": f, "dim": d, "seed": s} for f, d, s in trials])},
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", max_concurrent_trials=max_concurrent,
+                                        scheduler=scheduler, trial_dirname_creator=_dirname,
+                                        trial_name_creator=_dirname),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=1,  # Tune's status table, not every result
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
+            ),
+        )
+    say(f"[sweep] {name}: {len(trials)} trials, {max_concurrent} at a time")
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        spec = result.config["trial"]
+        row = {"phase": name, "family": spec["family"], "dim": spec["dim"], "seed": spec["seed"]}
+        df = result.metrics_dataframe
+        if result.error is not None or df is None or "val_acc" not in df or df["val_acc"].isna().all():
+            row["error"] = str(result.error).strip().splitlines()[-1] if result.error else "no epochs reported"
+            rows.append(row)
+            continue
+        best = df.loc[df["val_acc"].idxmax()]
+        row.update(val_acc=float(best["val_acc"]), test_acc=float(best["test_acc"]), best_epoch=int(best["epoch"]),
+                   epochs_run=int(df["epoch"].max()), final_val_acc=float(df["val_acc"].iloc[-1]),
+                   train_s=float(df["elapsed_s"].max()))
+        rows.append(row)
+    unfinished = [r for r in rows if "error" in r or (not cfg.sweep.asha and r["epochs_run"] < cfg.train.epochs)]
+    if unfinished:
+        first = unfinished[0]
+        why = first.get("error") or f"stopped at epoch {first['epochs_run']} of {cfg.train.epochs}"
+        raise ConfigError(f"{len(unfinished)} of {len(rows)} trials of the {name} phase did not finish (first: "
+                          f"{first['family']} d={first['dim']} seed {first['seed']}: {why}); fix the cause and "
+                          f"continue with: raysub sweep {run.uri}/config.yaml --resume")
+    return rows
+
+
+def _dirname(trial) -> str:
+    spec = trial.config["trial"]
+    return f"{spec['family']}-d{spec['dim']}-s{spec['seed']}-{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analysis
+
+def points(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean over seeds per (family, d) of the completed trials."""
+    groups: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["family"], r["dim"]), []).append(r)
+    out = []
+    for (family, dim), rs in sorted(groups.items()):
+        val = [r["val_acc"] for r in rs]
+        out.append({"family": family, "dim": dim, "seeds": len(rs), "val_acc": sum(val) / len(val),
+                    "val_acc_min": min(val), "val_acc_max": max(val),
+                    "test_acc": sum(r["test_acc"] for r in rs) / len(rs),
+                    "train_s": sum(r["train_s"] for r in rs)})
+    return out
+
+
+def intrinsic_dim(pts: Sequence[Dict[str, Any]], family: str, target: float) -> Optional[Dict[str, Any]]:
+    """The point with the smallest d of ``family`` whose mean validation accuracy reaches ``target``."""
+    passing = [p for p in pts if p["family"] == family and p["val_acc"] >= target]
+    return min(passing, key=lambda p: p["dim"]) if passing else None
+
+
+def refinement(pts: Sequence[Dict[str, Any]], family: str, target: float, k: int) -> List[int]:
+    """Up to ``k`` new d, geometrically spaced strictly between the last failing d below the first passing one
+    and that passing d (integers not already swept)."""
+    hit = intrinsic_dim(pts, family, target)
+    if hit is None or k <= 0:
+        return []
+    below = [p["dim"] for p in pts if p["family"] == family and p["dim"] < hit["dim"]]
+    if not below:
+        return []
+    lo, hi = max(below), hit["dim"]
+    swept = {p["dim"] for p in pts if p["family"] == family}
+    new = sorted({int(round(lo * (hi / lo) ** (i / (k + 1)))) for i in range(1, k + 1)} - swept - {lo, hi})
+    return [d for d in new if lo < d < hi]
+
+
+def results_table(summary: Dict[str, Any]) -> str:
+    rows = [("family", "d_int", "val acc", "test acc", "trials", "trial s")]
+    b = summary["baseline"]
+    if b.get("trials"):
+        rows.append((f"full ({BASELINE})", f"{summary['num_params']:,}", f"{100 * b['val_acc']:.2f}%",
+                     f"{100 * b['test_acc']:.2f}%", str(b["trials"]), f"{b['train_s']:.0f}"))
+    for f, r in summary["families"].items():
+        if r["d_int"] is None:
+            d_int, val, test = f"> {r['max_dim']:,}", "—", "—"
+        else:
+            d_int, val, test = f"{r['d_int']:,}", f"{100 * r['val_acc']:.2f}%", f"{100 * r['test_acc']:.2f}%"
+        rows.append((f, d_int, val, test, str(r["trials"]), f"{r['train_s']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"d_int{round(100 * summary['threshold'])}: smallest d whose mean validation accuracy over "
+                 f"{len(summary['seeds'])} seed(s) reaches {summary['threshold']:.0%} of the baseline "
+                 f"({100 * summary['target']:.2f}%); sweep wall time {summary['wall_s']:.0f}s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+
+def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
+    """Plan, then run the coarse and refinement phases on Ray Tune; write and print the results."""
+    from raysub.cluster import ensure_ray
+    from raysub.pipeline import prepare_run_dir
+    from raysub.plots import plot_sweep
+
+    info = plan_sweep(cfg)
+    run = RunDir(cfg.run_dir)
+    cfg.run_dir = run.uri
+    resuming = prepare_run_dir(run, resume, overwrite)
+    probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
+    ensure_ray(probe, grow=False)
+    max_concurrent = concurrency(cfg)  # raises before anything is written
+    t0 = time.perf_counter()
+    if overwrite and run.exists():
+        run.delete()
+    run.makedirs()
+    run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
+                                              f"{run.uri}/config.yaml --overwrite\n"))
+    if not run.exists("theta0.pt"):
+        if "dldr" in cfg.sweep.families:  # every family starts where the trajectory basis was sampled
+            run.write_bytes("theta0.pt", RunDir(cfg.train.basis_run).read_bytes("theta0.pt"))
+        else:
+            run.write_torch("theta0.pt", info["model"].state_dict())
+    n, seeds = info["num_params"], cfg.sweep.seeds
+    say(f"[sweep] {cfg.model.name} on {cfg.data.name}: {n:,} parameters; families {', '.join(cfg.sweep.families)}; "
+        f"seeds {seeds}; {cfg.train.epochs} epochs per trial; validation {cfg.data.val_fraction:.0%} of train")
+    coarse: List[Trial] = [] if cfg.sweep.baseline is not None else [(BASELINE, n, s) for s in seeds]
+    coarse += [(f, d, s) for f, dims in info["grid"].items() for d in sorted(set(dims)) for s in seeds]
+    rows = _run_phase("coarse", coarse, cfg, run, max_concurrent, resuming, say)
+
+    base_rows = [r for r in rows if r["family"] == BASELINE and "error" not in r]
+    if cfg.sweep.baseline is not None:
+        baseline = {"val_acc": cfg.sweep.baseline, "given": True, "trials": 0}
+    elif not base_rows:
+        raise ConfigError(f"every full-training baseline trial failed ({rows[0].get('error')}): see {run.uri}/tune")
+    else:
+        baseline = {"val_acc": sum(r["val_acc"] for r in base_rows) / len(base_rows),
+                    "test_acc": sum(r["test_acc"] for r in base_rows) / len(base_rows),
+                    "trials": len(base_rows), "train_s": sum(r["train_s"] for r in base_rows), "given": False}
+    target = cfg.sweep.threshold * baseline["val_acc"]
+    pts = points([r for r in rows if r["family"] != BASELINE])
+    extra = [(f, d, s) for f in cfg.sweep.families for d in refinement(pts, f, target, cfg.sweep.refine)
+             for s in seeds]
+    if extra:
+        rows += _run_phase("refine", extra, cfg, run, max_concurrent, resuming, say)
+        pts = points([r for r in rows if r["family"] != BASELINE])
+
+    families = {}
+    for f in cfg.sweep.families:
+        hit = intrinsic_dim(pts, f, target)
+        mine = [r for r in rows if r["family"] == f]
+        families[f] = {"d_int": hit["dim"] if hit else None, "val_acc": hit["val_acc"] if hit else None,
+                       "test_acc": hit["test_acc"] if hit else None, "trials": len(mine),
+                       "train_s": sum(r.get("train_s", 0.0) for r in mine),
+                       "max_dim": max(p["dim"] for p in pts if p["family"] == f) if any(
+                           p["family"] == f for p in pts) else max(info["grid"][f])}
+    summary = {"dataset": cfg.data.name, "model": cfg.model.name, "num_params": n, "seeds": seeds,
+               "threshold": cfg.sweep.threshold, "baseline": baseline, "target": target, "families": families,
+               "points": pts, "trials": rows, "max_concurrent": max_concurrent,
+               "wall_s": time.perf_counter() - t0}
+    run.write_json("results.json", summary)
+    run.write_text("trials.csv", _csv(rows))
+    plot_sweep(run, pts, baseline["val_acc"], target, cfg.sweep.threshold)
+    say(results_table(summary))
+    say(f"sweep directory: {run.uri} (results.json, trials.csv, plots/accuracy_vs_dim.png)")
+    return summary
+
+
+def _csv(rows: Sequence[Dict[str, Any]]) -> str:
+    keys = ["phase", "family", "dim", "seed", "val_acc", "test_acc", "best_epoch", "epochs_run", "final_val_acc",
+            "train_s", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue()
