@@ -102,7 +102,7 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) 
     """``raysub COMMAND [config] ARGV... [cluster.address=auto]``; returns the exit status.
 
     Args:
-        command: run | sample | basis | train.
+        command: run | sample | basis | train | sweep.
         argv: The job's own arguments (positionals and flags in any order).
         config: A fixed config placed before ``argv`` (jobs that ship one config).
     """

@@ -62,7 +62,8 @@ def plot_accuracy(run, summary: Dict[str, Any]) -> None:
     _save(run, "plots/test_accuracy.png", fig)
 
 
-def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: float, threshold: float) -> None:
+def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: float, threshold: float,
+               title: str = "intrinsic dimension sweep") -> None:
     """Validation accuracy against d (log axis) per family: mean over seeds with the seeds' range, the baseline
     and the threshold line; d_int is where a family's curve first reaches the line."""
     import numpy as np
@@ -82,5 +83,5 @@ def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: f
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("intrinsic dimension sweep")
+    ax.set_title(title)
     _save(run, "plots/accuracy_vs_dim.png", fig)

@@ -359,6 +359,8 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
     info = plan_sweep(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
+    if cfg.train.basis_run:  # trials run in Tune's own working directories: pass an absolute path or URI
+        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
     resuming = prepare_run_dir(run, resume, overwrite)
     probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
     ensure_ray(probe, grow=False)
@@ -413,7 +415,8 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
                "wall_s": time.perf_counter() - t0}
     run.write_json("results.json", summary)
     run.write_text("trials.csv", _csv(rows))
-    plot_sweep(run, pts, baseline["val_acc"], target, cfg.sweep.threshold)
+    plot_sweep(run, pts, baseline["val_acc"], target, cfg.sweep.threshold,
+               title=f"intrinsic dimension: {cfg.model.name} ({n:,} parameters) on {cfg.data.name}")
     say(results_table(summary))
     say(f"sweep directory: {run.uri} (results.json, trials.csv, plots/accuracy_vs_dim.png)")
     return summary

@@ -163,3 +163,16 @@ def test_job_rejects_job_server_address(monkeypatch, capsys):
     assert _load_job("dldr", monkeypatch).main([]) == 2
     err = capsys.readouterr().err
     assert "RAY_API_SERVER_ADDRESS" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if os.path.basename(p).startswith("sweep_")], ids=_name)
+def test_shipped_sweep_config_plans(path):
+    """A shipped sweep passes every sweep check (grid, families, validation split, d ≤ N) where its data is."""
+    from raysub.data import validate_dataset
+    from raysub.sweep import plan_sweep
+
+    cfg = load_config(path)
+    if validate_dataset(cfg.data.name, cfg.data.root):
+        pytest.skip(f"{cfg.data.name} is not installed here")
+    info = plan_sweep(cfg)
+    assert all(0 < d <= info["num_params"] for dims in info["grid"].values() for d in dims)
