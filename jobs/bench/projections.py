@@ -17,6 +17,7 @@ What it measures
                       projection keeps.
       ×dense          lift+project time / dense's at the same (n, d), stored or streamed as the mode column
                       says; "—" where dense was not measured.
+      load            the 1-minute load average when the case ended (other processes skew the timings).
       adj err         |⟨lift(z), g⟩ − ⟨z, project(g)⟩| / (‖lift(z)‖·‖g‖): a check that the timed code is an
                       exact adjoint pair (float32 round-off expected).
     dense keeps P (N·D float32) when it fits ``--dense-max-bytes`` (default 4 GiB, so n=1M, d=1000 is stored:
@@ -158,7 +159,7 @@ def spawn(family: str, n: int, d: int, args) -> dict:
     if out.returncode != 0 or not lines:
         sys.stderr.write(out.stderr[-2000:])
         return {**rec, "status": f"error (rc={out.returncode})"}
-    return {**json.loads(lines[-1]), "status": "ok", "wall_s": time.perf_counter() - t0}
+    return {**json.loads(lines[-1]), "status": "ok", "wall_s": time.perf_counter() - t0, "load": os.getloadavg()[0]}
 
 
 def main(argv=None) -> None:
@@ -225,7 +226,7 @@ def main(argv=None) -> None:
     print(f"lift(z) + project(g), float32, CPU, {args.threads} threads; median over repetitions after a warm-up; "
           "peak/held MB = RSS over the child's baseline (torch + z + g)")
     hdr = (f"{'family':9s} {'n':>6s} {'d':>6s} {'mode':9s} {'build s':>8s} {'lift+proj ms':>13s} {'peak MB':>8s} "
-           f"{'held MB':>8s} {'×dense':>8s} {'adj err':>8s}")
+           f"{'held MB':>8s} {'×dense':>8s} {'adj err':>8s} {'load':>5s}")
     print("-" * len(hdr))
     print(hdr)
     print("-" * len(hdr))
@@ -237,8 +238,9 @@ def main(argv=None) -> None:
         dense = res.get(("dense", n, d), {})
         ratio = r["ms"] / dense["ms"] if dense.get("status") == "ok" else None
         mode = modes.get(r["mode"], "")
+        rtxt = "—" if ratio is None else f"{ratio:.3g}"
         print(f"{fam:9s} {tag:>6s} {d:6d} {mode:9s} {r['build_s']:8.2f} {r['ms']:13.2f} {r['peak_mb']:8.0f} "
-              f"{r['held_mb']:8.0f} {'—' if ratio is None else f'{ratio:.3g}':>8s} {r['adjoint_rel_err']:8.1e}")
+              f"{r['held_mb']:8.0f} {rtxt:>8s} {r['adjoint_rel_err']:8.1e} {r['load']:5.2f}")
         key = f"n{tag}_d{d}"
         fig[f"{fam}_ms_{key}"] = r["ms"]
         fig[f"{fam}_peak_mb_{key}"] = r["peak_mb"]

@@ -2,7 +2,7 @@
 
 What it measures
     The same `raysub sweep` (default: the shipped ``sweep_digits`` config, 2 seeds, coarse grid only, no
-    refinement — 14 trials: 2 full-training baselines + 3 families × 2 dims × 2 seeds) is run twice on one
+    refinement — 26 trials: 2 full-training baselines + 3 families × 4 dims × 2 seeds, 10 epochs each) is run twice on one
     local Ray cluster with as many logical CPUs as the machine has cores: once with ``sweep.max_concurrent=1``
     and once with as many concurrent trials as the cluster fits (2 on a 2-core machine). Each run is a fresh
     sweep directory. Throughput = trials / sweep wall time (Tune start-up, trial actors, data loading and
@@ -11,7 +11,7 @@ What it measures
     medians are compared, so load from other processes hits both alike.
 
 How long it takes
-    About 3 minutes with the defaults on 2 cores (``--epochs`` scales trial length; longer trials amortize the
+    About 5 minutes with the defaults on 2 cores (measured: 178 s with 1 concurrent trial, 112 s with 2) (``--epochs`` scales trial length; longer trials amortize the
     per-trial start-up and raise the efficiency).
 
 How to run
