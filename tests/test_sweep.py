@@ -10,7 +10,6 @@ import torch
 from raysub import sweep
 from raysub.cli import main
 from raysub.config import load_config, open_dataset
-from raysub.errors import ConfigError
 from raysub.storage import RunDir
 
 SMALL = ["train.epochs=3", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=1"]
