@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from raysub.config import Config, check, merge, num_snapshots, open_dataset, parse_overrides
 from raysub.errors import ConfigError, StorageError
@@ -345,14 +345,20 @@ def format_progress(r: Dict[str, Any]) -> str:
             f"test loss {r['test_loss']:.4f}  test acc {100 * r['test_acc']:.2f}%{extra}  {r['elapsed_s']:.1f}s")
 
 
+def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
+    """Console table lines: the first row is the header, the first column left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def results_table(summary: Dict[str, Any]) -> str:
     rows = [("method", "dim", "test acc", "epochs", "wall s")]
     for name, r in summary["results"].items():
         rows.append((name, f"{r['dim']:,}", f"{100 * r['test_acc']:.2f}%", str(r["epochs"]), f"{r['wall_s']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     t = summary.get("timings", {})
     lines.append(f"timings: sample {t.get('sample_s', 0):.1f}s (snapshot window)  basis {t.get('basis_s', 0):.1f}s  "
                  f"train {t.get('train_s', 0):.1f}s" + (f"  total {t['total_s']:.1f}s" if "total_s" in t else ""))

@@ -337,10 +337,9 @@ def results_table(summary: Dict[str, Any]) -> str:
         else:
             d_int, val, test = f"{r['d_int']:,}", f"{100 * r['val_acc']:.2f}%", f"{100 * r['test_acc']:.2f}%"
         rows.append((f, d_int, val, test, str(r["trials"]), f"{r['train_s']:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    from raysub.pipeline import format_table
+
+    lines = format_table(rows)
     lines.append(f"d_int{round(100 * summary['threshold'])}: smallest d whose mean validation accuracy over "
                  f"{len(summary['seeds'])} seed(s) reaches {summary['threshold']:.0%} of the baseline "
                  f"({100 * summary['target']:.2f}%); sweep wall time {summary['wall_s']:.0f}s")

@@ -18,6 +18,8 @@ def run_cli(capsys, args):
         ("model.name=vgg99", "unknown model 'vgg99'"),
         ("data.name=imagenet22k", "unknown dataset 'imagenet22k'"),
         ("train.optimizer=lion", "unknown optimizer 'lion'"),
+        ("train.projection_options={max_bytes: 0}", "projection family 'dldr' got unexpected option(s) 'max_bytes'"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5"),
         ("basis.dim=0", "basis.dim=0: must be > 0"),
         ("basis.dim=-2", "basis.dim=-2: must be > 0"),
         ("basis.dim=21", "basis.dim=21 must be < the 21 snapshots"),

@@ -8,7 +8,7 @@ With L = 2^⌈log₂N⌉, z ∈ R^D zero-padded to R^L, and H the unnormalized L
 B: ±1 diagonal, Π: a random permutation, G: Gaussian diagonal, s = 1/√(N·‖G‖²). Every column of
 H G Π H B has squared norm exactly L·‖G‖² and its N kept rows hold N/L of it in expectation, so the columns of
 P have unit norm up to O(1/√N) — the same scale as `dense`. The adjoint runs the same factors backwards,
-Pᵀ g = s · (B H Πᵀ G H [g; 0])[:D], exactly. Memory O(L) (B, G, Π); lift and project cost two FWHTs of
+Pᵀ g = s · (B H Πᵀ G H [g; 0])[:D], exactly. Memory O(L) (B, G, Π and Π⁻¹); lift and project cost two FWHTs of
 length L (O(N log N)), whatever D.
 """
 from __future__ import annotations
@@ -27,7 +27,12 @@ class FastfoodProjection(Projection):
         self.L = L = next_pow2(num_params)
         gen = generator(seed, STREAM)
         self.B = rademacher(dim, gen, dtype=dtype).to(device)
-        self.perm = torch.randperm(L, generator=gen).to(torch.int32 if L < 2**31 else torch.int64).to(device)
+        perm = torch.randperm(L, generator=gen)
+        index_dtype = torch.int32 if L < 2**31 else torch.int64
+        # Π for lift and Πᵀ = Π⁻¹ for project, both as gathers (index_select takes int32; index_copy_ would need
+        # an int64 copy of the permutation on every call)
+        self.perm = perm.to(index_dtype).to(device)
+        self.inv_perm = torch.argsort(perm).to(index_dtype).to(device)
         G = torch.randn(L, generator=gen, dtype=torch.float64)
         self.scale = float(1.0 / torch.sqrt(num_params * G.square().sum()))
         self.G = G.to(dtype).to(device)
@@ -56,8 +61,7 @@ class FastfoodProjection(Projection):
         v = torch.zeros(self.L, dtype=dt, device=g_N.device)
         v[: self.num_params] = g_N
         v = fwht(v).mul_(self.G.to(dt))
-        w = torch.empty_like(v).index_copy_(0, self.perm.long() if self.perm.dtype != torch.int64 else self.perm, v)
-        w = fwht(w)
+        w = fwht(v.index_select(0, self.inv_perm))
         return w[: self.dim].mul_(self.B.to(dt)).mul_(self.scale)
 
 
