@@ -1,64 +1,71 @@
 """Class-gradient quasi-Newton vs. plain SGD on Fashion-MNIST / LeNet-5 (Tuddenham, Prügel-Bennett & Hare).
 
 What it measures
-    One Ray Train run (DDP over --workers CPU workers, gloo) trains the same seeded LeNet-5 θ0 on Fashion-MNIST
-    (global batch 128, no momentum, constant lr η) with several optimizers side by side, all implemented by
-    `raysub.cgqn.ClassGradientQN` (same forward / batched-VJP / all-reduce code path):
-      sgd        plain SGD, θ' = θ − η g (the class-gradient correction off);
-      qn         class-gradient quasi-Newton, eq. 15–17 of the paper at the SAME η and γ (--mode: "orthonormal",
-                 the exact eigen-system of the paper's low-rank Hessian inside span{c_k}, or "paper", eq. 15
-                 literally), no damping unless --damping;
-      qn_damped  the same with damping δ (--damped-arm, default 1; 0 leaves this arm out): 1/(λ + δ) instead of
-                 1/λ, a Levenberg–Marquardt floor that matters only while λ_k is tiny (early training, where the
-                 undamped step can blow up).
-    Every arm sees the same batches in the same order (raysub.loop.epoch_batches): each global batch is stepped
-    by every arm in turn (the order rotating every step), so machine load hits all arms alike and the per-step
-    cost ratio (median step time qn ÷ sgd) is measured in the same run. An arm whose loss becomes non-finite is
-    recorded as diverged and stops. Per epoch: test loss/accuracy of each arm, and (rank 0, diagnostics) the
-    paper's curvature estimate λ̄_k next to the true Gauss–Newton curvature v_kᵀ H_GN v_k on 512 training
-    examples, and the mean |cos| between class gradients. At the end: loss/accuracy on the full training set.
+    Two (or three) trainings of the same seeded LeNet-5 θ0 on Fashion-MNIST in ONE run directory, each a normal
+    raysub training (Ray Train DDP over cluster.num_workers CPU workers, the loop of raysub.pipeline.train, the
+    optimizer chosen from the registry) with the config's batch (128), constant lr η (0.05), no momentum, the
+    identity projection (full parameters: z = θ − θ0) and the same data order:
+      cgqn           the registered `cgqn` optimizer (raysub.optim.cgqn): eq. 15–17 of the paper, with the
+                     config's train.optimizer_options (shipped: γ = 0.9, mode orthonormal, damping 1);
+      sgd            the registered `sgd` optimizer at the same η (θ' = θ − η g);
+      cgqn_undamped  (only with --arms cgqn,sgd,cgqn_undamped) cgqn with damping 0, the paper's own setting; it
+                     usually blows up within a few steps (see raysub/optim/cgqn.py).
+    The arms now run one after the other (not interleaved step by step as this job used to), so machine load hits
+    them at different times: the step-time ratio (wall s / steps of each arm, qn ÷ sgd) is only meaningful on a
+    quiet machine. Per arm: test accuracy per epoch, training loss per step, convergence step (SL2O §4.1).
 
-Output (--out, default runs/class_gradient_qn): train_loss.csv (per step: minibatch loss and step time of each
-arm), epochs.csv (per epoch: mean step loss, test loss and accuracy), curves.png (smoothed training loss vs step,
-test accuracy vs epoch), results.json (everything, with the configuration). The last line of stdout is one JSON
-object: qn_test_acc, sgd_test_acc, qn_final_train_loss, sgd_final_train_loss (full training set at the end),
-qn_over_sgd_step_time, the same for qn_damped, divergence steps, and the output paths. A diverged arm's
-accuracies and losses are null.
+Outputs (the run directory, run_dir — default runs/fashion_mnist_lenet_cgqn): manifest.json, config.yaml,
+theta0.pt, summary.json (results.cgqn, results.sgd, … with their per-epoch history), curves/LABEL.json (training
+loss per step), train/LABEL.pt (the trained z), plots/test_accuracy.png and plots/cgqn_vs_sgd.png (smoothed
+training loss per step; test accuracy per epoch). It prints the progress lines of every arm, then a table (arm,
+test acc, final train loss, convergence step, wall s, seconds per step ÷ sgd's), and as its last stdout line one
+JSON object: qn_test_acc, sgd_test_acc, qn_final_train_loss, sgd_final_train_loss, qn_over_sgd_step_time (and
+undamped_* with the third arm; non-finite values are null), paths.
 
 How long it takes
-    About 100 s per epoch with 2 workers on a (busy) 2-core machine, plus ~1 minute of Ray start-up and
-    shut-down: 5 epochs took 9.5 minutes. A quasi-Newton step costs one forward and C+1 = 11 batched backward
-    passes (measured ≈ 5.6× an SGD step); the undamped qn arm diverges within a few steps at η = 0.05, so the
-    damped arm is usually the only quasi-Newton arm that keeps running. --steps-per-epoch N caps the steps of
-    each epoch for a quick check.
+    Not timed end to end in this version; from the measured step costs: a cgqn step is the loop's own forward/
+    backward plus one forward and C+1 = 11 batched backward passes for the class sums — on LeNet-5, one thread,
+    batch 64 (one worker's share), 81 ms against 12 ms for an SGD step (≈ 7×; the earlier interleaved job
+    measured 5.6× when the class sums also gave the gradient). With 2 workers on a 2-core machine that is
+    roughly 45–60 s per cgqn epoch (468 steps, plus the all-reduce of (C+1)·N floats) and 10–15 s per SGD epoch,
+    plus evaluation and ~20–30 s of Ray and trainer start-up per arm: the shipped 5 epochs should take about
+    6–8 minutes. train.epochs=1 for a quick check.
 
 How to run
     locally (starts a throwaway Ray cluster on this machine):
-        python jobs/class_gradient_qn.py --epochs 5 --lr 0.05 --gamma 0.9 --workers 2 --out /tmp/cgqn
-    on a running Ray cluster (the driver joins it; the data must exist on every worker node):
+        python jobs/class_gradient_qn.py
+        python jobs/class_gradient_qn.py train.epochs=1 run_dir=/tmp/cgqn --overwrite
+        python jobs/class_gradient_qn.py --arms cgqn,sgd,cgqn_undamped run_dir=/tmp/cgqn3
+        python jobs/class_gradient_qn.py data.name=digits model.name=mlp train.epochs=1 run_dir=/tmp/cgqn_smoke
+    on a running Ray cluster (the driver joins it; the data must exist on every worker node; run_dir absolute or
+    a URI every node reaches):
         export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265
         export RAY_AUTH_MODE=token   # token-auth clusters (the client sends ~/.ray/auth_token or RAY_AUTH_TOKEN)
-        ray job submit --working-dir . -- python jobs/class_gradient_qn.py --epochs 5 --out /tmp/cgqn
-    (--out is written by the driver; under `ray job submit` pass an absolute path.)
+        ray job submit --working-dir . -- python jobs/class_gradient_qn.py run_dir=/tmp/cgqn --overwrite
 
-Bad input (lr ≤ 0, γ outside (0, 1), a missing data directory, ...) prints one line and exits 2 before anything
-is started or written.
+    python jobs/class_gradient_qn.py [CONFIG] [key=value ...] [--arms LIST] [--resume | --overwrite]
+    CONFIG defaults to raysub/configs/fashion_mnist_lenet_cgqn.yaml (a path or a shipped name); overrides are
+    dotted keys as for every raysub command. --resume continues an interrupted run (finished arms are skipped),
+    --overwrite replaces the run directory.
+
+Bad input (γ outside (0, 1), an unknown option, a missing data directory, an existing run directory without
+--resume/--overwrite, …) prints one line and exits 2 before anything is started or written.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
-import shutil
-import statistics
 import sys
-import tempfile
-import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 PROG = "class_gradient_qn"
-DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "raysub", "configs", "fashion_mnist_lenet_cgqn.yaml")
+ARMS = ("cgqn", "sgd", "cgqn_undamped")
+PLOT = "plots/cgqn_vs_sgd.png"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,203 +74,121 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(argv):
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = _Parser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate η, the same for every arm (default 0.05)")
-    p.add_argument("--gamma", type=float, default=0.9, help="EMA factor γ in (0, 1) (default 0.9, the paper's)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--out", default="runs/class_gradient_qn", help="output directory")
-    p.add_argument("--data-root", default=DEFAULT_ROOT, help=f"Fashion-MNIST IDX files (default {DEFAULT_ROOT})")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seeds θ0 and the data order (default 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="coupled L2 decay for every arm (default 0)")
-    p.add_argument("--mode", choices=["orthonormal", "paper"], default="orthonormal",
-                   help="quasi-Newton variant (see raysub/cgqn.py; default orthonormal)")
-    p.add_argument("--damping", type=float, default=0.0, help="damping of the qn arm (default 0, the paper's)")
-    p.add_argument("--damped-arm", type=float, default=1.0,
-                   help="damping δ of the extra qn_damped arm (default 1; 0 leaves the arm out)")
-    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: all; quick checks)")
-    return p.parse_args(argv)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                   help="YAML config (default: the shipped fashion_mnist_lenet_cgqn), then dotted overrides")
+    p.add_argument("--arms", default="cgqn,sgd",
+                   help="comma-separated arms, cgqn and sgd plus optionally cgqn_undamped (default cgqn,sgd)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (finished arms are skipped)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    return p.parse_intermixed_args(list(argv))
 
 
-def validate(args) -> List[str]:
-    problems = []
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        problems.append(f"--lr {args.lr:g} must be > 0")
-    if not (0 < args.gamma < 1):
-        problems.append(f"--gamma {args.gamma:g} must be in (0, 1)")
-    if args.epochs < 1:
-        problems.append(f"--epochs {args.epochs} must be ≥ 1")
-    if args.workers < 1:
-        problems.append(f"--workers {args.workers} must be ≥ 1")
-    elif args.batch_size < 1 or args.batch_size % args.workers:
-        problems.append(f"--batch-size {args.batch_size} must be a positive multiple of --workers {args.workers}")
-    for flag, value in (("--weight-decay", args.weight_decay), ("--damping", args.damping),
-                        ("--damped-arm", args.damped_arm)):
-        if not (math.isfinite(value) and value >= 0):
-            problems.append(f"{flag} {value:g} must be ≥ 0")
-    if args.steps_per_epoch < 0:
-        problems.append(f"--steps-per-epoch {args.steps_per_epoch} must be ≥ 0")
-    if not os.path.isdir(args.data_root):
-        problems.append(f"--data-root {args.data_root}: no such directory (apt-get install dataset-fashion-mnist, "
-                        f"or point --data-root at the four Fashion-MNIST IDX files)")
-    else:
-        from raysub.data import FashionMNIST
+def parse_arms(text: str) -> List[str]:
+    """The arms of ``--arms``, cgqn first (it creates the run directory).
 
-        problems += [p.replace("set data.root=DIR", "pass --data-root DIR") for p in FashionMNIST.problems(args.data_root)]
-    return problems
+    Raises:
+        ConfigError: an unknown arm, or cgqn or sgd missing.
+    """
+    from raysub.errors import ConfigError
+
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "cgqn" not in arms or "sgd" not in arms or len(set(arms)) != len(arms):
+        raise ConfigError(f"--arms {text}: give cgqn and sgd, optionally cgqn_undamped, each once "
+                          f"(known arms: {', '.join(ARMS)})")
+    return ["cgqn"] + [a for a in arms if a != "cgqn"]
 
 
-# ----------------------------------------------------------------------------------------- worker side
+def arm_configs(cfg, arms: Sequence[str]) -> Dict[str, Any]:
+    """One Config per arm: the job's config with the arm's train.optimizer, options and label; each checked.
+
+    Raises:
+        ConfigError: every problem of every arm, in one message.
+    """
+    from raysub.config import Config
+    from raysub.errors import ConfigError
+    from raysub.pipeline.plan import validate
+
+    if cfg.train.optimizer != "cgqn":
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer}: this job compares the cgqn optimizer with sgd; "
+                          f"leave train.optimizer at cgqn")
+    base = cfg.to_dict()
+    out: Dict[str, Any] = {}
+    problems: List[str] = []
+    for arm in arms:
+        d = copy.deepcopy(base)
+        d["train"]["label"] = arm
+        if arm == "sgd":  # the same lr, θ0 and data order; sgd takes no options
+            d["train"].update(optimizer="sgd", optimizer_options={})
+        elif arm == "cgqn_undamped":
+            d["train"]["optimizer_options"] = {**d["train"]["optimizer_options"], "damping": 0.0}
+        out[arm] = Config.from_dict(d)
+        problems += [p for p in validate(out[arm]) if p not in problems]
+    if problems:
+        raise ConfigError(problems)
+    return out
 
 
-def _finite(v: float) -> bool:
-    return v is not None and math.isfinite(v)
+def run_arms(cfgs: Dict[str, Any], resume: bool, overwrite: bool) -> str:
+    """Train every arm into one run directory (the first creates it); returns its URI."""
+    from raysub.pipeline.run import stage_train, train_from_config
+
+    first, *rest = cfgs
+    train_from_config(cfgs[first], resume=resume, overwrite=overwrite)
+    run_uri = cfgs[first].run_dir  # made absolute (a URI) by train_from_config
+    for arm in rest:
+        cfgs[arm].run_dir = run_uri
+        stage_train(run_uri, cfg=cfgs[arm], resume=resume, overwrite=overwrite)
+    return run_uri
 
 
-def worker_loop(config: Dict[str, Any]) -> None:
-    """Per-worker loop (Ray Train): every arm steps on every global batch; rank 0 reports everything at the end."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from raysub import loop
-    from raysub.cgqn import ClassGradientQN
-    from raysub.data import load_dataset
-    from raysub.models import build_model
-
-    a = config["args"]
-    progress = config.get("progress")
-    loop.setup_threads()
-    rank, world = loop.rank_world()
-    device = ray.train.torch.get_device()
-    data = load_dataset("fashion-mnist", a["data_root"])
-    C = data.num_classes
-
-    torch.manual_seed(a["seed"])
-    theta0 = build_model("lenet5", C, data.input_shape).state_dict()
-    arms = {"sgd": dict(mode="sgd"), "qn": dict(mode=a["mode"], damping=a["damping"])}
-    if a["damped_arm"] > 0:
-        arms["qn_damped"] = dict(mode=a["mode"], damping=a["damped_arm"])
-    local = a["batch_size"] // world
-    probe_x, _ = next(data.batches("train", [torch.arange(local)], augment=False, seed=0))
-    models, opts = {}, {}
-    for name, kw in arms.items():
-        model = build_model("lenet5", C, data.input_shape)
-        model.load_state_dict(theta0)
-        model.to(device)
-        models[name] = model
-        opts[name] = ClassGradientQN(model, C, probe_x.to(device), lr=a["lr"], gamma=a["gamma"],
-                                     weight_decay=a["weight_decay"], name="lenet5", **kw)
-
-    names = list(arms)
-    losses = {n: [] for n in names}
-    times = {n: [] for n in names}
-    diverged: Dict[str, Optional[int]] = {n: None for n in names}
-    epochs: List[Dict[str, Any]] = []
-    check_x, check_y = next(data.batches("train", [torch.arange(512)], augment=False, seed=0))
-
-    def evaluate(name, split):
-        if diverged[name] is not None:
-            return {"loss": None, "acc": None}
-        models[name].eval()
-        res = loop.evaluate(models[name], data, split, 1024, device)
-        models[name].train()
-        return res if _finite(res["loss"]) else {"loss": None, "acc": res["acc"]}
-
-    start_sgd = evaluate("sgd", "test")  # every arm starts from the same θ0
-    start = {n: start_sgd for n in names}
-    epochs.append({"epoch": 0, **{n: {"train_loss": None, "test_loss": start[n]["loss"],
-                                      "test_acc": start[n]["acc"]} for n in names}})
-    t_start = time.perf_counter()
-    step = 0
-    for epoch in range(a["epochs"]):
-        lr = loop.lr_at(epoch, a["lr"], [], 0.1)  # constant: no milestones
-        for opt in opts.values():
-            opt.lr = lr
-        batches = loop.epoch_batches(data.size("train"), a["batch_size"], a["seed"], epoch, rank, world)
-        if a["steps_per_epoch"]:
-            batches = batches[: a["steps_per_epoch"]]
-        first = len(losses["sgd"])
-        for x, y in data.batches("train", batches, augment=False, seed=a["seed"] * 100_003 + epoch):
-            x, y = x.to(device), y.to(device)
-            order = names[step % len(names):] + names[: step % len(names)]
-            for name in order:
-                if diverged[name] is not None:
-                    continue
-                t0 = time.perf_counter()
-                loss = opts[name].step(x, y)
-                times[name].append(time.perf_counter() - t0)
-                losses[name].append(loss if math.isfinite(loss) else None)
-                if not math.isfinite(loss):
-                    diverged[name] = step + 1  # every rank sees the same global loss: they all stop together
-            for name in names:
-                if diverged[name] is not None and len(losses[name]) < step + 1:
-                    losses[name].append(None)
-            step += 1
-        record: Dict[str, Any] = {"epoch": epoch + 1, "elapsed_s": time.perf_counter() - t_start}
-        for name in names:
-            ep = [v for v in losses[name][first:] if v is not None]
-            test = evaluate(name, "test")
-            rec = {"train_loss": sum(ep) / len(ep) if ep and diverged[name] is None else None,
-                   "test_loss": test["loss"], "test_acc": test["acc"], "diverged_at_step": diverged[name]}
-            if name != "sgd" and rank == 0 and diverged[name] is None:
-                d = opts[name].diagnostics()
-                chk = opts[name].curvature_check(check_x.to(device), check_y.to(device))
-                rec.update(cos_abs_mean=d["cos_abs_mean"], cos_abs_max=d["cos_abs_max"], lambda_paper=chk["lambda"],
-                           gn_curvature=chk["gn"], newton_directions=d.get("newton_directions"))
-            record[name] = rec
-        epochs.append(record)
-        if rank == 0 and progress is not None:
-            progress.put(record)
-
-    final = {n: {"train": evaluate(n, "train"), "test": evaluate(n, "test")} for n in names}
-    sync = {}
-    for name in names:
-        ref = opts[name].theta_N.clone()
-        if world > 1:
-            dist.broadcast(ref, 0)
-        diff = (ref - opts[name].theta_N).abs().max().reshape(1).double()
-        loop.all_reduce_sum_(diff)
-        sync[name] = float(diff) if math.isfinite(float(diff)) else None
-    metrics: Dict[str, Any] = {"done": True}
-    if rank == 0:
-        metrics.update(losses=losses, times=times, diverged=diverged, epochs=epochs, final=final,
-                       num_params=opts["sgd"].N, steps=step, world=world, rank_param_max_diff=sync,
-                       wall_s=time.perf_counter() - t_start)
-    # Train V2 keeps only metrics that come with a checkpoint: rank 0 attaches the final θ of every arm.
-    loop.report(metrics, {"theta": {n: opts[n].theta_N.clone() for n in names}} if rank == 0 else None)
+# ----------------------------------------------------------------------------------------- report
 
 
-# ----------------------------------------------------------------------------------------- driver side
+def _finite(v) -> Optional[float]:
+    return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
-def _fmt(v, pct=False):
-    if v is None:
-        return "—"
-    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+def arm_rows(summary: Dict[str, Any], arms: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per arm: test acc, final train loss (mean step loss of the last epoch), convergence step, wall s, steps,
+    seconds per step and its ratio to sgd's."""
+    rows = {}
+    for arm in arms:
+        r = summary["results"][arm]
+        steps = r.get("steps") or 0
+        rows[arm] = {"test_acc": _finite(r["test_acc"]), "final_train_loss": _finite(r["history"][-1]["train_loss"]),
+                     "convergence_step": r.get("convergence_step"), "wall_s": r["wall_s"], "steps": steps,
+                     "s_per_step": r["wall_s"] / steps if steps else None}
+    ref = rows["sgd"]["s_per_step"]
+    for row in rows.values():
+        row["step_time_vs_sgd"] = row["s_per_step"] / ref if row["s_per_step"] and ref else None
+    return rows
 
 
-def print_epoch(record: Dict[str, Any]) -> None:
-    parts = []
-    for name, rec in record.items():
-        if not isinstance(rec, dict):
-            continue
-        if rec.get("diverged_at_step") is not None:
-            parts.append(f"{name}: diverged at step {rec['diverged_at_step']}")
-        else:
-            parts.append(f"{name}: train {_fmt(rec['train_loss'])} test {_fmt(rec['test_loss'])} "
-                         f"{_fmt(rec['test_acc'], pct=True)}")
-    print(f"[{PROG}] epoch {record['epoch']} ({record['elapsed_s']:.0f} s) | " + " | ".join(parts), flush=True)
+def table(rows: Dict[str, Dict[str, Any]]) -> str:
+    from raysub.pipeline.run import format_table
 
-
-def smooth(values: List[Optional[float]], window: int) -> List[Optional[float]]:
-    """Trailing moving average over the last ``window`` finite values (None stays None)."""
-    out, buf = [], []
-    for v in values:
+    def fmt(v, spec):
         if v is None:
+            return "—"
+        return format(v, ".3e") if spec == ".4f" and abs(v) >= 1e4 else format(v, spec)
+
+    lines = [("arm", "test acc", "final train loss", "convergence step", "wall s", "s/step ÷ sgd")]
+    for arm, r in rows.items():
+        lines.append((arm, "—" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%",
+                      fmt(r["final_train_loss"], ".4f"), fmt(r["convergence_step"], "d"), f"{r['wall_s']:.1f}",
+                      fmt(r["step_time_vs_sgd"], ".2f")))
+    return "\n".join(format_table(lines))
+
+
+def smooth(values: Sequence[Optional[float]], window: int) -> List[Optional[float]]:
+    """Trailing moving average over the last ``window`` finite values (non-finite stays None)."""
+    out: List[Optional[float]] = []
+    buf: List[float] = []
+    for v in values:
+        if v is None or not math.isfinite(v):
             out.append(None)
             continue
         buf.append(v)
@@ -273,166 +198,129 @@ def smooth(values: List[Optional[float]], window: int) -> List[Optional[float]]:
     return out
 
 
-def plot(path: str, res: Dict[str, Any], args) -> None:
+def plot(run, summary: Dict[str, Any], arms: Sequence[str]) -> None:
+    """plots/cgqn_vs_sgd.png: training loss per step (faint: raw; line: trailing mean) from curves/LABEL.json,
+    and test accuracy per epoch from summary.json's history."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"sgd": "tab:blue", "qn": "tab:red", "qn_damped": "tab:orange"}
+    colors = {"sgd": "tab:blue", "cgqn": "tab:red", "cgqn_undamped": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    window = max(1, res["steps"] // (20 * max(1, args.epochs)))
-    ymax = 2.5
-    for name, series in res["losses"].items():
-        xs = [i + 1 for i, v in enumerate(series) if v is not None]
-        raw = [v for v in series if v is not None]
-        sm = [v for v in smooth(series, window) if v is not None]
-        label = name
-        if res["diverged"][name] is not None:
-            label += f" (diverged at step {res['diverged'][name]})"
-        if raw:
-            ax1.plot(xs, raw, color=colors.get(name), alpha=0.15, lw=0.6)
-            ax1.plot(xs, sm, color=colors.get(name), lw=1.6, label=label)
-        if res["diverged"][name] is not None:
-            ax1.axvline(res["diverged"][name], color=colors.get(name), ls=":", lw=1.2)
-            if not raw:
-                ax1.plot([], [], color=colors.get(name), label=label)
-    steps_per_epoch = res["steps"] / max(1, args.epochs)
-    for e in range(1, args.epochs):
-        ax1.axvline(e * steps_per_epoch, color="gray", lw=0.5, alpha=0.5)
-    ax1.set_ylim(0, ymax)
+    epochs = max(1, max(summary["results"][a]["epochs"] for a in arms))
+    windows = set()
+    for arm in arms:
+        losses = run.read_json(f"curves/{arm}.json")["train_loss"]
+        finite = [(i + 1, v) for i, v in enumerate(losses) if v is not None and math.isfinite(v)]
+        window = max(1, len(losses) // (20 * epochs))
+        windows.add(window)
+        sm = [(i + 1, v) for i, v in enumerate(smooth(losses, window)) if v is not None]
+        if finite:
+            ax1.plot(*zip(*finite), color=colors.get(arm), alpha=0.15, lw=0.6)
+        label = arm + ("" if len(finite) == len(losses) else f" ({len(losses) - len(finite)} non-finite steps)")
+        if sm:
+            ax1.plot(*zip(*sm), color=colors.get(arm), lw=1.6, label=label)
+        hist = summary["results"][arm]["history"]
+        pts = [(h["epoch"], 100 * h["test_acc"]) for h in hist if _finite(h["test_acc"]) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", color=colors.get(arm), label=arm)
+    ax1.set_ylim(0, 2.5)
     ax1.set_xlabel("step")
-    ax1.set_ylabel(f"training loss (minibatch; line: mean of last {window})")
+    ax1.set_ylabel(f"training loss (minibatch; line: mean of last {'/'.join(map(str, sorted(windows)))})")
     ax1.grid(alpha=0.3)
     ax1.legend()
-    for name in res["losses"]:
-        pts = [(r["epoch"], r[name]["test_acc"]) for r in res["epochs"] if r[name]["test_acc"] is not None]
-        if pts:
-            ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", color=colors.get(name), label=name)
     ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("test accuracy (%)")
     ax2.grid(alpha=0.3)
     ax2.legend()
-    fig.suptitle(f"LeNet-5 on Fashion-MNIST: SGD vs class-gradient QN ({args.mode}), η={args.lr:g}, γ={args.gamma:g}, "
-                 f"batch {args.batch_size}, {res['world']} workers")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.suptitle(f"{summary['model']} on {summary['dataset']}: SGD vs class-gradient QN (same η = {summary['lr']:g}, "
+                 f"θ0 and data order; {summary['num_params']:,} parameters, batch {summary['batch']})")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    run.write_bytes(PLOT, buf.getvalue())
 
 
-def summarize(res: Dict[str, Any], args, out: str) -> Dict[str, Any]:
-    names = list(res["losses"])
-    med = {n: statistics.median(res["times"][n]) if res["times"][n] else None for n in names}
-    summary: Dict[str, Any] = {}
-    for name in names:
-        fin = res["final"][name]
-        last = [r[name]["train_loss"] for r in res["epochs"][1:]]
-        summary.update({
-            f"{name}_test_acc": fin["test"]["acc"] if res["diverged"][name] is None else None,
-            f"{name}_test_loss": fin["test"]["loss"],
-            f"{name}_final_train_loss": fin["train"]["loss"],
-            f"{name}_final_train_acc": fin["train"]["acc"] if res["diverged"][name] is None else None,
-            f"{name}_last_epoch_step_loss": last[-1] if last else None,
-            f"{name}_diverged_at_step": res["diverged"][name],
-            f"{name}_step_ms": 1000 * med[name] if med[name] else None,
-        })
-    # The step-cost ratio needs enough steps: a QN arm that diverged early has too few, so take the other QN arm
-    # (the same computation) when it ran longer.
-    ratio_arm = "qn"
-    if len(res["times"]["qn"]) < 20 and "qn_damped" in res["times"] \
-            and len(res["times"]["qn_damped"]) > len(res["times"]["qn"]):
-        ratio_arm = "qn_damped"
-    for name in names[1:]:
-        summary[f"{name}_over_sgd_step_time"] = med[name] / med["sgd"] if med[name] and med["sgd"] else None
-    summary["qn_over_sgd_step_time"] = summary[f"{ratio_arm}_over_sgd_step_time"]
-    summary["step_time_ratio_from"] = ratio_arm
-    summary.update(steps=res["steps"], epochs=args.epochs, lr=args.lr, gamma=args.gamma, mode=args.mode,
-                   damping=args.damping, damped_arm=args.damped_arm if "qn_damped" in names else None,
-                   workers=res["world"], num_params=res["num_params"], wall_s=round(res["wall_s"], 1),
-                   rank_param_max_diff=res["rank_param_max_diff"],
-                   plot=os.path.join(out, "curves.png"), results=os.path.join(out, "results.json"))
-    return summary
+def report(run_uri: str, arms: Sequence[str]) -> Dict[str, Any]:
+    from raysub.pipeline.run import read_summary
+    from raysub.storage import RunDir
+
+    run = RunDir(run_uri)
+    summary = read_summary(run)
+    rows = arm_rows(summary, arms)
+    plot(run, {**summary, **_names(run)}, arms)
+    print(table(rows), flush=True)
+    out: Dict[str, Any] = {
+        "qn_test_acc": rows["cgqn"]["test_acc"], "sgd_test_acc": rows["sgd"]["test_acc"],
+        "qn_final_train_loss": rows["cgqn"]["final_train_loss"],
+        "sgd_final_train_loss": rows["sgd"]["final_train_loss"],
+        "qn_over_sgd_step_time": rows["cgqn"]["step_time_vs_sgd"],
+    }
+    if "cgqn_undamped" in rows:
+        out.update(undamped_test_acc=rows["cgqn_undamped"]["test_acc"],
+                   undamped_final_train_loss=rows["cgqn_undamped"]["final_train_loss"],
+                   undamped_over_sgd_step_time=rows["cgqn_undamped"]["step_time_vs_sgd"])
+    out["paths"] = {"run_dir": run.uri, "manifest": run.path("manifest.json"), "summary": run.path("summary.json"),
+                    "plot": run.path(PLOT), "curves": {a: run.path(f"curves/{a}.json") for a in arms}}
+    return out
 
 
-def write_outputs(out: str, res: Dict[str, Any], summary: Dict[str, Any], args) -> None:
-    import csv
+def _names(run) -> Dict[str, Any]:
+    """What the plot title names, from the run's config.yaml and manifest.json (summary.json has the dataset and
+    model only after a sampling stage)."""
+    import yaml
 
-    os.makedirs(out, exist_ok=True)
-    names = list(res["losses"])
-    steps_per_epoch = res["steps"] // max(1, args.epochs)
-    with open(os.path.join(out, "train_loss.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", *names, *[f"{n}_ms" for n in names]])
-        for i in range(res["steps"]):
-            row = [i + 1, i // steps_per_epoch + 1 if steps_per_epoch else 1]
-            row += ["" if res["losses"][n][i] is None else f"{res['losses'][n][i]:.6f}" for n in names]
-            row += [f"{1000 * res['times'][n][i]:.3f}" if i < len(res["times"][n]) else "" for n in names]
-            w.writerow(row)
-    with open(os.path.join(out, "epochs.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "arm", "train_loss", "test_loss", "test_acc"])
-        for r in res["epochs"]:
-            for n in names:
-                w.writerow([r["epoch"], n, *["" if r[n].get(k) is None else r[n][k]
-                                             for k in ("train_loss", "test_loss", "test_acc")]])
-    plot(os.path.join(out, "curves.png"), res, args)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"summary": summary, "config": vars(args), "epochs": res["epochs"], "final": res["final"],
-                   "diverged": res["diverged"], "losses": res["losses"],
-                   "step_times_s": res["times"]}, f, indent=1)
+    cfg = yaml.safe_load(run.read_text("config.yaml"))
+    return {"dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "lr": cfg["train"]["lr"],
+            "batch": cfg["train"]["batch_size"] or cfg["data"]["batch_size"],
+            "num_params": run.read_json("manifest.json")["num_params"]}
+
+
+# ----------------------------------------------------------------------------------------- entry point
 
 
 def main(argv=None) -> int:
-    from _launch import job_server_address, on_cluster, use_repo_raysub
+    from _launch import cluster_overrides, job_server_address, use_repo_raysub, warn_local_run_dir
 
     use_repo_raysub()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    problems = validate(args)
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
     if job_server_address():
-        problems.append(f"RAY_ADDRESS={job_server_address()} is a job-server address: submit with `ray job submit "
-                        f"--working-dir . -- python jobs/{PROG}.py ...` or unset RAY_ADDRESS to run here")
-    if problems:
-        print(f"{PROG}: error: " + "; ".join(problems), file=sys.stderr, flush=True)
+        print(f"{PROG}: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with `ray job "
+              f"submit --working-dir . -- python jobs/{PROG}.py ...` or unset RAY_ADDRESS to run here",
+              file=sys.stderr, flush=True)
         return 2
 
-    from raysub.cluster import ensure_ray, fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
-    from raysub.config import Config
+    from raysub.cli import resolve_config
+    from raysub.config import load_config
+    from raysub.engine.cluster import unwrap_train_error
     from raysub.errors import ConfigError
 
-    out = os.path.abspath(os.path.expanduser(args.out))
-    cfg = Config.from_dict({"seed": args.seed,
-                            "data": {"name": "fashion-mnist", "root": args.data_root, "batch_size": args.batch_size},
-                            "model": {"name": "lenet5"},
-                            "cluster": {"num_workers": args.workers, "cpus_per_worker": 1.0,
-                                        "address": "auto" if on_cluster() else None}})
-    storage = tempfile.mkdtemp(prefix="raysub-cgqn-")
+    positionals = list(ns.args)
+    config = DEFAULT_CONFIG
+    if positionals and "=" not in positionals[0]:
+        config, positionals = resolve_config(positionals[0]), positionals[1:]
     try:
-        ensure_ray(cfg)
-        progress = make_progress_queue()
-        loop_config = {"args": {k: getattr(args, k) for k in ("epochs", "lr", "gamma", "data_root", "batch_size",
-                                                             "seed", "weight_decay", "mode", "damping", "damped_arm",
-                                                             "steps_per_epoch")},
-                       "progress": progress}
-        trainer = torch_trainer(worker_loop, loop_config, cfg, PROG, storage)
-        print(f"[{PROG}] {args.workers} workers, {args.epochs} epochs, lr {args.lr:g}, gamma {args.gamma:g}, "
-              f"mode {args.mode}, damping {args.damping:g}"
-              + (f", damped arm δ={args.damped_arm:g}" if args.damped_arm > 0 else ""), flush=True)
-        try:
-            result = fit_with_progress(trainer, progress, print_epoch)
-        except Exception as exc:
-            err = unwrap_train_error(exc)
-            if isinstance(err, ConfigError):
-                print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-                return 2
+        arms = parse_arms(ns.arms)
+        cfg = load_config(config, [*positionals, *cluster_overrides(positionals)])
+        cfgs = arm_configs(cfg, arms)
+        warn_local_run_dir(cfg.run_dir)
+        run_uri = run_arms(cfgs, resume=ns.resume, overwrite=ns.overwrite)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        err = unwrap_train_error(exc)
+        if not isinstance(err, ConfigError):
             raise
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-    res = result.metrics
-    summary = summarize(res, args, out)
-    write_outputs(out, res, summary, args)
-    print(f"[{PROG}] wrote {out}/{{train_loss.csv,epochs.csv,curves.png,results.json}}", flush=True)
-    print(json.dumps(summary), flush=True)
+        print(f"{PROG}: error: {'; '.join(err.problems)}", file=sys.stderr, flush=True)
+        return 2
+    out = report(run_uri, arms)
+    print(json.dumps(out), flush=True)
     return 0
 
 

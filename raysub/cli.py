@@ -4,6 +4,8 @@
     raysub sample [CONFIG] [key=value ...] [--resume | --overwrite]  stage 1: SGD baseline + trajectory
     raysub basis RUN_DIR [basis.dim=D ...] [--overwrite]             stage 2: distributed Gram basis
     raysub train RUN_DIR [train.KEY=V ...] [--resume | --overwrite]  stage 3: train z in the subspace
+    raysub train CONFIG [key=value ...] [--resume | --overwrite]     a new run that needs no trajectory
+                                                                     (a random or identity projection)
     raysub sweep CONFIG [key=value ...] [--resume | --overwrite]     intrinsic-dimension sweep on Ray Tune
 
 With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline). A bad input
@@ -51,14 +53,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--overwrite", action="store_true", help="replace an existing basis")
-    p = sub.add_parser("train", help="train in the subspace of a run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("train", help="train in the subspace of a run (RUN_DIR), or a new run from a CONFIG whose "
+                                     "projection needs no trajectory")
+    p.add_argument("run_dir", metavar="RUN_DIR|CONFIG")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--overwrite", action="store_true", help="replace this label's results")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     ns = parser.parse_args(argv)
 
-    from raysub.cluster import unwrap_train_error
+    from raysub.engine.cluster import unwrap_train_error
     from raysub.errors import ConfigError
 
     try:
@@ -87,7 +90,7 @@ def _dispatch(ns) -> int:
         else:
             pipeline.stage_sample(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "sweep":
-        from raysub.sweep import run_sweep
+        from raysub.pipeline.sweep import run_sweep
 
         config, overrides = _split(ns.args)
         if config is None:
@@ -97,7 +100,11 @@ def _dispatch(ns) -> int:
     elif ns.command == "basis":
         pipeline.stage_basis(ns.run_dir, ns.overrides, overwrite=ns.overwrite)
     elif ns.command == "train":
-        pipeline.stage_train(ns.run_dir, ns.overrides, overwrite=ns.overwrite, resume=ns.resume)
+        config = resolve_config(ns.run_dir)
+        if config.endswith((".yaml", ".yml")) and os.path.isfile(config):
+            pipeline.train_from_config(load_config(config, ns.overrides), resume=ns.resume, overwrite=ns.overwrite)
+        else:
+            pipeline.stage_train(ns.run_dir, ns.overrides, overwrite=ns.overwrite, resume=ns.resume)
     return 0
 
 

@@ -1,13 +1,14 @@
 """Typed run configuration: dataclasses, YAML files, dotted ``key=value`` overrides.
 
-Every problem is collected and reported at once (`ConfigError.problems`), before anything starts: unknown
-keys, wrong types, out-of-range values, unknown registry names, missing data directories, and cross-field
-checks such as ``basis.dim < number of snapshots``. `to_dict`/`from_dict` carry a config through Ray.
+This module is the schema and its own checks, nothing else: unknown keys and wrong types (`from_dict`), and the
+value ranges of the schema's numbers (`schema_problems`). What a section *means* is checked by the package that
+owns it — dataset paths by `raysub.data`, optimizer and projection options by their registries, the snapshot
+count by sampling — and `raysub.pipeline.plan` asks each of them, collecting every problem into one message
+before anything starts. `to_dict`/`from_dict` carry a config through Ray.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -98,10 +99,11 @@ class TrainConfig:
     lr_gamma: float = field(default=0.1, metadata={"help": "step-decay factor"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (default data.batch_size)"})
     basis_dtype: str = field(default="float32", metadata={"help": "storage of P on the device: float32|bfloat16"})
-    line_search_c: float = field(default=0.4, metadata={"help": "P-BFGS Armijo constant c (paper: 0.4)"})
-    line_search_beta: float = field(default=0.55, metadata={"help": "P-BFGS backtracking factor β (paper: 0.55)"})
-    max_backtracks: int = field(default=20, metadata={"help": "P-BFGS line-search trials before it fails"})
-    y_same_batch: bool = field(default=False, metadata={"help": "P-BFGS: curvature pair y from the same batch"})
+    optimizer_options: Dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "keyword options of the optimizer, checked against its signature (e.g. pbfgs c, beta)"})
+    data_seed: Optional[int] = field(
+        default=None, metadata={"help": "data order of the subspace run (default: seed); θ0 stays seed's"})
 
 
 @dataclass
@@ -164,6 +166,11 @@ class Config:
     @property
     def train_label(self) -> str:
         return self.train.label or self.train.optimizer
+
+    @property
+    def train_data_seed(self) -> int:
+        """The subspace run's data order (``train.data_seed``, default ``seed``)."""
+        return self.seed if self.train.data_seed is None else self.train.data_seed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,30 +310,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 
 
 # ---------------------------------------------------------------------------------------------------------
-# semantic checks
+# the schema's own value checks (each package checks its own section: see raysub.pipeline.plan)
 
-def num_snapshots(cfg: Config, steps_per_epoch: int) -> int:
-    """Snapshots the sampler writes: theta0 plus those taken inside the window."""
-    if cfg.sample.snapshot_every_steps > 0:
-        return 1 + (cfg.sample.epochs * steps_per_epoch) // cfg.sample.snapshot_every_steps
-    return 1 + cfg.sample.epochs * cfg.sample.snapshots_per_epoch
-
-
-def snapshot_steps(cfg: Config, steps_per_epoch: int) -> List[int]:
-    """Global step counts (1-based, after the update) at which snapshots 1..t-1 are taken."""
-    total = cfg.sample.epochs * steps_per_epoch
-    if cfg.sample.snapshot_every_steps > 0:
-        k = cfg.sample.snapshot_every_steps
-        return list(range(k, total + 1, k))
-    per = cfg.sample.snapshots_per_epoch
-    steps = []
-    for epoch in range(cfg.sample.epochs):
-        for j in range(1, per + 1):
-            steps.append(epoch * steps_per_epoch + math.ceil(j * steps_per_epoch / per))
-    return steps
-
-
-def _positive(problems, key, value, allow_zero=False):
+def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> None:
+    """Append ``key=value: must be > 0`` (``≥ 0`` with ``allow_zero``) when it is not; None passes."""
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
@@ -334,25 +321,11 @@ def _positive(problems, key, value, allow_zero=False):
         problems.append(f"{key}={value}: must be {bound}")
 
 
-def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
-    """All semantic problems of a config (empty list: fine). Does not start Ray or load data."""
-    from raysub import data as data_mod
-    from raysub import models as models_mod
-    from raysub import optim as optim_mod
-    from raysub import projection as proj_mod
-
+def schema_problems(cfg: Config) -> List[str]:
+    """Value ranges of the schema's own numbers (registry names, options, data and sampling are checked by
+    their packages). Empty list: fine."""
     problems: List[str] = []
-    for registry, name, key in (
-        (data_mod.DATASETS, cfg.data.name, "data.name"),
-        (models_mod.MODELS, cfg.model.name, "model.name"),
-        (optim_mod.OPTIMIZERS, cfg.train.optimizer, "train.optimizer"),
-        (proj_mod.PROJECTIONS, cfg.train.projection, "train.projection"),
-    ):
-        if name not in registry:
-            problems.append(f"{key}: unknown {registry.kind} {name!r}: choose one of {', '.join(registry.names())}")
     for key, value in (
-        ("data.batch_size", cfg.data.batch_size),
-        ("data.eval_batch_size", cfg.data.eval_batch_size),
         ("cluster.num_workers", cfg.cluster.num_workers),
         ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker),
         ("sgd.epochs", cfg.sgd.epochs),
@@ -365,9 +338,8 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
         ("train.lr", cfg.train.lr),
         ("train.batch_size", cfg.train.batch_size),
     ):
-        _positive(problems, key, value)
+        positive(problems, key, value)
     for key, value in (
-        ("data.num_workers", cfg.data.num_workers),
         ("cluster.max_failures", cfg.cluster.max_failures),
         ("sgd.momentum", cfg.sgd.momentum),
         ("sgd.weight_decay", cfg.sgd.weight_decay),
@@ -375,7 +347,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
         ("train.momentum", cfg.train.momentum),
         ("train.weight_decay", cfg.train.weight_decay),
     ):
-        _positive(problems, key, value, allow_zero=True)
+        positive(problems, key, value, allow_zero=True)
     for key, value in (("sgd.momentum", cfg.sgd.momentum), ("train.momentum", cfg.train.momentum)):
         if value >= 1:
             problems.append(f"{key}={value}: must be < 1")
@@ -387,73 +359,6 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
             f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "
             "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
         )
-    if cfg.train.projection == "dldr" and cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim:
-        problems.append(f"train.dim={cfg.train.dim} exceeds basis.dim={cfg.basis.dim}: raise basis.dim")
-    if not cfg.train.line_search_c > 0 or cfg.train.line_search_c >= 1:
-        problems.append(f"train.line_search_c={cfg.train.line_search_c}: the Armijo constant must be in (0, 1)")
-    if not 0 < cfg.train.line_search_beta < 1:
-        problems.append(f"train.line_search_beta={cfg.train.line_search_beta}: the backtracking factor must be in (0, 1)")
-    _positive(problems, "train.max_backtracks", cfg.train.max_backtracks)
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction={cfg.data.val_fraction}: the held-out fraction must be in [0, 1)")
-    if cfg.train.projection in proj_mod.PROJECTIONS:
-        try:
-            proj_mod.PROJECTIONS.check_options(cfg.train.projection, cfg.train.projection_options, skip=3,
-                                               internal=proj_mod.FACTORY_ARGS)
-        except ConfigError as exc:
-            problems.extend(f"train.projection_options: {p}" for p in exc.problems)
-    if not 0.0 <= cfg.data.label_noise <= 1.0:
-        problems.append(f"data.label_noise={cfg.data.label_noise}: a fraction of the labels must be in [0, 1]")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
         problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
-    if cfg.cluster.num_workers and cfg.data.batch_size and cfg.data.batch_size % cfg.cluster.num_workers:
-        problems.append(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by cluster.num_workers="
-            f"{cfg.cluster.num_workers}: pick a multiple so every rank gets an equal share"
-        )
-    tb = cfg.train.batch_size
-    if tb and cfg.cluster.num_workers and tb % cfg.cluster.num_workers:
-        problems.append(
-            f"train.batch_size={tb} is not divisible by cluster.num_workers={cfg.cluster.num_workers}: pick a multiple"
-        )
-    # d must be below the number of snapshots (the centred trajectory has rank <= t-1)
-    if cfg.sample.snapshot_every_steps == 0 and cfg.basis.dim > 0 and cfg.sample.epochs > 0:
-        t = num_snapshots(cfg, steps_per_epoch=1)
-        if cfg.basis.dim >= t:
-            problems.append(
-                f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled (the centred trajectory has rank "
-                f"≤ {t - 1}): lower basis.dim or sample more (sample.epochs, sample.snapshots_per_epoch)"
-            )
-    if check_data and cfg.data.name in data_mod.DATASETS:
-        problems.extend(
-            data_mod.validate_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
-        )
-    if cfg.model.name in models_mod.MODELS and cfg.data.name in data_mod.DATASETS:
-        pass  # model options are checked when the model is built in plan()
     return problems
-
-
-def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
-    return {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
-
-
-def open_dataset(cfg: Config):
-    """The run's dataset, with label noise applied when ``data.label_noise`` > 0 and a validation split held
-    out of the training split when ``data.val_fraction`` > 0."""
-    from raysub.data import HoldOut, NoisyLabels, load_dataset
-
-    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
-    if cfg.data.label_noise > 0:
-        seed = cfg.seed if cfg.data.label_noise_seed is None else cfg.data.label_noise_seed
-        data = NoisyLabels(data, cfg.data.label_noise, seed)
-    if cfg.data.val_fraction > 0:
-        data = HoldOut(data, cfg.data.val_fraction, cfg.data.val_seed)
-    return data
-
-
-def check(cfg: Config, *, check_data: bool = True) -> Config:
-    """Raise ConfigError with every problem of ``cfg``; return it unchanged when fine."""
-    problems = validate(cfg, check_data=check_data)
-    if problems:
-        raise ConfigError(problems)
-    return cfg

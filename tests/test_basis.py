@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from raysub.basis import build_basis, load_basis, solve_spectrum
+from raysub.pipeline.basis import build_basis, load_basis, solve_spectrum
 from raysub.errors import ConfigError, StorageError
-from raysub.sample import collect_trajectory, write_snapshot
+from raysub.pipeline.sample import collect_trajectory, write_snapshot
 from raysub.storage import RunDir, block_bounds
 
 T, N, RANK = 24, 5003, 6

@@ -26,8 +26,14 @@ def run_cli(capsys, args):
         ("train.lr=-0.5", "train.lr=-0.5: must be > 0"),
         ("sgd.lr=-1", "sgd.lr=-1.0: must be > 0"),
         ("trian.lr=1", "unknown key 'trian'"),
-        ("train.line_search_c=0", "train.line_search_c=0.0: the Armijo constant must be in (0, 1)"),
-        ("train.line_search_beta=1.5", "train.line_search_beta=1.5: the backtracking factor must be in (0, 1)"),
+        (("train.optimizer=pbfgs", "train.optimizer_options={c: 0}"),
+         "train.optimizer_options.c=0: the Armijo constant must be in (0, 1)"),
+        (("train.optimizer=pbfgs", "train.optimizer_options={beta: 1.5}"),
+         "train.optimizer_options.beta=1.5: the backtracking factor must be in (0, 1)"),
+        (("train.optimizer=pbfgs", "train.optimizer_options={c: fast}"),
+         "optimizer 'pbfgs' option c='fast': expected a number"),
+        ("train.optimizer_options={line_search_c: 0.4}", "optimizer 'psgd' got unexpected option(s) 'line_search_c'"),
+        ("train.line_search_c=0.4", "unknown key 'train.line_search_c'"),
         ("data.label_noise=1.2", "data.label_noise=1.2"),
         ("data.label_noise=-0.1", "data.label_noise=-0.1"),
         ("train.epochs=many", "train.epochs: expected an integer"),
@@ -35,7 +41,8 @@ def run_cli(capsys, args):
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, needle):
     run_dir = tmp_path / "run"
-    rc, err = run_cli(capsys, ["run", override, f"run_dir={run_dir}"])
+    overrides = list(override) if isinstance(override, tuple) else [override]
+    rc, err = run_cli(capsys, ["run", *overrides, f"run_dir={run_dir}"])
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("raysub: error:")
     assert needle in err, err

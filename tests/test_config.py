@@ -1,7 +1,9 @@
 import pytest
 import yaml
 
-from raysub.config import Config, check, load_config, num_snapshots, parse_overrides, snapshot_steps, validate
+from raysub.config import Config, load_config, parse_overrides
+from raysub.pipeline.plan import check, validate
+from raysub.pipeline.sample import num_snapshots, snapshot_steps
 from raysub.errors import ConfigError
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from raysub.config import load_config, validate
+from raysub.config import load_config
+from raysub.pipeline.plan import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "raysub", "configs", "*.yaml")))
@@ -169,7 +170,7 @@ def test_job_rejects_job_server_address(monkeypatch, capsys):
 def test_shipped_sweep_config_plans(path):
     """A shipped sweep passes every sweep check (grid, families, validation split, d ≤ N) where its data is."""
     from raysub.data import validate_dataset
-    from raysub.sweep import plan_sweep
+    from raysub.pipeline.sweep import plan_sweep
 
     cfg = load_config(path)
     if validate_dataset(cfg.data.name, cfg.data.root):

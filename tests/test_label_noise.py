@@ -1,6 +1,7 @@
 import torch
 
-from raysub.config import load_config, open_dataset
+from raysub.config import load_config
+from raysub.data import open_dataset
 
 
 def test_noisy_labels_fixed_per_seed_and_fraction():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from raysub import pipeline
-from raysub.basis import load_basis
+from raysub.pipeline.basis import load_basis
 from raysub.config import load_config
 from raysub.errors import ConfigError
-from raysub.sample import collect_trajectory
+from raysub.pipeline.sample import collect_trajectory
 from raysub.storage import RunDir, decode_vector
 
 BASE = ["sgd.epochs=2", "sample.epochs=2", "sample.snapshot_every_steps=4", "basis.dim=5", "train.epochs=1",
@@ -125,7 +125,8 @@ def test_psgd_parity_two_workers_match_one(basis_run):
     assert float(z[1].norm()) > 0
     torch.testing.assert_close(z[2], z[1], rtol=1e-4, atol=1e-5)
     summary = RunDir(basis_run).read_json("summary.json")
-    assert summary["results"]["psgd_w2"]["allreduce_floats_per_step"] == 5
+    assert summary["results"]["psgd_w2"]["allreduce_floats_per_step"] == 5 + 1  # d + the loss, every optimizer
+    assert summary["results"]["psgd_w1"]["allreduce_floats_per_step"] == 0
     assert abs(summary["results"]["psgd_w2"]["test_acc"] - summary["results"]["psgd_w1"]["test_acc"]) < 0.01
     assert RunDir(basis_run).exists("plots/test_accuracy.png")
 
@@ -220,5 +221,5 @@ def test_pbfgs_parity_two_workers_match_one(basis_run):
     summary = RunDir(basis_run).read_json("summary.json")
     r = summary["results"]["pbfgs_w2"]
     assert r["allreduce_floats_per_step"] == 6  # d + the loss
-    assert r["history"][-1]["line_search"]["steps"] == 1437 // 256
+    assert r["history"][-1]["optimizer_stats"]["steps"] == 1437 // 256
     assert r["steps"] == 1437 // 256 and "convergence_step" in r

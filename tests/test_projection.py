@@ -1,27 +1,66 @@
-"""Projection families: the shared matrix of checks every registered family goes through."""
+"""Projection families: the shared matrix of checks every registered family goes through.
+
+The rows come from the registry's metadata, not from lists here: a family registered ``random=True`` gets the
+seed and unit-norm tests, one registered ``low_memory`` (or with ``low_memory_options``) the memory test.
+"""
 import numpy as np
 import pytest
 import torch
 
-from raysub.flat import FlatParams, flatten_params, param_layout
-from raysub.projection import PROJECTIONS, MatrixProjection
-from raysub.subspace import SubspaceModel
+from raysub.engine.flat import FlatParams, flatten_params, param_layout
+from raysub.errors import ConfigError
+from raysub.projections import PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks
+from raysub.projections.base import META_FLAGS
+from raysub.engine.task import SubspaceModel
+from raysub.storage import RunDir
 
 
-RANDOM = ["dense", "sparse", "fastfood", "fastjl"]
+def families(flag):
+    """Registered families whose metadata sets ``flag``."""
+    return [n for n in PROJECTIONS.names() if PROJECTIONS.meta(n).get(flag)]
+
+
+def low_memory_rows():
+    """(family, options) pairs under which the family holds no N×D tensor."""
+    rows = []
+    for name in PROJECTIONS.names():
+        meta = PROJECTIONS.meta(name)
+        if meta.get("low_memory") or "low_memory_options" in meta:
+            rows.append((name, dict(meta.get("low_memory_options", {}))))
+    return rows
+
+
+RANDOM = families("random")
+FULL = families("full")
+LOW_MEMORY = low_memory_rows()
 
 
 def make_projection(name, num_params, dim, tmp_path, dtype=torch.float32, seed=0, **options):
-    if name == "dldr":
+    meta = PROJECTIONS.meta(name)
+    if meta["needs_basis_run"]:  # an orthonormal stand-in for a run's basis
         Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(num_params, dim)))
         return MatrixProjection(torch.from_numpy(Q.T.copy()), dtype=dtype)
-    if name == "identity":
+    if meta["full"]:
         dim = num_params  # full-parameter training: D = N
     return PROJECTIONS.get(name)(num_params, dim, seed, dtype=dtype, **options)
 
 
 def test_every_family_is_registered():
-    assert set(RANDOM + ["dldr", "identity"]) <= set(PROJECTIONS.names())
+    assert {"dense", "sparse", "fastfood", "fastjl", "dldr", "identity"} <= set(PROJECTIONS.names())
+    assert {"dense", "sparse", "fastfood", "fastjl"} <= set(RANDOM)
+    assert "identity" in FULL and "dldr" in families("needs_basis_run")
+    assert {"sparse", "fastfood", "fastjl"} <= {n for n, _ in LOW_MEMORY}
+    assert ("dense", {"max_bytes": 0}) in LOW_MEMORY
+
+
+@pytest.mark.parametrize("name", PROJECTIONS.names())
+def test_every_family_declares_its_metadata(name):
+    meta = PROJECTIONS.meta(name)
+    for flag in META_FLAGS:
+        assert isinstance(meta.get(flag), bool), (name, flag)
+    assert callable(meta.get("check")), name
+    assert isinstance(meta.get("low_memory_options", {}), dict), name
+    assert not (meta["random"] and meta["full"]), name
 
 
 @pytest.mark.parametrize("name", PROJECTIONS.names())
@@ -43,8 +82,7 @@ def test_adjoint_identity(name, dtype, n, d, tmp_path):
     assert proj.dim == d and proj.num_params == n
 
 
-@pytest.mark.parametrize("name", RANDOM)
-def test_seed_determinism(name, tmp_path):
+def assert_seed_determinism(name, tmp_path):
     z = torch.randn(20)
     a = make_projection(name, 3000, 20, tmp_path, seed=5).lift(z)
     b = make_projection(name, 3000, 20, tmp_path, seed=5).lift(z)
@@ -53,9 +91,7 @@ def test_seed_determinism(name, tmp_path):
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("name", RANDOM)
-@pytest.mark.parametrize("n", [4099, 1 << 14])
-def test_columns_have_unit_norm(name, n, tmp_path):
+def assert_unit_norm_columns(name, n, tmp_path):
     proj = make_projection(name, n, 24, tmp_path, dtype=torch.float64)
     norms = torch.stack([proj.lift(e).norm() for e in torch.eye(24, dtype=torch.float64)])
     tol = 0.05 if name == "fastfood" else 1e-9  # fastfood: unit norm in expectation, O(1/sqrt(N)) spread
@@ -66,15 +102,29 @@ def _held_numel(obj) -> int:
     return sum(v.numel() for v in vars(obj).values() if isinstance(v, torch.Tensor))
 
 
-@pytest.mark.parametrize("name,options", [("dense", {"max_bytes": 0}), ("sparse", {}), ("fastfood", {}),
-                                          ("fastjl", {})])
-def test_memory_bound_no_n_by_d_tensor(name, options, tmp_path):
+def assert_no_n_by_d_tensor(name, options, tmp_path):
     n, d = (1 << 14) + 3, 512
     proj = make_projection(name, n, d, tmp_path, **options)
     held = _held_numel(proj)
     # O(N) (fastfood pads to 2^15), O(D·sqrt(N)) for sparse: far below N·D = 8.4M
     assert held <= 4 * (1 << 15) + 3 * d * (int(n ** 0.5) + 1), held
     assert held < n * d / 16
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_seed_determinism(name, tmp_path):
+    assert_seed_determinism(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", RANDOM)
+@pytest.mark.parametrize("n", [4099, 1 << 14])
+def test_columns_have_unit_norm(name, n, tmp_path):
+    assert_unit_norm_columns(name, n, tmp_path)
+
+
+@pytest.mark.parametrize("name,options", LOW_MEMORY, ids=[name for name, _ in LOW_MEMORY])
+def test_memory_bound_no_n_by_d_tensor(name, options, tmp_path):
+    assert_no_n_by_d_tensor(name, options, tmp_path)
 
 
 def test_dense_streamed_equals_stored(tmp_path):
@@ -87,11 +137,9 @@ def test_dense_streamed_equals_stored(tmp_path):
     torch.testing.assert_close(streamed.project(g), stored.project(g))
 
 
-@pytest.mark.parametrize("name", RANDOM + ["identity"])
+@pytest.mark.parametrize("name", RANDOM + FULL)
 @pytest.mark.parametrize("dim", [0, -3, 1001])
 def test_bad_dimension_is_one_clear_error(name, dim, tmp_path):
-    from raysub.errors import ConfigError
-
     with pytest.raises(ConfigError, match="train.dim"):
         PROJECTIONS.get(name)(1000, dim, 0)
 
@@ -227,3 +275,157 @@ def test_bound_model_parameters_are_the_flat_views():
     model.eval()
     ref = torch.func.functional_call(small_model().eval(), {**sub.flat.state()}, (x,))
     torch.testing.assert_close(sub.forward(x), ref)
+
+
+# -- check_projection: one line per problem, before Ray starts -------------------------------------------------
+
+N_PARAMS, STORED_DIM = 1000, 6
+
+
+def fake_run(root, num_params=N_PARAMS, basis_dim=STORED_DIM):
+    """A run directory with only what `check_projection` reads: manifest.json and basis/spectrum.json."""
+    run = RunDir(str(root))
+    run.write_json("manifest.json", {"num_params": num_params})
+    if basis_dim is not None:
+        run.write_json("basis/spectrum.json", {"dim": basis_dim})
+    return run.uri
+
+
+@pytest.mark.parametrize("name", PROJECTIONS.names())
+def test_check_projection_accepts_good_settings(name, tmp_path):
+    meta = PROJECTIONS.meta(name)
+    dim = N_PARAMS if meta["full"] else STORED_DIM
+    basis_run = fake_run(tmp_path / "run") if meta["needs_basis_run"] else None
+    assert check_projection(name, N_PARAMS, dim, {}, basis_run) == []
+    assert check_projection(name, N_PARAMS, dim, None, basis_run) == []
+
+
+def _one_problem(problems, *parts):
+    assert len(problems) == 1, problems
+    assert "\n" not in problems[0]
+    for part in parts:
+        assert part in problems[0], (part, problems[0])
+
+
+@pytest.mark.parametrize("name", RANDOM)
+@pytest.mark.parametrize("dim,says", [(0, "must be > 0"), (-3, "must be > 0"),
+                                      (N_PARAMS + 1, f"exceeds the model's {N_PARAMS} parameters")])
+def test_check_projection_random_dim(name, dim, says):
+    _one_problem(check_projection(name, N_PARAMS, dim, {}, None), f"projection {name!r}", f"train.dim={dim}", says)
+
+
+@pytest.mark.parametrize("name,options,parts", [
+    ("nope", {}, ["unknown projection family 'nope'", "dense", "fastjl"]),
+    ("dense", {"max_byte": 1}, ["'dense'", "'max_byte'", "max_bytes"]),
+    ("dense", {"max_bytes": "1G"}, ["'dense'", "max_bytes='1G'", "an integer"]),
+    ("sparse", {"density": 0.1}, ["'sparse'", "'density'", "takes no options"]),
+    ("fastjl", {"index": "diag"}, ["'fastjl'", "index='diag'", "'shuffled' or 'mod'"]),
+    ("fastjl", {"points": 1}, ["'fastjl'", "points=1", "≥ 2"]),
+    ("fastjl", {"points": "many"}, ["'fastjl'", "points='many'", "an integer"]),  # the type, not a crash
+])
+def test_check_projection_options(name, options, parts):
+    _one_problem(check_projection(name, N_PARAMS, STORED_DIM, options, None), *parts)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_check_projection_full_needs_d_equal_n(name):
+    _one_problem(check_projection(name, N_PARAMS, N_PARAMS - 1, {}, None), f"projection {name!r}",
+                 f"train.dim = the model's {N_PARAMS} parameters, got {N_PARAMS - 1}")
+
+
+def test_check_projection_dldr_needs_a_basis_run():
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {}, None), "projection 'dldr' needs a sampled run",
+                 "train.basis_run=RUN_DIR")
+
+
+def test_check_projection_dldr_run_without_a_basis(tmp_path):
+    run = fake_run(tmp_path / "nobasis", basis_dim=None)
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {}, run), f"train.basis_run={run} has no basis",
+                 "no basis/spectrum.json", f"run 'raysub basis {run}' first")
+
+
+def test_check_projection_dldr_basis_of_another_model(tmp_path):
+    run = fake_run(tmp_path / "other", num_params=N_PARAMS + 7)
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {}, run), f"train.basis_run={run}",
+                 f"{N_PARAMS + 7}-parameter model", f"this model has {N_PARAMS}", "use the same data and model")
+
+
+def test_check_projection_dldr_dim_above_the_stored_basis(tmp_path):
+    run = fake_run(tmp_path / "run")
+    d = STORED_DIM + 1
+    _one_problem(check_projection("dldr", N_PARAMS, d, {}, run),
+                 f"train.dim={d} exceeds the {STORED_DIM} components of the stored basis in {run}",
+                 f"'raysub basis {run} basis.dim={d} --overwrite'")
+
+
+def test_check_projection_dldr_nonpositive_dim_and_options(tmp_path):
+    run = fake_run(tmp_path / "run")
+    _one_problem(check_projection("dldr", N_PARAMS, 0, {}, run), "projection 'dldr'", "train.dim=0 must be > 0")
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {"rank": 3}, run), "'dldr'", "'rank'", "takes no options")
+
+
+def test_dldr_basis_of_another_model_is_a_config_error(tmp_path, monkeypatch):
+    """The factory's own safety net (a run whose basis does not match the model) is one line, not an assert."""
+    import raysub.pipeline.basis as basis
+
+    run = fake_run(tmp_path / "other", num_params=N_PARAMS + 7)
+    monkeypatch.setattr(basis, "load_basis", lambda run_dir, dim: np.zeros((dim, N_PARAMS + 7), np.float32))
+    with pytest.raises(ConfigError) as err:
+        PROJECTIONS.get("dldr")(N_PARAMS, 5, 0, run_dir=run)
+    _one_problem(err.value.problems, f"train.basis_run={run}", f"{N_PARAMS + 7}-parameter", f"has {N_PARAMS}",
+                 "use the same data and model")
+    with pytest.raises(ConfigError, match="needs a sampled run"):
+        PROJECTIONS.get("dldr")(N_PARAMS, 5, 0)
+
+
+# -- a new random family gets the shared rows without editing this file ----------------------------------------
+
+class SignedCoordinates(Projection):
+    """A toy random family: column j is ±e_{r_j}, distinct rows r drawn from the seed (2·D numbers held)."""
+
+    def __init__(self, num_params, dim, seed, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(seed)
+        self.num_params, self.dim, self.seed = num_params, dim, seed
+        self.rows = torch.randperm(num_params, generator=gen)[:dim]
+        self.signs = torch.randint(0, 2, (dim,), generator=gen).to(dtype).mul_(2).sub_(1)
+
+    def lift(self, z_D):
+        return torch.zeros(self.num_params, dtype=z_D.dtype).index_put_((self.rows,), z_D * self.signs.to(z_D.dtype))
+
+    def project(self, g_N):
+        return g_N[self.rows] * self.signs.to(g_N.dtype)
+
+
+@pytest.fixture
+def toy_family():
+    from raysub.projections._common import check_dim
+
+    name = "toy-signed-coordinates"
+
+    @PROJECTIONS.register(name, random=True, needs_basis_run=False, full=False, low_memory=True, check=no_checks)
+    def toy(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu", dtype=torch.float32):
+        check_dim(name, num_params, dim)
+        return SignedCoordinates(num_params, dim, seed, dtype)
+
+    try:
+        yield name
+    finally:  # leave the registry as the other tests found it
+        PROJECTIONS._entries.pop(name, None)
+        PROJECTIONS._meta.pop(name, None)
+
+
+def test_a_new_random_family_gets_the_shared_rows(toy_family, tmp_path):
+    assert toy_family in families("random") and toy_family not in families("full")
+    assert (toy_family, {}) in low_memory_rows()
+    assert_seed_determinism(toy_family, tmp_path)
+    for n in (4099, 1 << 14):
+        assert_unit_norm_columns(toy_family, n, tmp_path)
+    assert_no_n_by_d_tensor(toy_family, {}, tmp_path)
+    assert check_projection(toy_family, N_PARAMS, 5, {}, None) == []
+    _one_problem(check_projection(toy_family, N_PARAMS, N_PARAMS + 1, {}, None), f"projection {toy_family!r}",
+                 f"train.dim={N_PARAMS + 1} exceeds")
+    _one_problem(check_projection(toy_family, N_PARAMS, 5, {"scale": 2}, None), "'scale'", "takes no options")
+
+
+def test_the_toy_family_is_gone_after_its_test():
+    assert "toy-signed-coordinates" not in PROJECTIONS

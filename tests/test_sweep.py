@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from raysub import sweep
+from raysub.pipeline import sweep
 from raysub.cli import main
-from raysub.config import load_config, open_dataset
+from raysub.config import load_config
+from raysub.data import open_dataset
 from raysub.storage import RunDir
 
 SMALL = ["train.epochs=3", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=1"]
@@ -30,7 +31,7 @@ def cfg_of(tmp_path, *overrides):
     ("sweep.dims=[0,10]", "d=0 must be > 0"),
     ("sweep.dims=[-5]", "d=-5 must be > 0"),
     ("sweep.dims=[10,5000]", "d=5000 exceeds the model's 4,810 parameters"),
-    ("sweep.families=[dldr]", "family 'dldr' needs a sampled run with a basis: set train.basis_run"),
+    ("sweep.families=[dldr]", "projection 'dldr' needs a sampled run with a basis: set train.basis_run"),
     ("data.val_fraction=0", "never on test"),
     ("sweep.seeds=[]", "sweep.seeds is empty"),
     ("sweep.family_options={dense: {bogus: 1}}", "unexpected option(s) 'bogus'"),

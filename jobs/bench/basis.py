@@ -2,7 +2,7 @@
 
 What it measures
     A synthetic trajectory of ResNet-18 size (n = 11,689,512 parameters, t = 100 snapshots, 4.7 GB of
-    float32) is written exactly as raysub's sampler writes it (`raysub.sample._write_snapshot`): the flat
+    float32) is written exactly as raysub's sampler writes it (`raysub.pipeline.sample._write_snapshot`): the flat
     vector is cut into ``--num-blocks`` contiguous blocks by `raysub.storage.block_bounds` (as 4 DDP ranks
     would), every snapshot of every block is one Arrow shard written with `RunDir.write_bytes(snapshot_rel(b, s),
     encode_vector(values, {...}))`, and every block has its ``index.json`` with the shards' sha256. The
@@ -18,7 +18,7 @@ What it measures
                    (read_bytes_s): it uses ``open_input_stream().read_buffer()``, which pyarrow implements for a
                    stream of unknown size as a Python loop of 256 KiB reads joined into one bytes object
                    (extra copies), several times slower than a plain read of an 11.7 MB shard.
-      basis_s      `raysub.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
+      basis_s      `raysub.pipeline.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
                    i.e. read (its actors memory-map local shards) + sha256 verify + distributed Gram + eigh
                    + writing the D×N basis shards; the slowest actor's load/gram/write split is printed. Peak RAM of
                    a block actor from the record's "blocks" entries: (peak_rss - start_rss) / block_bytes.
@@ -271,7 +271,7 @@ def run_reference(run: RunDir, dim: int, ref_out: str, seed: int) -> dict:
 
 def compare_bases(run: RunDir, ref_npy: str, dim: int, raysub_sv, ref_sv, chunk: int = 1 << 18) -> dict:
     """Largest principal angle between raysub's and the reference's D-dim subspaces; singular-value agreement."""
-    from raysub.basis import load_basis
+    from raysub.pipeline.basis import load_basis
 
     B = load_basis(run.uri, dim)  # D×N float32, raysub's
     P = np.load(ref_npy, mmap_mode="r")  # D×N float32, the reference's
@@ -379,7 +379,7 @@ def main(argv=None) -> None:
         write_s = time.perf_counter() - tw
         log(f"wrote {gib(written)} in {write_s:.1f}s")
 
-        from raysub.sample import collect_trajectory
+        from raysub.pipeline.sample import collect_trajectory
 
         blocks, shards = collect_trajectory(run)
 
@@ -410,7 +410,7 @@ def main(argv=None) -> None:
 
         log(f"starting Ray (num_cpus={os.cpu_count()}, worker niceness {args.ray_worker_niceness}) ...")
         ray = init_ray(args.ray_worker_niceness)
-        from raysub.basis import build_basis
+        from raysub.pipeline.basis import build_basis
 
         for r in range(args.repeats):
             label = f"basis {r + 1}"

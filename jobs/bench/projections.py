@@ -93,7 +93,7 @@ def dense_mode(n: int, d: int, args) -> str:
 def run_case(family: str, n: int, d: int, args) -> dict:
     import torch
 
-    from raysub.projection import PROJECTIONS
+    from raysub.projections import PROJECTIONS
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed + 1)

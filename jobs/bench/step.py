@@ -5,11 +5,11 @@ What it measures
     (3, 32, 32) (``resnet20``), 10 classes, a fixed random batch (``--batch``, default 128, fixed seed):
       SGD step    opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
                   with torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4) over all N parameters.
-      P-SGD step  exactly the per-step body of raysub's `raysub.subspace.subspace_loop` on one worker:
-                  sub.set_z(z); loss, g = sub.loss_and_grad(x, y); z.grad = g.to(z.dtype); opt.step()
-                  with raysub's own classes: `SubspaceModel(model, theta0, MatrixProjection(basis_DN))` and
-                  `raysub.optim.build_optimizer("psgd", [z], TrainConfig(...))`; the basis is a random
-                  orthonormal D×N float32 matrix (``--dim``, default 40). Nothing of the step is reimplemented.
+      P-SGD step  raysub's own training step, the one every loop calls (`raysub.engine.task.train_step`):
+                  train_step(task, z, opt, x, y) with task = Task.from_parts(model, theta0,
+                  MatrixProjection(basis_DN)) and opt = `raysub.optim.build_optimizer("psgd", z, TrainConfig(...))`;
+                  the basis is a random orthonormal D×N float32 matrix (``--dim``, default 40). Nothing of the
+                  step is reimplemented.
       P-SGD bf16  the same with MatrixProjection(dtype=torch.bfloat16) (train.basis_dtype=bfloat16); informative.
     All variants are warmed up, then timed in interleaved rounds (SGD, P-SGD, P-SGD bf16 blocks of steps, the
     order rotating every round) so that other load on the machine hits all of them alike; the per-step time
@@ -17,7 +17,7 @@ What it measures
     block starts from the same post-warm-up state (parameters / z, optimizer state, BatchNorm buffers): on one
     fixed random batch, plain SGD at lr 0.1 kills ~95% of LeNet's ReLUs within ~40 steps, after which its
     (data-dependent) max-pooling runs ~1.5x faster and SGD would look faster than it is in real training.
-    It also prints the floats all-reduced per step by data parallelism: D for the subspace step, N (every
+    It also prints the floats all-reduced per step by data parallelism: D+1 for the subspace step (g̃ and the loss), N (every
     gradient) for plain DDP; a per-phase breakdown of both steps (set_z / forward / backward / project /
     optimizer) measured with the same raysub objects; and a check that raysub's projected gradient equals
     Pᵀ∇L computed by plain autograd (so the timed step computes the right thing).
@@ -54,11 +54,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from raysub.config import TrainConfig  # noqa: E402
-from raysub.flat import flatten_params  # noqa: E402
+from raysub.engine.flat import flatten_params  # noqa: E402
 from raysub.models import build_model  # noqa: E402
 from raysub.optim import build_optimizer  # noqa: E402
-from raysub.projection import MatrixProjection  # noqa: E402
-from raysub.subspace import SubspaceModel  # noqa: E402
+from raysub.projections import MatrixProjection  # noqa: E402
+from raysub.engine.task import Task, train_step  # noqa: E402
 
 GOAL = 1.10
 SHAPES = {"lenet": ("lenet5", (1, 28, 28)), "resnet20": ("resnet20", (3, 32, 32))}
@@ -115,15 +115,15 @@ class SGDStep:
 
 
 class PSGDStep:
-    """raysub's subspace step (the body of `subspace_loop`'s inner loop, one worker)."""
+    """raysub's training step (`raysub.engine.task.train_step`, what every loop calls; one worker)."""
 
     def __init__(self, model, x, y, basis_DN, dtype, cfg, label):
         self.x, self.y, self.label = x, y, label
-        theta0_N = flatten_params(model)
         self.projection = MatrixProjection(basis_DN, dtype=dtype)
-        self.sub = SubspaceModel(model, theta0_N, self.projection)
-        self.z = torch.zeros(basis_DN.shape[0], requires_grad=True)
-        self.opt = build_optimizer("psgd", [self.z], cfg)
+        self.task = Task.from_parts(model, flatten_params(model), self.projection)
+        self.sub = self.task.sub
+        self.z = self.task.new_z()
+        self.opt = build_optimizer("psgd", self.z, cfg)
 
     def snapshot(self):
         self._snap = (self.z.detach().clone(), copy.deepcopy(self.opt.state_dict()),
@@ -137,10 +137,7 @@ class PSGDStep:
             v.copy_(self._snap[2][k])
 
     def step(self):
-        self.sub.set_z(self.z)
-        loss, g_D = self.sub.loss_and_grad(self.x, self.y)
-        self.z.grad = g_D.to(self.z.dtype)
-        self.opt.step()
+        loss, _ = train_step(self.task, self.z, self.opt, self.x, self.y)
         return loss
 
     def phases(self):
@@ -157,8 +154,7 @@ class PSGDStep:
         t4 = time.perf_counter()
         g_D = sub.projection.project(sub.flat.grad_N)
         t5 = time.perf_counter()
-        self.z.grad = g_D.to(self.z.dtype)
-        self.opt.step()
+        self.opt.step(self.z, g_D, loss.detach(), None)
         t6 = time.perf_counter()
         return {"set_z": t1 - t0, "zero_grad": t2 - t1, "forward": t3 - t2, "backward": t4 - t3, "project": t5 - t4,
                 "opt_step": t6 - t5}
@@ -328,7 +324,7 @@ def main(argv=None) -> None:
           f"   {'all-reduce floats/step: DDP':>28s} {'subspace':>9s}")
     for k, r in res.items():
         print(f"{k:10s} {r['num_params']:9,d} {r['ms']['SGD']:9.2f} {r['ms']['P-SGD']:9.2f} {r['ratio']:7.3f} "
-              f"{r['ms']['P-SGD bf16']:9.2f} {r['ratio_bf16']:7.3f}   {r['num_params']:28,d} {args.dim:9d}")
+              f"{r['ms']['P-SGD bf16']:9.2f} {r['ratio_bf16']:7.3f}   {r['num_params']:28,d} {args.dim + 1:9d}")
     print(f"goal: P-SGD / SGD <= {GOAL} " + "  ".join(
         f"[{k}: {'met' if r['ratio'] <= GOAL else 'NOT met'}]" for k, r in res.items()))
     print("-" * 104)
@@ -348,7 +344,7 @@ def main(argv=None) -> None:
         f"θ {r['theta_rel_err']:.1e}" for k, r in res.items()))
 
     fig = {"batch": args.batch, "dim": args.dim, "threads": threads, "torch": torch.__version__,
-           "goal_psgd_over_sgd": GOAL, "allreduce_floats_subspace": args.dim}
+           "goal_psgd_over_sgd": GOAL, "allreduce_floats_subspace": args.dim + 1}
     for k, r in res.items():
         fig[f"psgd_over_sgd_{k}"] = r["ratio"]
         fig[f"psgd_bf16_over_sgd_{k}"] = r["ratio_bf16"]

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from raysub.cli import resolve_config
     from raysub.config import load_config
-    from raysub.sweep import run_sweep
+    from raysub.pipeline.sweep import run_sweep
 
     cpus = os.cpu_count() or 1
     root = tempfile.mkdtemp(prefix="raysub-sweep-bench-")

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         "pbfgs_test_acc": pb["test_acc"], "pbfgs_best_test_acc": max(h["test_acc"] for h in pb["history"]),
         "pbfgs_epochs_to_target": reached[0]["epoch"] if reached else None, "pbfgs_s_to_target": pb_time,
         "pbfgs_s_total": pb["wall_s"], "pbfgs_convergence_step": pb.get("convergence_step"),
-        "pbfgs_line_search": pb["history"][-1].get("line_search"),
+        "pbfgs_line_search": pb["history"][-1].get("optimizer_stats"),
         "pipeline_s": pipeline_s,
         "pipeline_over_sgd": pipeline_s / sgd["wall_s"] if reached else None,
         "goal_pipeline_over_sgd": 0.5,

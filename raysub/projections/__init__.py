@@ -1,4 +1,11 @@
-"""Projection families, one file each; importing this package registers them all in `PROJECTIONS`.
+"""Projection families: the linear map θ = θ0 + P z between the d subspace coefficients and the N parameters.
+
+`base.py` holds the `Projection` interface (``lift`` = P z, ``project`` = Pᵀ g, exact adjoints), the explicit
+`MatrixProjection`, the `PROJECTIONS` registry and `check_projection`; every family is one file here with one
+``register`` call that also declares what the family is — ``random``, ``needs_basis_run``, ``full``,
+``low_memory`` (see base.py) — and its own ``check``, so callers validate any family with
+``check_projection(name, num_params, dim, options, basis_run)`` before Ray starts. Importing this package
+registers them all.
 
 | family   | P (N×D)                                   | memory            | lift / project cost      |
 |----------|-------------------------------------------|-------------------|--------------------------|
@@ -9,4 +16,7 @@
 | dldr     | trajectory PCA basis (DLDR)               | N·D (stored run)  | N·D                      |
 | identity | I (D = N): full-parameter training        | none              | N                        |
 """
-from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401
+from raysub.projections.base import (  # noqa: F401
+    FACTORY_ARGS, PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks,
+)
+from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401,E402

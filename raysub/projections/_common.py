@@ -1,9 +1,10 @@
-"""Pieces shared by the random projection families: seeded generators and the fast Walsh–Hadamard transform."""
+"""Pieces shared by the projection families: seeded generators, the fast Walsh–Hadamard transform and the
+check of the subspace dimension D."""
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -68,16 +69,32 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, L)
 
 
-def check_dim(family: str, num_params: int, dim: int) -> None:
-    """A random projection needs 0 < D ≤ N.
+def dim_problems(family: str, num_params: int, dim: int, *, full: bool = False, bounded: bool = True) -> List[str]:
+    """What is wrong with D = ``dim`` for ``family`` (one line each; empty: fine).
+
+    Args:
+        full: the full-training family (identity): D must equal N.
+        bounded: D must also be ≤ N (every random family: a subspace is smaller than the space).
+    """
+    if full:
+        return [] if dim == num_params else [
+            f"projection {family!r} needs train.dim = the model's {num_params} parameters, got {dim}"]
+    if dim <= 0:
+        return [f"projection {family!r}: train.dim={dim} must be > 0"]
+    if bounded and dim > num_params:
+        return [f"projection {family!r}: train.dim={dim} exceeds the model's {num_params} parameters: "
+                f"a subspace must be smaller than the space"]
+    return []
+
+
+def check_dim(family: str, num_params: int, dim: int, *, full: bool = False) -> None:
+    """`dim_problems` as an exception: a random family needs 0 < D ≤ N, the full-training family D = N.
 
     Raises:
-        ConfigError: D outside (0, N].
+        ConfigError: D out of range.
     """
     from raysub.errors import ConfigError
 
-    if dim <= 0:
-        raise ConfigError(f"projection {family!r}: train.dim={dim} must be > 0")
-    if dim > num_params:
-        raise ConfigError(f"projection {family!r}: train.dim={dim} exceeds the model's {num_params} parameters: "
-                          f"a subspace must be smaller than the space")
+    problems = dim_problems(family, num_params, dim, full=full)
+    if problems:
+        raise ConfigError(problems)

@@ -5,13 +5,14 @@ in blocks of `CHUNK_ROWS` rows, each block from its own generator stream (seed, 
 regenerated alone. When N·D floats fit in ``max_bytes`` the matrix is kept on the device (one GEMV per lift
 and per project); otherwise it is *streamed*: every lift and project regenerates it block by block and holds
 one block (CHUNK_ROWS × D) at a time — O(N + D) memory, at the price of redrawing N·D normals per call.
-Both modes give the same matrix for the same seed and device.
+Both modes give the same matrix for the same seed and device. Registered ``random``; ``low_memory`` only when
+streamed (``low_memory_options``).
 """
 from __future__ import annotations
 
 import torch
 
-from raysub.projection import PROJECTIONS, MatrixProjection, Projection
+from raysub.projections.base import PROJECTIONS, MatrixProjection, Projection, no_checks
 from raysub.projections._common import check_dim, generator
 
 CHUNK_ROWS = 1 << 14
@@ -71,7 +72,8 @@ def materialize(num_params: int, dim: int, seed: int, device="cpu", dtype=torch.
     return basis_DN
 
 
-@PROJECTIONS.register("dense")
+@PROJECTIONS.register("dense", random=True, needs_basis_run=False, full=False, low_memory=False,
+                      low_memory_options={"max_bytes": 0}, check=no_checks)
 def dense_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
                      dtype=torch.float32, max_bytes: int = 1 << 30) -> Projection:
     """Gaussian basis, unit-norm columns; kept on the device when N·D·itemsize ≤ ``max_bytes`` (default

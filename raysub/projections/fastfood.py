@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from raysub.projection import PROJECTIONS, Projection
+from raysub.projections.base import PROJECTIONS, Projection, no_checks
 from raysub.projections._common import check_dim, fwht, generator, next_pow2, rademacher
 
 STREAM = 0xFA57F00D
@@ -65,7 +65,8 @@ class FastfoodProjection(Projection):
         return w[: self.dim].mul_(self.B.to(dt)).mul_(self.scale)
 
 
-@PROJECTIONS.register("fastfood")
+@PROJECTIONS.register("fastfood", random=True, needs_basis_run=False, full=False, low_memory=True,
+                      check=no_checks)
 def fastfood_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
                         dtype=torch.float32) -> FastfoodProjection:
     """Global Fastfood transform, O(N) memory, unit-norm columns (≈)."""

@@ -24,11 +24,12 @@ plus one FWHT of length L. Exact adjoint: project runs the same factors transpos
 from __future__ import annotations
 
 import math
+from typing import Any, List, Mapping, Optional
 
 import torch
 
 from raysub.errors import ConfigError
-from raysub.projection import PROJECTIONS, Projection
+from raysub.projections.base import PROJECTIONS, Projection
 from raysub.projections._common import check_dim, fwht, generator, next_pow2, rademacher
 
 STREAM = 0xFA57B1
@@ -98,14 +99,26 @@ class FastJLProjection(Projection):
         return v[: self.dim].mul_(self.D.to(g_N.dtype)).mul_(self.scale)
 
 
-@PROJECTIONS.register("fastjl")
+def fastjl_problems(num_params: int, dim: int, options: Mapping[str, Any], basis_run: Optional[str]) -> List[str]:
+    """The family's ``check``: ``index`` is "shuffled" or "mod", ``points`` ≥ 2 (values of the right type only:
+    a wrong type is reported by the shared option check)."""
+    problems = []
+    index, points = options.get("index", "shuffled"), options.get("points", REPORT_POINTS)
+    if isinstance(index, str) and index not in ("shuffled", "mod"):
+        problems.append(f"projection 'fastjl': index={index!r}: choose 'shuffled' or 'mod'")
+    if isinstance(points, int) and not isinstance(points, bool) and points < 2:
+        problems.append(f"projection 'fastjl': points={points} must be ≥ 2 (the training-set size)")
+    return problems
+
+
+@PROJECTIONS.register("fastjl", random=True, needs_basis_run=False, full=False, low_memory=True,
+                      check=fastjl_problems)
 def fastjl_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
                       dtype=torch.float32, points: int = REPORT_POINTS, index: str = "shuffled") -> FastJLProjection:
     """The report's P H D; ``points``: n in q = 2 ln²(n)/D; ``index``: "shuffled" (default) or "mod" (the
     report's tiling)."""
     check_dim("fastjl", num_params, dim)
-    if index not in ("shuffled", "mod"):
-        raise ConfigError(f"projection 'fastjl': index={index!r}: choose 'shuffled' or 'mod'")
-    if points < 2:
-        raise ConfigError(f"projection 'fastjl': points={points} must be ≥ 2 (the training-set size)")
+    problems = fastjl_problems(num_params, dim, {"index": index, "points": points}, None)
+    if problems:
+        raise ConfigError(problems)
     return FastJLProjection(num_params, dim, seed, device, dtype, points, index)

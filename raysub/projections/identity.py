@@ -1,14 +1,15 @@
 """``identity`` — P = I with D = N: training z is ordinary full-parameter training from θ0.
 
 The sweep's full-training baseline runs through the same loop as every subspace trial with this family, so
-the baseline and the subspace runs differ only in P.
+the baseline and the subspace runs differ only in P. Registered ``full`` (callers set D = N) and ``low_memory``
+(it holds nothing).
 """
 from __future__ import annotations
 
 import torch
 
-from raysub.errors import ConfigError
-from raysub.projection import PROJECTIONS, Projection
+from raysub.projections.base import PROJECTIONS, Projection, no_checks
+from raysub.projections._common import check_dim
 
 
 class IdentityProjection(Projection):
@@ -28,10 +29,9 @@ class IdentityProjection(Projection):
         return torch.add(base_N, z_D.to(out_N.dtype), out=out_N)
 
 
-@PROJECTIONS.register("identity")
+@PROJECTIONS.register("identity", random=False, needs_basis_run=False, full=True, low_memory=True, check=no_checks)
 def identity_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
                         dtype=torch.float32) -> IdentityProjection:
     """Full-parameter training; ``dim`` must equal the number of parameters."""
-    if dim != num_params:
-        raise ConfigError(f"projection 'identity' needs train.dim = the model's {num_params} parameters, got {dim}")
+    check_dim("identity", num_params, dim, full=True)
     return IdentityProjection(num_params)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from raysub.projection import PROJECTIONS, Projection
+from raysub.projections.base import PROJECTIONS, Projection, no_checks
 from raysub.projections._common import check_dim, generator
 
 STREAM = 0x5BA55E
@@ -57,7 +57,7 @@ class SparseProjection(Projection):
         return torch.zeros(self.dim, dtype=g_N.dtype, device=g_N.device).index_add_(0, self.cols, contrib)
 
 
-@PROJECTIONS.register("sparse")
+@PROJECTIONS.register("sparse", random=True, needs_basis_run=False, full=False, low_memory=True, check=no_checks)
 def sparse_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
                       dtype=torch.float32) -> SparseProjection:
     """≈√N signed nonzeros per column, unit-norm columns, D·√N memory."""

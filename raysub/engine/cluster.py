@@ -97,15 +97,18 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    relay = True
     while True:
         alive = thread.is_alive()
         try:
-            while True:
+            while relay:
                 printer(progress.get_nowait())
         except pyqueue.Empty:
             pass
-        except Exception:
-            pass
+        except Exception as exc:  # the queue's actor died (a lost node): training goes on, say so once
+            relay = False
+            print(f"raysub: warning: progress lines stopped ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                  f"); training continues and its results are still recorded", file=sys.stderr, flush=True)
         if not alive:
             break
         time.sleep(0.2)
@@ -165,6 +168,3 @@ def unwrap_train_error(exc: BaseException) -> BaseException:
                 stack.append(val)
     return exc
 
-
-def say(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)

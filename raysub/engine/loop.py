@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,37 +34,49 @@ def setup_threads() -> None:
         torch.set_num_threads(n)
 
 
-def worker_setup(config: Dict):
-    """What both training loops start with: the config, progress queue, rank/world, device, run directory,
-    dataset, and the model at θ0 (loaded from ``theta0.pt``, so every rank starts identical) on the device.
+@dataclass
+class WorkerContext:
+    """What every training loop starts with (`worker_context`)."""
+
+    cfg: Any  # raysub.config.Config
+    progress: Any  # a ray.util.queue.Queue for rank 0's progress records, or None
+    rank: int
+    world: int
+    device: torch.device
+    run: Any  # raysub.storage.RunDir
+    session: str  # "train" (a Ray Train worker) or "tune" (a single-process Tune trial)
+
+
+def worker_context(config: Dict) -> WorkerContext:
+    """The config, progress queue, rank/world, device and run directory of a loop's ``config`` dict.
 
     ``config["session"]``: "train" (a Ray Train worker, the default) or "tune" (a single-process trial running
     in its Ray Tune actor: no process group, reports and checkpoints go through ``ray.tune``)."""
-    from raysub.config import Config, open_dataset
-    from raysub.models import build_model
+    from raysub.config import Config
     from raysub.storage import RunDir
 
     cfg = Config.from_dict(config["cfg"])
     setup_threads()
     rank, world = rank_world()
-    if config.get("session") == "tune":
+    session = config.get("session", "train")
+    if session == "tune":
         device = torch.device("cuda" if cfg.cluster.use_gpu and torch.cuda.is_available() else "cpu")
     else:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    run = RunDir(cfg.run_dir)
-    data = open_dataset(cfg)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    model.load_state_dict(run.read_torch("theta0.pt"))
-    model.to(device)
-    return cfg, config.get("progress"), rank, world, device, run, data, model
+    return WorkerContext(cfg, config.get("progress"), rank, world, device, RunDir(cfg.run_dir), session)
+
+
+def mix_seed(seed: int, epoch: int) -> int:
+    """One integer seed per (seed, epoch): the data order and augmentation of an epoch."""
+    return seed * 100_003 + epoch
 
 
 def epoch_batches(num_examples: int, global_batch: int, seed: int, epoch: int, rank: int, world: int
                   ) -> List[torch.Tensor]:
     """This rank's index batches for ``epoch`` (see the module docstring)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(mix_seed(seed, epoch))
     perm = torch.randperm(num_examples, generator=gen)
     local = global_batch // world
     steps = num_examples // global_batch

@@ -12,7 +12,8 @@ import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from raysub.config import Config, check, merge, num_snapshots, open_dataset, parse_overrides
+from raysub.config import Config, merge, parse_overrides
+from raysub.pipeline.plan import check, plan
 from raysub.errors import ConfigError, StorageError
 from raysub.storage import RunDir, block_bounds, sha256
 
@@ -22,45 +23,7 @@ STAGE_SECTIONS = {"basis": ("basis", "cluster"), "train": ("train", "cluster")}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# planning
-
-def plan(cfg: Config) -> Dict[str, Any]:
-    """Validate ``cfg`` fully without starting Ray or writing anything.
-
-    Returns:
-        {"num_params", "num_snapshots", "steps_per_epoch", "layout", "num_classes"}.
-    Raises:
-        ConfigError: every problem found, in one message.
-    """
-    import torch
-
-    from raysub.flat import layout_to_json, param_layout
-    from raysub.models import build_model
-
-    check(cfg)
-    data = open_dataset(cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    layout = param_layout(model)
-    n = sum(e.numel for e in layout)
-    steps = data.size("train") // cfg.data.batch_size
-    problems = []
-    if steps == 0:
-        problems.append(f"data.batch_size={cfg.data.batch_size} exceeds the {data.size('train')} training examples: "
-                        "lower it")
-    t = num_snapshots(cfg, max(steps, 1))
-    if cfg.basis.dim >= t:
-        problems.append(f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled: lower basis.dim or sample "
-                        f"more (sample.epochs, sample.snapshots_per_epoch, sample.snapshot_every_steps)")
-    if cfg.basis.dim >= n:
-        problems.append(f"basis.dim={cfg.basis.dim} must be < the model's {n} parameters: lower it")
-    if cfg.cluster.num_workers > n:
-        problems.append(f"cluster.num_workers={cfg.cluster.num_workers} exceeds the {n} parameters to shard")
-    if problems:
-        raise ConfigError(problems)
-    return {"num_params": n, "num_snapshots": t, "steps_per_epoch": steps, "layout": layout_to_json(layout),
-            "num_classes": data.num_classes, "model": model}
-
+# the run directory
 
 def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> bool:
     """Check the run directory's state; returns True when an existing run is resumed (``--resume`` on a missing
@@ -142,13 +105,31 @@ def _write_config(run: RunDir, cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # stages
 
+def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool) -> Dict[str, Any]:
+    """Create (or reopen, when ``resuming``) the run directory: config.yaml, the seeded ``theta0.pt`` with its
+    sha256, the manifest. Returns the manifest. Call after `plan` and `prepare_run_dir`."""
+    from raysub.engine.flat import flatten_params
+
+    run = RunDir(cfg.run_dir)
+    if overwrite and run.exists():
+        run.delete()
+    run.makedirs()
+    manifest = run.read_json("manifest.json") if resuming and run.exists("manifest.json") else new_manifest(cfg, info)
+    _write_config(run, cfg)
+    if not run.exists("theta0.pt"):
+        model = info["model"]
+        manifest["shards"]["theta0.pt"] = run.write_torch("theta0.pt", model.state_dict())
+        manifest["theta0_norm"] = float(flatten_params(model).norm())
+    run.write_json("manifest.json", manifest)
+    return manifest
+
+
 def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print,
                  info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Validate, then sample the trajectory (and train the SGD baseline) into ``cfg.run_dir``."""
 
-    from raysub.cluster import ensure_ray
-    from raysub.flat import flatten_params
-    from raysub.sample import run_sample
+    from raysub.engine.cluster import ensure_ray
+    from raysub.pipeline.sample import run_sample
 
     info = info or plan(cfg)
     run = RunDir(cfg.run_dir)
@@ -160,16 +141,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
             say(f"[sample] already complete in {run.uri}; skipping")
             return manifest
     ensure_ray(cfg)
-    if overwrite and run.exists():
-        run.delete()
-    run.makedirs()
-    manifest = run.read_json("manifest.json") if resuming and run.exists("manifest.json") else new_manifest(cfg, info)
-    _write_config(run, cfg)
-    if not run.exists("theta0.pt"):
-        model = info["model"]
-        manifest["shards"]["theta0.pt"] = run.write_torch("theta0.pt", model.state_dict())
-        manifest["theta0_norm"] = float(flatten_params(model).norm())
-    run.write_json("manifest.json", manifest)
+    manifest = init_run(cfg, info, resuming, overwrite)
     say(f"[sample] {cfg.model.name} on {cfg.data.name}: {info['num_params']:,} parameters, "
         f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
         f"SGD for {cfg.sgd.epochs} epochs")
@@ -217,8 +189,8 @@ def _stage_config(run: RunDir, overrides: Sequence[str], stage: str) -> Config:
 def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, say: Printer = print,
                 cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Build the DLDR basis of a sampled run."""
-    from raysub.basis import build_basis
-    from raysub.cluster import ensure_ray
+    from raysub.pipeline.basis import build_basis
+    from raysub.engine.cluster import ensure_ray
 
     run = RunDir(run_uri)
     cfg = cfg or _stage_config(run, overrides, "basis")
@@ -231,7 +203,7 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                           f"lower it, or sample more")
     if run.exists("basis/spectrum.json") and not overwrite:
         raise ConfigError(f"{run.path('basis')} already holds a basis: pass --overwrite to rebuild it")
-    from raysub.sample import collect_trajectory
+    from raysub.pipeline.sample import collect_trajectory
 
     blocks, _ = collect_trajectory(run)
     for b in blocks:
@@ -263,21 +235,37 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     return record
 
 
+def check_train_projection(cfg: Config, num_params: int, run: RunDir) -> None:
+    """The projection family's own checks for this training (d against N, its options, its basis run — this
+    run's own by default), before Ray starts.
+
+    Raises:
+        ConfigError: every problem, in one message.
+    """
+    from raysub.engine.task import subspace_dim
+    from raysub.projections import check_projection
+
+    name = cfg.train.projection
+    dim = subspace_dim(cfg, num_params)
+    problems = check_projection(name, num_params, dim, cfg.train.projection_options,
+                                cfg.train.basis_run or run.uri)
+    if problems:
+        raise ConfigError(problems)
+
+
 def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, resume: bool = False,
                 say: Printer = print, cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Train z from θ0 in the run's subspace; records ``results[train.label]`` in summary.json."""
-    from raysub.cluster import ensure_ray
-    from raysub.subspace import run_subspace
+    from raysub.engine.cluster import ensure_ray
+    from raysub.pipeline.train import run_subspace
 
     run = RunDir(run_uri)
     cfg = cfg or _stage_config(run, overrides, "train")
-    if cfg.train.projection == "dldr" and not run.exists("basis/spectrum.json"):
-        raise StorageError(f"{run.path('basis')} has no basis: run 'raysub basis {run.uri}' first")
-    if cfg.train.projection == "dldr":
-        stored = run.read_json("basis/spectrum.json")["dim"]
-        if cfg.train_dim > stored:
-            raise ConfigError(f"train.dim={cfg.train_dim} exceeds the {stored} components of the stored basis: "
-                              f"rebuild it with 'raysub basis {run.uri} basis.dim={cfg.train_dim} --overwrite'")
+    from raysub.engine.task import subspace_dim
+
+    num_params = run.read_json("manifest.json")["num_params"]
+    check_train_projection(cfg, num_params, run)
+    dim = subspace_dim(cfg, num_params)
     summary = read_summary(run)
     label = cfg.train_label
     ckpt_name = f"train-{label}"
@@ -291,14 +279,15 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     ckpt_dir = RunDir(run.storage_path)
     if not resume and ckpt_dir.exists(ckpt_name):
         ckpt_dir.delete(ckpt_name)  # a fresh run must not pick up an old run's checkpoints
-    say(f"[{label}] {cfg.train.optimizer} in a {cfg.train_dim}-dim {cfg.train.projection} subspace, "
-        f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs; all-reduce {cfg.train_dim} floats per step"
-        + (" (+1: the loss, for the line search)" if cfg.train.optimizer == "pbfgs" else ""))
+    say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
+        f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
+        + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss)"
+           if cfg.cluster.num_workers > 1 else ""))
     out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
     hist = out["history"]
     summary = read_summary(run)
     summary["results"][label] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
-                                 "wall_s": hist[-1]["elapsed_s"], "dim": cfg.train_dim,
+                                 "wall_s": hist[-1]["elapsed_s"], "dim": dim,
                                  "optimizer": cfg.train.optimizer, "projection": cfg.train.projection,
                                  "allreduce_floats_per_step": hist[-1]["allreduce_floats_per_step"],
                                  **_loss_curve(run, label, out["step_losses"]), "history": hist}
@@ -313,6 +302,24 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
 
     plot_accuracy(run, summary)
     return summary["results"][label]
+
+
+def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print
+                      ) -> Dict[str, Any]:
+    """A subspace training that needs no sampled trajectory (a random or full-parameter family, or a basis
+    from ``train.basis_run``): create the run directory (θ0, config, manifest), then `stage_train`."""
+    from raysub.engine.cluster import ensure_ray
+
+    info = plan(cfg)
+    run = RunDir(cfg.run_dir)
+    cfg.run_dir = run.uri
+    if cfg.train.basis_run:
+        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
+    resuming = prepare_run_dir(run, resume, overwrite)
+    check_train_projection(cfg, info["num_params"], run)  # before Ray starts
+    ensure_ray(cfg)
+    init_run(cfg, info, resuming, overwrite)
+    return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print) -> Dict[str, Any]:

@@ -13,15 +13,51 @@ function of seed and epoch), and never duplicates or loses one.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any, Dict, List
 
 import torch
 
-from raysub import loop
-from raysub.config import Config, snapshot_steps
+from raysub.engine import loop
+from raysub.config import Config
 from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
+
+
+def num_snapshots(cfg: Config, steps_per_epoch: int) -> int:
+    """Snapshots the sampler writes: theta0 plus those taken inside the window."""
+    if cfg.sample.snapshot_every_steps > 0:
+        return 1 + (cfg.sample.epochs * steps_per_epoch) // cfg.sample.snapshot_every_steps
+    return 1 + cfg.sample.epochs * cfg.sample.snapshots_per_epoch
+
+
+def snapshot_steps(cfg: Config, steps_per_epoch: int) -> List[int]:
+    """Global step counts (1-based, after the update) at which snapshots 1..t-1 are taken."""
+    total = cfg.sample.epochs * steps_per_epoch
+    if cfg.sample.snapshot_every_steps > 0:
+        k = cfg.sample.snapshot_every_steps
+        return list(range(k, total + 1, k))
+    per = cfg.sample.snapshots_per_epoch
+    steps = []
+    for epoch in range(cfg.sample.epochs):
+        for j in range(1, per + 1):
+            steps.append(epoch * steps_per_epoch + math.ceil(j * steps_per_epoch / per))
+    return steps
+
+
+def check_sample_section(cfg: Config) -> List[str]:
+    """The sampling window against ``basis.dim``: d must be below the number of snapshots (the centred trajectory
+    has rank ≤ t−1). Checked here when the count does not depend on the dataset size, else in the plan."""
+    problems = []
+    if cfg.sample.snapshot_every_steps == 0 and cfg.basis.dim > 0 and cfg.sample.epochs > 0:
+        t = num_snapshots(cfg, steps_per_epoch=1)
+        if cfg.basis.dim >= t:
+            problems.append(
+                f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled (the centred trajectory has rank "
+                f"≤ {t - 1}): lower basis.dim or sample more (sample.epochs, sample.snapshots_per_epoch)"
+            )
+    return problems
 
 
 def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
@@ -43,9 +79,17 @@ def sample_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from raysub.flat import flatten_params
+    from raysub.engine.flat import flatten_params
 
-    cfg, progress, rank, world, device, run, data, model = loop.worker_setup(config)
+    from raysub.data import open_dataset
+    from raysub.models import build_model
+
+    ctx = loop.worker_context(config)
+    cfg, progress, rank, world, device, run = ctx.cfg, ctx.progress, ctx.rank, ctx.world, ctx.device, ctx.run
+    data = open_dataset(cfg)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    model.load_state_dict(run.read_torch("theta0.pt"))  # every rank starts from the same θ0
+    model.to(device)
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
                           weight_decay=cfg.sgd.weight_decay)
@@ -76,7 +120,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
         losses = []
         batches = loop.epoch_batches(data.size("train"), cfg.data.batch_size, cfg.seed, epoch, rank, world)
         for i, (x, y) in enumerate(data.batches("train", batches, augment=cfg.data.augment,
-                                                 seed=cfg.seed * 100_003 + epoch, num_workers=cfg.data.num_workers)):
+                                                 seed=loop.mix_seed(cfg.seed, epoch), num_workers=cfg.data.num_workers)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = torch.nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
@@ -117,7 +161,7 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
     Returns:
         {"history", "window_s", "wall_s", "num_snapshots", "blocks", "shards"}.
     """
-    from raysub.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
 
     progress = make_progress_queue()
     loop_config = {"cfg": cfg.to_dict(), "progress": progress,

@@ -31,7 +31,9 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from raysub.config import Config, check, open_dataset
+from raysub.config import Config
+from raysub.data import open_dataset
+from raysub.pipeline.plan import check
 from raysub.errors import ConfigError
 from raysub.storage import RunDir
 
@@ -54,19 +56,19 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
     """Validate a sweep without starting Ray or writing anything.
 
     Returns:
-        {"num_params", "model", "grid", "basis_dim"}.
+        {"num_params", "model", "grid"}.
     Raises:
         ConfigError: every problem found, in one message.
     """
     import torch
 
     from raysub.models import build_model
-    from raysub.projection import FACTORY_ARGS, PROJECTIONS
+    from raysub.projections import FACTORY_ARGS, PROJECTIONS, check_projection
 
     check(cfg)
     sw = cfg.sweep
     problems: List[str] = []
-    known = [n for n in PROJECTIONS.names() if n != BASELINE]
+    known = [n for n in PROJECTIONS.names() if not PROJECTIONS.meta(n).get("full")]
     if not sw.families:
         problems.append(f"sweep.families is empty: name at least one of {', '.join(known)}")
     for f in sw.families:
@@ -121,34 +123,20 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
                 problems.append(f"{key}: d={d} must be > 0")
             elif d > n:
                 problems.append(f"{key}: d={d} exceeds the model's {n:,} parameters: a subspace must be smaller")
-    basis_dim = None
-    if "dldr" in sw.families:
-        basis_dim = _check_basis_run(cfg, n, grid["dldr"], problems)
+    for f, dims in grid.items():  # the family's own checks (options, its basis run) at its largest d
+        positive = [d for d in dims if 0 < d <= n]
+        if f in known and positive:
+            options = sw.family_options.get(f, {})
+            try:
+                PROJECTIONS.check_options(f, options, skip=3, internal=FACTORY_ARGS)
+                reported = set()
+            except ConfigError as exc:  # reported above as sweep.family_options
+                reported = set(exc.problems)
+            problems.extend(f"sweep family {f!r} at d={max(positive)}: {p}" for p in check_projection(
+                f, n, max(positive), options, cfg.train.basis_run) if p not in reported)
     if problems:
         raise ConfigError(problems)
-    return {"num_params": n, "model": model, "grid": grid, "basis_dim": basis_dim}
-
-
-def _check_basis_run(cfg: Config, n: int, dims: Sequence[int], problems: List[str]) -> Optional[int]:
-    src = cfg.train.basis_run
-    if not src:
-        problems.append("family 'dldr' needs a sampled run with a basis: set train.basis_run=RUN_DIR (made by "
-                        "'raysub run' or 'raysub sample' + 'raysub basis')")
-        return None
-    run = RunDir(src)
-    if not run.exists("basis/spectrum.json"):
-        problems.append(f"train.basis_run={src} has no basis (no basis/spectrum.json): run 'raysub basis {src}' first")
-        return None
-    stored = run.read_json("basis/spectrum.json")["dim"]
-    manifest = run.read_json("manifest.json")
-    if manifest.get("num_params") != n:
-        problems.append(f"train.basis_run={src} is a {manifest.get('num_params')}-parameter model, this sweep's "
-                        f"model has {n}: use the same data and model as that run")
-    too_big = [d for d in dims if d > stored]
-    if too_big:
-        problems.append(f"dldr dims {too_big} exceed the {stored} components stored in {src}: lower "
-                        f"sweep.family_dims.dldr or rebuild the basis with a larger basis.dim")
-    return stored
+    return {"num_params": n, "model": model, "grid": grid}
 
 
 def concurrency(cfg: Config) -> int:
@@ -198,7 +186,7 @@ def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict
 
 def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optional[str] = None) -> None:
     """The Tune function trainable: one subspace training run."""
-    from raysub.subspace import subspace_loop
+    from raysub.pipeline.train import subspace_loop
 
     spec = config["trial"]
     cfg = trial_config(base, spec["family"], spec["dim"], spec["seed"])
@@ -208,7 +196,7 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optio
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysub.cluster import torch_trainer
+    from raysub.engine.cluster import torch_trainer
 
     name = f"{spec['family']}-d{spec['dim']}-s{spec['seed']}"
     storage = base["run_dir"].rstrip("/") + "/tune/train"
@@ -351,7 +339,7 @@ def results_table(summary: Dict[str, Any]) -> str:
 
 def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
     """Plan, then run the coarse and refinement phases on Ray Tune; write and print the results."""
-    from raysub.cluster import ensure_ray
+    from raysub.engine.cluster import ensure_ray
     from raysub.pipeline import prepare_run_dir
     from raysub.plots import plot_sweep
 
@@ -371,7 +359,10 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
                                               f"{run.uri}/config.yaml --overwrite\n"))
     if not run.exists("theta0.pt"):
-        if "dldr" in cfg.sweep.families:  # every family starts where the trajectory basis was sampled
+        from raysub.projections import PROJECTIONS
+
+        if any(PROJECTIONS.meta(f).get("needs_basis_run") for f in cfg.sweep.families):
+            # every family starts where the trajectory basis was sampled
             run.write_bytes("theta0.pt", RunDir(cfg.train.basis_run).read_bytes("theta0.pt"))
         else:
             run.write_torch("theta0.pt", info["model"].state_dict())

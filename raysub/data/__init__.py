@@ -1,0 +1,61 @@
+"""Datasets: one registry, one small module per on-disk format.
+
+`base` holds the registry `DATASETS`, the `Dataset` interface, `InMemoryDataset` and the per-example hashing
+that keys augmentation; `digits`, `idx` (MNIST, Fashion-MNIST), `cifar` (CIFAR-10/100) and `imagenet` each
+register their datasets on import; `wrappers` holds `NoisyLabels` and `HoldOut`; `api` loads and checks
+datasets by name (`load_dataset`, `validate_dataset`, `default_root`) or from a run config (`open_dataset`,
+`dataset_kwargs`, `check_data_section`). Importing this package registers every dataset and re-exports all
+of these names. Nothing here downloads or writes files.
+"""
+from raysub.data.base import (
+    DATASETS,
+    SPLITS,
+    Batch,
+    Dataset,
+    InMemoryDataset,
+    _as_index,
+    _missing_root,
+    _splitmix64,
+    example_hashes,
+)
+from raysub.data.digits import Digits
+from raysub.data.idx import MNIST, FashionMNIST, IDXDataset, _find_idx, read_idx
+from raysub.data.cifar import CIFAR10, CIFAR100, CifarDataset
+from raysub.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNet
+from raysub.data.wrappers import HoldOut, NoisyLabels
+from raysub.data.api import (
+    check_data_section,
+    dataset_kwargs,
+    default_root,
+    load_dataset,
+    open_dataset,
+    validate_dataset,
+)
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "Batch",
+    "Dataset",
+    "InMemoryDataset",
+    "example_hashes",
+    "Digits",
+    "read_idx",
+    "IDXDataset",
+    "FashionMNIST",
+    "MNIST",
+    "CifarDataset",
+    "CIFAR10",
+    "CIFAR100",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNet",
+    "NoisyLabels",
+    "HoldOut",
+    "default_root",
+    "load_dataset",
+    "validate_dataset",
+    "dataset_kwargs",
+    "open_dataset",
+    "check_data_section",
+]

@@ -1,0 +1,130 @@
+"""The dataset API: find, check and load a registered dataset by name, or the dataset a run config asks for.
+
+`default_root`, `load_dataset` and `validate_dataset` take a registry name; `dataset_kwargs`, `open_dataset`
+and `check_data_section` take a `raysub.config.Config` (imported for typing only, so this module never imports
+the config module).
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from raysub.data.base import DATASETS, Dataset
+from raysub.data.wrappers import HoldOut, NoisyLabels
+from raysub.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raysub.config import Config
+
+
+def default_root(name: str) -> Optional[str]:
+    """Where dataset `name` is looked for when no root is given.
+
+    Returns:
+        A path, or None when the dataset needs an explicit root (or needs none at all, like digits).
+
+    Raises:
+        ConfigError: unknown dataset name.
+    """
+    return getattr(DATASETS.get(name), "default_root", None)
+
+
+def load_dataset(name: str, root: Optional[str] = None, **kwargs) -> Dataset:
+    """Load a registered dataset.
+
+    Args:
+        name: Registry name ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet").
+        root: Data folder; None uses `default_root(name)`.
+        **kwargs: Dataset options (e.g. image_size for imagenet).
+
+    Returns:
+        The loaded Dataset.
+
+    Raises:
+        ConfigError: unknown name or option.
+        DataError: missing or malformed files (one line, naming the path and the fix).
+    """
+    factory = DATASETS.get(name)
+    DATASETS.check_options(name, kwargs, skip=1)
+    if root is None:
+        root = default_root(name)
+    else:
+        root = os.path.expanduser(root)
+    return factory(root, **kwargs)
+
+
+def validate_dataset(name: str, root: Optional[str], **kwargs) -> List[str]:
+    """Problems that would stop `load_dataset`, found by checking paths only (nothing is loaded).
+
+    Args:
+        name: Registry name.
+        root: Data folder; None uses `default_root(name)`.
+        **kwargs: Dataset options.
+
+    Returns:
+        One-line problem messages; empty when the files are where they should be.
+    """
+    try:
+        factory = DATASETS.get(name)
+        DATASETS.check_options(name, kwargs, skip=1)
+    except ConfigError as e:
+        return list(e.problems)
+    root = default_root(name) if root is None else os.path.expanduser(root)
+    check = getattr(factory, "problems", None)
+    return list(check(root, **kwargs)) if check else []
+
+
+def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
+    """The dataset options a config implies (only ImageNet's image_size so far), for `load_dataset`."""
+    return {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
+
+
+def open_dataset(cfg: Config):
+    """The run's dataset, with label noise applied when ``data.label_noise`` > 0 and a validation split held
+    out of the training split when ``data.val_fraction`` > 0."""
+    data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    if cfg.data.label_noise > 0:
+        seed = cfg.seed if cfg.data.label_noise_seed is None else cfg.data.label_noise_seed
+        data = NoisyLabels(data, cfg.data.label_noise, seed)
+    if cfg.data.val_fraction > 0:
+        data = HoldOut(data, cfg.data.val_fraction, cfg.data.val_seed)
+    return data
+
+
+def check_data_section(cfg: Config, check_data: bool = True) -> List[str]:
+    """Problems of the ``data`` section of a config (empty list: fine); nothing is loaded.
+
+    Checks the dataset name, the batch sizes and loader processes, ``val_fraction`` and ``label_noise``, that
+    ``data.batch_size`` and ``train.batch_size`` split evenly over ``cluster.num_workers``, and, when
+    ``check_data``, that the dataset's files are where they should be (`validate_dataset`).
+    """
+    from raysub.config import positive
+
+    problems: List[str] = []
+    if cfg.data.name not in DATASETS:
+        problems.append(
+            f"data.name: unknown {DATASETS.kind} {cfg.data.name!r}: choose one of {', '.join(DATASETS.names())}"
+        )
+    for key, value in (
+        ("data.batch_size", cfg.data.batch_size),
+        ("data.eval_batch_size", cfg.data.eval_batch_size),
+    ):
+        positive(problems, key, value)
+    positive(problems, "data.num_workers", cfg.data.num_workers, allow_zero=True)
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={cfg.data.val_fraction}: the held-out fraction must be in [0, 1)")
+    if not 0.0 <= cfg.data.label_noise <= 1.0:
+        problems.append(f"data.label_noise={cfg.data.label_noise}: a fraction of the labels must be in [0, 1]")
+    if cfg.cluster.num_workers and cfg.data.batch_size and cfg.data.batch_size % cfg.cluster.num_workers:
+        problems.append(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by cluster.num_workers="
+            f"{cfg.cluster.num_workers}: pick a multiple so every rank gets an equal share"
+        )
+    tb = cfg.train.batch_size
+    if tb and cfg.cluster.num_workers and tb % cfg.cluster.num_workers:
+        problems.append(
+            f"train.batch_size={tb} is not divisible by cluster.num_workers={cfg.cluster.num_workers}: pick a multiple"
+        )
+    if check_data and cfg.data.name in DATASETS:
+        problems.extend(validate_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg)))
+    return problems

@@ -1,0 +1,20 @@
+"""Optimizers of the subspace coefficients z, all behind one protocol (`base.py`) and one registry.
+
+- `base`        — the protocol (``step(z, g, loss, closure) -> stats``, ``set_lr``, ``state_dict``), the closure
+                  of extra same-batch evaluations, `OPTIMIZERS`, option checks, `build_optimizer`;
+- `first_order` — SGD†, Momentum† (P-SGD, the DLDR default), Adam†, RMSprop†: torch's optimizers over z;
+- `pbfgs`       — P-BFGS (DLDR Algorithm 2) with its same-batch Armijo line search;
+- `cgqn`        — class-gradient quasi-Newton (Tuddenham et al.), its class gradients from the step's closure;
+                  over the full parameters with the ``identity`` projection, the paper's setting.
+Importing this package registers them all.
+"""
+from raysub.optim.base import (  # noqa: F401
+    COMMON_ARGS,
+    OPTIMIZERS,
+    BatchClosure,
+    SubspaceOptimizer,
+    build_optimizer,
+    check_optimizer,
+)
+from raysub.optim import cgqn, first_order, pbfgs  # noqa: F401,E402
+from raysub.optim.pbfgs import PBFGS  # noqa: F401,E402

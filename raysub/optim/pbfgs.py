@@ -1,0 +1,135 @@
+"""P-BFGS (DLDR Algorithm 2): BFGS on z with a backtracking Armijo line search on the same mini-batch."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from raysub.optim.base import OPTIMIZERS, BatchClosure, SubspaceOptimizer
+
+COUNTERS = ("steps", "backtracks", "failed", "skipped", "resets")
+
+
+class PBFGS(SubspaceOptimizer):
+    """P-BFGS (DLDR Algorithm 2).
+
+    B (D×D) approximates the inverse Hessian, B0 = I, updated by the rank-two formula (13)
+    ``B ← Vᵀ B V + ρ s sᵀ``, ``V = I − ρ y sᵀ``, ``ρ = 1/(yᵀs)``. The direction is ``p = −B g̃``; the step
+    ``α`` starts at 1 and shrinks by β until Armijo (14) holds: ``L(z + α p) ≤ L(z) + c α g̃ᵀp``.
+
+    Robustness the reference code lacked:
+    - the curvature pair is skipped when ``yᵀs ≤ ε·‖s‖‖y‖`` (B would lose positive definiteness);
+    - p is replaced by −g̃ (and B reset) when it is not a descent direction;
+    - a line search that fails after ``max_backtracks`` leaves z where it was (restored from memory, D floats)
+      and resets B to I;
+    - trial points are evaluated by ``closure.loss(z)`` (no gradient, BatchNorm statistics frozen; under DDP the
+      all-reduced loss, so every worker takes the same decision);
+    - ``y_same_batch``: form y from two gradients on the same batch (``closure.grad(z_new) − g̃``) instead of
+      consecutive batches (one extra forward/backward per step, much less noisy curvature).
+
+    Args:
+        z_D: The coefficients (only their size, dtype and device are used here).
+        c: Armijo constant (paper: 0.4; the reference code silently used 0.4 as well).
+        beta: Backtracking factor in (0, 1) (paper: 0.55).
+        max_backtracks: Trials before the search is declared failed.
+        eps: Relative curvature threshold for skipping an update.
+        y_same_batch: See above.
+    """
+
+    def __init__(self, z_D: torch.Tensor, c: float = 0.4, beta: float = 0.55, max_backtracks: int = 20,
+                 eps: float = 1e-10, y_same_batch: bool = False):
+        self.c, self.beta, self.max_backtracks = float(c), float(beta), int(max_backtracks)
+        self.eps, self.y_same_batch = float(eps), bool(y_same_batch)
+        self.B = torch.eye(len(z_D), dtype=z_D.dtype, device=z_D.device)
+        self.g_prev: Optional[torch.Tensor] = None
+        self.s_prev: Optional[torch.Tensor] = None
+        self.stats = {k: 0 for k in COUNTERS}
+
+    def counters(self) -> Dict[str, float]:
+        return dict(self.stats)
+
+    def _reset(self) -> None:
+        self.B.copy_(torch.eye(len(self.B), dtype=self.B.dtype, device=self.B.device))
+
+    def _update_inverse_hessian(self, s: torch.Tensor, y: torch.Tensor) -> bool:
+        sy = float(s @ y)
+        if sy <= self.eps * float(s.norm() * y.norm()) or sy <= 0:
+            self.stats["skipped"] += 1
+            return False
+        rho = 1.0 / sy
+        eye = torch.eye(len(s), dtype=self.B.dtype, device=self.B.device)
+        V = eye - rho * torch.outer(y, s)
+        self.B.copy_(V.t() @ self.B @ V + rho * torch.outer(s, s))
+        return True
+
+    @torch.no_grad()
+    def step(self, z_D: torch.Tensor, g_D: torch.Tensor, loss: float,
+             closure: Optional[BatchClosure] = None) -> Dict[str, float]:
+        """One P-BFGS step from z with the global gradient g̃ and loss L(z) of this batch.
+
+        Returns:
+            {"alpha", "backtracks", "failed"} of this step.
+        """
+        assert closure is not None, "P-BFGS evaluates trial points through the step's closure"
+        g = g_D.detach().to(z_D.dtype)
+        if not self.y_same_batch and self.g_prev is not None:
+            self._update_inverse_hessian(self.s_prev, g - self.g_prev)
+        p = -(self.B @ g)
+        slope = float(g @ p)
+        if not slope < 0:
+            self._reset()
+            self.stats["resets"] += 1
+            p = -g
+            slope = -float(g @ g)
+        z0 = z_D.detach().clone()
+        alpha, accepted = 1.0, False
+        for k in range(self.max_backtracks + 1):
+            if closure.loss(z0 + alpha * p) <= float(loss) + self.c * alpha * slope:
+                accepted = True
+                break
+            alpha *= self.beta
+            self.stats["backtracks"] += 1
+        self.stats["steps"] += 1
+        if not accepted:
+            z_D.copy_(z0)
+            self._reset()
+            self.g_prev = self.s_prev = None
+            self.stats["failed"] += 1
+            return {"alpha": 0.0, "backtracks": k, "failed": 1}
+        s = alpha * p
+        z_D.copy_(z0 + s)
+        if self.y_same_batch:
+            _, g_new = closure.grad(z_D.detach().clone())
+            self._update_inverse_hessian(s, g_new.to(z_D.dtype) - g)
+        else:
+            self.g_prev, self.s_prev = g.clone(), s
+        return {"alpha": alpha, "backtracks": k, "failed": 0}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"B": self.B.clone(), "g_prev": self.g_prev, "s_prev": self.s_prev, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.B.copy_(state["B"])
+        self.g_prev, self.s_prev = state["g_prev"], state["s_prev"]
+        self.stats = dict(state["stats"])
+
+
+def _check(options: Dict[str, Any]) -> List[str]:
+    problems = []
+    c, beta, k = options.get("c", 0.4), options.get("beta", 0.55), options.get("max_backtracks", 20)
+    if not 0 < c < 1:
+        problems.append(f"c={c}: the Armijo constant must be in (0, 1)")
+    if not 0 < beta < 1:
+        problems.append(f"beta={beta}: the backtracking factor must be in (0, 1)")
+    if k < 1:
+        problems.append(f"max_backtracks={k}: must be > 0")
+    return problems
+
+
+@OPTIMIZERS.register("pbfgs", check=_check)
+def pbfgs(z, *, lr: float, momentum: float, weight_decay: float, c: float = 0.4, beta: float = 0.55,
+          max_backtracks: int = 20, y_same_batch: bool = False):
+    """P-BFGS (DLDR Algorithm 2); train.lr, momentum and weight_decay are not used (the line search picks the
+    step). Options: ``c`` (Armijo, 0.4), ``beta`` (backtracking, 0.55), ``max_backtracks`` (20),
+    ``y_same_batch`` (false)."""
+    return PBFGS(z, c=c, beta=beta, max_backtracks=max_backtracks, y_same_batch=y_same_batch)

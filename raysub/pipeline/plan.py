@@ -1,0 +1,93 @@
+"""Planning: every check of a run, before Ray starts or anything is written.
+
+The config module checks its schema; every other section is checked by the package that owns it — the data
+section by `raysub.data`, the model name by the model registry, the sampling window by `raysub.pipeline.sample`,
+the optimizer and its options by `raysub.optim`, the projection family and its options by
+`raysub.projections`. `validate` asks each of them and returns every problem; `check` raises them as one
+`ConfigError`; `plan` adds what needs the dataset and the model built (sizes, the snapshot count).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from raysub.config import Config, schema_problems
+from raysub.errors import ConfigError
+
+
+def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
+    """All problems of a config that need neither the dataset loaded nor Ray (empty list: fine)."""
+    from raysub.data import check_data_section
+    from raysub.models import MODELS
+    from raysub.optim import check_optimizer
+    from raysub.pipeline.sample import check_sample_section
+    from raysub.projections import FACTORY_ARGS, PROJECTIONS
+
+    problems = schema_problems(cfg)
+    problems += check_data_section(cfg, check_data)
+    if cfg.model.name not in MODELS:
+        problems.append(f"model.name: unknown {MODELS.kind} {cfg.model.name!r}: choose one of "
+                        f"{', '.join(MODELS.names())}")
+    problems += check_sample_section(cfg)
+    problems += check_optimizer(cfg.train.optimizer, cfg.train.optimizer_options)
+    name = cfg.train.projection
+    if name not in PROJECTIONS:
+        problems.append(f"train.projection: unknown {PROJECTIONS.kind} {name!r}: choose one of "
+                        f"{', '.join(PROJECTIONS.names())}")
+    else:
+        try:
+            PROJECTIONS.check_options(name, cfg.train.projection_options, skip=3, internal=FACTORY_ARGS)
+        except ConfigError as exc:
+            problems += [f"train.projection_options: {p}" for p in exc.problems]
+        # a family that reads this run's own basis: the basis is built with basis.dim components
+        if (PROJECTIONS.meta(name).get("needs_basis_run") and cfg.train.basis_run is None
+                and cfg.train.dim is not None and cfg.train.dim > cfg.basis.dim):
+            problems.append(f"train.dim={cfg.train.dim} exceeds basis.dim={cfg.basis.dim}: raise basis.dim")
+    return problems
+
+
+def check(cfg: Config, *, check_data: bool = True) -> Config:
+    """Raise ConfigError with every problem of ``cfg``; return it unchanged when fine."""
+    problems = validate(cfg, check_data=check_data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def plan(cfg: Config) -> Dict[str, Any]:
+    """Validate ``cfg`` fully without starting Ray or writing anything.
+
+    Returns:
+        {"num_params", "num_snapshots", "steps_per_epoch", "layout", "num_classes", "model"}.
+    Raises:
+        ConfigError: every problem found, in one message.
+    """
+    import torch
+
+    from raysub.data import open_dataset
+    from raysub.engine.flat import layout_to_json, param_layout
+    from raysub.models import build_model
+    from raysub.pipeline.sample import num_snapshots
+
+    check(cfg)
+    data = open_dataset(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    layout = param_layout(model)
+    n = sum(e.numel for e in layout)
+    steps = data.size("train") // cfg.data.batch_size
+    problems = []
+    if steps == 0:
+        problems.append(f"data.batch_size={cfg.data.batch_size} exceeds the {data.size('train')} training examples: "
+                        "lower it")
+    t = num_snapshots(cfg, max(steps, 1))
+    if cfg.basis.dim >= t:
+        problems.append(f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled: lower basis.dim or sample "
+                        f"more (sample.epochs, sample.snapshots_per_epoch, sample.snapshot_every_steps)")
+    if cfg.basis.dim >= n:
+        problems.append(f"basis.dim={cfg.basis.dim} must be < the model's {n} parameters: lower it")
+    if cfg.cluster.num_workers > n:
+        problems.append(f"cluster.num_workers={cfg.cluster.num_workers} exceeds the {n} parameters to shard")
+    if problems:
+        raise ConfigError(problems)
+    return {"num_params": n, "num_snapshots": t, "steps_per_epoch": steps, "layout": layout_to_json(layout),
+            "num_classes": data.num_classes, "model": model}

@@ -1,0 +1,124 @@
+"""Stage 3 — train in the subspace: θ = θ0 + P z, only z ∈ R^D is trained, on Ray Train.
+
+Every worker holds P (replicated), computes the gradient g_r of its share of the global batch (mean loss over
+its B/W examples), projects it, g̃_r = Pᵀ g_r, and all-reduces D+1 floats (g̃ and the loss) — not N: projection is linear, so
+the mean of the projections is the projection of the mean gradient. Every worker then applies the same Δz, so θ
+stays identical across workers without ever communicating N floats.
+
+BatchNorm: running statistics are buffers outside the subspace. Each worker updates its own during the epoch
+(from its local batches); at the end of every epoch, before evaluation and the checkpoint, they are
+broadcast from rank 0, so all workers evaluate and checkpoint the same model.
+
+The per-worker loop is a recipe over `raysub.engine.task`: build the task and the optimizer, restore the
+latest checkpoint, then for each epoch: steps (`train_step`), BatchNorm broadcast, evaluation, report with a
+checkpoint. The step itself (projection, all-reduce, the optimizer protocol) lives in the engine, shared with
+the Tune trials, the benchmark and meta-training.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from raysub.engine import loop
+from raysub.engine.task import Task, allreduce_floats_per_step, build_task, evaluate_task, train_step
+from raysub.config import Config
+from raysub.storage import RunDir
+
+
+def _restore(session: str, task: Task, z_D: torch.Tensor, opt) -> Dict[str, Any]:
+    """The loop's state from the latest checkpoint Ray hands this run (z, optimizer and buffers restored in
+    place), or a fresh start."""
+    state = loop.load_checkpoint(session)
+    if state is None:
+        return {"epoch": 0, "history": [], "elapsed": 0.0, "step_losses": []}
+    with torch.no_grad():
+        z_D.copy_(state["z"].to(z_D.device))
+    opt.load_state_dict(state["optimizer"])
+    for name, buf in task.model.named_buffers():
+        buf.copy_(state["buffers"][name].to(buf.device))
+    return state
+
+
+def _train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, world: int):
+    """One epoch of `train_step`s in the run's data order. Returns (global step losses, mean step stats)."""
+    cfg = task.cfg
+    batch = cfg.train.batch_size or cfg.data.batch_size
+    seed = cfg.train_data_seed
+    task.model.train()
+    losses: List[torch.Tensor] = []
+    sums: Dict[str, float] = {}
+    batches = loop.epoch_batches(task.data.size("train"), batch, seed, epoch, rank, world)
+    for x, y in task.data.batches("train", batches, augment=cfg.data.augment, seed=loop.mix_seed(seed, epoch),
+                                  num_workers=cfg.data.num_workers):
+        x, y = x.to(task.device, non_blocking=True), y.to(task.device, non_blocking=True)
+        loss, stats = train_step(task, z_D, opt, x, y)
+        losses.append(loss.detach().reshape(()))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    step_losses = torch.stack(losses).double().tolist() if losses else []
+    return step_losses, {k: v / max(len(losses), 1) for k, v in sums.items()}
+
+
+def subspace_loop(config: Dict[str, Any]) -> None:
+    """Per-worker loop (Ray Train worker or Tune trial). ``config``: {"cfg": Config dict, "progress": Queue or
+    None, "session", "sweep", "fail_after_epoch"}."""
+    from raysub.optim import build_optimizer
+
+    ctx = loop.worker_context(config)
+    cfg = ctx.cfg
+    task = build_task(cfg, device=ctx.device, run=ctx.run)
+    z_D = task.new_z()
+    opt = build_optimizer(cfg.train.optimizer, z_D, cfg.train)
+    state = _restore(ctx.session, task, z_D, opt)
+    history, step_losses = state["history"], state["step_losses"]
+    t_start = time.perf_counter() - state["elapsed"]
+    evals = ["test"] + (["val"] if cfg.data.val_fraction > 0 else [])
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        opt.set_lr(loop.lr_at(epoch, cfg.train.lr, cfg.train.lr_milestones, cfg.train.lr_gamma))
+        epoch_losses, step_stats = _train_epoch(task, z_D, opt, epoch, ctx.rank, ctx.world)
+        step_losses.extend(epoch_losses)
+        loop.broadcast_buffers_(task.model)
+        scores = {s: evaluate_task(task, z_D, s, cfg.data.eval_batch_size, cfg.data.num_workers) for s in evals}
+        now = time.perf_counter() - t_start
+        record = {"stage": cfg.train_label, "epoch": epoch + 1, "epochs": cfg.train.epochs,
+                  "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
+                  **{f"{s}_{k}": v for s in evals for k, v in scores[s].items()},
+                  "elapsed_s": now, "allreduce_floats_per_step": allreduce_floats_per_step(task)}
+        if opt.counters():
+            record["optimizer_stats"] = opt.counters()
+        if step_stats:
+            record["step_stats"] = step_stats
+        history.append(record)
+        last = epoch + 1 == cfg.train.epochs and not config.get("sweep")  # Tune keeps every epoch's row
+        metrics = {**record, "z_norm": float(z_D.norm()),
+                   **({"history": history, "step_losses": step_losses} if last else {})}
+        if ctx.rank == 0 and ctx.progress is not None:
+            ctx.progress.put(record)
+        ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
+                "step_losses": step_losses, "elapsed": now,
+                "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}}
+        loop.report(metrics, ckpt if ctx.rank == 0 else None, ctx.session)
+        loop.maybe_inject_failure(ctx.run, epoch + 1, config.get("fail_after_epoch"))
+    if ctx.rank == 0 and not config.get("sweep"):
+        # the trained model is θ0 + P z with these buffers
+        ctx.run.write_torch(f"train/{cfg.train_label}.pt", {
+            "z": z_D.detach().cpu(), "dim": task.dim, "projection": cfg.train.projection,
+            "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}})
+
+
+def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
+    """Driver side: run `subspace_loop` on Ray Train. Returns {"history", "wall_s"}."""
+    from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+
+    progress = make_progress_queue()
+    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress}, cfg,
+                            f"train-{cfg.train_label}", run.storage_path)
+    t0 = time.perf_counter()
+    try:
+        result = fit_with_progress(trainer, progress, printer)
+    except Exception as exc:
+        raise unwrap_train_error(exc)
+    return {"history": result.metrics["history"], "step_losses": result.metrics["step_losses"],
+            "wall_s": time.perf_counter() - t0}
