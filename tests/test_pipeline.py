@@ -223,3 +223,30 @@ def test_pbfgs_parity_two_workers_match_one(basis_run):
     assert r["allreduce_floats_per_step"] == 6  # d + the loss
     assert r["history"][-1]["optimizer_stats"]["steps"] == 1437 // 256
     assert r["steps"] == 1437 // 256 and "convergence_step" in r
+
+
+def test_train_from_a_config_needs_no_trajectory(ray_session, tmp_path, capsys):
+    """`raysub train CONFIG` with a projection that needs no trajectory: a normal run directory (θ0 with its
+    sha256, manifest, summary), d = N for the full-parameter family, the same θ0 for every label; a dldr run
+    with no basis run is a one-line error before anything is written."""
+    from raysub.cli import main
+
+    run_dir = tmp_path / "rnd"
+    common = ["quickstart", f"run_dir={run_dir}", "cluster.num_workers=1", "train.epochs=1", "train.lr=1.0",
+              "train.lr_milestones=[]"]
+    assert main(["train", *common, "train.projection=dense", "train.dim=300", "train.label=dense300"]) == 0
+    run = RunDir(str(run_dir))
+    manifest, summary = run.read_json("manifest.json"), run.read_json("summary.json")
+    assert manifest["stages"]["train.dense300"]["complete"] and "theta0.pt" in manifest["shards"]
+    r = summary["results"]["dense300"]
+    assert r["dim"] == 300 and r["projection"] == "dense"
+    assert r["test_acc"] > 0.7  # measured 85% after one epoch in a 300-dim dense subspace (chance: 10%)
+    # a second label on the same run: the full-parameter family, d = N
+    assert main(["train", str(run_dir), "train.projection=identity", "train.label=full", "train.lr=0.1"]) == 0
+    full = run.read_json("summary.json")["results"]["full"]
+    assert full["dim"] == 4810 and full["test_acc"] > 0.8
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["train", "quickstart", f"run_dir={bad}", "train.projection=dldr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no basis" in err and not bad.exists()
