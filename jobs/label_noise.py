@@ -42,6 +42,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from raysub import pipeline
+    from raysub.pipeline.plan import plan
     from raysub.cli import resolve_config
     from raysub.config import load_config
     from raysub.errors import ConfigError
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         for c in levels:
             cfg = load_config(resolve_config(args.config),
                               overrides + [f"data.label_noise={c}", f"run_dir={out.uri}/c{c}", f"basis.dim={dims[-1]}"])
-            pipeline.plan(cfg)  # every level is checked before any starts
+            plan(cfg)  # every level is checked before any starts
             if not 0 < dims[0]:
                 raise ConfigError(f"--dims {args.dims}: dimensions must be positive")
             cfgs[c] = cfg

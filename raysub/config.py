@@ -132,7 +132,7 @@ class SweepConfig:
 @dataclass
 class Config:
     run_dir: str = field(default="runs/quickstart", metadata={"help": "local path or pyarrow.fs URI"})
-    seed: int = field(default=0, metadata={"help": "seeds theta0, data order and augmentation"})
+    seed: int = field(default=0, metadata={"help": "seeds theta0, and data order and augmentation (train.data_seed for a subspace run)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -272,14 +272,25 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` over ``base``, section by section.
+
+    A plug-in's options belong to the plug-in: when ``update`` names another plug-in (``train.optimizer``,
+    ``train.projection``) without giving its ``*_options``, the old plug-in's options are dropped; an explicit
+    empty mapping (``train.optimizer_options={}``) clears them; a non-empty one is merged key by key.
+    """
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+        if isinstance(value, dict) and not value and key.endswith("options"):
+            out[key] = {}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
             out[key] = merge(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
             out[key] = value
+            options = f"{key}_options"
+            if (isinstance(value, str) and options in out and options not in update and value != base.get(key)):
+                out[options] = {}
     return out
 
 

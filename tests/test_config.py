@@ -84,3 +84,23 @@ def test_snapshot_schedule():
     cfg = load_config(None, ["sample.epochs=2", "sample.snapshot_every_steps=4"])
     assert num_snapshots(cfg, 10) == 6
     assert snapshot_steps(cfg, 10) == [4, 8, 12, 16, 20]
+
+
+def test_options_belong_to_their_plugin():
+    """Switching train.optimizer (or projection) by override drops the old plug-in's options — a run made with
+    P-BFGS options can be retrained with psgd; `{}` clears options; other keys merge as before."""
+    from raysub.config import merge
+
+    base = load_config(None, ["train.optimizer=pbfgs", "train.optimizer_options={c: 0.3, beta: 0.5}",
+                              "train.projection=fastjl", "train.projection_options={index: mod}"]).to_dict()
+    cfg = Config.from_dict(merge(base, parse_overrides(["train.optimizer=psgd"])))
+    assert cfg.train.optimizer == "psgd" and cfg.train.optimizer_options == {}
+    assert cfg.train.projection_options == {"index": "mod"}  # the projection did not change
+    same = Config.from_dict(merge(base, parse_overrides(["train.optimizer=pbfgs", "train.lr=0.5"])))
+    assert same.train.optimizer_options == {"c": 0.3, "beta": 0.5}
+    more = Config.from_dict(merge(base, parse_overrides(["train.optimizer_options={max_backtracks: 3}"])))
+    assert more.train.optimizer_options == {"c": 0.3, "beta": 0.5, "max_backtracks": 3}
+    cleared = Config.from_dict(merge(base, parse_overrides(["train.optimizer_options={}"])))
+    assert cleared.train.optimizer_options == {}
+    proj = Config.from_dict(merge(base, parse_overrides(["train.projection=dense"])))
+    assert proj.train.projection_options == {} and proj.train.optimizer_options == {"c": 0.3, "beta": 0.5}

@@ -249,4 +249,5 @@ def test_train_from_a_config_needs_no_trajectory(ray_session, tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(["train", "quickstart", f"run_dir={bad}", "train.projection=dldr"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has no basis" in err and not bad.exists()
+    assert err.count("\n") == 1 and "needs a sampled run with a basis: set train.basis_run" in err
+    assert not bad.exists()

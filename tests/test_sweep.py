@@ -17,9 +17,9 @@ SMALL = ["train.epochs=3", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.r
 
 
 def cfg_of(tmp_path, *overrides):
-    return load_config("raysub/configs/sweep_digits.yaml" if os.path.exists("raysub/configs/sweep_digits.yaml")
-                       else os.path.join(os.path.dirname(sweep.__file__), "configs", "sweep_digits.yaml"),
-                       [f"run_dir={tmp_path}/sw", *overrides])
+    from raysub.cli import CONFIG_DIR
+
+    return load_config(os.path.join(CONFIG_DIR, "sweep_digits.yaml"), [f"run_dir={tmp_path}/sw", *overrides])
 
 
 # -- bad input: one line, exit 2, nothing written -----------------------------------------------------------
@@ -94,6 +94,11 @@ def test_trial_config_sets_family_dim_seed_and_baseline_hyperparameters(tmp_path
     assert sweep.trial_config(base, "dense", 5, 0)["train"]["projection_options"] == {}
     b = sweep.trial_config(base, "identity", 4810, 1)
     assert b["train"]["lr"] == cfg.sgd.lr and b["train"]["weight_decay"] == 0.0
+    # the baseline is psgd: a sweep whose subspace optimizer has options must not hand them to it
+    adam = cfg_of(tmp_path, "train.optimizer=adam", "train.optimizer_options={beta2: 0.99}").to_dict()
+    b = sweep.trial_config(adam, "identity", 4810, 1)
+    assert b["train"]["optimizer"] == "psgd" and b["train"]["optimizer_options"] == {}
+    assert sweep.trial_config(adam, "dense", 5, 0)["train"]["optimizer_options"] == {"beta2": 0.99}
     assert base["train"]["dim"] is None  # the base is not modified
 
 

@@ -159,7 +159,7 @@ class StepClosure(BatchClosure):
 
     def grad(self, z_D: torch.Tensor) -> Tuple[float, torch.Tensor]:
         sub = self.task.sub
-        with loop.frozen_buffers(sub.model):
+        with loop.frozen_buffers(sub.model), torch.enable_grad():  # the optimizer's step runs under no_grad
             sub.set_z(z_D)
             loss, g_D = sub.loss_and_grad(self.x, self.y)
         packed = _mean_over_ranks(torch.cat([g_D, loss.reshape(1).to(g_D.dtype)]))
@@ -182,6 +182,20 @@ class StepClosure(BatchClosure):
         return packed[: k * d].view(k, d), packed[k * d :].double()
 
 
+def _logits_at(task: Task, z_D: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(θ, logits) with θ = θ0 + P z formed out of place (a leaf that requires grad) and the model called through
+    ``torch.func.functional_call`` with copies of its buffers, so nothing the task holds moves (BatchNorm in train
+    mode uses the batch's statistics; its running statistics stay). Call under ``torch.enable_grad()``."""
+    sub = task.sub
+    dtype = sub.theta0_N.dtype
+    with torch.no_grad():
+        theta_N = sub.theta0_N + sub.projection.lift(z_D.detach().to(dtype)).to(dtype)
+    theta_N.requires_grad_(True)
+    params = {e.name: theta_N[e.offset : e.offset + e.numel].view(e.shape) for e in sub.flat.layout}
+    buffers = {k: v.clone() for k, v in sub.model.named_buffers()}
+    return theta_N, torch.func.functional_call(sub.model, {**params, **buffers}, (x,))
+
+
 def _class_sums_local(task: Task, z_D: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """This rank's (G, extras) of `StepClosure.class_sums`, no all-reduce, writing nothing the task holds.
@@ -194,14 +208,8 @@ def _class_sums_local(task: Task, z_D: torch.Tensor, x: torch.Tensor, y: torch.T
     its running statistics in place). Each of the C+1 rows is projected with Pᵀ.
     """
     sub = task.sub
-    dtype = sub.theta0_N.dtype
-    with torch.no_grad():
-        theta_N = sub.theta0_N + sub.projection.lift(z_D.detach().to(dtype)).to(dtype)
-    buffers = {k: v.clone() for k, v in sub.model.named_buffers()}
     with torch.enable_grad():  # the optimizer's step runs under no_grad
-        theta_N.requires_grad_(True)
-        params = {e.name: theta_N[e.offset : e.offset + e.numel].view(e.shape) for e in sub.flat.layout}
-        logits = torch.func.functional_call(sub.model, {**params, **buffers}, (x,))
+        theta_N, logits = _logits_at(task, z_D, x)
         assert logits.dim() == 2 and logits.shape[0] == y.numel(), \
             f"class sums need (B, C) logits, got shape {tuple(logits.shape)} for {y.numel()} labels"
         b, C = logits.shape
@@ -256,15 +264,11 @@ def loss_and_projected_grad(task: Task, z_D: torch.Tensor, batch: Tuple[torch.Te
     moved). The model's current train/eval mode is used. Both outputs are detached.
     """
     x, y = batch
-    sub = task.sub
-    theta_N = (sub.theta0_N + sub.projection.lift(z_D.detach().to(sub.theta0_N.dtype)).to(sub.theta0_N.dtype))
-    theta_N.requires_grad_(True)
-    params = {e.name: theta_N[e.offset : e.offset + e.numel].view(e.shape) for e in sub.flat.layout}
-    buffers = {k: v.clone() for k, v in sub.model.named_buffers()}
-    logits = torch.func.functional_call(sub.model, {**params, **buffers}, (x,))
-    loss = F.cross_entropy(logits, y)
-    (g_N,) = torch.autograd.grad(loss, theta_N)
-    return loss.detach(), sub.projection.project(g_N)
+    with torch.enable_grad():  # callable from inside an optimizer's no_grad step
+        theta_N, logits = _logits_at(task, z_D, x)
+        loss = F.cross_entropy(logits, y)
+        (g_N,) = torch.autograd.grad(loss, theta_N)
+    return loss.detach(), task.projection.project(g_N)
 
 
 @torch.no_grad()

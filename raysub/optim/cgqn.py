@@ -13,8 +13,8 @@ C classes, in D dimensions:
     z' = z − η g − Σ_k (1/λ̄_k − η)(v_kᵀ g) v_k,   v_k = c̄_k/|c̄_k|                (eq. 15)
 
 The class gradients come from the step's closure: ``closure.class_sums(z)`` (`raysub.engine.task.StepClosure`)
-is ONE forward and ONE batched vector-Jacobian product: ``torch.func.vjp`` of the logits w.r.t. the flat θ, then
-``torch.func.vmap`` of the vjp function over C+1 cotangents of shape (B, C): cotangent k (< C) is 1 at (μ, k) for
+is ONE forward and ONE batched vector-Jacobian product of the logits w.r.t. the flat θ
+(``torch.autograd.grad(..., is_grads_batched=True)``: the backward vmapped over C+1 cotangents of shape (B, C)): cotangent k (< C) is 1 at (μ, k) for
 every μ of class k — its VJP is Σ_{μ∈B_k} ∇z_k^μ — and cotangent C is (p − y), whose VJP is
 Σ_μ Σ_k (p_k^μ − y_k^μ) ∇z_k^μ = |B|·g (eq. 5); each row is then projected with Pᵀ. Sums, not means, are
 all-reduced under DDP together with the class counts, the curvature sums Σ_{μ∈B_k} p_k(1−p_k), the batch size and

@@ -110,7 +110,9 @@ class PBFGS(SubspaceOptimizer):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.B.copy_(state["B"])
-        self.g_prev, self.s_prev = state["g_prev"], state["s_prev"]
+        # a checkpoint is loaded on the CPU: the pair moves to where B lives
+        move = lambda t: None if t is None else t.to(self.B.device, self.B.dtype)  # noqa: E731
+        self.g_prev, self.s_prev = move(state["g_prev"]), move(state["s_prev"])
         self.stats = dict(state["stats"])
 
 

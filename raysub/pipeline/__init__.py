@@ -4,13 +4,13 @@
 2. `basis`   — the distributed Gram-matrix SVD of the trajectory (DLDR), one Ray actor per block;
 3. `train`   — subspace training of z on Ray Train: the per-worker recipe around `raysub.engine.task`;
 4. `sweep`   — intrinsic-dimension sweeps: many subspace trainings as Ray Tune trials;
-and `run`    — planning (every check before anything starts), the run directory's records (manifest, summary),
-               the stage drivers behind ``raysub sample|basis|train|run``, and the console table.
+with `plan` first — every check before anything starts (each package checks its own section) — and `run` —
+the run directory's records (manifest, summary), the stage drivers behind ``raysub sample|basis|train|run``,
+and the console table.
 """
 from raysub.pipeline.run import (  # noqa: F401
     format_progress,
     format_table,
-    plan,
     prepare_run_dir,
     read_summary,
     results_table,

@@ -235,9 +235,9 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     return record
 
 
-def check_train_projection(cfg: Config, num_params: int, run: RunDir) -> None:
-    """The projection family's own checks for this training (d against N, its options, its basis run — this
-    run's own by default), before Ray starts.
+def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis: bool = True) -> None:
+    """The projection family's own checks for this training (d against N, its options, its basis run —
+    ``train.basis_run``, else this run's own when ``own_basis``), before Ray starts.
 
     Raises:
         ConfigError: every problem, in one message.
@@ -248,7 +248,7 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir) -> None:
     name = cfg.train.projection
     dim = subspace_dim(cfg, num_params)
     problems = check_projection(name, num_params, dim, cfg.train.projection_options,
-                                cfg.train.basis_run or run.uri)
+                                cfg.train.basis_run or (run.uri if own_basis else None))
     if problems:
         raise ConfigError(problems)
 
@@ -316,7 +316,8 @@ def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False
     if cfg.train.basis_run:
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
     resuming = prepare_run_dir(run, resume, overwrite)
-    check_train_projection(cfg, info["num_params"], run)  # before Ray starts
+    # before Ray starts; a new run has no basis of its own, so a family that reads one needs train.basis_run
+    check_train_projection(cfg, info["num_params"], run, own_basis=False)
     ensure_ray(cfg)
     init_run(cfg, info, resuming, overwrite)
     return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)

@@ -180,7 +180,8 @@ def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict
     train.update(projection=family, dim=dim, label=f"{family}-d{dim}-s{seed}")
     train["projection_options"] = dict(cfg["sweep"]["family_options"].get(family, {}))
     if family == BASELINE:
-        train.update(optimizer="psgd", lr=cfg["sgd"]["lr"], momentum=cfg["sgd"]["momentum"], weight_decay=0.0)
+        train.update(optimizer="psgd", optimizer_options={}, lr=cfg["sgd"]["lr"], momentum=cfg["sgd"]["momentum"],
+                     weight_decay=0.0)
     return cfg
 
 
