@@ -97,21 +97,29 @@ def test_every_optimizer_is_driven_by_the_same_call():
         assert not torch.equal(z, torch.zeros(q.d, dtype=torch.float64)), name
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"c": 0.5, "bogus": 1}, "unexpected option(s) 'bogus'"),
-    ({"c": "big"}, "option c='big': expected a number"),
-    ({"max_backtracks": 2.5}, "option max_backtracks=2.5: expected an integer"),
-    ({"y_same_batch": "yes"}, "option y_same_batch='yes': expected true or false"),
-    ({"lr": 0.1}, "unexpected option(s) 'lr'"),  # lr is train.lr, not an option
-    ({"c": 0.0}, "train.optimizer_options.c=0.0: the Armijo constant must be in (0, 1)"),
-    ({"beta": 1.5}, "train.optimizer_options.beta=1.5: the backtracking factor must be in (0, 1)"),
-    ({"max_backtracks": 0}, "train.optimizer_options.max_backtracks=0: must be > 0"),
+@pytest.mark.parametrize("name,options,needle", [
+    ("pbfgs", {"c": 0.5, "bogus": 1}, "unexpected option(s) 'bogus'"),
+    ("pbfgs", {"c": "big"}, "option c='big': expected a number"),
+    ("pbfgs", {"max_backtracks": 2.5}, "option max_backtracks=2.5: expected an integer"),
+    ("pbfgs", {"y_same_batch": "yes"}, "option y_same_batch='yes': expected true or false"),
+    ("pbfgs", {"lr": 0.1}, "unexpected option(s) 'lr'"),  # lr is train.lr, not an option
+    ("pbfgs", {"c": 0.0}, "train.optimizer_options.c=0.0: the Armijo constant must be in (0, 1)"),
+    ("pbfgs", {"beta": 1.5}, "train.optimizer_options.beta=1.5: the backtracking factor must be in (0, 1)"),
+    ("pbfgs", {"max_backtracks": 0}, "train.optimizer_options.max_backtracks=0: must be > 0"),
+    ("cgqn", {"gamma": 1.5}, "train.optimizer_options.gamma=1.5: must be in (0, 1)"),
+    ("cgqn", {"gamma": 0.0}, "train.optimizer_options.gamma=0.0: must be in (0, 1)"),
+    ("cgqn", {"damping": -1.0}, "train.optimizer_options.damping=-1.0: must be ≥ 0"),
+    ("cgqn", {"rcond": -1e-3}, "train.optimizer_options.rcond=-0.001: must be ≥ 0"),
+    ("cgqn", {"mode": "bogus"}, "train.optimizer_options.mode='bogus': choose one of orthonormal, paper, sgd"),
+    ("cgqn", {"gamma": "high"}, "option gamma='high': expected a number"),
+    ("cgqn", {"bias_correction": 1}, "option bias_correction=1: expected true or false"),
+    ("cgqn", {"nesterov": True}, "unexpected option(s) 'nesterov'"),
 ])
-def test_bad_options_are_one_line_errors(options, needle):
-    problems = check_optimizer("pbfgs", options)
+def test_bad_options_are_one_line_errors(name, options, needle):
+    problems = check_optimizer(name, options)
     assert len(problems) == 1 and needle in problems[0], problems
     with pytest.raises(ConfigError, match="train.optimizer_options"):
-        build_optimizer("pbfgs", torch.zeros(3), TrainConfig(optimizer="pbfgs", optimizer_options=options))
+        build_optimizer(name, torch.zeros(3), TrainConfig(optimizer=name, optimizer_options=options))
 
 
 def test_options_reach_the_optimizer():
