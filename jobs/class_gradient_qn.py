@@ -271,11 +271,11 @@ def report(run_uri: str, arms: Sequence[str]) -> Dict[str, Any]:
 
 
 def _names(run) -> Dict[str, Any]:
-    """What the plot title names, from the run's config.yaml and manifest.json (summary.json has the dataset and
+    """What the plot title names, from the run's config and manifest.json (summary.json has the dataset and
     model only after a sampling stage)."""
-    import yaml
+    from raysub.pipeline.run import stored_config
 
-    cfg = yaml.safe_load(run.read_text("config.yaml"))
+    cfg = stored_config(run)
     return {"dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "lr": cfg["train"]["lr"],
             "batch": cfg["train"]["batch_size"] or cfg["data"]["batch_size"],
             "num_params": run.read_json("manifest.json")["num_params"]}

@@ -43,6 +43,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     from raysub import pipeline
     from raysub.pipeline.plan import plan
+    from raysub.pipeline.basis import basis_dir
     from raysub.cli import resolve_config
     from raysub.config import load_config
     from raysub.errors import ConfigError
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
             print(f"== label noise c={c} ==", flush=True)
             pipeline.stage_sample(cfg, resume=True)
             run = RunDir(cfg.run_dir)
-            if not run.exists("basis/spectrum.json"):
+            if basis_dir(run) is None:
                 pipeline.stage_basis(cfg.run_dir, [f"basis.dim={dims[-1]}"])
             for d in dims:
                 pipeline.stage_train(cfg.run_dir, [f"train.dim={d}", f"train.label=psgd_d{d}"], resume=True)

@@ -8,14 +8,26 @@
                                                                      (a random or identity projection)
     raysub sweep CONFIG [key=value ...] [--resume | --overwrite]     intrinsic-dimension sweep on Ray Tune
 
-With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline). A bad input
-prints one line naming it and the fix, exits 2, and writes nothing.
+With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline).
+
+Exit status and messages (always one line on stderr; ``--debug`` shows the full traceback instead):
+
+    0    done
+    1    a failure (a Ray worker, actor or storage error): the line names what failed and the ``--resume``
+         command that continues; the traceback is in RUN_DIR/logs/error-TIME.log
+    2    a bad input (config, path, run-directory state, a run directory in use): the line names it and the fix;
+         nothing is written
+    3    training diverged: the line names the stage, the epoch and what to change; a diverged subspace training
+         is recorded as such in summary.json (``results.LABEL.diverged``), never with an accuracy
+    130  interrupted (Ctrl-C): the line gives the ``--resume`` command
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
+import traceback
 from typing import List, Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -39,6 +51,7 @@ def _split(args: List[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="raysub", description="Train neural networks in tiny subspaces on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("run", "the whole DLDR pipeline"), ("sample", "SGD baseline and trajectory sampling")):
         p = sub.add_parser(name, help=helptext)
@@ -59,32 +72,108 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--overwrite", action="store_true", help="replace this label's results")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    for p in sub.choices.values():  # --debug also after the command
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
 
     from raysub.engine.cluster import unwrap_train_error
-    from raysub.errors import ConfigError
+    from raysub.errors import EXIT_DIVERGED, ConfigError, DivergedError
 
     try:
         return _dispatch(ns)
     except KeyboardInterrupt:
-        print("raysub: interrupted; continue with --resume", file=sys.stderr)
+        if ns.debug:
+            raise
+        print(f"raysub: interrupted; continue with: {resume_command(argv)}", file=sys.stderr)
         return 130
     except Exception as exc:
         err = unwrap_train_error(exc)
-        if not isinstance(err, ConfigError):
+        if ns.debug:
             raise
-        print(f"raysub: error: {'; '.join(err.problems)}", file=sys.stderr)
-        return 2
+        if isinstance(err, ConfigError):
+            print(f"raysub: error: {'; '.join(err.problems)}", file=sys.stderr)
+            return EXIT_DIVERGED if isinstance(err, DivergedError) else 2
+        log = _write_log(getattr(ns, "run_uri", None), exc)
+        print(f"raysub: error: {describe_failure(exc)}; full traceback in {log} (or rerun with --debug); fix the "
+              f"cause and continue with: {resume_command(argv)}", file=sys.stderr)
+        return 1
+
+
+def resume_command(argv: List[str]) -> str:
+    """The command line that continues this one: the same arguments with ``--resume`` instead of ``--overwrite``
+    (``raysub basis`` has no resume: it is rerun)."""
+    args = [a for a in argv if a not in ("--resume", "--overwrite", "--debug")]
+    if args and args[0] == "basis":
+        return " ".join(["raysub", *args, "--overwrite"])
+    return " ".join(["raysub", *args, "--resume"])
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What failed, in a few words: the innermost error of a Ray Train worker, actor or task, or a storage error."""
+    what = "the command failed"
+    name = type(exc).__name__
+    if name == "TrainingFailedError" or hasattr(exc, "worker_failures"):
+        what = "a Ray Train worker failed"
+    elif "ActorDied" in name or "ActorError" in name or "ActorUnavailable" in name:
+        what = "a Ray actor died"
+    elif name in ("RaySystemError", "GetTimeoutError", "ObjectLostError", "OwnerDiedError", "NodeDiedError"):
+        what = "the Ray cluster failed"
+    inner = _innermost(exc)
+    if isinstance(inner, OSError) or "ArrowIOError" in type(inner).__name__:
+        what = "a storage operation failed" if what == "the command failed" else what
+    first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+    return f"{what} ({type(inner).__name__}: {first[:300]})" if first else f"{what} ({type(inner).__name__})"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """Follow Ray's wrappers (``cause``, worker failures, ``__cause__``) to the original error."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        nxt = (next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None) \
+            or getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
+    """The traceback of ``exc`` in RUN_DIR/logs/error-TIME.log (a temporary file when there is no run directory
+    or it cannot be written); returns where."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if run_uri:
+        try:
+            from raysub.storage import RunDir
+
+            run = RunDir(run_uri)
+            if run.exists():
+                run.write_text(f"logs/error-{stamp}.log", text)
+                return run.path(f"logs/error-{stamp}.log") if "://" not in run.uri else f"{run.uri}/logs/error-{stamp}.log"
+        except Exception:
+            pass
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=f"raysub-error-{stamp}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def _dispatch(ns) -> int:
+    """Run the command; ``ns.run_uri`` is set to its run directory as soon as it is known (for the error log)."""
     from raysub import pipeline
     from raysub.config import load_config
     from raysub.errors import ConfigError
 
+    ns.run_uri = None
     if ns.command in ("run", "sample"):
         config, overrides = _split(ns.args)
         cfg = load_config(resolve_config(config) if config else QUICKSTART, overrides)
+        ns.run_uri = cfg.run_dir
         if ns.command == "run":
             pipeline.run_pipeline(cfg, resume=ns.resume, overwrite=ns.overwrite)
         else:
@@ -96,14 +185,20 @@ def _dispatch(ns) -> int:
         if config is None:
             raise ConfigError("raysub sweep needs a CONFIG first: a YAML file or a shipped name (sweep_digits, "
                               "sweep_fashion_mnist_fc, sweep_fashion_mnist_lenet)")
-        run_sweep(load_config(resolve_config(config), overrides), resume=ns.resume, overwrite=ns.overwrite)
+        cfg = load_config(resolve_config(config), overrides)
+        ns.run_uri = cfg.run_dir
+        run_sweep(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "basis":
+        ns.run_uri = ns.run_dir
         pipeline.stage_basis(ns.run_dir, ns.overrides, overwrite=ns.overwrite)
     elif ns.command == "train":
         config = resolve_config(ns.run_dir)
         if config.endswith((".yaml", ".yml")) and os.path.isfile(config):
-            pipeline.train_from_config(load_config(config, ns.overrides), resume=ns.resume, overwrite=ns.overwrite)
+            cfg = load_config(config, ns.overrides)
+            ns.run_uri = cfg.run_dir
+            pipeline.train_from_config(cfg, resume=ns.resume, overwrite=ns.overwrite)
         else:
+            ns.run_uri = ns.run_dir
             pipeline.stage_train(ns.run_dir, ns.overrides, overwrite=ns.overwrite, resume=ns.resume)
     return 0
 

@@ -9,6 +9,8 @@ before anything starts. `to_dict`/`from_dict` carry a config through Ray.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -156,7 +158,8 @@ class Config:
         return cfg
 
     def to_yaml(self, header: str = "") -> str:
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML that `load_yaml` reads back unchanged (a string such as '1e-3' is quoted)."""
+        return header + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     # -- derived values ---------------------------------------------------------------------------------
     @property
@@ -174,6 +177,81 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# YAML: raysub reads YAML with `load_yaml` (configs with `_parse`, which keeps numbers' spelling)
+
+# YAML 1.1 (PyYAML's SafeLoader) reads a float only with a dot, and an exponent only with a sign: '5e-4', '1E3'
+# and '1.0e3' are strings there. YAML 1.2's core schema reads them as floats; this adds the forms 1.1 lacks.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats; numbers come back as `_SpelledInt`/`_SpelledFloat`."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes the strings `_Loader` would read as numbers."""
+
+
+for _cls in (_Loader, _Dumper):  # the dumper must quote what the loader reads as a number
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class _Spelled:
+    """A number as written in YAML: a string-valued field given ``1e-3`` or ``007`` keeps that text."""
+
+    text: str
+
+
+class _SpelledInt(_Spelled, int):
+    pass
+
+
+class _SpelledFloat(_Spelled, float):
+    pass
+
+
+def _spelled(kind, construct):
+    """A YAML constructor wrapping ``construct``: its number as a ``kind`` that remembers the scalar's text."""
+
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+        number = kind(construct(loader, node))
+        number.text = node.value
+        return number
+
+    return constructor
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _spelled(_SpelledInt, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _spelled(_SpelledFloat, yaml.SafeLoader.construct_yaml_float))
+
+
+def _parse(text: str) -> Any:
+    """YAML ``text`` with YAML 1.2 floats, numbers keeping their spelling (`_coerce` makes them plain)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every `_Spelled` number, at any depth, turned into a plain int or float."""
+    if isinstance(value, _Spelled):
+        return float(value) if isinstance(value, float) else int(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as raysub reads every YAML: PyYAML's safe loader, but numbers in scientific notation ('5e-4',
+    '1E3', '1.0e3') are floats, as in YAML 1.2. Returns plain Python values.
+
+    Raises:
+        yaml.YAMLError: invalid YAML.
+    """
+    return _plain(_parse(text))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # building from plain data with type checks
 
 def _type_name(tp) -> str:
@@ -181,7 +259,9 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value, tp, key: str, problems: List[str]):
-    """Check `value` against the annotation `tp`; ints are accepted for floats. Returns the value."""
+    """Check `value` against the annotation `tp`; ints are accepted for floats, floats must be finite (every
+    float of the schema is a rate, a fraction or a size), and a string field given a number keeps its spelling.
+    Returns the value, with plain numbers."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
@@ -197,21 +277,25 @@ def _coerce(value, tp, key: str, problems: List[str]):
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
-        return dict(value) if isinstance(value, dict) else value
+        return _plain(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            problems.append(f"{key}: expected a finite number, got {float(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{key}: expected an integer, got {value!r}")
-        return value
+        return _plain(value)
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, _Spelled):
+            return value.text
         if not isinstance(value, str):
             problems.append(f"{key}: expected a string, got {value!r}")
         return value
@@ -254,7 +338,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
             continue
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = _parse(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -305,30 +389,66 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     """Read a YAML config (or the quickstart defaults when ``path`` is None) and apply overrides.
 
     Raises:
-        ConfigError: unreadable file, unknown keys, wrong types (all at once).
+        ConfigError: a file that is missing, unreadable, not UTF-8, not YAML or not a mapping; unknown keys,
+            wrong types (all at once).
     """
     data: Dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found: pass a YAML file or a shipped config name "
-                              f"({', '.join(shipped_configs())})")
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax")
+        data = _read_config_file(path)
     return Config.from_dict(merge(data, parse_overrides(overrides)))
+
+
+def _read_config_file(path: str) -> Dict[str, Any]:
+    """The mapping a config file holds (``{}`` for an empty file); every failure is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass a YAML file or a shipped config name "
+                          f"({', '.join(shipped_configs())})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a directory: pass a YAML file (a run directory's config is "
+                          f"{path.rstrip('/')}/config.yaml)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check the path and its "
+                          f"permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}): save it as UTF-8") from None
+    try:
+        data = _parse(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(exc)}): fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"the single value {data!r}"
+        raise ConfigError(f"config file {path} holds {kind}, not a mapping of sections: write each section as "
+                          f"a 'section:' line with indented 'key: value' lines, e.g. 'train:' then '  lr: 0.5'")
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What the parser found wrong, and where, on one line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"{exc.reason}: #x{exc.character:04x} at character {exc.position + 1}"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}{where}"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the schema's own value checks (each package checks its own section: see raysub.pipeline.plan)
 
 def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> None:
-    """Append ``key=value: must be > 0`` (``≥ 0`` with ``allow_zero``) when it is not; None passes."""
+    """Append ``key=value: must be > 0`` (``≥ 0`` with ``allow_zero``) unless ``value`` is a finite number that
+    is (NaN and ±inf never are); None passes."""
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = "≥ 0" if allow_zero else "> 0"
+    bound = "≥ 0" if allow_zero else "> 0"
+    if not math.isfinite(value):
+        problems.append(f"{key}={value}: must be a finite number {bound}")
+    elif value < 0 or (value == 0 and not allow_zero):
         problems.append(f"{key}={value}: must be {bound}")
 
 

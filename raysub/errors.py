@@ -22,3 +22,12 @@ class DataError(ConfigError):
 
 class StorageError(ConfigError):
     """A run directory or shard that is missing, corrupted or already there."""
+
+
+class DivergedError(ConfigError):
+    """Training diverged (a non-finite loss or parameters): names the stage, the epoch and what to change.
+
+    The CLI exits with `EXIT_DIVERGED` for it (2 is a bad input, 130 an interrupt)."""
+
+
+EXIT_DIVERGED = 3

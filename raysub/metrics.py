@@ -10,7 +10,8 @@ def convergence_step(losses: Sequence[float], window: int = 20, std_tol: float =
                      ) -> Optional[int]:
     """SL2O §4.1: the first step t (1-based) with std(L_{t-19..t}) < 0.1 and L_t < L* + 0.1.
 
-    L* is the run's minimal training loss; the std is the population std of the last ``window`` losses.
+    L* is the run's minimal training loss; the std is the population std of the last ``window`` losses (the paper
+    does not say which; numpy's default).
     Returns None when the run never converged by that definition (or is shorter than the window).
     """
     L = np.asarray(losses, dtype=np.float64)

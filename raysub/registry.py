@@ -7,6 +7,7 @@ are checked against its factory's signature â€” unknown names and wrong types â€
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from typing import Any, Callable, Dict, Generic, List, Sequence, TypeVar
 
@@ -16,7 +17,8 @@ T = TypeVar("T")
 
 
 def type_problem(value: Any, tp: Any) -> str:
-    """'' when ``value`` fits the annotation ``tp`` (ints are accepted for floats), else what was expected."""
+    """'' when ``value`` fits the annotation ``tp`` (ints are accepted for floats, which must be finite: no option
+    is meant to be NaN or infinite), else what was expected."""
     if tp is inspect.Parameter.empty or tp is Any:
         return ""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -39,7 +41,9 @@ def type_problem(value: Any, tp: Any) -> str:
     if tp is int:
         return "" if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if tp is float:
-        return "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number"
+        return "" if math.isfinite(value) else "a finite number"
     if tp is str:
         return "" if isinstance(value, str) else "a string"
     return ""  # anything else (a dtype, a device, a callable) is the factory's own business

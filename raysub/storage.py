@@ -14,6 +14,9 @@ Layout::
     RUN/basis/block_BBB.arrow  U_b: one float32 column per component (rows = coordinates of block B)
     RUN/basis/spectrum.json    eigenvalues, singular values, explained-variance ratio of every component
     RUN/summary.json, RUN/plots/*.png, RUN/checkpoints/ (Ray Train)
+    RUN/raysub.lock            the running command's lock (raysub.lock)
+
+JSON is written strictly (RFC 8259): a non-finite float is written as null, never as a bare NaN/Infinity.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import uuid
@@ -31,6 +35,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raysub.errors import StorageError
+
+
+LOCK = "raysub.lock"  # the lock file of a running command (raysub.lock); not part of a run's contents
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so it serialises as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def sha256(data) -> str:
@@ -85,10 +103,14 @@ class RunDir:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def is_nonempty(self) -> bool:
-        if not self.exists():
-            return False
-        info = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
-        return len(info) > 0
+        """Whether the directory holds anything besides a lock."""
+        return any(name != LOCK for name in self.listdir())
+
+    def clear(self) -> None:
+        """Delete everything in the directory except the lock (``--overwrite`` under the lock)."""
+        for name in self.listdir():
+            if name != LOCK:
+                self.delete(name)
 
     def makedirs(self, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts), recursive=True)
@@ -179,10 +201,23 @@ class RunDir:
         return self._verified(rel, buf, checksum)
 
     def write_json(self, rel: str, obj: Any) -> str:
-        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+        """Write strict JSON (non-finite floats as null); returns its sha256."""
+        return self.write_bytes(rel, (json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n").encode())
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel).to_pybytes())
+    def read_json(self, rel: str, checksum: Optional[str] = None) -> Any:
+        """Parse ``rel`` (verified against ``checksum`` when given).
+
+        Raises:
+            StorageError: missing, corrupted (checksum) or not valid JSON (an empty or truncated file).
+        """
+        buf = self.read_bytes(rel, checksum)
+        try:
+            return json.loads(buf.to_pybytes().decode("utf-8"))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise StorageError(f"{self.path(rel)} is not valid JSON ({getattr(exc, 'msg', exc)}{where}): the file is "
+                               f"empty, truncated or corrupted; rerun the stage that writes it (with --overwrite)"
+                               ) from None
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode())
@@ -203,6 +238,25 @@ class RunDir:
 
         buf = self.read_bytes(rel, checksum)
         return torch.load(io.BytesIO(buf.to_pybytes()), map_location="cpu", weights_only=True)
+
+
+    def manifest_checksum(self, rel: str) -> Optional[str]:
+        """``rel``'s sha256 as ``manifest.json`` records it; None when the manifest or the entry is missing."""
+        if not self.exists("manifest.json"):
+            return None
+        return self.read_json("manifest.json").get("shards", {}).get(rel)
+
+    def read_theta0(self) -> Any:
+        """The run's θ0 state_dict, verified against the manifest.
+
+        Raises:
+            StorageError: no manifest entry for it, or it does not match (another run's θ0, or corrupted).
+        """
+        checksum = self.manifest_checksum("theta0.pt")
+        if checksum is None:
+            raise StorageError(f"{self.path('theta0.pt')} has no checksum in {self.path('manifest.json')}: the run "
+                               f"directory is incomplete; start it again with --overwrite")
+        return self.read_torch("theta0.pt", checksum)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,5 +327,5 @@ def block_index_rel(block: int) -> str:
     return f"trajectory/block_{block:03d}/index.json"
 
 
-def basis_rel(block: int) -> str:
-    return f"basis/block_{block:03d}.arrow"
+def basis_rel(block: int, prefix: str = "basis") -> str:
+    return f"{prefix}/block_{block:03d}.arrow"

@@ -10,12 +10,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    import logging
-
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    from raysub.config import load_config
+    from raysub.engine.cluster import ensure_ray
+
+    if not ray.is_initialized():  # the cluster raysub starts for a run: loopback only, quiet
+        ensure_ray(load_config(None, ["cluster.num_cpus=4"]))
     yield ray
     ray.shutdown()
 

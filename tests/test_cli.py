@@ -85,3 +85,63 @@ def test_stage_on_a_non_run_directory(tmp_path, capsys):
 def test_unknown_config_file(capsys):
     rc, err = run_cli(capsys, ["run", "no_such_config.yaml"])
     assert rc == 2 and "quickstart" in err
+
+
+# --- config bad input (issue 9) ---
+
+CONFIG_FILES = {  # file name -> bytes; the case "adir" is a directory
+    "list.yaml": b"- train\n- sgd\n",
+    "scalar.yaml": b"42\n",
+    "latin1.yaml": b"train:\n  label: caf\xe9\n",
+    "syntax.yaml": b"train:\n  lr: 0.5\n   epochs: 3\n",
+}
+
+
+@pytest.mark.parametrize("config, needle", [
+    ("list.yaml", "list.yaml holds a list, not a mapping of sections"),
+    ("scalar.yaml", "scalar.yaml holds the single value 42, not a mapping of sections"),
+    ("adir", "adir is a directory: pass a YAML file"),
+    ("latin1.yaml", "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 19): save it as UTF-8"),
+    ("syntax.yaml", "syntax.yaml is not valid YAML (mapping values are not allowed here at line 3, column 10)"),
+])
+@pytest.mark.parametrize("command", ["run", "sample", "sweep"])
+def test_bad_config_file_is_one_line(tmp_path, capsys, command, config, needle):
+    """A config file that is a list, a scalar, a directory or not UTF-8 ended in a traceback (exit 1). Catches: any
+    of them reaching Python's or PyYAML's own exception instead of a ConfigError, in any command that reads a
+    config."""
+    for name, content in CONFIG_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "adir").mkdir()
+    run_dir = tmp_path / "run"
+    rc, err = run_cli(capsys, [command, str(tmp_path / config), f"run_dir={run_dir}"])
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("raysub: error: config ")
+    assert needle in err, err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.lr=.nan"], "train.lr: expected a finite number, got nan"),
+    (["sgd.lr=.inf"], "sgd.lr: expected a finite number, got inf"),
+    (["sgd.momentum=.nan"], "sgd.momentum: expected a finite number, got nan"),
+    (["train.optimizer=adam", "train.optimizer_options={eps: .nan}"],
+     "optimizer 'adam' option eps=nan: expected a finite number"),
+    (["train.optimizer=cgqn", "train.optimizer_options={damping: .inf}"],
+     "optimizer 'cgqn' option damping=inf: expected a finite number"),
+])
+def test_non_finite_number_is_one_line(tmp_path, capsys, overrides, needle):
+    """NaN and inf passed validation and `raysub run` went on to start Ray and write the run directory. Catches:
+    a non-finite number accepted by the schema's or a plug-in's type check."""
+    run_dir = tmp_path / "run"
+    rc, err = run_cli(capsys, ["run", *overrides, f"run_dir={run_dir}"])
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert not run_dir.exists()
+
+
+def test_scientific_notation_is_accepted(tmp_path, capsys):
+    """`raysub run sgd.weight_decay=5e-4` was rejected ("expected a number, got '5e-4'"); basis.dim=0 stops the run
+    before Ray, and the only problem left must be that one. Catches: YAML 1.1 number parsing of overrides."""
+    run_dir = tmp_path / "run"
+    rc, err = run_cli(capsys, ["run", "sgd.weight_decay=5e-4", "train.lr=1E-1", "basis.dim=0",
+                               f"run_dir={run_dir}"])
+    assert rc == 2 and err == "raysub: error: basis.dim=0: must be > 0\n"
+    assert not run_dir.exists()

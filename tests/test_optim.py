@@ -1,11 +1,15 @@
 """The optimizer protocol: every registered optimizer is driven the same way (``step(z, g, loss, closure)``),
 minimises a quadratic restricted to a subspace, and round-trips its state through a checkpoint; options are
-checked by name and type before anything starts; P-BFGS's line search on hand-made cases."""
+checked by name and type before anything starts; P-BFGS's line search on hand-made cases; the floats a training
+step all-reduces with each optimizer."""
 import numpy as np
 import pytest
 import torch
 
 from raysub.config import TrainConfig
+from raysub.engine import loop
+from raysub.engine.flat import flatten_params
+from raysub.engine.task import Task, allreduce_floats_per_step, train_step
 from raysub.errors import ConfigError
 from raysub.optim import OPTIMIZERS, PBFGS, BatchClosure, build_optimizer, check_optimizer
 from raysub.projections import MatrixProjection
@@ -87,6 +91,17 @@ def test_state_round_trips_through_a_checkpoint(name, tmp_path):
     assert opt2.counters() == opt_ref.counters()
 
 
+def test_pbfgs_loads_a_checkpoint_from_before_alpha0():
+    """A P-BFGS checkpoint written before the continued line search has no ``alpha0``: it resumes at α = 1."""
+    z = torch.zeros(3, dtype=torch.float64)
+    state = make("pbfgs", z).state_dict()
+    del state["alpha0"]
+    opt = make("pbfgs", z)
+    opt.alpha0 = 0.5
+    opt.load_state_dict(state)
+    assert opt.alpha0 == 1.0
+
+
 def test_every_optimizer_is_driven_by_the_same_call():
     """No attribute or name tells the loop how to drive an optimizer: every entry takes (z, g, loss, closure)."""
     q = Quadratic()
@@ -166,36 +181,138 @@ def test_pbfgs_takes_newton_steps_on_a_quadratic():
     assert opt.stats["failed"] == 0
 
 
-def test_pbfgs_y_same_batch_uses_the_closure_gradient():
-    """With y from the same batch, the first step on a 1-d quadratic f = ½ a z² recovers B = 1/a exactly, so the
-    second step lands on the minimum (α = 1 accepted). Fails if y = g(z_new) − g is taken with the wrong sign."""
-    a = 4.0
-    f = Fn(lambda z: float(0.5 * a * z @ z), lambda z: a * z)
+class CountingFn(Fn):
+    def __init__(self, f, grad):
+        super().__init__(f, grad)
+        self.grads = 0
+
+    def grad(self, z):
+        self.grads += 1
+        return super().grad(z)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_pbfgs_y_same_batch_takes_y_from_one_batch(same):
+    """Two batches with different losses f_b = ½ a_b (z − m_b)²: batch 1 (a = ½, m = 0), then batch 2 (a = 1,
+    m = 1), from z = 1, the option set through train.optimizer_options. Step 1 (batch 1): g̃ = ½, p = −½, α = 1,
+    z = ½, s = −½.
+    - y_same_batch: y = g₁(½) − g₁(1) = −¼ from the step's closure (batch 1), so B = s/y = 2 = 1/a₁ at once; step 2
+      (batch 2, g̃ = −½): p = 1, α = 1 fails Armijo, α = 0.55 gives z = 1.05; then y = g₂(1.05) − g₂(½), B = 1/a₂.
+    - across batches: no pair after step 1 (B = I); step 2 forms y = g₂(½) − g₁(1) = −1, B = s/y = ½ (neither
+      batch's curvature), p = ¼, α = 1, z = ¾.
+    Fails if the option is ignored (either way), or if y takes the other batch's gradient."""
+    batches = [CountingFn(lambda v, a=a, m=m: float(0.5 * a * (v - m) @ (v - m)), lambda v, a=a, m=m: a * (v - m))
+               for a, m in ((0.5, 0.0), (1.0, 1.0))]
     z = torch.tensor([1.0], dtype=torch.float64)
-    opt = PBFGS(z, y_same_batch=True)
-    opt.step(z, a * z, f.loss(z), f)
-    torch.testing.assert_close(opt.B, torch.tensor([[1 / a]], dtype=torch.float64))
-    opt.step(z, a * z, f.loss(z), f)
-    assert abs(float(z)) < 1e-12
+    opt = build_optimizer("pbfgs", z, TrainConfig(optimizer="pbfgs", optimizer_options={"y_same_batch": same}))
+    B = lambda: float(opt.B)  # noqa: E731
+    # the batch's g̃ and loss not via f.grad, which counts the optimizer's calls
+    step = lambda f: opt.step(z, f.g(z), f.f(z), f)  # noqa: E731
+    assert step(batches[0]) == {"alpha": 1.0, "backtracks": 0, "failed": 0}
+    assert float(z) == 0.5
+    assert B() == (2.0 if same else 1.0)
+    out = step(batches[1])
+    if same:
+        assert out == {"alpha": 0.55, "backtracks": 1, "failed": 0}
+        assert float(z) == pytest.approx(1.05, abs=1e-15) and B() == pytest.approx(1.0, abs=1e-12)
+        assert [f.grads for f in batches] == [1, 1]  # one closure gradient per accepted step, on its own batch
+    else:
+        assert out == {"alpha": 1.0, "backtracks": 0, "failed": 0}
+        assert float(z) == 0.75 and B() == 0.5
+        assert [f.grads for f in batches] == [0, 0]
 
 
-def test_pbfgs_failed_search_restores_z_and_resets():
+class Trials(BatchClosure):
+    """A closure whose trial losses come from ``f`` and which records every trial point."""
+
+    def __init__(self, f):
+        self.f, self.points = f, []
+
+    def loss(self, z):
+        self.points.append(z.clone())
+        return self.f(z)
+
+    def grad(self, z):
+        raise AssertionError("not used")
+
+
+def test_pbfgs_failed_search_restores_z_keeps_b_and_continues_next_step():
+    """max_backtracks = 3 and Armijo never holds: trials at α = 1, β, β², β³, z restored, B kept, and the step
+    reports 3 backtracks — as does ``stats`` (it counted one more per failed search: the last shrink tries
+    nothing).
+    The next step's first trial is β⁴ (the search goes on where it stopped; restarting at 1 stalls for ever when
+    the loss needs α < β^max_backtracks), and after that accepted step the first trial is 1 again."""
+    beta = 0.55
     z = torch.ones(3, dtype=torch.float64)
-    opt = PBFGS(z, max_backtracks=3)
-    out = opt.step(z, torch.ones(3, dtype=torch.float64), 1.0, Fn(lambda zt: 10.0))  # Armijo never holds
-    assert out["failed"] and opt.stats["failed"] == 1 and out["backtracks"] == 3
-    torch.testing.assert_close(z, torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(opt.B, torch.eye(3, dtype=torch.float64))
+    g = torch.ones(3, dtype=torch.float64)
+    opt = PBFGS(z, beta=beta, max_backtracks=3, y_same_batch=True)
+    never = Trials(lambda zt: 10.0)
+    out = opt.step(z, g, 1.0, never)
+    assert out == {"alpha": 0.0, "backtracks": 3, "failed": 1}
+    assert opt.stats["backtracks"] == 3 and opt.stats["failed"] == 1
+    torch.testing.assert_close(torch.stack(never.points), torch.stack([1 - beta**k * g for k in range(4)]))
+    assert torch.equal(z, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(opt.B, torch.eye(3, dtype=torch.float64))
+
+    always = Trials(lambda zt: 0.0)
+    always.grad = lambda zt: (0.0, g.clone())  # y = 0: the pair is skipped, B stays I
+    out = opt.step(z, g, 10.0, always)
+    assert out == {"alpha": pytest.approx(beta**4), "backtracks": 0, "failed": 0}
+    torch.testing.assert_close(z, 1 - beta**4 * g)
+    assert opt.step(z, g, 10.0, always) == {"alpha": 1.0, "backtracks": 0, "failed": 0}
+    torch.testing.assert_close(always.points[-1], 1 - beta**4 * g - g)
+    assert opt.stats["backtracks"] == 3
 
 
-def test_pbfgs_armijo_backtracks_exactly():
-    """f(z) = z² from z = 1, g = 2, B = I: p = −2. α = 1 gives f = 1 > 1 − 0.4·1·4; α = 0.55 gives
-    f = (1 − 1.1)² = 0.01 ≤ 1 − 0.4·0.55·4 = 0.12: accepted after one backtrack."""
+# scipy.optimize.minimize(f, z0, jac=..., method="BFGS") iterations (default gtol 1e-5 on max|g|), scipy 1.17:
+# 1e5·z² from z = 1 and the d = 40 quadratic below from 0 — hard-coded so the test needs no scipy.
+SCIPY_BFGS_ITERATIONS = {"1e5_z2": 2, "d40_cond1e6": 50}
+
+
+def ill_conditioned(case):
+    """(z0, f, grad) of a quadratic whose steepest-descent step needs α < β^20 = 0.55^20 ≈ 6.4e-6."""
+    if case == "1e5_z2":
+        return (torch.ones(1, dtype=torch.float64), lambda z: float(1e5 * z @ z), lambda z: 2e5 * z)
+    a = torch.from_numpy(np.logspace(0, 6, 40))  # curvatures 1 … 1e6: condition number 1e6
+    z_star = torch.from_numpy(np.random.default_rng(0).normal(size=40))
+    return (torch.zeros(40, dtype=torch.float64), lambda z: float(0.5 * (a * (z - z_star) ** 2).sum()),
+            lambda z: a * (z - z_star))
+
+
+@pytest.mark.parametrize("case", sorted(SCIPY_BFGS_ITERATIONS))
+def test_pbfgs_progresses_when_steepest_descent_needs_tiny_steps(case):
+    """Before the fix every search failed (α = 1 … β^20 all too long), reset B to I and dropped the pair, so z
+    never moved. Now a failed search continues on the next step, and P-BFGS reaches scipy's tolerance
+    (max|g| < 1e-5) within 2× scipy's BFGS iterations (measured: 3 vs 2 and 51 vs 50)."""
+    z, f, grad = ill_conditioned(case)
+    opt = make("pbfgs", z)
+    closure = Fn(f, grad)
+    steps = 0
+    while grad(z).abs().max() >= 1e-5 and steps < 2 * SCIPY_BFGS_ITERATIONS[case]:
+        opt.step(z, grad(z), f(z), closure)
+        steps += 1
+    assert grad(z).abs().max() < 1e-5, (case, steps, f(z), opt.counters())
+    assert opt.stats["failed"] >= 1  # the case does exercise a failed search
+
+
+@pytest.mark.parametrize("a,c,alpha,backtracks", [
+    (2.0, 0.4, 0.55, 1),  # f = z²: α = 1 gives f = 1 > 1 − 0.4·4; α = 0.55 gives 0.01 ≤ 0.12
+    (1.0, 0.5, 1.0, 0),  # the exact Newton step: L(z + p) = L + ½ g̃ᵀp, accepted iff c ≤ ½ (here with equality)
+    (1.0, 0.51, 0.55, 1),  # … so c just above ½ rejects it: plain decrease or a flipped c·α·slope accept α = 1
+    (5.0, 0.4, 0.55**3, 3),  # Armijo holds iff α ≤ 1.2/a = 0.24: plain decrease (α ≤ 0.4) and α² (α ≤ 2/(a + 2c)
+                             # = 0.345) accept β² = 0.3025, a flipped sign accepts β = 0.55
+])
+def test_pbfgs_armijo_accepts_exactly_the_armijo_step(a, c, alpha, backtracks):
+    """f(z) = ½ a z² from z = 1 with B = I: p = −a, L(z + α p) = ½ a (1 − α a)², and Armijo (14)
+    ½ a (1 − α a)² ≤ ½ a − c α a² holds iff α a ≤ 2(1 − c). Pins the accepted α and the backtracks against
+    the three plausible wrong conditions: plain decrease L(z + αp) ≤ L(z), the sign of c·α·g̃ᵀp flipped (accepts
+    increases), and α² in place of α."""
     z = torch.tensor([1.0], dtype=torch.float64)
-    opt = PBFGS(z)
-    out = opt.step(z, torch.tensor([2.0], dtype=torch.float64), 1.0, Fn(lambda v: float(v @ v)))
-    assert out == {"alpha": 0.55, "backtracks": 1, "failed": 0}
-    torch.testing.assert_close(z, torch.tensor([1.0 - 1.1], dtype=torch.float64))
+    opt = PBFGS(z, c=c)
+    out = opt.step(z, torch.tensor([a], dtype=torch.float64), 0.5 * a, Fn(lambda v: float(0.5 * a * v @ v)))
+    assert out == {"alpha": pytest.approx(alpha), "backtracks": backtracks, "failed": 0}
+    torch.testing.assert_close(z, torch.tensor([1.0 - alpha * a], dtype=torch.float64))
+    assert opt.stats["backtracks"] == backtracks
 
 
 def test_pbfgs_skips_negative_curvature():
@@ -210,13 +327,68 @@ def test_pbfgs_skips_negative_curvature():
     assert torch.all(torch.linalg.eigvalsh(opt.B) > 0)
 
 
-def test_convergence_step_metric():
-    from raysub.metrics import convergence_step
+def fake_two_ranks(monkeypatch):
+    """Two identical ranks without a process group: every all-reduce doubles its tensor; returns the numel
+    of each all-reduce, in order."""
+    sent = []
 
-    assert convergence_step([1.0] * 10) is None
-    losses = list(np.linspace(3.0, 0.5, 50)) + [0.5] * 30
-    t = convergence_step(losses)
-    # the first 20-step window with std < 0.1 ending within 0.1 of the minimum
-    L = np.array(losses)
-    expect = next(i + 1 for i in range(19, len(L)) if L[i - 19 : i + 1].std() < 0.1 and L[i] < 0.6)
-    assert t == expect
+    def all_reduce_sum_(t):
+        sent.append(t.numel())
+        return t.mul_(2)
+
+    monkeypatch.setattr(loop, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(loop, "all_reduce_sum_", all_reduce_sum_)
+    return sent
+
+
+def overshooting_task():
+    """Linear(2→2, no bias) at θ0 = 0, P = I (d = 4), three examples at x = (10, 0) of classes 0, 0, 1.
+
+    At z = 0: g̃ = ±10/6 on the two first-column weights, ‖g̃‖² = 50/9, and the first P-BFGS direction −g̃ moves
+    the logit gap to Δ = 100α/3; L(Δ) = ⅔ log(1 + e^−Δ) + ⅓ log(1 + e^Δ), minimal at Δ = log 2. Armijo
+    L ≤ log 2 − 0.4·α·50/9 first holds at α = 0.55⁷ (Δ = 0.51: 0.640 ≤ 0.659; at 0.55⁶, 0.642 > 0.631):
+    8 trials."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    theta0 = flatten_params(model)
+    task = Task.from_parts(model, theta0, MatrixProjection(torch.eye(theta0.numel())))
+    return task, torch.tensor([[10.0, 0.0]] * 3), torch.tensor([0, 0, 1])
+
+
+@pytest.mark.parametrize("name,options,floats", [
+    ("psgd", {}, 4 + 1),  # g̃ and the loss
+    ("pbfgs", {}, 4 + 1 + 8),  # + 1 loss per line-search trial
+    ("pbfgs", {"y_same_batch": True}, 4 + 1 + 8 + 4 + 1),  # + the closure's gradient and loss at z + s
+])
+def test_allreduce_floats_per_step_is_what_the_step_sends(name, options, floats, monkeypatch):
+    """The recorded count was d+1 for every optimizer, whatever the line search and closure all-reduced. Under
+    two (fake) ranks, one step sends exactly ``floats``, and the recorded value is the mean of what was sent."""
+    sent = fake_two_ranks(monkeypatch)
+    task, x, y = overshooting_task()
+    z = task.new_z()
+    opt = build_optimizer(name, z, TrainConfig(optimizer=name, lr=0.1, optimizer_options=options))
+    _, stats = train_step(task, z, opt, x, y)
+    if name == "pbfgs":
+        assert stats["backtracks"] == 7
+    assert sum(sent) == floats and allreduce_floats_per_step(task) == floats
+    train_step(task, z, opt, x, y)
+    assert allreduce_floats_per_step(task) == sum(sent) / 2
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_allreduce_floats_per_step_counts_every_closure_evaluation(name, monkeypatch):
+    """Every registered optimizer: the recorded mean equals what reached the all-reduce (a closure evaluation that
+    all-reduces without counting — class-gradient sums, a line-search trial — fails here); 0 on one worker."""
+    task, x, y = overshooting_task()
+    z = task.new_z()
+    opt = make(name, z)
+    train_step(task, z, opt, x, y)
+    assert allreduce_floats_per_step(task) == 0
+    sent = fake_two_ranks(monkeypatch)
+    task, x, y = overshooting_task()
+    z = task.new_z()
+    opt = make(name, z)
+    for _ in range(3):
+        train_step(task, z, opt, x, y)
+    assert sum(sent) > 0 and allreduce_floats_per_step(task) == sum(sent) / 3

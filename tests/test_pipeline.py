@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raysub import pipeline
-from raysub.pipeline.basis import load_basis
+from raysub.pipeline.basis import basis_dir, load_basis, read_spectrum
 from raysub.config import load_config
 from raysub.errors import ConfigError
 from raysub.pipeline.sample import collect_trajectory
@@ -65,7 +65,9 @@ def test_run_directory_contents(runs):
         assert key in manifest["versions"]
     assert manifest["git_revision"]
     assert manifest["stages"]["sample"]["complete"]
-    assert len([p for p in manifest["shards"] if p.startswith("trajectory/")]) == 2 * manifest["num_snapshots"]
+    assert len([p for p in manifest["shards"] if p.endswith(".arrow")]) == 2 * manifest["num_snapshots"]
+    assert [p for p in manifest["shards"] if p.endswith("index.json")] == [
+        "trajectory/block_000/index.json", "trajectory/block_001/index.json"]
     assert run.exists("config.yaml") and run.exists("theta0.pt")
     summary = run.read_json("summary.json")
     assert 0 < summary["results"]["sgd"]["test_acc"] <= 1
@@ -88,8 +90,12 @@ def test_resume_from_cli_after_crash(runs, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
     args = ["sample"] + BASE + ["cluster.num_workers=2", f"run_dir={tmp_path}/r"]
-    with pytest.raises(Exception):
-        main(args)
+    assert main(args) == 1  # a worker-group failure: one line, the log, the command that continues
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "a Ray Train worker failed (RuntimeError: RAYSUB_FAIL_AFTER_EPOCH=1: injected failure" in lines[0]
+    assert lines[0].endswith(f"cluster.num_workers=2 run_dir={tmp_path}/r --resume")
+    assert len(os.listdir(f"{tmp_path}/r/logs")) == 1
     manifest = RunDir(f"{tmp_path}/r").read_json("manifest.json")
     assert "sample" not in manifest["stages"]
     assert main(args) == 2  # an existing run without --resume/--overwrite is refused
@@ -109,7 +115,7 @@ def test_basis_stage(basis_run):
     U = load_basis(basis_run)
     assert U.shape == (5, 4810)
     np.testing.assert_allclose(U.astype(np.float64) @ U.T, np.eye(5), atol=1e-5)
-    spec = run.read_json("basis/spectrum.json")
+    spec = read_spectrum(run)
     assert len(spec["explained_variance_ratio"]) == spec["num_snapshots"]
     assert run.exists("plots/explained_variance.png")
     summary = run.read_json("summary.json")
@@ -155,12 +161,42 @@ def test_basis_refuses_corrupted_shard(runs, tmp_path, capsys):
     assert main(["basis", dst, "basis.dim=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "snap_00003.arrow is corrupted" in err
-    assert not RunDir(dst).exists("basis/spectrum.json")
+    assert basis_dir(RunDir(dst)) is None
     os.remove(path)
     assert main(["basis", dst, "basis.dim=3"]) == 2
     assert "snap_00003.arrow is missing" in capsys.readouterr().err
     assert not RunDir(dst).exists("basis")
     assert manifest == RunDir(dst).read_json("manifest.json")
+
+
+def test_basis_rebuild_killed_before_commit_leaves_the_old_basis(runs, tmp_path, monkeypatch):
+    """Kill `raysub basis --overwrite` at its commit: the old basis (dim 3) stays in force and loads (the old
+    layout overwrote basis/spectrum.json first and reported the mix as corrupted), then a complete rebuild
+    replaces it and deletes the old generation."""
+    import shutil
+
+    from raysub.pipeline import run as runmod
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(runs[1], dst)
+    pipeline.stage_basis(dst, ["basis.dim=3"], say=quiet)
+    run = RunDir(dst)
+    old = load_basis(run)
+    assert old.shape == (3, 4810)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runmod, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.stage_basis(dst, ["basis.dim=2"], overwrite=True, say=quiet)
+    monkeypatch.undo()
+    assert len(run.listdir("basis")) == 2  # the killed rebuild's files are there, uncommitted
+    np.testing.assert_array_equal(load_basis(run), old)
+    assert read_spectrum(run)["dim"] == 3 and runmod.stored_config(run)["basis"]["dim"] == 3
+    pipeline.stage_basis(dst, ["basis.dim=2"], overwrite=True, say=quiet)
+    assert load_basis(run).shape == (2, 4810) and len(run.listdir("basis")) == 1
+    assert run.read_json("summary.json")["dim"] == 2
 
 
 def test_raysub_run_end_to_end(ray_session, tmp_path, capsys):
@@ -220,7 +256,9 @@ def test_pbfgs_parity_two_workers_match_one(basis_run):
     torch.testing.assert_close(z[2], z[1], rtol=1e-4, atol=1e-5)
     summary = RunDir(basis_run).read_json("summary.json")
     r = summary["results"]["pbfgs_w2"]
-    assert r["allreduce_floats_per_step"] == 6  # d + the loss
+    s = r["history"][-1]["optimizer_stats"]
+    # d + the loss, plus one float per line-search trial (backtracks + 1 per step)
+    assert r["allreduce_floats_per_step"] == 6 + (s["steps"] + s["backtracks"]) / s["steps"]
     assert r["history"][-1]["optimizer_stats"]["steps"] == 1437 // 256
     assert r["steps"] == 1437 // 256 and "convergence_step" in r
 

@@ -1,5 +1,6 @@
 """Intrinsic-dimension sweeps: planning errors (no Ray), the analysis, and real Ray Tune sweeps on digits."""
 import csv
+import glob
 import io
 import json
 import os
@@ -175,7 +176,9 @@ def test_sweep_end_to_end_with_failure_and_resume(ray_session, basis_run, tmp_pa
 
 
 def test_sweep_ddp_trials_run_ray_train_inside_tune(ray_session, tmp_path, capsys):
-    """workers_per_trial=2: each trial is a TorchTrainer (gloo DDP) inside a Tune function trainable."""
+    """workers_per_trial=2: each trial is a TorchTrainer (gloo DDP) inside a Tune function trainable. Every epoch's
+    report carries the world size the workers saw: catches a trial that trains in its own Tune actor (one process)
+    or on a 1-worker trainer while the sweep still "runs"."""
     rc = main(["sweep", "sweep_digits", *SMALL, "train.epochs=2", "sweep.families=[fastfood]", "sweep.dims=[50]",
                "sweep.baseline=0.97", "sweep.workers_per_trial=2", "cluster.cpus_per_worker=0.5",
                f"run_dir={tmp_path}/sw"])
@@ -185,6 +188,10 @@ def test_sweep_ddp_trials_run_ray_train_inside_tune(ray_session, tmp_path, capsy
     assert res["max_concurrent"] == 4  # 4 logical CPUs / (2 workers × 0.5 CPU); the trial's own actor takes none
     (t,) = res["trials"]
     assert t["family"] == "fastfood" and t["epochs_run"] == 2
+    (trial_dir,) = [d for d in glob.glob(f"{tmp_path}/sw/tune/coarse/*") if os.path.isdir(d)]
+    with open(os.path.join(trial_dir, "result.json")) as fh:
+        reports = [json.loads(line) for line in fh]
+    assert [(r["epoch"], r["world_size"]) for r in reports] == [(1, 2), (2, 2)]
 
 
 def test_trial_resources_exceeding_the_cluster(ray_session, tmp_path, capsys):

@@ -23,11 +23,15 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
 
     A local cluster gets ``cluster.num_cpus`` logical CPUs, else the machine's count — raised to fit the
     workers when ``grow`` (a single run), kept when not (a sweep schedules its trials into what there is).
+    It listens on loopback only: its node IP is 127.0.0.1, so Ray binds every gRPC server, agent and
+    metrics endpoint (``/metrics`` takes no token) there instead of on all interfaces. (PyTorch's rendezvous
+    store, opened by Ray Train's rank 0 during training, still binds all interfaces: torch has no setting.)
 
     Raises:
         ConfigError: the cluster has fewer logical CPUs/GPUs than ``cluster`` asks for.
     """
     import ray
+    from ray._private import ray_constants
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -40,10 +44,21 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
                                                 else os.cpu_count() or 1)
-            kwargs.update(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+            kwargs.update(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+                          _node_ip_address="127.0.0.1")
         else:
             kwargs.update(address=cfg.cluster.address)
-        ray.init(**kwargs)
+        # Ray binds its servers to the node IP, but ray.init swaps a loopback _node_ip_address for the machine's
+        # routable IP unless multi-node support is off — Ray's own single-machine mode, its default on macOS and
+        # Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Ray reads that variable into ray_constants at import, so
+        # the constant is switched for this start-up only (a later join from this process needs it back on);
+        # joining a cluster keeps Ray's default. tests/test_cluster_local.py lists the sockets this opens.
+        multi_node = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node and cfg.cluster.address is not None
+        try:
+            ray.init(**kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
     check_resources(cfg)
 
 

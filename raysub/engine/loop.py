@@ -8,6 +8,7 @@ same order from its epoch.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -160,11 +161,15 @@ def report(metrics: Dict, state: Optional[Dict], session: str = "train") -> None
     """``ray.train.report`` from every rank (``ray.tune.report`` in a Tune trial); rank 0 passes ``state`` as the
     checkpoint (torch.save'd).
 
-    Both upload the checkpoint during the call, so the local temporary copy is removed right after.
+    ``metrics`` gains ``world_size``: the ranks of the process group this loop all-reduces over (1 in a Tune trial
+    or a 1-worker run), as the workers themselves see it — so a run's results show how many workers really
+    trained together. Both calls upload the checkpoint during the call, so the local temporary copy is removed
+    right after.
     """
     import shutil
 
     api = _session(session)
+    metrics = {**metrics, "world_size": rank_world()[1]}
     if state is None:
         api.report(metrics)
         return
@@ -205,3 +210,58 @@ def maybe_inject_failure(run_dir, epoch: int, fail_after_epoch: Optional[int]) -
     if dist_ready():
         dist.barrier()
     raise RuntimeError(f"RAYSUB_FAIL_AFTER_EPOCH={k}: injected failure after epoch {epoch}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# divergence: every rank decides alike, and reports instead of raising (Ray would retry a deterministic failure)
+
+def first_nonfinite(values: Sequence[float]) -> Optional[int]:
+    """Index of the first nan or ±inf in ``values``, or None when every value is finite."""
+    return next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+
+
+def divergence(stage: str, epoch: int, steps_before: int, losses: Sequence[float], params_finite: bool
+               ) -> Optional[Dict[str, Any]]:
+    """The divergence record of an epoch, or None when its losses and parameters are all finite.
+
+    Args:
+        stage: the stage's label ("sample", or the training's label).
+        epoch: the epoch, 1-based.
+        steps_before: global steps taken before this epoch.
+        losses: the epoch's global step losses (the loss of step k is taken before its update).
+        params_finite: whether the parameters (θ, or z) are finite after the epoch's last step.
+    Returns:
+        {"stage", "epoch", "step" (1-based global step), "loss" (the last finite loss, or None), "reason"}:
+        strict JSON (no nan), or None.
+    """
+    bad = first_nonfinite(losses)
+    if bad is not None:
+        return {"stage": stage, "epoch": epoch, "step": steps_before + bad + 1, "loss": None,
+                "reason": f"the loss became {losses[bad]}"}
+    if not params_finite:
+        return {"stage": stage, "epoch": epoch, "step": steps_before + len(losses),
+                "loss": losses[-1] if losses else None, "reason": "the parameters became non-finite"}
+    return None
+
+
+def divergence_message(what: str, record: Dict[str, Any], fix: str) -> str:
+    """One line: ``WHAT diverged at epoch E (step S): REASON; FIX``."""
+    return f"{what} diverged at epoch {record['epoch']} (step {record['step']}): {record['reason']}; {fix}"
+
+
+def report_divergence(metrics: Dict[str, Any], rank: int, session: str = "train") -> None:
+    """Every rank's last report of a diverged run.
+
+    Ray Train hands the driver the metrics of the latest checkpoint only, so rank 0 attaches a checkpoint that
+    holds nothing but these metrics (the last good epoch's stays beside it): a resumed run finds it
+    (`resumed_divergence`) and reports the divergence again instead of training on from a diverged state."""
+    report(metrics, {"diverged_report": metrics} if rank == 0 else None, session)
+
+
+def resumed_divergence(state: Optional[Dict[str, Any]], rank: int, session: str = "train") -> bool:
+    """Whether ``state``, the checkpoint a run restarts from, is a divergence report; if so it is reported
+    again (`report_divergence`) and the loop must return."""
+    if state is None or "diverged_report" not in state:
+        return False
+    report_divergence(state["diverged_report"], rank, session)
+    return True

@@ -7,7 +7,8 @@ model instance). On top of it:
 - `train_step(task, z, opt, x, y)` — one training step: θ = θ0 + P z written in place, forward and backward on
   this rank's batch, the projected gradient and the loss averaged over the ranks in one all-reduce of D+1
   floats, then ``opt.step(z, g, loss, closure)`` (the one optimizer protocol, `raysub.optim.base`), with a
-  closure that re-evaluates the same batch for optimizers that need it;
+  closure that re-evaluates the same batch for optimizers that need it (each evaluation all-reduces again:
+  1 float per loss, D+1 per gradient); `allreduce_floats_per_step` is the mean actually sent per step;
 - `loss_and_projected_grad(task, z, batch)` — the pure functional form: (L(z), Pᵀ∇L(z)) on a batch, computed
   out of place, writing nothing the task holds (not θ, not the BatchNorm statistics), so an outer loop
   (meta-training, a line search of its own) can evaluate many z's; local to this process (no all-reduce);
@@ -72,6 +73,8 @@ class Task:
     data: Any = None  # a raysub.data.Dataset (None for a task built from parts without data)
     cfg: Any = None  # the raysub.config.Config it was built from, if any
     device: torch.device = torch.device("cpu")
+    num_steps: int = 0  # `train_step`s taken in this process
+    num_allreduce_floats: int = 0  # floats those steps all-reduced (the step's and its closure's)
 
     @classmethod
     def from_parts(cls, model: torch.nn.Module, theta0_N: torch.Tensor, projection, data=None, cfg=None
@@ -110,8 +113,9 @@ def subspace_dim(cfg, num_params: int) -> int:
 def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     """The task of ``cfg``'s ``train`` section: dataset, model at θ0, projection; no Ray session needed.
 
-    θ0 is the run directory's ``theta0.pt`` (``run``, else ``cfg.run_dir``) when it exists — so every rank and
-    every trial starts from the same θ0 — else the model seeded with ``cfg.seed``. A family that reads a basis
+    θ0 is the run directory's ``theta0.pt`` (``run``, else ``cfg.run_dir``; verified against its manifest) when
+    it exists — so every rank and every trial starts from the same θ0 — else the model seeded with ``cfg.seed``.
+    A family that reads a basis
     run (``dldr``) reads ``train.basis_run``, defaulting to this run. A full-parameter family (``identity``)
     gets d = N.
     """
@@ -127,7 +131,7 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     if run.exists("theta0.pt"):
-        model.load_state_dict(run.read_torch("theta0.pt"))
+        model.load_state_dict(run.read_theta0())
     model.to(device)
     theta0_N = flatten_params(model)
     name = cfg.train.projection
@@ -138,9 +142,17 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     return Task(SubspaceModel(model, theta0_N, projection), data, cfg, device)
 
 
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce_sum_(task: Task, t: torch.Tensor) -> torch.Tensor:
+    """`loop.all_reduce_sum_`, counting the floats sent in ``task.num_allreduce_floats``."""
     _, world = loop.rank_world()
-    return loop.all_reduce_sum_(t) / world if world > 1 else t
+    if world > 1:
+        task.num_allreduce_floats += t.numel()
+    return loop.all_reduce_sum_(t)
+
+
+def _mean_over_ranks(task: Task, t: torch.Tensor) -> torch.Tensor:
+    _, world = loop.rank_world()
+    return _all_reduce_sum_(task, t) / world if world > 1 else t
 
 
 class StepClosure(BatchClosure):
@@ -155,14 +167,14 @@ class StepClosure(BatchClosure):
         with loop.frozen_buffers(sub.model):
             sub.set_z(z_D)
             loss = F.cross_entropy(sub.forward(self.x), self.y).reshape(1)
-        return float(_mean_over_ranks(loss))
+        return float(_mean_over_ranks(self.task, loss))
 
     def grad(self, z_D: torch.Tensor) -> Tuple[float, torch.Tensor]:
         sub = self.task.sub
         with loop.frozen_buffers(sub.model), torch.enable_grad():  # the optimizer's step runs under no_grad
             sub.set_z(z_D)
             loss, g_D = sub.loss_and_grad(self.x, self.y)
-        packed = _mean_over_ranks(torch.cat([g_D, loss.reshape(1).to(g_D.dtype)]))
+        packed = _mean_over_ranks(self.task, torch.cat([g_D, loss.reshape(1).to(g_D.dtype)]))
         return float(packed[-1]), packed[:-1]
 
     def class_sums(self, z_D: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +190,7 @@ class StepClosure(BatchClosure):
         """
         G_KD, extras = _class_sums_local(self.task, z_D, self.x, self.y)
         k, d = G_KD.shape
-        packed = loop.all_reduce_sum_(torch.cat([G_KD.reshape(-1), extras.to(G_KD.dtype)]))
+        packed = _all_reduce_sum_(self.task, torch.cat([G_KD.reshape(-1), extras.to(G_KD.dtype)]))
         return packed[: k * d].view(k, d), packed[k * d :].double()
 
 
@@ -243,16 +255,20 @@ def train_step(task: Task, z_D: torch.Tensor, opt: SubspaceOptimizer, x: torch.T
     loss, g_D = sub.loss_and_grad(x, y)
     _, world = loop.rank_world()
     if world > 1:  # the loss rides along with g̃: D+1 floats, one all-reduce
-        packed = _mean_over_ranks(torch.cat([g_D, loss.reshape(1).to(g_D.dtype)]))
+        packed = _mean_over_ranks(task, torch.cat([g_D, loss.reshape(1).to(g_D.dtype)]))
         g_D, loss = packed[:-1], packed[-1]
     stats = opt.step(z_D, g_D, loss, StepClosure(task, x, y))
+    task.num_steps += 1
     return loss, stats
 
 
-def allreduce_floats_per_step(task: Task) -> int:
-    """Floats `train_step` all-reduces per step: D+1 under DDP (g̃ and the loss), none on one worker."""
-    _, world = loop.rank_world()
-    return task.dim + 1 if world > 1 else 0
+def allreduce_floats_per_step(task: Task) -> float:
+    """Mean floats all-reduced per `train_step` of ``task`` so far (0 before the first step and on one worker).
+
+    D+1 for g̃ and the loss, plus what the optimizer's closure evaluations sent: 1 per line-search trial
+    (P-BFGS), D+1 per extra gradient (P-BFGS's ``y_same_batch``), (C+1)·D + 2C + 2 per class-gradient sum.
+    """
+    return task.num_allreduce_floats / task.num_steps if task.num_steps else 0.0
 
 
 def loss_and_projected_grad(task: Task, z_D: torch.Tensor, batch: Tuple[torch.Tensor, torch.Tensor]

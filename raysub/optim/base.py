@@ -37,7 +37,8 @@ class BatchClosure(abc.ABC):
     """Extra evaluations of the current step's batch at other points z (global values, same on every rank).
 
     Evaluations leave no trace: BatchNorm running statistics are restored, and the loop sets z again before
-    anything else uses the model.
+    anything else uses the model. They are not free under DDP: each is one all-reduce (1 float for `loss`,
+    D+1 for `grad`), counted in the run's ``allreduce_floats_per_step``.
     """
 
     @abc.abstractmethod

@@ -79,25 +79,25 @@ class BlockGram:
             self._track()
         return {"gram": gram_TT, "load_s": load_s, "gram_s": time.perf_counter() - t0}
 
-    def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32") -> Dict[str, Any]:
+    def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
         """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
 
         Returns:
             Its path and sha256, the write time, and the actor's memory (start and peak RSS, block bytes).
         """
         t0 = time.perf_counter()
-        # float32 storage: the centring stays in float64 (that is where digits are lost), the product runs in
-        # float32 (its rounding is below float32 storage's anyway); float64 storage keeps it all in float64
-        proj_DT = np.ascontiguousarray(proj_TD.T, dtype=np.float64 if dtype == "float64" else np.float32)
-        with self.run.open_writer(basis_rel(self.block)) as sink:
+        # centring and product in float64 (one TILE at a time), rounded once when written: a float32 product
+        # adds its own rounding over T terms and leaves the stored basis orthonormal to 1e-7–1e-6, not ~1e-9
+        proj_DT = np.ascontiguousarray(proj_TD.T, dtype=np.float64)
+        with self.run.open_writer(basis_rel(self.block, prefix)) as sink:
             writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
             for start in range(0, self.num_coords, TILE):
                 X = self.W_TN[:, start : start + TILE].astype(np.float64)
                 X -= X.mean(axis=0, keepdims=True)
-                writer.write(proj_DT @ X.astype(proj_DT.dtype, copy=False))
+                writer.write(proj_DT @ X)
                 self._track()
             writer.close()
-        return {"path": basis_rel(self.block), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
+        return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
                 "peak_rss": self.peak, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
 
 
@@ -129,14 +129,15 @@ def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
 
 
 def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dict[str, str],
-                dtype: str = "float32") -> Dict[str, Any]:
-    """Run the block actors on Ray, sum the Grams, solve, write the basis shards and ``basis/spectrum.json``.
+                dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
+    """Run the block actors on Ray, sum the Grams, solve, write the basis shards and ``PREFIX/spectrum.json``.
 
     Args:
         blocks: the trajectory's block indices (``trajectory/block_*/index.json`` contents).
         shards: {path: sha256} from the manifest; every snapshot is verified against it.
+        prefix: the directory of this basis generation (the manifest commits it; see `basis_dir`).
     Returns:
-        The spectrum record written to ``basis/spectrum.json`` plus per-block timings and memory.
+        The spectrum record written to ``PREFIX/spectrum.json`` plus per-block timings and memory.
     """
     import ray
 
@@ -158,7 +159,7 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         gram_TT = sum(g["gram"] for g in grams)
         spec = solve_spectrum(gram_TT, dim)
         proj_TD = spec["V"] / spec["singular_values"][:dim]
-        writes = ray.get([a.write_basis.remote(proj_TD, dtype) for a in actors])
+        writes = ray.get([a.write_basis.remote(proj_TD, dtype, prefix) for a in actors])
     finally:
         for a in actors:
             ray.kill(a)
@@ -176,8 +177,31 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         "timings": {"load_s": max(g["load_s"] for g in grams), "gram_s": max(g["gram_s"] for g in grams),
                     "write_s": max(w["write_s"] for w in writes), "total_s": time.perf_counter() - t0},
     }
-    record["sha256"] = run.write_json("basis/spectrum.json", record)
+    record["sha256"] = run.write_json(f"{prefix}/spectrum.json", record)
     return record
+
+
+def basis_dir(run: RunDir) -> Optional[str]:
+    """The directory of the run's committed basis, or None when it has none.
+
+    ``raysub basis`` writes each basis into a new directory ``basis/GEN/`` and commits it by naming it in the
+    manifest (``stages.basis.dir``), so a rebuild killed half-way leaves the previous basis in force. Runs written
+    before generations keep theirs in ``basis/``.
+    """
+    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
+    stage = manifest.get("stages", {}).get("basis", {})
+    if stage.get("complete") and stage.get("dir"):
+        return stage["dir"]
+    return "basis" if run.exists("basis/spectrum.json") else None
+
+
+def read_spectrum(run: RunDir) -> Optional[Dict[str, Any]]:
+    """The committed basis's spectrum record (verified against the manifest), or None when there is no basis."""
+    where = basis_dir(run)
+    if where is None:
+        return None
+    shards = run.read_json("manifest.json").get("shards", {}) if run.exists("manifest.json") else {}
+    return run.read_json(f"{where}/spectrum.json", shards.get(f"{where}/spectrum.json"))
 
 
 def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
@@ -187,9 +211,9 @@ def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
         ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
     """
     run = RunDir(run_uri) if isinstance(run_uri, str) else run_uri
-    if not run.exists("basis/spectrum.json"):
-        raise StorageError(f"{run.path('basis')} has no basis: run 'raysub basis {run.uri}' first")
-    spec = run.read_json("basis/spectrum.json")
+    spec = read_spectrum(run)
+    if spec is None:
+        raise StorageError(f"{run.uri} has no basis: run 'raysub basis {run.uri}' first")
     dim = spec["dim"] if dim is None else dim
     if dim > spec["dim"]:
         raise ConfigError(f"train.dim={dim} exceeds the {spec['dim']} components stored in {run.path('basis')}: "

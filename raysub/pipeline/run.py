@@ -1,7 +1,14 @@
 """The DLDR pipeline and its stages, driver side: plan (validate everything), sample, basis, train, report.
 
 Nothing is written before every check has passed: config problems, dataset paths, model options, the
-snapshot count against ``basis.dim``, and the run directory's state (``--resume`` / ``--overwrite``).
+snapshot count against ``basis.dim``, the run directory's state (``--resume`` / ``--overwrite``) and, on
+``--resume``, that the config is the run's own. Every command holds the run directory's lock (`raysub.lock`).
+
+Commits: ``manifest.json`` is a run's one commit record. It holds the checksums of every file (θ0, shards,
+indices, the basis), the stages done, the resolved config and the summary; ``config.yaml`` and
+``summary.json`` are copies written right after it (and re-synced by the next command if a kill came between).
+A stage writes its files first — a basis into a new ``basis/GEN/`` directory — and commits them by rewriting the
+manifest (an atomic rename), so a kill at any point leaves the old state or the new one, never a mix.
 """
 from __future__ import annotations
 
@@ -10,38 +17,101 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from raysub.config import Config, merge, parse_overrides
 from raysub.pipeline.plan import check, plan
-from raysub.errors import ConfigError, StorageError
+from raysub.errors import ConfigError, DivergedError, StorageError
+from raysub.lock import run_lock
 from raysub.storage import RunDir, block_bounds, sha256
 
 Printer = Callable[[str], None]
 
 STAGE_SECTIONS = {"basis": ("basis", "cluster"), "train": ("train", "cluster")}
+# keys a resumed run may change: where and how wide it runs, not what it computes
+RESUME_SAFE = ("cluster.", "data.num_workers")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the run directory
 
-def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> bool:
+def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, cfg: Optional[Config] = None) -> bool:
     """Check the run directory's state; returns True when an existing run is resumed (``--resume`` on a missing
-    or empty directory starts a new run).
+    or empty directory starts a new run). On resume, ``cfg`` must match the stored config (`check_resume`).
 
     Raises:
-        ConfigError: the directory holds a run and neither flag was given, or both were.
+        ConfigError: the directory holds a run and neither flag was given, or both were; it is a file; or the
+            resumed config differs from the run's in a key that changes results.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: pick one")
+    if run.fs.get_file_info(run.root).type.name == "File":
+        raise ConfigError(f"run_dir={run.uri} is a file, not a directory: choose another run_dir")
     if run.is_nonempty():
         if overwrite:
             return False
         if resume:
+            if cfg is not None:
+                check_resume(run, cfg)
             return True
         raise ConfigError(f"run directory {run.uri} already exists: pass --resume to continue it or --overwrite to "
                           f"replace it (or set run_dir=NEW_DIR)")
     return False  # --resume of a run that never started starts it, so a retried job needs no other flag
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any], safe: Sequence[str] = RESUME_SAFE
+                ) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every key whose value differs, except the ``safe`` ones (prefixes)."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == s or k.startswith(s) for s in safe)]
+
+
+def _diff_text(diffs: Sequence[Tuple[str, Any, Any]]) -> str:
+    shown = ", ".join(f"{k} ({old!r} in the run, {new!r} now)" for k, old, new in diffs[:6])
+    return shown + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def stored_config(run: RunDir) -> Optional[Dict[str, Any]]:
+    """The run's resolved config as a dict (the manifest's; ``config.yaml`` for a run without one), or None."""
+    if run.exists("manifest.json"):
+        manifest = run.read_json("manifest.json")
+        if "config" in manifest:
+            return manifest["config"]
+    if run.exists("config.yaml"):
+        from raysub.config import load_yaml
+
+        data = load_yaml(run.read_text("config.yaml"))
+        return Config.from_dict(data).to_dict()
+    return None
+
+
+def check_resume(run: RunDir, cfg: Config) -> None:
+    """A resumed run must compute what it started computing: refuse a config that differs from the stored one
+    in anything but `RESUME_SAFE` keys (e.g. ``cluster.*``).
+
+    Raises:
+        ConfigError: naming the differing keys with both values.
+    """
+    stored = stored_config(run)
+    if stored is None:
+        return
+    diffs = config_diff(Config.from_dict(stored).to_dict(), cfg.to_dict())
+    if diffs:
+        raise ConfigError(f"--resume: this config differs from the run's ({run.uri}/config.yaml) in "
+                          f"{_diff_text(diffs)}; resuming would mix two runs: resume with the run's config (raysub "
+                          f"... {run.uri}/config.yaml --resume; only cluster.* may change) or start a new run "
+                          f"(--overwrite, or run_dir=NEW_DIR)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,7 +151,49 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
                    for b, (s, e) in enumerate(block_bounds(info["num_params"], cfg.cluster.num_workers))],
         "stages": {},
         "shards": {},
+        "config": cfg.to_dict(),
+        "summary": {"results": {}, "timings": {}},
     }
+
+
+def _config_text(run: RunDir, config: Dict[str, Any]) -> str:
+    return Config.from_dict(config).to_yaml(f"# resolved config of this run; rerun: raysub run {run.uri}/config.yaml "
+                                            f"--overwrite\n")
+
+
+def commit(run: RunDir, manifest: Dict[str, Any]) -> None:
+    """Commit ``manifest`` (one atomic rename), then write its copies ``config.yaml`` and ``summary.json``."""
+    run.write_json("manifest.json", manifest)
+    sync_copies(run, manifest)
+
+
+def sync_copies(run: RunDir, manifest: Dict[str, Any]) -> None:
+    """Make ``config.yaml`` and ``summary.json`` copies of the committed manifest's (a kill between a commit and
+    its copies leaves them one commit behind; the next command calls this)."""
+    import json
+
+    from raysub.storage import strict_json
+
+    if "config" in manifest:
+        text = _config_text(run, manifest["config"])
+        if not run.exists("config.yaml") or run.read_text("config.yaml") != text:
+            run.write_text("config.yaml", text)
+    if "summary" in manifest:
+        want = json.loads(json.dumps(strict_json(manifest["summary"])))
+        if not run.exists("summary.json") or run.read_json("summary.json") != want:
+            run.write_json("summary.json", manifest["summary"])
+
+
+def open_manifest(run: RunDir) -> Dict[str, Any]:
+    """The committed manifest (its copies re-synced); raises StorageError when there is none."""
+    if not run.exists("manifest.json"):
+        raise StorageError(f"{run.uri} is not a raysub run directory (no manifest.json): run 'raysub sample' first")
+    manifest = run.read_json("manifest.json")
+    if not isinstance(manifest, dict) or "shards" not in manifest or "stages" not in manifest:
+        raise StorageError(f"{run.path('manifest.json')} is not a raysub manifest: start the run again with "
+                           f"--overwrite")
+    sync_copies(run, manifest)
+    return manifest
 
 
 def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
@@ -94,33 +206,48 @@ def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
 
 
 def read_summary(run: RunDir) -> Dict[str, Any]:
+    """The run's committed summary (the manifest's), ``summary.json`` for a run without one, or an empty one."""
+    if run.exists("manifest.json"):
+        manifest = run.read_json("manifest.json")
+        if "summary" in manifest:
+            return manifest["summary"]
     return run.read_json("summary.json") if run.exists("summary.json") else {"results": {}, "timings": {}}
-
-
-def _write_config(run: RunDir, cfg: Config) -> None:
-    run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this run; rerun: raysub run {run.uri}/config.yaml "
-                                              f"--overwrite\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # stages
 
+# what a run directory may hold before its first commit (a run killed while it was being created)
+_UNCOMMITTED = {"config.yaml", "theta0.pt"}
+
+
 def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool) -> Dict[str, Any]:
-    """Create (or reopen, when ``resuming``) the run directory: config.yaml, the seeded ``theta0.pt`` with its
-    sha256, the manifest. Returns the manifest. Call after `plan` and `prepare_run_dir`."""
+    """Create (or reopen, when ``resuming``) the run directory: the seeded ``theta0.pt`` and the manifest that
+    commits it with its sha256, the config and an empty summary. Returns the manifest. Call under the run's lock,
+    after `plan` and `prepare_run_dir`.
+
+    A new run always writes its own θ0; a resumed one verifies the stored θ0 against the manifest.
+    """
     from raysub.engine.flat import flatten_params
 
     run = RunDir(cfg.run_dir)
-    if overwrite and run.exists():
-        run.delete()
+    if resuming and run.exists("manifest.json"):
+        manifest = open_manifest(run)
+        run.read_theta0()  # verified: a resumed run goes on from its own θ0
+        return manifest
+    if resuming:  # a run killed before its first commit: only its own uncommitted files may be there
+        others = [n for n in run.listdir() if n not in _UNCOMMITTED and ".tmp-" not in n and n != "raysub.lock"]
+        if others:
+            raise StorageError(f"{run.uri} has no manifest.json but holds {', '.join(others[:5])}: not a raysub "
+                               f"run; pass --overwrite to replace it, or choose another run_dir")
+    if run.exists():
+        run.clear()
     run.makedirs()
-    manifest = run.read_json("manifest.json") if resuming and run.exists("manifest.json") else new_manifest(cfg, info)
-    _write_config(run, cfg)
-    if not run.exists("theta0.pt"):
-        model = info["model"]
-        manifest["shards"]["theta0.pt"] = run.write_torch("theta0.pt", model.state_dict())
-        manifest["theta0_norm"] = float(flatten_params(model).norm())
-    run.write_json("manifest.json", manifest)
+    model = info["model"]
+    manifest = new_manifest(cfg, info)
+    manifest["shards"]["theta0.pt"] = run.write_torch("theta0.pt", model.state_dict())
+    manifest["theta0_norm"] = float(flatten_params(model).norm())
+    commit(run, manifest)
     return manifest
 
 
@@ -134,46 +261,44 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
     info = info or plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri  # workers run in other directories: pass an absolute path or URI
-    resuming = prepare_run_dir(run, resume, overwrite)
-    if resuming and run.exists("manifest.json"):
-        manifest = run.read_json("manifest.json")
-        if manifest.get("stages", {}).get("sample", {}).get("complete"):
-            say(f"[sample] already complete in {run.uri}; skipping")
-            return manifest
-    ensure_ray(cfg)
-    manifest = init_run(cfg, info, resuming, overwrite)
-    say(f"[sample] {cfg.model.name} on {cfg.data.name}: {info['num_params']:,} parameters, "
-        f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
-        f"SGD for {cfg.sgd.epochs} epochs")
-    out = run_sample(cfg, run, lambda r: say(format_progress(r)))
-    manifest["shards"].update(out["shards"])
-    manifest["num_snapshots"] = out["num_snapshots"]
-    manifest["stages"]["sample"] = {"complete": True, "wall_s": out["wall_s"], "window_s": out["window_s"],
-                                    "num_snapshots": out["num_snapshots"]}
-    run.write_json("manifest.json", manifest)
-    summary = read_summary(run)
-    hist = out["history"]
-    window = [h for h in hist if h["epoch"] == cfg.sample.epochs][0]
-    summary.update({"dataset": cfg.data.name, "model": cfg.model.name, "num_params": info["num_params"],
-                    "num_snapshots": out["num_snapshots"], "world_size": cfg.cluster.num_workers})
-    summary["results"]["sgd"] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
-                                 "wall_s": hist[-1]["elapsed_s"], "dim": info["num_params"],
-                                 **_loss_curve(run, "sgd", out["step_losses"]), "history": hist}
-    summary["results"]["sgd@sample"] = {"test_acc": window["test_acc"], "epochs": window["epoch"],
-                                        "wall_s": out["window_s"], "dim": info["num_params"]}
-    summary["timings"]["sample_s"] = out["window_s"]
-    summary["timings"]["sample_stage_s"] = out["wall_s"]
-    run.write_json("summary.json", summary)
-    return manifest
+    with run_lock(run, say=say):
+        resuming = prepare_run_dir(run, resume, overwrite, cfg)
+        if resuming and run.exists("manifest.json"):
+            manifest = open_manifest(run)
+            if manifest["stages"].get("sample", {}).get("complete"):
+                say(f"[sample] already complete in {run.uri}; skipping")
+                return manifest
+        ensure_ray(cfg)
+        manifest = init_run(cfg, info, resuming, overwrite)
+        say(f"[sample] {cfg.model.name} on {cfg.data.name}: {info['num_params']:,} parameters, "
+            f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
+            f"SGD for {cfg.sgd.epochs} epochs")
+        out = run_sample(cfg, run, lambda r: say(format_progress(r)))
+        manifest["shards"].update(out["shards"])
+        manifest["num_snapshots"] = out["num_snapshots"]
+        manifest["stages"]["sample"] = {"complete": True, "wall_s": out["wall_s"], "window_s": out["window_s"],
+                                        "num_snapshots": out["num_snapshots"]}
+        summary = manifest["summary"]
+        hist = out["history"]
+        window = [h for h in hist if h["epoch"] == cfg.sample.epochs][0]
+        summary.update({"dataset": cfg.data.name, "model": cfg.model.name, "num_params": info["num_params"],
+                        "num_snapshots": out["num_snapshots"], "world_size": cfg.cluster.num_workers})
+        summary["results"]["sgd"] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
+                                     "wall_s": hist[-1]["elapsed_s"], "dim": info["num_params"],
+                                     **_loss_curve(run, "sgd", out["step_losses"]), "history": hist}
+        summary["results"]["sgd@sample"] = {"test_acc": window["test_acc"], "epochs": window["epoch"],
+                                            "wall_s": out["window_s"], "dim": info["num_params"]}
+        summary["timings"]["sample_s"] = out["window_s"]
+        summary["timings"]["sample_stage_s"] = out["wall_s"]
+        commit(run, manifest)
+        return manifest
 
 
 def _stage_config(run: RunDir, overrides: Sequence[str], stage: str) -> Config:
     """The run's config with ``overrides``, which may only touch the sections ``stage`` uses."""
-    if not run.exists("config.yaml"):
+    base = stored_config(run)
+    if base is None:
         raise StorageError(f"{run.uri} is not a raysub run directory (no config.yaml): run 'raysub sample' first")
-    import yaml
-
-    base = yaml.safe_load(run.read_text("config.yaml"))
     update = parse_overrides(overrides)
     bad = [k for k in update if k not in STAGE_SECTIONS[stage]]
     if bad:
@@ -186,53 +311,68 @@ def _stage_config(run: RunDir, overrides: Sequence[str], stage: str) -> Config:
     return cfg
 
 
+def _existing_run(run: RunDir) -> RunDir:
+    """``run`` when it is a directory (one-line errors for a file or a missing path)."""
+    kind = run.fs.get_file_info(run.root).type.name
+    if kind == "File":
+        raise ConfigError(f"{run.uri} is a file, not a run directory: pass the run directory (run_dir of 'raysub "
+                          f"sample')")
+    if kind == "NotFound":
+        raise StorageError(f"{run.uri} does not exist: pass the run directory of a 'raysub sample' or 'raysub run'")
+    return run
+
+
 def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, say: Printer = print,
                 cfg: Optional[Config] = None) -> Dict[str, Any]:
-    """Build the DLDR basis of a sampled run."""
-    from raysub.pipeline.basis import build_basis
-    from raysub.engine.cluster import ensure_ray
+    """Build the DLDR basis of a sampled run into a new ``basis/GEN/`` and commit it (the previous basis stays in
+    force until the commit, and is deleted after it)."""
+    import uuid
 
-    run = RunDir(run_uri)
-    cfg = cfg or _stage_config(run, overrides, "basis")
-    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
-    if not manifest.get("stages", {}).get("sample", {}).get("complete"):
-        raise StorageError(f"{run.uri} has no complete trajectory: run 'raysub sample' (or --resume it) first")
-    t = manifest["num_snapshots"]
-    if not 0 < cfg.basis.dim < t:
-        raise ConfigError(f"basis.dim={cfg.basis.dim} must be in [1, {t - 1}] for the {t} snapshots of {run.uri}: "
-                          f"lower it, or sample more")
-    if run.exists("basis/spectrum.json") and not overwrite:
-        raise ConfigError(f"{run.path('basis')} already holds a basis: pass --overwrite to rebuild it")
+    from raysub.engine.cluster import ensure_ray
+    from raysub.pipeline.basis import basis_dir, build_basis
     from raysub.pipeline.sample import collect_trajectory
 
-    blocks, _ = collect_trajectory(run)
-    for b in blocks:
-        for s in b["snapshots"]:
-            if s["path"] not in manifest["shards"]:
-                raise StorageError(f"snapshot {s['path']} is missing from the manifest: resample with --overwrite")
-    ensure_ray(cfg)
-    say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}")
-    t0 = time.perf_counter()
-    record = build_basis(run, cfg.basis.dim, blocks, manifest["shards"])
-    wall = time.perf_counter() - t0
-    for b in record["blocks"]:
-        manifest["shards"][b["path"]] = b["sha256"]
-    manifest["shards"]["basis/spectrum.json"] = record["sha256"]
-    manifest["stages"]["basis"] = {"complete": True, "wall_s": wall, "dim": cfg.basis.dim, **record["timings"]}
-    run.write_json("manifest.json", manifest)
-    _write_config(run, cfg)
-    summary = read_summary(run)
-    summary["dim"] = cfg.basis.dim
-    summary["explained_variance_ratio"] = record["explained_variance_ratio"]
-    summary["explained_variance_top_dim"] = record["explained_variance_top_dim"]
-    summary["timings"]["basis_s"] = wall
-    run.write_json("summary.json", summary)
-    from raysub.plots import plot_explained_variance
+    run = _existing_run(RunDir(run_uri))
+    cfg = cfg or _stage_config(run, overrides, "basis")
+    with run_lock(run, say=say):
+        manifest = open_manifest(run)
+        if not manifest["stages"].get("sample", {}).get("complete"):
+            raise StorageError(f"{run.uri} has no complete trajectory: run 'raysub sample' (or --resume it) first")
+        t = manifest["num_snapshots"]
+        if not 0 < cfg.basis.dim < t:
+            raise ConfigError(f"basis.dim={cfg.basis.dim} must be in [1, {t - 1}] for the {t} snapshots of "
+                              f"{run.uri}: lower it, or sample more")
+        if basis_dir(run) is not None and not overwrite:
+            raise ConfigError(f"{run.path('basis')} already holds a basis: pass --overwrite to rebuild it")
+        blocks, _ = collect_trajectory(run, manifest["shards"])
+        ensure_ray(cfg)
+        say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}")
+        t0 = time.perf_counter()
+        gen = f"basis/{uuid.uuid4().hex[:12]}"
+        record = build_basis(run, cfg.basis.dim, blocks, manifest["shards"], prefix=gen)
+        wall = time.perf_counter() - t0
+        manifest["shards"] = {k: v for k, v in manifest["shards"].items() if not k.startswith("basis/")}
+        for b in record["blocks"]:
+            manifest["shards"][b["path"]] = b["sha256"]
+        manifest["shards"][f"{gen}/spectrum.json"] = record["sha256"]
+        manifest["stages"]["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
+                                       **record["timings"]}
+        manifest["config"] = cfg.to_dict()
+        summary = manifest["summary"]
+        summary["dim"] = cfg.basis.dim
+        summary["explained_variance_ratio"] = record["explained_variance_ratio"]
+        summary["explained_variance_top_dim"] = record["explained_variance_top_dim"]
+        summary["timings"]["basis_s"] = wall
+        commit(run, manifest)
+        for name in run.listdir("basis"):  # earlier generations (and a killed rebuild's) are no longer referenced
+            if f"basis/{name}" != gen:
+                run.delete("basis", name)
+        from raysub.plots import plot_explained_variance
 
-    plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
-    say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of the "
-        f"trajectory variance ({wall:.1f}s)")
-    return record
+        plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
+        say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
+            f"the trajectory variance ({wall:.1f}s)")
+        return record
 
 
 def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis: bool = True) -> None:
@@ -255,53 +395,98 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
 
 def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, resume: bool = False,
                 say: Printer = print, cfg: Optional[Config] = None) -> Dict[str, Any]:
-    """Train z from θ0 in the run's subspace; records ``results[train.label]`` in summary.json."""
+    """Train z from θ0 in the run's subspace; commits ``results[train.label]`` (and the stage) in the manifest.
+
+    Raises:
+        DivergedError: the training diverged; its result is recorded as diverged (no accuracy, no z saved).
+    """
     from raysub.engine.cluster import ensure_ray
-    from raysub.pipeline.train import run_subspace
-
-    run = RunDir(run_uri)
-    cfg = cfg or _stage_config(run, overrides, "train")
     from raysub.engine.task import subspace_dim
+    from raysub.pipeline.train import divergence_line, run_subspace
 
-    num_params = run.read_json("manifest.json")["num_params"]
-    check_train_projection(cfg, num_params, run)
-    dim = subspace_dim(cfg, num_params)
-    summary = read_summary(run)
-    label = cfg.train_label
-    ckpt_name = f"train-{label}"
-    if label in summary["results"] and not (overwrite or resume):
-        raise ConfigError(f"{run.uri} already has results for '{label}': pass --overwrite to retrain, or set "
-                          f"train.label=NAME")
-    if label in summary["results"] and resume:
-        say(f"[{label}] already complete; skipping")
-        return summary["results"][label]
-    ensure_ray(cfg)
-    ckpt_dir = RunDir(run.storage_path)
-    if not resume and ckpt_dir.exists(ckpt_name):
-        ckpt_dir.delete(ckpt_name)  # a fresh run must not pick up an old run's checkpoints
-    say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
-        f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
-        + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss)"
-           if cfg.cluster.num_workers > 1 else ""))
-    out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
-    hist = out["history"]
-    summary = read_summary(run)
-    summary["results"][label] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
-                                 "wall_s": hist[-1]["elapsed_s"], "dim": dim,
-                                 "optimizer": cfg.train.optimizer, "projection": cfg.train.projection,
-                                 "allreduce_floats_per_step": hist[-1]["allreduce_floats_per_step"],
-                                 **_loss_curve(run, label, out["step_losses"]), "history": hist}
-    summary["timings"]["train_s"] = hist[-1]["elapsed_s"]
-    summary["timings"][f"train_stage_s.{label}"] = out["wall_s"]
-    run.write_json("summary.json", summary)
-    manifest = run.read_json("manifest.json")
-    manifest["stages"][f"train.{label}"] = {"complete": True, "wall_s": out["wall_s"]}
-    manifest["shards"][f"train/{label}.pt"] = sha256(run.read_bytes(f"train/{label}.pt"))
-    run.write_json("manifest.json", manifest)
-    from raysub.plots import plot_accuracy
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: pick one")
+    run = _existing_run(RunDir(run_uri))
+    cfg = cfg or _stage_config(run, overrides, "train")
+    with run_lock(run, say=say):
+        manifest = open_manifest(run)
+        num_params = manifest["num_params"]
+        check_train_projection(cfg, num_params, run)
+        dim = subspace_dim(cfg, num_params)
+        label = cfg.train_label
+        stage_key = f"train.{label}"
+        stage = manifest["stages"].get(stage_key, {})
+        results = manifest["summary"]["results"]
+        if stage.get("complete") or label in results:
+            if not (overwrite or resume):
+                raise ConfigError(f"{run.uri} already has results for '{label}': pass --overwrite to retrain, or "
+                                  f"set train.label=NAME")
+            if resume:
+                _check_train_resume(run, cfg, stage)
+                if results.get(label, {}).get("diverged"):
+                    raise DivergedError(divergence_line(cfg, results[label]["diverged"]))
+                say(f"[{label}] already complete; skipping")
+                return results[label]
+        ckpt_dir = RunDir(run.storage_path)
+        ckpt_name = f"train-{label}"
+        resumed = resume and bool(stage)
+        if resumed:
+            _check_train_resume(run, cfg, stage)
+        ensure_ray(cfg)
+        if not resumed:  # a fresh training must not pick up an old one's checkpoints or result
+            if ckpt_dir.exists(ckpt_name):
+                ckpt_dir.delete(ckpt_name)
+            results.pop(label, None)
+            manifest["shards"].pop(f"train/{label}.pt", None)
+            manifest["stages"][stage_key] = {"complete": False, "train": cfg.to_dict()["train"]}
+            commit(run, manifest)
+        say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
+            f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
+            + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss; an optimizer's same-batch "
+               f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else ""))
+        try:
+            out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
+        except ConfigError:
+            # a bad input found by the workers: nothing of this training is kept
+            if ckpt_dir.exists(ckpt_name):
+                ckpt_dir.delete(ckpt_name)
+            manifest["stages"].pop(stage_key, None)
+            commit(run, manifest)
+            raise
+        hist = out["history"]
+        record: Dict[str, Any] = {"dim": dim, "optimizer": cfg.train.optimizer, "projection": cfg.train.projection,
+                                  **_loss_curve(run, label, out["step_losses"]), "history": hist}
+        if out.get("diverged"):
+            record.update(test_acc=None, diverged=out["diverged"], epochs=out["diverged"].get("epoch"),
+                          wall_s=hist[-1]["elapsed_s"] if hist else 0.0)
+        else:
+            record.update(test_acc=hist[-1]["test_acc"], epochs=hist[-1]["epoch"], wall_s=hist[-1]["elapsed_s"],
+                          allreduce_floats_per_step=hist[-1]["allreduce_floats_per_step"])
+            manifest["shards"][f"train/{label}.pt"] = sha256(run.read_bytes(f"train/{label}.pt"))
+        summary = manifest["summary"]
+        summary["results"][label] = record
+        summary["timings"]["train_s"] = record["wall_s"]
+        summary["timings"][f"train_stage_s.{label}"] = out["wall_s"]
+        manifest["stages"][stage_key] = {"complete": True, "wall_s": out["wall_s"], "train": cfg.to_dict()["train"],
+                                         **({"diverged": True} if out.get("diverged") else {})}
+        commit(run, manifest)
+        from raysub.plots import plot_accuracy
 
-    plot_accuracy(run, summary)
-    return summary["results"][label]
+        plot_accuracy(run, summary)
+        if out.get("diverged"):
+            raise DivergedError(divergence_line(cfg, out["diverged"]))
+        return record
+
+
+def _check_train_resume(run: RunDir, cfg: Config, stage: Dict[str, Any]) -> None:
+    """A resumed training must be the one that started (its ``train`` section); ``cluster.*`` may change."""
+    if "train" not in stage:
+        return
+    diffs = config_diff({"train": stage["train"]}, {"train": cfg.to_dict()["train"]})
+    if diffs:
+        raise ConfigError(f"--resume: '{cfg.train_label}' was started with other settings: {_diff_text(diffs)}; "
+                          f"resuming would mix two trainings: resume with the same train.* settings, retrain with "
+                          f"--overwrite, or set train.label=NAME")
 
 
 def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print
@@ -315,32 +500,45 @@ def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False
     cfg.run_dir = run.uri
     if cfg.train.basis_run:
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    resuming = prepare_run_dir(run, resume, overwrite)
-    # before Ray starts; a new run has no basis of its own, so a family that reads one needs train.basis_run
-    check_train_projection(cfg, info["num_params"], run, own_basis=False)
-    ensure_ray(cfg)
-    init_run(cfg, info, resuming, overwrite)
-    return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)
+    with run_lock(run, say=say):
+        resuming = prepare_run_dir(run, resume, overwrite, cfg)
+        # before Ray starts; a new run has no basis of its own, so a family that reads one needs train.basis_run
+        check_train_projection(cfg, info["num_params"], run, own_basis=False)
+        ensure_ray(cfg)
+        init_run(cfg, info, resuming, overwrite)
+        return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print) -> Dict[str, Any]:
-    """sample → basis → train, then print the results table. Returns the summary."""
+    """sample → basis → train, then print the results table. Returns the summary.
+
+    Raises:
+        DivergedError: sampling or the subspace training diverged (the table is printed first for the latter).
+    """
     t0 = time.perf_counter()
     info = plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
-    prepare_run_dir(run, resume, overwrite)  # fail before starting Ray
-    stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)
-    if not (resume and run.exists("basis/spectrum.json")
-            and run.read_json("basis/spectrum.json")["dim"] == cfg.basis.dim):
-        stage_basis(cfg.run_dir, overwrite=True, say=say, cfg=cfg)
-    stage_train(cfg.run_dir, resume=resume, overwrite=overwrite, say=say, cfg=cfg)
-    summary = read_summary(run)
-    summary["timings"]["total_s"] = time.perf_counter() - t0
-    run.write_json("summary.json", summary)
-    say(results_table(summary))
-    say(f"run directory: {run.uri} (summary.json, plots/)")
-    return summary
+    with run_lock(run, say=say):
+        prepare_run_dir(run, resume, overwrite, cfg)  # fail before starting Ray
+        stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)
+        basis = open_manifest(run)["stages"].get("basis", {})
+        if not (resume and basis.get("complete") and basis.get("dim") == cfg.basis.dim):
+            stage_basis(cfg.run_dir, overwrite=True, say=say, cfg=cfg)
+        diverged = None
+        try:
+            stage_train(cfg.run_dir, resume=resume, overwrite=overwrite, say=say, cfg=cfg)
+        except DivergedError as exc:
+            diverged = exc
+        manifest = open_manifest(run)
+        manifest["summary"]["timings"]["total_s"] = time.perf_counter() - t0
+        commit(run, manifest)
+        summary = manifest["summary"]
+        say(results_table(summary))
+        say(f"run directory: {run.uri} (summary.json, plots/)")
+        if diverged is not None:
+            raise diverged
+        return summary
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,9 +561,13 @@ def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
 
 
 def results_table(summary: Dict[str, Any]) -> str:
+    """The console table of a run's results; a diverged training shows as ``diverged (epoch E)``, never as an
+    accuracy."""
     rows = [("method", "dim", "test acc", "epochs", "wall s")]
     for name, r in summary["results"].items():
-        rows.append((name, f"{r['dim']:,}", f"{100 * r['test_acc']:.2f}%", str(r["epochs"]), f"{r['wall_s']:.1f}"))
+        acc = (f"diverged (epoch {r['diverged'].get('epoch')})" if r.get("diverged")
+               else f"{100 * r['test_acc']:.2f}%")
+        rows.append((name, f"{r['dim']:,}", acc, str(r["epochs"]), f"{r['wall_s']:.1f}"))
     lines = format_table(rows)
     t = summary.get("timings", {})
     lines.append(f"timings: sample {t.get('sample_s', 0):.1f}s (snapshot window)  basis {t.get('basis_s', 0):.1f}s  "

@@ -10,6 +10,12 @@ Every epoch ends with a Ray Train checkpoint (model, optimizer, epoch, snapshot 
 worker group — Ray's own restart (``cluster.max_failures``) or ``raysub sample --resume`` — resumes from it,
 rewrites the snapshots of the unfinished epoch under the same names (identical contents: the data order is a
 function of seed and epoch), and never duplicates or loses one.
+
+Divergence: before every snapshot the parameters are checked, and at the end of every epoch the global step
+losses and the parameters, all identical on every rank (DDP's all-reduce), so every rank stops at the same
+point. A diverged run writes no non-finite snapshot and no checkpoint of that epoch's state; every rank
+reports ``{"diverged": record}`` (`report_divergence`) and returns — raising would make Ray Train retry a
+deterministic failure — and the driver raises `DivergedError` naming the epoch and the step.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 
 from raysub.engine import loop
 from raysub.config import Config
+from raysub.errors import DivergedError
 from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
 
 
@@ -88,7 +95,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
     cfg, progress, rank, world, device, run = ctx.cfg, ctx.progress, ctx.rank, ctx.world, ctx.device, ctx.run
     data = open_dataset(cfg)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    model.load_state_dict(run.read_torch("theta0.pt"))  # every rank starts from the same θ0
+    model.load_state_dict(run.read_theta0())  # every rank starts from the same θ0 (verified)
     model.to(device)
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
@@ -101,6 +108,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
     index: List[Dict[str, Any]] = []
 
     state = loop.load_checkpoint()
+    if loop.resumed_divergence(state, rank):
+        return
     if state is None:
         start_epoch, step, history, elapsed, step_losses = 0, 0, [], 0.0, []
         window_s = None
@@ -118,6 +127,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
             group["lr"] = loop.lr_at(epoch, cfg.sgd.lr, cfg.sgd.lr_milestones, cfg.sgd.lr_gamma)
         model.train()
         losses = []
+        finite = True  # the parameters; identical on every rank, so every rank stops at the same step
         batches = loop.epoch_batches(data.size("train"), cfg.data.batch_size, cfg.seed, epoch, rank, world)
         for i, (x, y) in enumerate(data.batches("train", batches, augment=cfg.data.augment,
                                                  seed=loop.mix_seed(cfg.seed, epoch), num_workers=cfg.data.num_workers)):
@@ -130,9 +140,21 @@ def sample_loop(config: Dict[str, Any]) -> None:
             losses.append(loss.detach())
             if step in snap_at:
                 with torch.no_grad():
-                    write_snapshot(run, flatten_params(model), rank, bounds, snap_at[step], step, epoch + 1, index)
+                    flat_N = flatten_params(model)
+                    finite = bool(torch.isfinite(flat_N).all())
+                    if not finite:
+                        break
+                    write_snapshot(run, flat_N, rank, bounds, snap_at[step], step, epoch + 1, index)
         epoch_losses = loop.global_step_losses(losses)
+        if finite:
+            with torch.no_grad():
+                finite = bool(torch.isfinite(flatten_params(model)).all())
+        diverged = loop.divergence("sample", epoch + 1, step - len(losses), epoch_losses, finite)
+        if diverged is not None:
+            loop.report_divergence({"diverged": diverged}, rank)
+            return
         step_losses.extend(epoch_losses)
+        loop.broadcast_buffers_(model)  # every rank evaluates (and rank 0 checkpoints) rank 0's BatchNorm statistics
         model.eval()
         test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
         now = time.perf_counter() - t_start
@@ -159,7 +181,9 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
     """Driver side: write θ0, run the sampler on Ray Train, assemble the manifest's trajectory section.
 
     Returns:
-        {"history", "window_s", "wall_s", "num_snapshots", "blocks", "shards"}.
+        {"history", "step_losses", "window_s", "wall_s", "num_snapshots", "blocks", "shards"}.
+    Raises:
+        DivergedError: the SGD loss or parameters became non-finite (no non-finite snapshot was written).
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
 
@@ -174,21 +198,45 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
         raise unwrap_train_error(exc)
     wall = time.perf_counter() - t0
     metrics = result.metrics
+    if metrics.get("diverged"):
+        raise DivergedError(loop.divergence_message("SGD sampling", metrics["diverged"],
+                                                    f"lower sgd.lr (now {cfg.sgd.lr:g}) and rerun with --overwrite"))
     blocks, shards = collect_trajectory(run)
     return {"history": metrics["history"], "step_losses": metrics["step_losses"], "window_s": metrics["window_s"],
             "wall_s": wall,
             "num_snapshots": len(blocks[0]["snapshots"]), "blocks": blocks, "shards": shards}
 
 
-def collect_trajectory(run: RunDir):
-    """Read every block's index; check all blocks hold the same snapshots. Returns (blocks, {path: sha256})."""
+def collect_trajectory(run: RunDir, shards=None):
+    """Read every block's index (verified against ``shards``, the manifest's checksums, when given); check all
+    blocks hold the same snapshots. Returns (blocks, {path: sha256} of every snapshot and index).
+
+    Raises:
+        StorageError: an index missing from the manifest, corrupted, not valid JSON or not a block index; blocks
+            that disagree.
+    """
     from raysub.errors import StorageError
+    from raysub.storage import sha256
 
     names = [d for d in run.listdir("trajectory") if d.startswith("block_")]
-    blocks = [run.read_json(f"trajectory/{d}/index.json") for d in names]
+    if not names:
+        raise StorageError(f"{run.path('trajectory')} holds no trajectory blocks: run 'raysub sample' (or resample "
+                           f"with --overwrite)")
+    blocks, sums = [], {}
+    for d in names:
+        rel = f"trajectory/{d}/index.json"
+        if shards is not None and rel not in shards:
+            raise StorageError(f"{run.path(rel)} has no checksum in the manifest: resample with --overwrite")
+        index = run.read_json(rel, None if shards is None else shards[rel])
+        if not (isinstance(index, dict) and isinstance(index.get("snapshots"), list)
+                and all(k in index for k in ("block", "start", "stop"))):
+            raise StorageError(f"{run.path(rel)} is not a trajectory block index (block, start, stop, snapshots): "
+                               f"resample with --overwrite")
+        sums[rel] = shards[rel] if shards is not None else sha256(run.read_bytes(rel))
+        blocks.append(index)
     counts = {len(b["snapshots"]) for b in blocks}
     if len(counts) != 1:
         raise StorageError(f"trajectory blocks in {run.path('trajectory')} disagree on the number of snapshots "
                            f"{sorted(counts)}: resample with --overwrite")
-    shards = {s["path"]: s["sha256"] for b in blocks for s in b["snapshots"]}
-    return blocks, shards
+    sums.update({s["path"]: s["sha256"] for b in blocks for s in b["snapshots"]})
+    return blocks, sums

@@ -5,7 +5,9 @@ basis run's when ``dldr`` is swept) with one family's P drawn from the trial's s
 test accuracy every epoch. The full-training baseline is the same loop with P = I (family ``identity``,
 trained with the ``sgd`` section's lr and momentum), one run per seed — or a number given as
 ``sweep.baseline``. A trial's accuracy is the one at its best *validation* epoch (test is reported alongside,
-never used to choose), and a (family, d) point is the mean over seeds.
+never used to choose), and a (family, d) point is the mean over seeds. A trial whose loss or z becomes
+non-finite stops and is recorded as diverged (``"diverged": EPOCH``): it scores 0, and its (family, d) point fails
+whatever the other seeds reach.
 
 d_int (d_int90 for threshold 0.9) of a family = the smallest swept d whose mean validation accuracy reaches
 ``threshold`` × baseline. The search runs in two Tune experiments: the coarse grid (plus the baseline), then
@@ -18,7 +20,9 @@ metrics reach Tune through `TuneReportCallback`; the trial itself reserves no CP
 always be placed (no Train-inside-Tune deadlock). ``max_concurrent_trials`` is what the cluster fits.
 
 Resume: each phase is a Tune experiment under ``RUN_DIR/tune/``; ``--resume`` restores it with
-`Tuner.restore` (finished trials are kept, unfinished ones continue from their last epoch checkpoint).
+`Tuner.restore` (finished trials are kept, unfinished ones continue from their last epoch checkpoint). Ctrl-C
+stops Tune gracefully, with the experiment state saved (`_fit`), then raises `KeyboardInterrupt`, which the CLI
+turns into the resume command and exit status 130.
 
 Outputs in the sweep directory: ``results.json`` (every trial, every point, d_int per family),
 ``trials.csv``, ``plots/accuracy_vs_dim.png``, and the table on the console.
@@ -28,13 +32,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from raysub.config import Config
 from raysub.data import open_dataset
 from raysub.pipeline.plan import check
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, DivergedError
 from raysub.storage import RunDir
 
 BASELINE = "identity"
@@ -114,8 +119,9 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
         problems.append(f"batch size {batch} exceeds the {data.size('train')} training examples left after the "
                         f"validation split: lower it")
     grid = family_grid(cfg)
-    for f, dims in grid.items():
-        key = f"sweep.family_dims.{f}" if f in sw.family_dims else "sweep.dims"
+    # families without their own sweep.family_dims share sweep.dims: check each list once, not once per family
+    sources = {f"sweep.family_dims.{f}" if f in sw.family_dims else "sweep.dims": dims for f, dims in grid.items()}
+    for key, dims in sources.items():
         if not dims:
             problems.append(f"{key} has no values: give the coarse grid of d, e.g. {key}=[10,100,1000]")
         for d in dims:
@@ -244,14 +250,19 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
             ),
         )
     say(f"[sweep] {name}: {len(trials)} trials, {max_concurrent} at a time")
-    grid = tuner.fit()
+    grid = _fit(tuner)
     rows = []
     for result in grid:
-        spec = result.config["trial"]
-        row = {"phase": name, "family": spec["family"], "dim": spec["dim"], "seed": spec["seed"]}
+        row = {"phase": name, **trial_spec(result)}
         df = result.metrics_dataframe
         if result.error is not None or df is None or "val_acc" not in df or df["val_acc"].isna().all():
             row["error"] = str(result.error).strip().splitlines()[-1] if result.error else "no epochs reported"
+            rows.append(row)
+            continue
+        if "diverged" in df and (df["diverged"] == 1).any():  # its last row: scored 0, see subspace_loop
+            epoch = int(df["epoch"].iloc[-1])
+            row.update(val_acc=0.0, test_acc=0.0, diverged=epoch, epochs_run=epoch - 1, final_val_acc=0.0,
+                       train_s=float(df["elapsed_s"].max()))
             rows.append(row)
             continue
         best = df.loc[df["val_acc"].idxmax()]
@@ -259,7 +270,8 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
                    epochs_run=int(df["epoch"].max()), final_val_acc=float(df["val_acc"].iloc[-1]),
                    train_s=float(df["elapsed_s"].max()))
         rows.append(row)
-    unfinished = [r for r in rows if "error" in r or (not cfg.sweep.asha and r["epochs_run"] < cfg.train.epochs)]
+    unfinished = [r for r in rows if "error" in r or (not cfg.sweep.asha and "diverged" not in r
+                                                       and r["epochs_run"] < cfg.train.epochs)]
     if unfinished:
         first = unfinished[0]
         why = first.get("error") or f"stopped at epoch {first['epochs_run']} of {cfg.train.epochs}"
@@ -269,16 +281,68 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
     return rows
 
 
+def _fit(tuner):
+    """``tuner.fit()``; raises KeyboardInterrupt when Ctrl-C stopped it.
+
+    Tune's own SIGINT handler stops fit gracefully (it saves the experiment state, so ``--resume`` continues)
+    but then returns as if the experiment had ended: the stopped trials read TERMINATED, like those ASHA stops,
+    and the trials not yet started are missing. So Tune's SIGINT handler is switched off
+    (TUNE_DISABLE_SIGINT_HANDLER) and ours records the interrupt and sends SIGUSR1, Tune's other stop signal,
+    which stops it the same way; a second Ctrl-C raises KeyboardInterrupt at once, as with Tune's. Off the main
+    thread no handler can be installed (Tune installs none either) and fit runs as it is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        return tuner.fit()
+    interrupted = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        signal.raise_signal(signal.SIGUSR1)
+
+    key = "TUNE_DISABLE_SIGINT_HANDLER"
+    saved = os.environ.get(key)
+    os.environ[key] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        grid = tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
+
+
 def _dirname(trial) -> str:
     spec = trial.config["trial"]
     return f"{spec['family']}-d{spec['dim']}-s{spec['seed']}-{trial.trial_id}"
+
+
+def trial_spec(result) -> Dict[str, Any]:
+    """A Tune result's {"family", "dim", "seed"}: from its config, or — for a trial that never reported, whose
+    result has no config — from the directory name `_dirname` gave it."""
+    if result.config is not None:
+        spec = result.config["trial"]
+        return {"family": spec["family"], "dim": spec["dim"], "seed": spec["seed"]}
+    m = re.fullmatch(r"(?P<family>.+)-d(?P<dim>\d+)-s(?P<seed>-?\d+)-[^-/]+", os.path.basename(result.path.rstrip("/")))
+    assert m is not None, result.path  # every trial directory is named by _dirname
+    return {"family": m["family"], "dim": int(m["dim"]), "seed": int(m["seed"])}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # analysis
 
 def points(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Mean over seeds per (family, d) of the completed trials."""
+    """Mean over seeds per (family, d) of the completed trials (a diverged trial scores 0); ``diverged`` counts
+    the seeds that diverged."""
     groups: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
     for r in rows:
         if "error" not in r:
@@ -289,13 +353,14 @@ def points(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         out.append({"family": family, "dim": dim, "seeds": len(rs), "val_acc": sum(val) / len(val),
                     "val_acc_min": min(val), "val_acc_max": max(val),
                     "test_acc": sum(r["test_acc"] for r in rs) / len(rs),
-                    "train_s": sum(r["train_s"] for r in rs)})
+                    "train_s": sum(r["train_s"] for r in rs), "diverged": sum(1 for r in rs if "diverged" in r)})
     return out
 
 
 def intrinsic_dim(pts: Sequence[Dict[str, Any]], family: str, target: float) -> Optional[Dict[str, Any]]:
-    """The point with the smallest d of ``family`` whose mean validation accuracy reaches ``target``."""
-    passing = [p for p in pts if p["family"] == family and p["val_acc"] >= target]
+    """The point with the smallest d of ``family`` whose mean validation accuracy reaches ``target`` and where no
+    seed diverged."""
+    passing = [p for p in pts if p["family"] == family and p["val_acc"] >= target and not p["diverged"]]
     return min(passing, key=lambda p: p["dim"]) if passing else None
 
 
@@ -332,6 +397,10 @@ def results_table(summary: Dict[str, Any]) -> str:
     lines.append(f"d_int{round(100 * summary['threshold'])}: smallest d whose mean validation accuracy over "
                  f"{len(summary['seeds'])} seed(s) reaches {summary['threshold']:.0%} of the baseline "
                  f"({100 * summary['target']:.2f}%); sweep wall time {summary['wall_s']:.0f}s")
+    diverged = [f"{t['family']} d={t['dim']:,} seed {t['seed']} (epoch {t['diverged']})"
+                for t in summary["trials"] if "diverged" in t]
+    if diverged:
+        lines.append(f"diverged, so failing their d: {', '.join(diverged)}")
     return "\n".join(lines)
 
 
@@ -339,34 +408,53 @@ def results_table(summary: Dict[str, Any]) -> str:
 # driver
 
 def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
-    """Plan, then run the coarse and refinement phases on Ray Tune; write and print the results."""
-    from raysub.engine.cluster import ensure_ray
-    from raysub.pipeline import prepare_run_dir
-    from raysub.plots import plot_sweep
+    """Plan, then run the coarse and refinement phases on Ray Tune under the sweep directory's lock; write and
+    print the results."""
+    from raysub.lock import run_lock
 
     info = plan_sweep(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
     if cfg.train.basis_run:  # trials run in Tune's own working directories: pass an absolute path or URI
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    resuming = prepare_run_dir(run, resume, overwrite)
+    with run_lock(run, say=say):
+        return _sweep(cfg, info, run, resume, overwrite, say)
+
+
+def _write_theta0(cfg: Config, info: Dict[str, Any], run: RunDir) -> None:
+    """The sweep's θ0 — the basis run's when a family reads one (every family starts where the trajectory basis
+    was sampled), else the seeded model's — and the manifest that records its sha256."""
+    from raysub.projections import PROJECTIONS
+
+    if any(PROJECTIONS.meta(f).get("needs_basis_run") for f in cfg.sweep.families):
+        source = RunDir(cfg.train.basis_run)
+        data = source.read_bytes("theta0.pt", source.manifest_checksum("theta0.pt"))
+        checksum = run.write_bytes("theta0.pt", data)
+    else:
+        checksum = run.write_torch("theta0.pt", info["model"].state_dict())
+    run.write_json("manifest.json", {"kind": "sweep", "num_params": info["num_params"], "stages": {},
+                                     "shards": {"theta0.pt": checksum}})
+
+
+def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwrite: bool, say) -> Dict[str, Any]:
+    from raysub.engine.cluster import ensure_ray
+    from raysub.pipeline import prepare_run_dir
+    from raysub.plots import plot_sweep
+
+    resuming = prepare_run_dir(run, resume, overwrite, cfg)
     probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
     ensure_ray(probe, grow=False)
     max_concurrent = concurrency(cfg)  # raises before anything is written
     t0 = time.perf_counter()
-    if overwrite and run.exists():
-        run.delete()
+    if not resuming:
+        run.clear()
     run.makedirs()
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
                                               f"{run.uri}/config.yaml --overwrite\n"))
-    if not run.exists("theta0.pt"):
-        from raysub.projections import PROJECTIONS
-
-        if any(PROJECTIONS.meta(f).get("needs_basis_run") for f in cfg.sweep.families):
-            # every family starts where the trajectory basis was sampled
-            run.write_bytes("theta0.pt", RunDir(cfg.train.basis_run).read_bytes("theta0.pt"))
-        else:
-            run.write_torch("theta0.pt", info["model"].state_dict())
+    if resuming and run.exists("manifest.json"):
+        run.read_theta0()  # verified: a resumed sweep goes on from its own θ0
+    else:
+        _write_theta0(cfg, info, run)
     n, seeds = info["num_params"], cfg.sweep.seeds
     say(f"[sweep] {cfg.model.name} on {cfg.data.name}: {n:,} parameters; families {', '.join(cfg.sweep.families)}; "
         f"seeds {seeds}; {cfg.train.epochs} epochs per trial; validation {cfg.data.val_fraction:.0%} of train")
@@ -374,11 +462,13 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
     coarse += [(f, d, s) for f, dims in info["grid"].items() for d in sorted(set(dims)) for s in seeds]
     rows = _run_phase("coarse", coarse, cfg, run, max_concurrent, resuming, say)
 
-    base_rows = [r for r in rows if r["family"] == BASELINE and "error" not in r]
+    base_rows = [r for r in rows if r["family"] == BASELINE and "diverged" not in r]  # _run_phase: none failed
     if cfg.sweep.baseline is not None:
         baseline = {"val_acc": cfg.sweep.baseline, "given": True, "trials": 0}
     elif not base_rows:
-        raise ConfigError(f"every full-training baseline trial failed ({rows[0].get('error')}): see {run.uri}/tune")
+        first = next(r for r in rows if r["family"] == BASELINE)
+        raise DivergedError(f"every full-training baseline trial diverged (first: seed {first['seed']} at epoch "
+                            f"{first['diverged']}): lower sgd.lr (now {cfg.sgd.lr:g}) and rerun with --overwrite")
     else:
         baseline = {"val_acc": sum(r["val_acc"] for r in base_rows) / len(base_rows),
                     "test_acc": sum(r["test_acc"] for r in base_rows) / len(base_rows),
@@ -397,6 +487,7 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
         mine = [r for r in rows if r["family"] == f]
         families[f] = {"d_int": hit["dim"] if hit else None, "val_acc": hit["val_acc"] if hit else None,
                        "test_acc": hit["test_acc"] if hit else None, "trials": len(mine),
+                       "diverged": sum(1 for r in mine if "diverged" in r),
                        "train_s": sum(r.get("train_s", 0.0) for r in mine),
                        "max_dim": max(p["dim"] for p in pts if p["family"] == f) if any(
                            p["family"] == f for p in pts) else max(info["grid"][f])}
@@ -415,7 +506,7 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
 
 def _csv(rows: Sequence[Dict[str, Any]]) -> str:
     keys = ["phase", "family", "dim", "seed", "val_acc", "test_acc", "best_epoch", "epochs_run", "final_val_acc",
-            "train_s", "error"]
+            "train_s", "diverged", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()

@@ -10,9 +10,16 @@ BatchNorm: running statistics are buffers outside the subspace. Each worker upda
 broadcast from rank 0, so all workers evaluate and checkpoint the same model.
 
 The per-worker loop is a recipe over `raysub.engine.task`: build the task and the optimizer, restore the
-latest checkpoint, then for each epoch: steps (`train_step`), BatchNorm broadcast, evaluation, report with a
-checkpoint. The step itself (projection, all-reduce, the optimizer protocol) lives in the engine, shared with
-the Tune trials, the benchmark and meta-training.
+latest checkpoint, then for each epoch: steps (`train_step`), the divergence check, BatchNorm broadcast,
+evaluation, report with a checkpoint. The step itself (projection, all-reduce, the optimizer protocol) lives in
+the engine, shared with the Tune trials, the benchmark and meta-training.
+
+Divergence: at the end of every epoch the global step losses (the loss rides in the all-reduce) and z, both
+identical on every rank, are checked. A non-finite one stops every rank before that epoch's evaluation and
+checkpoint: the run reports ``{"diverged": record, "history", "step_losses"}`` (the completed epochs; see
+`report_divergence`), writes no ``train/LABEL.pt`` and returns — raising would make Ray retry a deterministic
+failure. In a sweep the trial reports one last row with ``diverged`` = 1 and validation and test accuracy 0, so
+it fails its d.
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ from raysub.storage import RunDir
 
 def _restore(session: str, task: Task, z_D: torch.Tensor, opt) -> Dict[str, Any]:
     """The loop's state from the latest checkpoint Ray hands this run (z, optimizer and buffers restored in
-    place), or a fresh start."""
+    place; a divergence report as it is), or a fresh start."""
     state = loop.load_checkpoint(session)
     if state is None:
         return {"epoch": 0, "history": [], "elapsed": 0.0, "step_losses": []}
+    if "diverged_report" in state:
+        return state
     with torch.no_grad():
         z_D.copy_(state["z"].to(z_D.device))
     opt.load_state_dict(state["optimizer"])
@@ -61,6 +70,23 @@ def _train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, worl
     return step_losses, {k: v / max(len(losses), 1) for k, v in sums.items()}
 
 
+def divergence_line(cfg: Config, record: Dict[str, Any]) -> str:
+    """The one-line report of a diverged subspace training (``record`` from `run_subspace`)."""
+    return loop.divergence_message(f"training {cfg.train_label!r}", record,
+                                   f"lower train.lr (now {cfg.train.lr:g}) and rerun with --overwrite")
+
+
+def _report_divergence(ctx, record: Dict[str, Any], history, step_losses, now: float, sweep: bool) -> None:
+    """The last report of a diverged run (`report_divergence`). A Tune trial's row keeps the metrics Tune and ASHA
+    read (epoch, val_acc) and scores 0."""
+    if sweep:
+        metrics = {"stage": record["stage"], "epoch": record["epoch"], "epochs": ctx.cfg.train.epochs,
+                   "val_acc": 0.0, "test_acc": 0.0, "diverged": 1, "elapsed_s": now}
+    else:
+        metrics = {"diverged": record, "history": history, "step_losses": step_losses}
+    loop.report_divergence(metrics, ctx.rank, ctx.session)
+
+
 def subspace_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train worker or Tune trial). ``config``: {"cfg": Config dict, "progress": Queue or
     None, "session", "sweep", "fail_after_epoch"}."""
@@ -72,12 +98,20 @@ def subspace_loop(config: Dict[str, Any]) -> None:
     z_D = task.new_z()
     opt = build_optimizer(cfg.train.optimizer, z_D, cfg.train)
     state = _restore(ctx.session, task, z_D, opt)
+    if loop.resumed_divergence(state, ctx.rank, ctx.session):
+        return
     history, step_losses = state["history"], state["step_losses"]
     t_start = time.perf_counter() - state["elapsed"]
     evals = ["test"] + (["val"] if cfg.data.val_fraction > 0 else [])
     for epoch in range(state["epoch"], cfg.train.epochs):
         opt.set_lr(loop.lr_at(epoch, cfg.train.lr, cfg.train.lr_milestones, cfg.train.lr_gamma))
         epoch_losses, step_stats = _train_epoch(task, z_D, opt, epoch, ctx.rank, ctx.world)
+        diverged = loop.divergence(cfg.train_label, epoch + 1, len(step_losses), epoch_losses,
+                                   bool(torch.isfinite(z_D).all()))
+        if diverged is not None:
+            _report_divergence(ctx, diverged, history, step_losses, time.perf_counter() - t_start,
+                               bool(config.get("sweep")))
+            return
         step_losses.extend(epoch_losses)
         loop.broadcast_buffers_(task.model)
         scores = {s: evaluate_task(task, z_D, s, cfg.data.eval_batch_size, cfg.data.num_workers) for s in evals}
@@ -109,7 +143,13 @@ def subspace_loop(config: Dict[str, Any]) -> None:
 
 
 def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
-    """Driver side: run `subspace_loop` on Ray Train. Returns {"history", "wall_s"}."""
+    """Driver side: run `subspace_loop` on Ray Train.
+
+    Returns:
+        {"history", "step_losses", "wall_s", "diverged"}: the completed epochs' records and global step
+        losses (all finite); ``diverged`` is None, or the record of the epoch that diverged ({"stage", "epoch",
+        "step", "loss", "reason"}, see `divergence_line`), in which case no ``train/LABEL.pt`` was written.
+    """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
 
     progress = make_progress_queue()
@@ -121,4 +161,4 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
     except Exception as exc:
         raise unwrap_train_error(exc)
     return {"history": result.metrics["history"], "step_losses": result.metrics["step_losses"],
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "diverged": result.metrics.get("diverged")}

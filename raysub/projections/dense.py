@@ -5,7 +5,8 @@ in blocks of `CHUNK_ROWS` rows, each block from its own generator stream (seed, 
 regenerated alone. When N·D floats fit in ``max_bytes`` the matrix is kept on the device (one GEMV per lift
 and per project); otherwise it is *streamed*: every lift and project regenerates it block by block and holds
 one block (CHUNK_ROWS × D) at a time — O(N + D) memory, at the price of redrawing N·D normals per call.
-Both modes give the same matrix for the same seed and device. Registered ``random``; ``low_memory`` only when
+Both modes give the same matrix for the same seed and device (in float64 bit for bit: both scale by float64
+inverse column norms; in float32 to float32 rounding). Registered ``random``; ``low_memory`` only when
 streamed (``low_memory_options``).
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ class StreamedDenseProjection(Projection):
 
     def __init__(self, num_params: int, dim: int, seed: int, device="cpu"):
         self.num_params, self.dim, self.seed, self.device = num_params, dim, seed, torch.device(device)
-        self.inv_norm_D = column_norms(num_params, dim, seed, self.device).reciprocal().float()
+        # float64, like `materialize`'s: cast to the call's dtype, so float64 calls give the stored matrix to ~1e-16
+        self.inv_norm_D = column_norms(num_params, dim, seed, self.device).reciprocal()
 
     def lift(self, z_D: torch.Tensor) -> torch.Tensor:
         return self.lift_add_(z_D, torch.zeros(self.num_params, dtype=z_D.dtype, device=z_D.device))

@@ -31,15 +31,18 @@ def basis_run_problems(num_params: int, dim: int, options: Mapping[str, Any], ba
 
     if not basis_run:
         return [NO_RUN]
+    from raysub.pipeline.basis import read_spectrum
+
     run = RunDir(basis_run)
-    if not run.exists("basis/spectrum.json"):
+    spec = read_spectrum(run)
+    if spec is None:
         return [f"train.basis_run={basis_run} has no basis (no basis/spectrum.json): run 'raysub basis "
                 f"{basis_run}' first"]
     problems = []
     stored_n = run.read_json("manifest.json").get("num_params") if run.exists("manifest.json") else None
     if stored_n is not None and stored_n != num_params:
         problems.append(other_model(basis_run, stored_n, num_params))
-    stored = run.read_json("basis/spectrum.json")["dim"]
+    stored = spec["dim"]
     if dim > stored:
         problems.append(f"train.dim={dim} exceeds the {stored} components of the stored basis in {basis_run}: "
                         f"rebuild it with 'raysub basis {basis_run} basis.dim={dim} --overwrite'")

@@ -1,0 +1,234 @@
+"""One command at a time per run directory: a lock file with its owner and a heartbeat.
+
+``RUN/raysub.lock`` holds the owner's user, host, pid, command, a random token and a heartbeat time that a
+background thread refreshes every ``stale_s / 4`` seconds while the command runs. A second command on the
+directory is refused with one line naming the owner. A lock is *stale* — and taken over, with a message — when
+its owner is gone: the same host no longer runs its pid (checked against the process start time, so a reused pid
+does not count), or no heartbeat came for ``stale_s`` seconds (``RAYSUB_LOCK_STALE_S``, default 60; the only
+test across hosts).
+
+The protocol needs no atomic create-if-absent, so it works on object storage as on a local disk: write the
+record, wait ``settle_s``, read it back; whoever's token is there holds the lock (two racers that both wrote see
+the same last writer). On a local disk the first write is also an exclusive create, so a race is decided at once.
+
+Locks are re-entrant within a process: a stage called by ``raysub run`` runs under the run's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import getpass
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import pyarrow.fs as pafs
+
+from raysub.errors import ConfigError
+from raysub.storage import LOCK, RunDir
+
+_held: Dict[str, "RunLock"] = {}  # uri -> the lock this process holds on it
+
+
+class RunLocked(ConfigError):
+    """The run directory is in use by another command."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _process_started(pid: int) -> Optional[float]:
+    """The start time (clock ticks since boot, from /proc) of process ``pid`` on this host; None when no such
+    process runs; 0.0 when it runs but its start time cannot be read."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def describe(record: Dict[str, Any]) -> str:
+    """The owner of a lock record, for messages: ``'raysub run seed=1' (pid 123 on host, user alice)``."""
+    return (f"'{record.get('command', '?')}' (pid {record.get('pid', '?')} on {record.get('host', '?')}, "
+            f"user {record.get('user', '?')}, since {record.get('started', '?')})")
+
+
+class RunLock:
+    """The lock of one run directory, held by this process.
+
+    Args:
+        run: The run directory.
+        command: What the owner runs (shown to a refused second command).
+        stale_s: Seconds without a heartbeat after which another host may take the lock over.
+        settle_s: Seconds between writing the record and reading it back (None: 0.05 on a local disk, 1.0 on
+            object storage).
+    """
+
+    def __init__(self, run: RunDir, command: str, stale_s: Optional[float] = None, settle_s: Optional[float] = None):
+        self.run = run
+        self.command = command
+        self.stale_s = float(os.environ.get("RAYSUB_LOCK_STALE_S", 60)) if stale_s is None else stale_s
+        local = isinstance(run.fs, pafs.LocalFileSystem)
+        self.settle_s = (0.05 if local else 1.0) if settle_s is None else settle_s
+        self.exclusive_create = local
+        self.token = uuid.uuid4().hex
+        self.created_dir = False
+        self.lost: Optional[Dict[str, Any]] = None  # the record of whoever took the lock from us, if anyone did
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        pid = os.getpid()
+        self.record = {"user": getpass.getuser(), "host": platform.node(), "pid": pid,
+                       "pid_started": _process_started(pid), "command": command, "token": self.token,
+                       "started": _iso(_now()), "heartbeat": _now()}
+
+    # -- the record ---------------------------------------------------------------------------------------
+    def _read(self) -> Optional[Dict[str, Any]]:
+        try:
+            return json.loads(self.run.read_bytes(LOCK).to_pybytes())
+        except ConfigError:  # missing
+            return None
+        except ValueError:  # a record being replaced, or garbage: treat as someone else's fresh write
+            return {"token": None, "heartbeat": _now(), "command": "?"}
+
+    def _write(self) -> None:
+        self.record["heartbeat"] = _now()
+        self.run.write_bytes(LOCK, json.dumps(self.record).encode())
+
+    def _create_exclusive(self) -> bool:
+        """Create the lock file only if absent (local disks): a complete temporary file hard-linked to the lock's
+        name, so no reader ever sees it empty. False when someone else's is there."""
+        self.record["heartbeat"] = _now()
+        tmp = f"{self.run.path(LOCK)}.tmp-{self.token[:8]}"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.record))
+        try:
+            os.link(tmp, self.run.path(LOCK))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def stale(self, record: Dict[str, Any]) -> Tuple[bool, str]:
+        """Whether ``record``'s owner is gone, and why."""
+        if record.get("token") is None:
+            return False, ""
+        if record.get("host") == platform.node() and isinstance(record.get("pid"), int):
+            started = _process_started(record["pid"])
+            if started is None:
+                return True, f"pid {record['pid']} no longer runs on {record['host']}"
+            if started and record.get("pid_started") and started != record["pid_started"]:
+                return True, f"pid {record['pid']} on {record['host']} is now another process"
+            return False, ""
+        age = _now() - float(record.get("heartbeat", 0))
+        if age > self.stale_s:
+            return True, f"no heartbeat for {age:.0f}s (stale after {self.stale_s:g}s, RAYSUB_LOCK_STALE_S)"
+        return False, ""
+
+    def _refuse(self, record: Dict[str, Any]) -> RunLocked:
+        return RunLocked(f"run directory {self.run.uri} is in use by {describe(record)}: wait for it to finish, or "
+                         f"use another run_dir (a lock whose owner is gone is taken over automatically)")
+
+    # -- acquire / release --------------------------------------------------------------------------------
+    def acquire(self, say=print) -> None:
+        """Take the lock, or raise `RunLocked` naming the owner.
+
+        Raises:
+            RunLocked: another live command holds it.
+            ConfigError: the run directory is a file, or cannot be created.
+        """
+        info = self.run.fs.get_file_info(self.run.root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"run_dir={self.run.uri} is a file, not a directory: choose another run_dir")
+        if info.type == pafs.FileType.NotFound:
+            try:
+                self.run.makedirs()
+            except OSError as exc:
+                raise ConfigError(f"run_dir={self.run.uri} cannot be created ({exc.strerror or exc}): choose a "
+                                  f"writable run_dir") from None
+            self.created_dir = True
+        existing = self._read()
+        if existing is not None:
+            gone, why = self.stale(existing)
+            if not gone:
+                raise self._refuse(existing)
+            say(f"raysub: taking over the lock of {self.run.uri} from {describe(existing)}: {why}")
+            self._write()
+        elif self.exclusive_create:
+            if not self._create_exclusive():
+                raise self._refuse(self._read() or {})
+        else:
+            try:
+                self._write()
+            except OSError as exc:
+                raise ConfigError(f"run_dir={self.run.uri} is not writable ({exc}): choose a writable run_dir") from None
+        time.sleep(self.settle_s)
+        winner = self._read()
+        if winner is None or winner.get("token") != self.token:
+            raise self._refuse(winner or {})
+        self._thread = threading.Thread(target=self._heartbeat, name="raysub-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.stale_s / 4):
+            try:
+                current = self._read()
+                if current is not None and current.get("token") != self.token:
+                    self.lost = current
+                    print(f"raysub: warning: the lock of {self.run.uri} was taken over by {describe(current)}; "
+                          f"this command's results may mix with it", file=sys.stderr, flush=True)
+                    return
+                self._write()
+            except Exception as exc:  # a storage hiccup: try again at the next beat
+                print(f"raysub: warning: could not refresh the lock of {self.run.uri} ({exc})", file=sys.stderr,
+                      flush=True)
+
+    def release(self) -> None:
+        """Stop the heartbeat; remove the lock if it is still ours (and the directory, if this command created it
+        and left nothing else in it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        current = self._read()
+        if current is not None and current.get("token") == self.token:
+            self.run.delete(LOCK)
+        if self.created_dir and self.run.exists() and not self.run.listdir():
+            self.run.delete()
+
+
+@contextlib.contextmanager
+def run_lock(run: RunDir, command: Optional[str] = None, say=print) -> Iterator[Optional[RunLock]]:
+    """Hold ``run``'s lock for the block (re-entrant: an inner stage of the same process reuses it)."""
+    if run.uri in _held:
+        yield _held[run.uri]
+        return
+    lock = RunLock(run, command or _command())
+    lock.acquire(say)
+    _held[run.uri] = lock
+    try:
+        yield lock
+    finally:
+        del _held[run.uri]
+        lock.release()
+
+
+def _command() -> str:
+    """This process's command line, as the user typed it."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return " ".join(["raysub" if prog in ("raysub", "cli.py") else prog, *sys.argv[1:]])
