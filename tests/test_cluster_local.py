@@ -68,3 +68,14 @@ def test_local_cluster_listens_on_loopback_only():
     assert report["node_ip"] == "127.0.0.1"
     assert report["multi_node_restored"], "ensure_ray left ray_constants.ENABLE_RAY_CLUSTER switched"
 
+
+
+def test_cluster_address_local_is_a_cluster_raysub_starts():
+    """Ray's address "local" starts a new cluster like None does, so it gets the same loopback-only start-up;
+    "auto" and an address join an existing cluster, whose bindings are its own."""
+    from raysub.config import load_config
+    from raysub.engine.cluster import starts_local
+
+    assert [starts_local(load_config(None, [f"cluster.address={a}"])) for a in ("local", "auto", "ray://h:10001")] \
+        == [True, False, False]
+    assert starts_local(load_config(None, []))

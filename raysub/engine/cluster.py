@@ -19,7 +19,7 @@ from raysub.errors import ConfigError
 
 
 def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
-    """Start a local Ray cluster for the run (``cluster.address`` None) or join ``cluster.address``.
+    """Start a local Ray cluster for the run (``cluster.address`` None or "local") or join ``cluster.address``.
 
     A local cluster gets ``cluster.num_cpus`` logical CPUs, else the machine's count — raised to fit the
     workers when ``grow`` (a single run), kept when not (a sweep schedules its trials into what there is).
@@ -40,7 +40,7 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
         # epoch shorter than that; a local cluster inherits this from the driver's environment.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         kwargs: Dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING)
-        if cfg.cluster.address is None:
+        if starts_local(cfg):
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
                                                 else os.cpu_count() or 1)
@@ -54,12 +54,17 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
         # the constant is switched for this start-up only (a later join from this process needs it back on);
         # joining a cluster keeps Ray's default. tests/test_cluster_local.py lists the sockets this opens.
         multi_node = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = multi_node and cfg.cluster.address is not None
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node and not starts_local(cfg)
         try:
             ray.init(**kwargs)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
     check_resources(cfg)
+
+
+def starts_local(cfg: Config) -> bool:
+    """Whether raysub starts the cluster itself (``cluster.address`` None, or Ray's "local"), rather than joins."""
+    return cfg.cluster.address in (None, "local")
 
 
 def check_resources(cfg: Config) -> None:
@@ -84,7 +89,7 @@ def check_resources(cfg: Config) -> None:
             f"cluster.use_gpu=true with {cfg.cluster.num_workers} workers needs as many GPUs but the Ray cluster "
             f"has {total.get('GPU', 0):g}: lower cluster.num_workers or set cluster.use_gpu=false"
         )
-    if problems and cfg.cluster.address is None:
+    if problems and starts_local(cfg):
         raise ConfigError(problems)
     for p in problems:
         print(f"raysub: warning: {p} (waiting for the autoscaler, if there is one)", file=sys.stderr, flush=True)
