@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
+import shlex
 import sys
 import traceback
 from typing import List, Optional
@@ -50,9 +52,11 @@ def _split(args: List[str]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="raysub", description="Train neural networks in tiny subspaces on Ray.")
+    parser = argparse.ArgumentParser(prog="raysub", description="Train neural networks in tiny subspaces on Ray.",
+                                     allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # --over is not --overwrite
     for name, helptext in (("run", "the whole DLDR pipeline"), ("sample", "SGD baseline and trajectory sampling")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help="YAML config, then dotted overrides")
@@ -104,9 +108,7 @@ def resume_command(argv: List[str]) -> str:
     """The command line that continues this one: the same arguments with ``--resume`` instead of ``--overwrite``
     (``raysub basis`` has no resume: it is rerun)."""
     args = [a for a in argv if a not in ("--resume", "--overwrite", "--debug")]
-    if args and args[0] == "basis":
-        return " ".join(["raysub", *args, "--overwrite"])
-    return " ".join(["raysub", *args, "--resume"])
+    return shlex.join(["raysub", *args, "--overwrite" if args and args[0] == "basis" else "--resume"])
 
 
 def describe_failure(exc: BaseException) -> str:

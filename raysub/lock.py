@@ -63,6 +63,31 @@ def _process_started(pid: int) -> Optional[float]:
         return 0.0
 
 
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _machine() -> Dict[str, Optional[str]]:
+    """What makes a pid comparable: the same boot of the same machine, and the same pid namespace (two containers
+    may share a hostname)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (e.g. a container's runAsUser)
+        return str(os.getuid())
+
+
 def describe(record: Dict[str, Any]) -> str:
     """The owner of a lock record, for messages: ``'raysub run seed=1' (pid 123 on host, user alice)``."""
     return (f"'{record.get('command', '?')}' (pid {record.get('pid', '?')} on {record.get('host', '?')}, "
@@ -93,18 +118,24 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         pid = os.getpid()
-        self.record = {"user": getpass.getuser(), "host": platform.node(), "pid": pid,
+        self.record = {"user": _user(), "host": platform.node(), **_machine(), "pid": pid,
                        "pid_started": _process_started(pid), "command": command, "token": self.token,
                        "started": _iso(_now()), "heartbeat": _now()}
 
     # -- the record ---------------------------------------------------------------------------------------
     def _read(self) -> Optional[Dict[str, Any]]:
         try:
-            return json.loads(self.run.read_bytes(LOCK).to_pybytes())
+            record = json.loads(self.run.read_bytes(LOCK).to_pybytes())
+            if isinstance(record, dict):
+                return record
         except ConfigError:  # missing
             return None
-        except ValueError:  # a record being replaced, or garbage: treat as someone else's fresh write
-            return {"token": None, "heartbeat": _now(), "command": "?"}
+        except ValueError:
+            pass
+        # garbage: someone else's, alive while the file is younger than stale_s (a write in progress), then stale
+        mtime = self.run.fs.get_file_info(self.run.path(LOCK)).mtime
+        return {"token": "unreadable", "command": "? (an unreadable lock file)",
+                "heartbeat": mtime.timestamp() if mtime is not None else _now()}
 
     def _write(self) -> None:
         self.record["heartbeat"] = _now()
@@ -122,6 +153,14 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: an exclusive create (a reader may see it empty)
+            try:
+                fd = os.open(self.run.path(LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.record))
+            return True
         finally:
             os.unlink(tmp)
 
@@ -129,7 +168,9 @@ class RunLock:
         """Whether ``record``'s owner is gone, and why."""
         if record.get("token") is None:
             return False, ""
-        if record.get("host") == platform.node() and isinstance(record.get("pid"), int):
+        mine = _machine()
+        comparable = all(record.get(k) == mine[k] for k in mine if record.get(k) and mine[k])
+        if record.get("host") == platform.node() and comparable and isinstance(record.get("pid"), int):
             started = _process_started(record["pid"])
             if started is None:
                 return True, f"pid {record['pid']} no longer runs on {record['host']}"
@@ -170,12 +211,12 @@ class RunLock:
                 raise self._refuse(existing)
             say(f"raysub: taking over the lock of {self.run.uri} from {describe(existing)}: {why}")
             self._write()
-        elif self.exclusive_create:
-            if not self._create_exclusive():
-                raise self._refuse(self._read() or {})
         else:
             try:
-                self._write()
+                if not self.exclusive_create:
+                    self._write()
+                elif not self._create_exclusive():
+                    raise self._refuse(self._read() or {})
             except OSError as exc:
                 raise ConfigError(f"run_dir={self.run.uri} is not writable ({exc}): choose a writable run_dir") from None
         time.sleep(self.settle_s)
@@ -209,7 +250,11 @@ class RunLock:
         if current is not None and current.get("token") == self.token:
             self.run.delete(LOCK)
         if self.created_dir and self.run.exists() and not self.run.listdir():
-            self.run.delete()
+            if isinstance(self.run.fs, pafs.LocalFileSystem):
+                with contextlib.suppress(OSError):  # not empty any more: someone else's now
+                    os.rmdir(self.run.root)
+            else:
+                self.run.delete()  # object storage: a "directory" is only a prefix marker
 
 
 @contextlib.contextmanager
@@ -225,7 +270,23 @@ def run_lock(run: RunDir, command: Optional[str] = None, say=print) -> Iterator[
         yield lock
     finally:
         del _held[run.uri]
-        lock.release()
+        try:
+            lock.release()
+        except Exception as exc:  # e.g. storage unreachable: never replace the command's own outcome
+            print(f"raysub: warning: could not release the lock of {run.uri} ({exc}); the next command takes it "
+                  f"over once it is stale", file=sys.stderr, flush=True)
+
+
+def check_held(run: RunDir) -> None:
+    """Before a commit: refuse to write when another command took this process's lock over (a stalled heartbeat).
+
+    Raises:
+        RunLocked: naming the new owner.
+    """
+    lock = _held.get(run.uri)
+    if lock is not None and lock.lost is not None:
+        raise RunLocked(f"the lock of {run.uri} was taken over by {describe(lock.lost)} while this command ran: it "
+                        f"stops without committing, so the two do not mix")
 
 
 def _command() -> str:

@@ -466,3 +466,116 @@ def test_failed_training_leaves_no_checkpoints_or_stage_behind(tmp_path, monkeyp
         pipeline.stage_train(run.uri, cfg=cfg, say=lambda s: None)
     assert not RunDir(run.storage_path).exists("train-dense4")
     assert "train.dense4" not in run.read_json("manifest.json")["stages"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# review follow-ups: a rebuilt basis, moved runs, worker counts, old manifests, odd lock files
+
+def test_a_new_basis_drops_the_trainings_done_in_the_old_one():
+    """A training in the run's own basis (dldr, no basis_run) is another model once the basis is rebuilt: its
+    result must not be reported as complete (it was, against a basis of another dim). Trainings in a random
+    family or in another run's basis stay."""
+    manifest = {"stages": {"sample": {"complete": True},
+                           "train.psgd": {"complete": True, "train": {"projection": "dldr", "basis_run": None}},
+                           "train.dense": {"complete": True, "train": {"projection": "dense", "basis_run": None}},
+                           "train.other": {"complete": True, "train": {"projection": "dldr", "basis_run": "/a"}}},
+                "summary": {"results": {"psgd": {}, "dense": {}, "other": {}, "sgd": {}}},
+                "shards": {"train/psgd.pt": "x", "train/dense.pt": "y"}}
+    assert runmod._drop_own_basis_trainings(manifest) == ["psgd"]
+    assert sorted(manifest["stages"]) == ["sample", "train.dense", "train.other"]
+    assert sorted(manifest["summary"]["results"]) == ["dense", "other", "sgd"]
+    assert manifest["shards"] == {"train/dense.pt": "y"}
+
+
+def test_resume_allows_a_moved_run_and_refuses_resharding_an_unfinished_sampling(tmp_path):
+    """run_dir is where a run is, not what it computes (a copied run resumes); an unfinished sampling is sharded
+    one block per worker, so its cluster.num_workers may not change until sampling completes."""
+    import shutil
+
+    cfg, _, run = _committed_run(tmp_path, ["cluster.num_workers=2"])
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    moved = RunDir(str(tmp_path / "moved"))
+    assert runmod.prepare_run_dir(moved, True, False, load_config(None, [f"run_dir={moved.uri}",
+                                                                          "cluster.num_workers=2"])) is True
+    wider = load_config(None, [f"run_dir={run.uri}", "cluster.num_workers=3"])
+    with pytest.raises(ConfigError, match="sharded over 2 workers: resume it with cluster.num_workers=2"):
+        runmod.prepare_run_dir(run, True, False, wider)
+    manifest = run.read_json("manifest.json")
+    manifest["stages"]["sample"] = {"complete": True}
+    run.write_json("manifest.json", manifest)
+    assert runmod.prepare_run_dir(run, True, False, wider) is True
+
+
+def test_interrupted_training_needs_a_flag(tmp_path, monkeypatch):
+    """`raysub train RUN` with neither flag must not silently restart an interrupted training (it discarded its
+    checkpoints)."""
+    cfg, run = _train_ready(tmp_path, monkeypatch, ConfigError("unused"))
+    manifest = run.read_json("manifest.json")
+    manifest["stages"]["train.dense4"] = {"complete": False, "train": cfg.to_dict()["train"]}
+    run.write_json("manifest.json", manifest)
+    with pytest.raises(ConfigError, match="'dense4' was interrupted .*--resume to continue it or --overwrite"):
+        pipeline.stage_train(run.uri, cfg=cfg, say=lambda s: None)
+
+
+def test_a_manifest_from_before_commits_is_migrated(tmp_path):
+    """A run written before the manifest held its config and summary still opens (was KeyError: 'summary')."""
+    cfg, _, run = _committed_run(tmp_path, ["basis.dim=4"])
+    manifest = run.read_json("manifest.json")
+    summary = manifest.pop("summary")
+    manifest.pop("config")
+    run.write_json("manifest.json", manifest)
+    opened = runmod.open_manifest(run)
+    assert opened["summary"] == summary and opened["config"]["basis"]["dim"] == 4
+
+
+def test_unreadable_or_foreign_lock_files(tmp_path, monkeypatch):
+    """An unreadable lock is someone's write in progress until it is stale_s old, then taken over; a record from
+    another boot (or pid namespace) of a same-named host is judged by its heartbeat, not by a local pid."""
+    import platform
+
+    run = RunDir(str(tmp_path))
+    (tmp_path / LOCK).write_text("{not json")
+    with pytest.raises(RunLocked, match="an unreadable lock file"):
+        RunLock(run, "raysub run", stale_s=60).acquire()
+    old = time.time() - 120
+    os.utime(tmp_path / LOCK, (old, old))
+    said = []
+    lock = RunLock(run, "raysub run", stale_s=60)
+    lock.acquire(said.append)
+    lock.release()
+    assert "no heartbeat for 120s" in said[0]
+    run.write_bytes(LOCK, json.dumps({"pid": os.getpid(), "host": platform.node(), "boot_id": "another-boot",
+                                      "token": "x", "command": "raysub run", "heartbeat": time.time()}).encode())
+    with pytest.raises(RunLocked):  # our own pid runs, but on another boot it proves nothing: heartbeat is fresh
+        RunLock(run, "raysub run").acquire()
+
+
+def test_lock_owner_without_a_user_name(tmp_path, monkeypatch):
+    """A uid with no passwd entry (containers) made every command fail in getpass.getuser()."""
+    import getpass
+
+    def no_user():
+        raise KeyError("getpwuid(): uid not found: 1000730000")
+
+    monkeypatch.setattr(getpass, "getuser", no_user)
+    lock = RunLock(RunDir(str(tmp_path)), "raysub run")
+    assert lock.record["user"] == str(os.getuid())
+
+
+def test_a_command_whose_lock_was_taken_over_does_not_commit(tmp_path):
+    """After a takeover (a stalled heartbeat), the first command must not commit over the new owner's state."""
+    from raysub.lock import check_held
+
+    cfg, _, run = _committed_run(tmp_path)
+    with run_lock(run, "raysub run") as lock:
+        lock.lost = {"command": "raysub run --resume", "pid": 7, "host": "elsewhere"}
+        with pytest.raises(RunLocked, match="taken over by 'raysub run --resume' .*stops without committing"):
+            runmod.commit(run, run.read_json("manifest.json"))
+        with pytest.raises(RunLocked):
+            check_held(run)
+
+
+def test_resume_command_quotes_what_the_shell_would_split():
+    assert cli.resume_command(["run", "train.optimizer_options={c: 0.4}", "--overwrite"]) == \
+        "raysub run 'train.optimizer_options={c: 0.4}' --resume"
+    assert cli.resume_command(["basis", "runs/x", "basis.dim=5"]) == "raysub basis runs/x basis.dim=5 --overwrite"

@@ -28,16 +28,21 @@ from raysub.storage import RunDir, block_bounds, sha256
 Printer = Callable[[str], None]
 
 STAGE_SECTIONS = {"basis": ("basis", "cluster"), "train": ("train", "cluster")}
-# keys a resumed run may change: where and how wide it runs, not what it computes
-RESUME_SAFE = ("cluster.", "data.num_workers")
+# keys a resumed run may change: where and how wide it runs, not what it computes (a moved run directory too)
+RESUME_SAFE = ("cluster.", "data.num_workers", "run_dir", "sweep.max_concurrent")
+# sections a resumed `raysub run`/`sample` (and `train CONFIG`) may change because their stages check them
+# themselves: a basis of another dim is rebuilt, and a training compares its own train.* settings
+STAGE_CHECKED = ("basis.", "train.")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the run directory
 
-def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, cfg: Optional[Config] = None) -> bool:
+def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, cfg: Optional[Config] = None,
+                    also_safe: Sequence[str] = ()) -> bool:
     """Check the run directory's state; returns True when an existing run is resumed (``--resume`` on a missing
-    or empty directory starts a new run). On resume, ``cfg`` must match the stored config (`check_resume`).
+    or empty directory starts a new run). On resume, ``cfg`` must match the stored config but for `RESUME_SAFE`
+    and ``also_safe`` keys (`check_resume`).
 
     Raises:
         ConfigError: the directory holds a run and neither flag was given, or both were; it is a file; or the
@@ -52,7 +57,7 @@ def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, cfg: Optional[Co
             return False
         if resume:
             if cfg is not None:
-                check_resume(run, cfg)
+                check_resume(run, cfg, also_safe)
             return True
         raise ConfigError(f"run directory {run.uri} already exists: pass --resume to continue it or --overwrite to "
                           f"replace it (or set run_dir=NEW_DIR)")
@@ -96,9 +101,10 @@ def stored_config(run: RunDir) -> Optional[Dict[str, Any]]:
     return None
 
 
-def check_resume(run: RunDir, cfg: Config) -> None:
+def check_resume(run: RunDir, cfg: Config, also_safe: Sequence[str] = ()) -> None:
     """A resumed run must compute what it started computing: refuse a config that differs from the stored one
-    in anything but `RESUME_SAFE` keys (e.g. ``cluster.*``).
+    in anything but `RESUME_SAFE` (e.g. ``cluster.*``) and ``also_safe`` keys — and an unfinished sampling on
+    another number of workers (its trajectory is sharded one block per worker).
 
     Raises:
         ConfigError: naming the differing keys with both values.
@@ -106,7 +112,13 @@ def check_resume(run: RunDir, cfg: Config) -> None:
     stored = stored_config(run)
     if stored is None:
         return
-    diffs = config_diff(Config.from_dict(stored).to_dict(), cfg.to_dict())
+    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
+    blocks = len(manifest.get("blocks", []))
+    if blocks and not manifest.get("stages", {}).get("sample", {}).get("complete") \
+            and cfg.cluster.num_workers != blocks:
+        raise ConfigError(f"--resume: the unfinished sampling of {run.uri} is sharded over {blocks} workers: resume "
+                          f"it with cluster.num_workers={blocks} (it may change once sampling is complete)")
+    diffs = config_diff(Config.from_dict(stored).to_dict(), cfg.to_dict(), RESUME_SAFE + tuple(also_safe))
     if diffs:
         raise ConfigError(f"--resume: this config differs from the run's ({run.uri}/config.yaml) in "
                           f"{_diff_text(diffs)}; resuming would mix two runs: resume with the run's config (raysub "
@@ -162,7 +174,14 @@ def _config_text(run: RunDir, config: Dict[str, Any]) -> str:
 
 
 def commit(run: RunDir, manifest: Dict[str, Any]) -> None:
-    """Commit ``manifest`` (one atomic rename), then write its copies ``config.yaml`` and ``summary.json``."""
+    """Commit ``manifest`` (one atomic rename), then write its copies ``config.yaml`` and ``summary.json``.
+
+    Raises:
+        RunLocked: another command took this one's lock over: nothing is committed.
+    """
+    from raysub.lock import check_held
+
+    check_held(run)
     run.write_json("manifest.json", manifest)
     sync_copies(run, manifest)
 
@@ -180,7 +199,11 @@ def sync_copies(run: RunDir, manifest: Dict[str, Any]) -> None:
             run.write_text("config.yaml", text)
     if "summary" in manifest:
         want = json.loads(json.dumps(strict_json(manifest["summary"])))
-        if not run.exists("summary.json") or run.read_json("summary.json") != want:
+        try:
+            same = run.exists("summary.json") and run.read_json("summary.json") == want
+        except StorageError:  # an unreadable copy: rewritten
+            same = False
+        if not same:
             run.write_json("summary.json", manifest["summary"])
 
 
@@ -192,6 +215,10 @@ def open_manifest(run: RunDir) -> Dict[str, Any]:
     if not isinstance(manifest, dict) or "shards" not in manifest or "stages" not in manifest:
         raise StorageError(f"{run.path('manifest.json')} is not a raysub manifest: start the run again with "
                            f"--overwrite")
+    if "config" not in manifest or "summary" not in manifest:  # a run written before the manifest held them
+        manifest.setdefault("config", stored_config(run))
+        manifest.setdefault("summary", run.read_json("summary.json") if run.exists("summary.json")
+                            else {"results": {}, "timings": {}})
     sync_copies(run, manifest)
     return manifest
 
@@ -218,7 +245,7 @@ def read_summary(run: RunDir) -> Dict[str, Any]:
 # stages
 
 # what a run directory may hold before its first commit (a run killed while it was being created)
-_UNCOMMITTED = {"config.yaml", "theta0.pt"}
+_UNCOMMITTED = {"config.yaml", "theta0.pt", "logs"}
 
 
 def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool) -> Dict[str, Any]:
@@ -262,7 +289,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri  # workers run in other directories: pass an absolute path or URI
     with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg)
+        resuming = prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
         if resuming and run.exists("manifest.json"):
             manifest = open_manifest(run)
             if manifest["stages"].get("sample", {}).get("complete"):
@@ -357,6 +384,7 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         manifest["shards"][f"{gen}/spectrum.json"] = record["sha256"]
         manifest["stages"]["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
                                        **record["timings"]}
+        stale = _drop_own_basis_trainings(manifest)
         manifest["config"] = cfg.to_dict()
         summary = manifest["summary"]
         summary["dim"] = cfg.basis.dim
@@ -367,12 +395,33 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         for name in run.listdir("basis"):  # earlier generations (and a killed rebuild's) are no longer referenced
             if f"basis/{name}" != gen:
                 run.delete("basis", name)
+        for label in stale:
+            RunDir(run.storage_path).delete(f"train-{label}")
+        if stale:
+            say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
         from raysub.plots import plot_explained_variance
 
         plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
         say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
             f"the trajectory variance ({wall:.1f}s)")
         return record
+
+
+def _drop_own_basis_trainings(manifest: Dict[str, Any]) -> List[str]:
+    """Remove from ``manifest`` every training in the run's own basis (a new basis makes them another model's);
+    returns their labels."""
+    from raysub.projections import PROJECTIONS
+
+    labels = []
+    for key, stage in list(manifest["stages"].items()):
+        train = stage.get("train") if key.startswith("train.") else None
+        if train and not train.get("basis_run") and PROJECTIONS.meta(train["projection"]).get("needs_basis_run"):
+            label = key[len("train."):]
+            labels.append(label)
+            del manifest["stages"][key]
+            manifest["summary"]["results"].pop(label, None)
+            manifest["shards"].pop(f"train/{label}.pt", None)
+    return labels
 
 
 def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis: bool = True) -> None:
@@ -429,6 +478,9 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 return results[label]
         ckpt_dir = RunDir(run.storage_path)
         ckpt_name = f"train-{label}"
+        if stage and not (resume or overwrite):
+            raise ConfigError(f"'{label}' was interrupted in {run.uri}: pass --resume to continue it or --overwrite "
+                              f"to restart it, or set train.label=NAME")
         resumed = resume and bool(stage)
         if resumed:
             _check_train_resume(run, cfg, stage)
@@ -447,11 +499,11 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         try:
             out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
         except ConfigError:
-            # a bad input found by the workers: nothing of this training is kept
-            if ckpt_dir.exists(ckpt_name):
-                ckpt_dir.delete(ckpt_name)
-            manifest["stages"].pop(stage_key, None)
-            commit(run, manifest)
+            if not resumed:  # a bad input found by the workers: nothing of this new training is kept
+                if ckpt_dir.exists(ckpt_name):
+                    ckpt_dir.delete(ckpt_name)
+                manifest["stages"].pop(stage_key, None)
+                commit(run, manifest)
             raise
         hist = out["history"]
         record: Dict[str, Any] = {"dim": dim, "optimizer": cfg.train.optimizer, "projection": cfg.train.projection,
@@ -501,7 +553,7 @@ def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False
     if cfg.train.basis_run:
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
     with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg)
+        resuming = prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
         # before Ray starts; a new run has no basis of its own, so a family that reads one needs train.basis_run
         check_train_projection(cfg, info["num_params"], run, own_basis=False)
         ensure_ray(cfg)
@@ -520,7 +572,7 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
     with run_lock(run, say=say):
-        prepare_run_dir(run, resume, overwrite, cfg)  # fail before starting Ray
+        prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)  # fail before starting Ray
         stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)
         basis = open_manifest(run)["stages"].get("basis", {})
         if not (resume and basis.get("complete") and basis.get("dim") == cfg.basis.dim):

@@ -298,20 +298,28 @@ def _fit(tuner):
         return tuner.fit()
     interrupted = []
     previous = signal.getsignal(signal.SIGINT)
+    previous_usr1 = signal.getsignal(signal.SIGUSR1)
+
+    def not_yet(signum, frame):  # SIGUSR1 before Tune installs its handler must not kill the process
+        pass
 
     def on_sigint(signum, frame):
+        # a second Ctrl-C (Tune's SIGUSR1 handler puts this one back), or one before Tune listens: stop at once
+        if interrupted or signal.getsignal(signal.SIGUSR1) is not_yet:
+            raise KeyboardInterrupt
         interrupted.append(signum)
-        signal.signal(signal.SIGINT, previous)
         signal.raise_signal(signal.SIGUSR1)
 
     key = "TUNE_DISABLE_SIGINT_HANDLER"
     saved = os.environ.get(key)
     os.environ[key] = "1"
+    signal.signal(signal.SIGUSR1, not_yet)
     signal.signal(signal.SIGINT, on_sigint)
     try:
         grid = tuner.fit()
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
         if saved is None:
             del os.environ[key]
         else:
