@@ -247,7 +247,7 @@ def plot(run, summary: Dict[str, Any], arms: Sequence[str]) -> None:
 
 
 def report(run_uri: str, arms: Sequence[str]) -> Dict[str, Any]:
-    from raysub.pipeline.run import read_summary
+    from raysub.pipeline.records import read_summary
     from raysub.storage import RunDir
 
     run = RunDir(run_uri)
@@ -273,7 +273,7 @@ def report(run_uri: str, arms: Sequence[str]) -> Dict[str, Any]:
 def _names(run) -> Dict[str, Any]:
     """What the plot title names, from the run's config and manifest.json (summary.json has the dataset and
     model only after a sampling stage)."""
-    from raysub.pipeline.run import stored_config
+    from raysub.pipeline.records import stored_config
 
     cfg = stored_config(run)
     return {"dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "lr": cfg["train"]["lr"],

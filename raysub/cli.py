@@ -113,6 +113,8 @@ def resume_command(argv: List[str]) -> str:
 
 def describe_failure(exc: BaseException) -> str:
     """What failed, in a few words: the innermost error of a Ray Train worker, actor or task, or a storage error."""
+    from raysub.engine.cluster import innermost_error
+
     what = "the command failed"
     name = type(exc).__name__
     if name == "TrainingFailedError" or hasattr(exc, "worker_failures"):
@@ -121,25 +123,11 @@ def describe_failure(exc: BaseException) -> str:
         what = "a Ray actor died"
     elif name in ("RaySystemError", "GetTimeoutError", "ObjectLostError", "OwnerDiedError", "NodeDiedError"):
         what = "the Ray cluster failed"
-    inner = _innermost(exc)
-    if isinstance(inner, OSError) or "ArrowIOError" in type(inner).__name__:
-        what = "a storage operation failed" if what == "the command failed" else what
+    inner = innermost_error(exc)
+    if what == "the command failed" and (isinstance(inner, OSError) or "ArrowIOError" in type(inner).__name__):
+        what = "a storage operation failed"
     first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
     return f"{what} ({type(inner).__name__}: {first[:300]})" if first else f"{what} ({type(inner).__name__})"
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """Follow Ray's wrappers (``cause``, worker failures, ``__cause__``) to the original error."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        failures = getattr(exc, "worker_failures", None)
-        nxt = (next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None) \
-            or getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(nxt, BaseException):
-            break
-        exc = nxt
-    return exc
 
 
 def _write_log(run_uri: Optional[str], exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from raysub import cli, pipeline
 from raysub.config import load_config
 from raysub.errors import ConfigError, DivergedError, StorageError
 from raysub.lock import LOCK, RunLock, RunLocked, run_lock
+from raysub.pipeline import records
 from raysub.pipeline import run as runmod
 from raysub.pipeline.basis import basis_dir, load_basis, read_spectrum
 from raysub.storage import RunDir, encode_vector
@@ -60,19 +61,19 @@ def test_config_diff_names_each_changed_key_and_skips_safe_ones():
            "data": {"num_workers": 0, "batch_size": 64}}
     new = {"seed": 1, "sgd": {"lr": 0.1, "momentum": 0.0}, "cluster": {"num_workers": 4},
            "data": {"num_workers": 2, "batch_size": 32}}
-    assert runmod.config_diff(old, new) == [("data.batch_size", 64, 32), ("seed", 0, 1), ("sgd.momentum", 0.9, 0.0)]
-    assert runmod.config_diff(old, old) == []
+    assert records.config_diff(old, new) == [("data.batch_size", 64, 32), ("seed", 0, 1), ("sgd.momentum", 0.9, 0.0)]
+    assert records.config_diff(old, old) == []
 
 
 def _committed_run(tmp_path, overrides=(), resume=False, overwrite=False):
     """A committed run directory without Ray: plan, prepare, init_run (θ0 + manifest)."""
     cfg = load_config(None, [f"run_dir={tmp_path}/run", *overrides])
-    info = pipeline.run.plan(cfg)
+    info = pipeline.plan.plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
     with run_lock(run):
-        resuming = runmod.prepare_run_dir(run, resume, overwrite, cfg)
-        runmod.init_run(cfg, info, resuming, overwrite)
+        resuming = records.prepare_run_dir(run, resume, overwrite, cfg)
+        records.init_run(cfg, info, resuming, overwrite)
     return cfg, info, run
 
 
@@ -81,11 +82,11 @@ def test_resume_refuses_a_config_that_changes_results(tmp_path):
     cfg, _, run = _committed_run(tmp_path)
     other = load_config(None, [f"run_dir={run.uri}", "seed=1", "sgd.lr=0.05"])
     with pytest.raises(ConfigError) as exc:
-        runmod.prepare_run_dir(run, True, False, other)
+        records.prepare_run_dir(run, True, False, other)
     msg = str(exc.value)
     assert "seed (0 in the run, 1 now)" in msg and "sgd.lr (0.1 in the run, 0.05 now)" in msg and "\n" not in msg
     wider = load_config(None, [f"run_dir={run.uri}", "cluster.num_workers=2", "cluster.max_failures=3"])
-    assert runmod.prepare_run_dir(run, True, False, wider) is True
+    assert records.prepare_run_dir(run, True, False, wider) is True
 
 
 def test_stage_config_and_copies_come_from_the_manifest(tmp_path):
@@ -100,7 +101,7 @@ def test_stage_config_and_copies_come_from_the_manifest(tmp_path):
     run.write_json("manifest.json", manifest)  # "killed" before the copies
     assert yaml.safe_load(run.read_text("config.yaml"))["basis"]["dim"] == 5
     assert runmod._stage_config(run, [], "basis").basis.dim == 7
-    runmod.open_manifest(run)
+    records.open_manifest(run)
     assert yaml.safe_load(run.read_text("config.yaml"))["basis"]["dim"] == 7
     assert run.read_json("summary.json")["results"]["x"] == {"test_acc": 0.5}
 
@@ -113,7 +114,7 @@ def test_fresh_run_never_reuses_a_theta0_it_did_not_write(tmp_path, flag):
     """A theta0.pt that no manifest commits (another run's, here a seed-1 model) is replaced by this run's own,
     on --overwrite and on --resume of a run killed before its first commit (it used to be kept)."""
     cfg1 = load_config(None, [f"run_dir={tmp_path}/run", "seed=1"])
-    foreign = pipeline.run.plan(cfg1)["model"].state_dict()
+    foreign = pipeline.plan.plan(cfg1)["model"].state_dict()
     RunDir(f"{tmp_path}/run").write_torch("theta0.pt", foreign)
     cfg, info, run = _committed_run(tmp_path, **{flag: True})  # seed 0
     mine = run.read_theta0()
@@ -129,7 +130,7 @@ def test_theta0_is_verified_against_the_manifest(tmp_path):
     with pytest.raises(StorageError, match="theta0.pt is corrupted"):
         run.read_theta0()
     with pytest.raises(StorageError, match="theta0.pt is corrupted"):
-        runmod.init_run(cfg, info, True, False)  # a resume verifies it too
+        records.init_run(cfg, info, True, False)  # a resume verifies it too
     manifest = run.read_json("manifest.json")
     del manifest["shards"]["theta0.pt"]
     run.write_json("manifest.json", manifest)
@@ -142,9 +143,9 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     cfg = load_config(None, [f"run_dir={tmp_path}/run"])
-    info = pipeline.run.plan(cfg)
+    info = pipeline.plan.plan(cfg)
     with pytest.raises(StorageError, match="no manifest.json but holds notes.txt"):
-        runmod.init_run(cfg, info, True, False)
+        records.init_run(cfg, info, True, False)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
@@ -495,15 +496,15 @@ def test_resume_allows_a_moved_run_and_refuses_resharding_an_unfinished_sampling
     cfg, _, run = _committed_run(tmp_path, ["cluster.num_workers=2"])
     shutil.copytree(tmp_path / "run", tmp_path / "moved")
     moved = RunDir(str(tmp_path / "moved"))
-    assert runmod.prepare_run_dir(moved, True, False, load_config(None, [f"run_dir={moved.uri}",
+    assert records.prepare_run_dir(moved, True, False, load_config(None, [f"run_dir={moved.uri}",
                                                                           "cluster.num_workers=2"])) is True
     wider = load_config(None, [f"run_dir={run.uri}", "cluster.num_workers=3"])
     with pytest.raises(ConfigError, match="sharded over 2 workers: resume it with cluster.num_workers=2"):
-        runmod.prepare_run_dir(run, True, False, wider)
+        records.prepare_run_dir(run, True, False, wider)
     manifest = run.read_json("manifest.json")
     manifest["stages"]["sample"] = {"complete": True}
     run.write_json("manifest.json", manifest)
-    assert runmod.prepare_run_dir(run, True, False, wider) is True
+    assert records.prepare_run_dir(run, True, False, wider) is True
 
 
 def test_interrupted_training_needs_a_flag(tmp_path, monkeypatch):
@@ -524,7 +525,7 @@ def test_a_manifest_from_before_commits_is_migrated(tmp_path):
     summary = manifest.pop("summary")
     manifest.pop("config")
     run.write_json("manifest.json", manifest)
-    opened = runmod.open_manifest(run)
+    opened = records.open_manifest(run)
     assert opened["summary"] == summary and opened["config"]["basis"]["dim"] == 4
 
 
@@ -570,7 +571,7 @@ def test_a_command_whose_lock_was_taken_over_does_not_commit(tmp_path):
     with run_lock(run, "raysub run") as lock:
         lock.lost = {"command": "raysub run --resume", "pid": 7, "host": "elsewhere"}
         with pytest.raises(RunLocked, match="taken over by 'raysub run --resume' .*stops without committing"):
-            runmod.commit(run, run.read_json("manifest.json"))
+            records.commit(run, run.read_json("manifest.json"))
         with pytest.raises(RunLocked):
             check_held(run)
 

@@ -175,6 +175,7 @@ def test_basis_rebuild_killed_before_commit_leaves_the_old_basis(runs, tmp_path,
     replaces it and deletes the old generation."""
     import shutil
 
+    from raysub.pipeline import records
     from raysub.pipeline import run as runmod
 
     dst = str(tmp_path / "copy")
@@ -193,7 +194,7 @@ def test_basis_rebuild_killed_before_commit_leaves_the_old_basis(runs, tmp_path,
     monkeypatch.undo()
     assert len(run.listdir("basis")) == 2  # the killed rebuild's files are there, uncommitted
     np.testing.assert_array_equal(load_basis(run), old)
-    assert read_spectrum(run)["dim"] == 3 and runmod.stored_config(run)["basis"]["dim"] == 3
+    assert read_spectrum(run)["dim"] == 3 and records.stored_config(run)["basis"]["dim"] == 3
     pipeline.stage_basis(dst, ["basis.dim=2"], overwrite=True, say=quiet)
     assert load_basis(run).shape == (2, 4810) and len(run.listdir("basis")) == 1
     assert run.read_json("summary.json")["dim"] == 2

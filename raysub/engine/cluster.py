@@ -12,7 +12,7 @@ import queue as pyqueue
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 from raysub.config import Config
 from raysub.errors import ConfigError
@@ -165,26 +165,43 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
     )
 
 
+def _wrapped(e: BaseException, context: bool = True) -> List[BaseException]:
+    """The errors a Ray failure wraps: a task's original exception (``cause``) alone, else every Train worker's
+    (``worker_failures``), the explicit cause and (with ``context``) the one being handled when it was raised."""
+    cause = getattr(e, "cause", None)  # RayTaskError: the original exception
+    if isinstance(cause, BaseException):
+        return [cause]
+    failures = getattr(e, "worker_failures", None)
+    out = [v for v in failures.values() if isinstance(v, BaseException)] if isinstance(failures, dict) else []
+    for attr in ("__cause__", "__context__") if context else ("__cause__",):
+        val = getattr(e, attr, None)
+        if isinstance(val, BaseException):
+            out.append(val)
+    return out
+
+
 def unwrap_train_error(exc: BaseException) -> BaseException:
     """Our ConfigError inside a Ray failure (a task, actor or Train worker error), if there is one; else ``exc``."""
     seen = set()
     stack = [exc]
     while stack:
         e = stack.pop()
-        if e is None or id(e) in seen:
+        if id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)  # RayTaskError: the original exception
-        if isinstance(cause, BaseException):
-            stack.append(cause)
-            continue
-        if isinstance(e, ConfigError):
+        # a RayTaskError subclasses its cause's type: the cause, not the wrapper, is the error
+        if isinstance(e, ConfigError) and not isinstance(getattr(e, "cause", None), BaseException):
             return e
-        for attr in ("worker_failures", "__cause__", "__context__"):
-            val = getattr(e, attr, None)
-            if isinstance(val, dict):
-                stack.extend(val.values())
-            elif isinstance(val, BaseException):
-                stack.append(val)
+        stack.extend(_wrapped(e))
     return exc
 
+
+def innermost_error(exc: BaseException) -> BaseException:
+    """The original error behind Ray's wrappers, following the first wrapped one (the first failed worker's)."""
+    seen = {id(exc)}
+    while True:
+        inner = _wrapped(exc, context=False)
+        if not inner or id(inner[0]) in seen:
+            return exc
+        exc = inner[0]
+        seen.add(id(exc))

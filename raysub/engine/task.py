@@ -115,9 +115,8 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
 
     θ0 is the run directory's ``theta0.pt`` (``run``, else ``cfg.run_dir``; verified against its manifest) when
     it exists — so every rank and every trial starts from the same θ0 — else the model seeded with ``cfg.seed``.
-    A family that reads a basis
-    run (``dldr``) reads ``train.basis_run``, defaulting to this run. A full-parameter family (``identity``)
-    gets d = N.
+    A family that reads a basis run (``dldr``) reads ``train.basis_run``, defaulting to this run. A
+    full-parameter family (``identity``) gets d = N.
     """
     from raysub.data import open_dataset
     from raysub.models import build_model

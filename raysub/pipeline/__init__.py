@@ -4,15 +4,14 @@
 2. `basis`   — the distributed Gram-matrix SVD of the trajectory (DLDR), one Ray actor per block;
 3. `train`   — subspace training of z on Ray Train: the per-worker recipe around `raysub.engine.task`;
 4. `sweep`   — intrinsic-dimension sweeps: many subspace trainings as Ray Tune trials;
-with `plan` first — every check before anything starts (each package checks its own section) — and `run` —
-the run directory's records (manifest, summary), the stage drivers behind ``raysub sample|basis|train|run``,
-and the console table.
+with `plan` first — every check before anything starts (each package checks its own section) — `records` —
+the run directory's state checks and its manifest (the commit record) — and `run` — the stage drivers behind
+``raysub sample|basis|train|run`` and the console table.
 """
+from raysub.pipeline.records import prepare_run_dir, read_summary  # noqa: F401
 from raysub.pipeline.run import (  # noqa: F401
     format_progress,
     format_table,
-    prepare_run_dir,
-    read_summary,
     results_table,
     run_pipeline,
     stage_basis,
