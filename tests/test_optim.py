@@ -18,6 +18,21 @@ HPARAMS = {"psgd": dict(lr=0.1, momentum=0.9), "sgd": dict(lr=0.3), "adam": dict
            "rmsprop": dict(lr=0.01, momentum=0.0), "pbfgs": {},
            # damping 1: the toy closure's curvature sum makes the undamped Newton step 2-cycle at L = ¼
            "cgqn": dict(lr=0.3, momentum=0.0, optimizer_options={"damping": 1.0})}
+# "l2o" is added by the `l2o_weights` fixture: it needs a weights file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def l2o_weights(tmp_path_factory):
+    """The learned optimizer reads its φ from a file: write the hand-built Adam-like φ (`adam_like_params`, step
+    scale 0.1) once, and point HPARAMS["l2o"] at it."""
+    from raysub.l2o import LearnedOptimizerConfig, adam_like_params, save_learned_optimizer
+
+    cfg = LearnedOptimizerConfig(step_scale=0.1)
+    path = tmp_path_factory.mktemp("l2o") / "weights.pt"
+    save_learned_optimizer(str(path), cfg, adam_like_params(cfg))
+    HPARAMS["l2o"] = dict(lr=1.0, optimizer_options={"weights": str(path)})
+    yield
+    del HPARAMS["l2o"]
 
 
 class Quadratic(BatchClosure):

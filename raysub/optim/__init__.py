@@ -5,7 +5,8 @@
 - `first_order` — SGD†, Momentum† (P-SGD, the DLDR default), Adam†, RMSprop†: torch's optimizers over z;
 - `pbfgs`       — P-BFGS (DLDR Algorithm 2) with its same-batch Armijo line search;
 - `cgqn`        — class-gradient quasi-Newton (Tuddenham et al.), its class gradients from the step's closure;
-                  over the full parameters with the ``identity`` projection, the paper's setting.
+                  over the full parameters with the ``identity`` projection, the paper's setting;
+- `raysub.l2o.optimizer` — ``l2o``, the learned optimizer (SL2O), in its own package with meta-training.
 Importing this package registers them all.
 """
 from raysub.optim.base import (  # noqa: F401
@@ -18,3 +19,4 @@ from raysub.optim.base import (  # noqa: F401
 )
 from raysub.optim import cgqn, first_order, pbfgs  # noqa: F401,E402
 from raysub.optim.pbfgs import PBFGS  # noqa: F401,E402
+from raysub.l2o import optimizer as _l2o  # noqa: F401,E402  (registers l2o)
