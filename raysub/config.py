@@ -132,6 +132,29 @@ class SweepConfig:
 
 
 @dataclass
+class L2OConfig:
+    """Meta-training of the learned optimizer (``raysub l2o meta-train``): φ's shape and the meta-loop (SL2O
+    Algorithm 1). The optimizee task is the ``train`` section (projection, dim, basis_run, batch size)."""
+
+    hidden_size: int = field(default=20, metadata={"help": "LSTM hidden units per coordinate (SL2O code: 8–20)"})
+    features: List[str] = field(default_factory=lambda: ["m", "g"], metadata={"help": "per-coordinate inputs"})
+    step_scale: float = field(default=1.0, metadata={"help": "largest |Δz_i| of one learned step"})
+    meta_lr: float = field(default=1e-2, metadata={"help": "Adam lr of φ (SL2O: 1e-2)"})
+    unroll: int = field(default=10, metadata={"help": "T: steps per truncated unroll (SL2O: 10)"})
+    steps: int = field(default=1000, metadata={"help": "N: steps of one optimizee before it is replaced (SL2O: 1000)"})
+    optimizees: int = field(default=4, metadata={"help": "optimizees in flight, spread over the actors"})
+    actors: int = field(default=2, metadata={"help": "Ray actors owning the optimizees"})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "logical CPUs each actor reserves"})
+    meta_steps: int = field(default=500, metadata={"help": "meta-steps (φ updates) of the whole meta-training"})
+    validate_every: int = field(default=50, metadata={"help": "k: meta-validate every k meta-steps"})
+    validation_optimizees: int = field(default=2, metadata={"help": "fresh optimizees per meta-validation"})
+    z0_std: float = field(default=0.0, metadata={"help": "σ of the random start z0 ~ N(0, σ²) (0: z0 = 0)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global-norm clip of the averaged meta-gradient"})
+    init: str = field(default="adam_like", metadata={"help": "φ's start: adam_like (tanh-clipped Adam) | random"})
+    seed: int = field(default=0, metadata={"help": "φ's init, optimizee seeds and z0's"})
+
+
+@dataclass
 class Config:
     run_dir: str = field(default="runs/quickstart", metadata={"help": "local path or pyarrow.fs URI"})
     seed: int = field(default=0, metadata={"help": "seeds theta0, and data order and augmentation (train.data_seed for a subspace run)"})
@@ -143,6 +166,7 @@ class Config:
     basis: BasisConfig = field(default_factory=BasisConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    l2o: L2OConfig = field(default_factory=L2OConfig)
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

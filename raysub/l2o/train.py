@@ -1,0 +1,372 @@
+"""Meta-training of φ on Ray (``raysub l2o meta-train``): optimizee actors, the learner, meta-validation.
+
+- An **optimizee** is the ``train`` section's task (`build_task`: θ0, projection P, model, dataset) plus a
+  data-order seed and a start z0 ~ N(0, σ²) drawn from that seed (σ = ``l2o.z0_std``). It runs N = ``l2o.steps``
+  steps in unrolls of T = ``l2o.unroll`` (the last one shorter when T does not divide N); then it is replaced by
+  a fresh one (the next serial number: a new seed and z0).
+- An `OptimizeeWorker` owns some optimizees (each with its own `Task`); `OptimizeeActor` is it as a Ray actor.
+  ``unroll(φ)`` runs one unroll of each with `unroll_meta_grad` and returns, per optimizee, (name, meta-grad,
+  losses, done).
+- The **learner** (`meta_train`, on the driver): ``ray.put(φ)`` once per meta-step, gathers the contributions,
+  `combine` drops non-finite ones (saying which optimizee), averages, clips by global norm, and Adam steps φ.
+- **Meta-validation** every k = ``l2o.validate_every`` meta-steps on ``l2o.validation_optimizees`` optimizees
+  whose seeds are never trained on (fixed across validations, so φ's are compared on the same runs): N steps
+  of the current φ on the train split, then accuracy on the held-out ``val`` split (``data.val_fraction`` > 0;
+  the test split is never read). The best φ (highest mean val accuracy, ties → smaller mean convergence step)
+  is RUN/l2o/weights.pt.
+
+Files under RUN/l2o/: ``weights.pt`` (best φ + config), ``history.json`` (per meta-step losses, validations,
+best), ``checkpoint.pt`` (φ, Adam state, meta-step, history, best φ; written at every validation and at the end).
+``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step and the history go on; the optimizees in
+flight are NOT restored — fresh ones start (serial numbers past any used before, so no seed repeats).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from raysub.errors import ConfigError
+from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params, init_params, init_state, update
+from raysub.l2o.meta import start, unroll_meta_grad
+
+SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
+VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
+# may change on --resume: a longer budget, another split of the (freshly restarted) optimizees over actors
+RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config
+
+def l2o_problems(cfg) -> List[str]:
+    """Problems of the ``l2o`` section (one line each); empty: fine."""
+    from raysub.config import positive
+
+    lc = cfg.l2o
+    problems: List[str] = []
+    for key in ("hidden_size", "step_scale", "meta_lr", "unroll", "steps", "optimizees", "actors",
+                "cpus_per_actor", "meta_steps", "validate_every", "validation_optimizees", "grad_clip"):
+        positive(problems, f"l2o.{key}", getattr(lc, key))
+    positive(problems, "l2o.z0_std", lc.z0_std, allow_zero=True)
+    if lc.unroll > 0 and lc.steps > 0 and lc.unroll > lc.steps:
+        problems.append(f"l2o.unroll={lc.unroll} exceeds l2o.steps={lc.steps}: an unroll (T) is part of one "
+                        f"optimizee's N steps; lower l2o.unroll or raise l2o.steps")
+    if lc.actors > 0 and lc.optimizees > 0 and lc.actors > lc.optimizees:
+        problems.append(f"l2o.actors={lc.actors} exceeds l2o.optimizees={lc.optimizees}: an actor would own no "
+                        f"optimizee; lower l2o.actors or raise l2o.optimizees")
+    if lc.init not in ("adam_like", "random"):
+        problems.append(f"l2o.init={lc.init!r}: choose adam_like or random")
+    elif lc.init == "adam_like" and "m" not in lc.features:
+        problems.append(f"l2o.init=adam_like needs the 'm' feature (l2o.features={list(lc.features)}): add it or "
+                        f"set l2o.init=random")
+    if cfg.data.val_fraction <= 0:
+        problems.append("data.val_fraction=0: meta-validation selects φ on a held-out validation split, never on "
+                        "test; set data.val_fraction (e.g. 0.1)")
+    try:
+        opt_config(cfg)
+    except ConfigError as exc:
+        problems += [f"l2o.{p}" for p in exc.problems]
+    except TypeError as exc:
+        problems.append(f"l2o: {exc}")
+    return problems
+
+
+def opt_config(cfg) -> LearnedOptimizerConfig:
+    """φ's config from the ``l2o`` section."""
+    lc = cfg.l2o
+    return LearnedOptimizerConfig(hidden_size=lc.hidden_size, features=tuple(lc.features), step_scale=lc.step_scale)
+
+
+def initial_phi(cfg) -> Dict[str, torch.Tensor]:
+    config = opt_config(cfg)
+    return adam_like_params(config) if cfg.l2o.init == "adam_like" else init_params(config, seed=cfg.l2o.seed)
+
+
+def optimizee_seed(cfg, serial: int) -> int:
+    return cfg.l2o.seed * SEED_STRIDE + serial
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimizees and the actor
+
+class Optimizee:
+    """One optimizee's running state: z, the learned optimizer's state, (L, g) at z, steps done, data cursor."""
+
+    def __init__(self, cfg, task, serial: int, config: LearnedOptimizerConfig):
+        self.cfg, self.task, self.serial = cfg, task, serial
+        self.seed = optimizee_seed(cfg, serial)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.z = torch.randn(task.dim, generator=gen) * cfg.l2o.z0_std
+        self.state = init_state(config, task.dim)
+        self.step = 0
+        self.epoch, self.cursor, self.order = 0, 0, None
+        self.loss = self.g = None
+
+    @property
+    def name(self) -> str:
+        return f"optimizee {self.serial} (seed {self.seed})"
+
+    def next_batches(self, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``n`` training batches of this optimizee's data order (epochs as `epoch_batches` cuts them)."""
+        from raysub.engine.loop import epoch_batches, mix_seed
+
+        cfg, data = self.cfg, self.task.data
+        batch = cfg.train.batch_size or cfg.data.batch_size
+        out = []
+        while len(out) < n:
+            if self.order is None or self.cursor >= len(self.order):
+                if self.order is not None:
+                    self.epoch += 1
+                self.order, self.cursor = epoch_batches(data.size("train"), batch, self.seed, self.epoch, 0, 1), 0
+            take = self.order[self.cursor : self.cursor + n - len(out)]
+            self.cursor += len(take)
+            out += list(data.batches("train", take, augment=cfg.data.augment, seed=mix_seed(self.seed, self.epoch)))
+        return out
+
+
+class OptimizeeWorker:
+    """Owns the optimizees of ``slots`` (each with its own `Task`); `OptimizeeActor` is this class on Ray.
+
+    Args:
+        cfg_dict: The run's config (`Config.to_dict`).
+        slots: Which of the ``l2o.optimizees`` slots it owns; slot s runs serials s, s + n, s + 2n, …
+        generation: The first generation (0; a resumed run starts past every serial used before).
+    """
+
+    def __init__(self, cfg_dict: Dict[str, Any], slots: Sequence[int], generation: int = 0):
+        from raysub.config import Config
+        from raysub.data import open_dataset
+        from raysub.engine.loop import setup_threads
+        from raysub.engine.task import build_task
+
+        setup_threads()
+        self.cfg = Config.from_dict(cfg_dict)
+        self.config = opt_config(self.cfg)
+        data = open_dataset(self.cfg)
+        self.slots = list(slots)
+        self.tasks = {s: build_task(self.cfg, data=data) for s in self.slots}
+        self.generation = {s: generation for s in self.slots}
+        self.live = {s: self._fresh(s) for s in self.slots}
+
+    def _fresh(self, slot: int) -> Optimizee:
+        serial = self.generation[slot] * self.cfg.l2o.optimizees + slot
+        self.generation[slot] += 1
+        return Optimizee(self.cfg, self.tasks[slot], serial, self.config)
+
+    def unroll(self, phi: Dict[str, torch.Tensor]) -> List[Dict[str, Any]]:
+        """One unroll of every owned optimizee with φ; finished ones are replaced afterwards.
+
+        Returns:
+            Per optimizee {"name", "serial", "seed", "grads", "losses", "meta_loss", "done"}.
+        """
+        lc = self.cfg.l2o
+        out = []
+        for s in self.slots:
+            opt = self.live[s]
+            n = min(lc.unroll, lc.steps - opt.step)
+            batches = opt.next_batches(n)
+            if opt.g is None:
+                opt.loss, opt.g = start(opt.task, opt.z, batches[0])
+            u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g)
+            opt.z, opt.state, opt.loss, opt.g = u.z, u.state, u.loss, u.g
+            opt.step += n
+            done = opt.step >= lc.steps
+            out.append({"name": opt.name, "serial": opt.serial, "seed": opt.seed, "grads": u.grads,
+                        "losses": u.losses, "meta_loss": u.meta_loss, "done": done})
+            if done:
+                self.live[s] = self._fresh(s)
+        return out
+
+    def validate(self, phi: Dict[str, torch.Tensor], serial: int) -> Dict[str, Any]:
+        """N steps of φ (no meta-gradient) on a fresh optimizee, then its accuracy on the ``val`` split."""
+        from raysub.engine.task import evaluate_task, loss_and_projected_grad
+        from raysub.metrics import convergence_step
+
+        task = self.tasks[self.slots[0]]
+        opt = Optimizee(self.cfg, task, serial, self.config)
+        losses: List[float] = []
+        z, state = opt.z, opt.state
+        with torch.no_grad():
+            for _ in range(self.cfg.l2o.steps):
+                (batch,) = opt.next_batches(1)
+                loss, g = loss_and_projected_grad(task, z, batch)
+                losses.append(float(loss))
+                if not math.isfinite(losses[-1]):
+                    break
+                delta, state = update(phi, self.config, g, state)
+                z = z + delta
+        ok = all(math.isfinite(v) for v in losses)
+        val = evaluate_task(task, z, "val") if ok else {"loss": float("nan"), "acc": 0.0}
+        return {"serial": serial, "seed": opt.seed, "losses": losses,
+                "convergence_step": convergence_step(losses) if ok else None,
+                "val_acc": val["acc"], "val_loss": val["loss"], "final_train_loss": losses[-1]}
+
+
+def _actor_class(num_cpus: float):
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(OptimizeeWorker)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the learner
+
+def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor]]], clip: float, say=print
+            ) -> Tuple[Optional[Dict[str, torch.Tensor]], List[str], float]:
+    """Average the meta-gradients of the optimizees, dropping non-finite ones, clipped by global norm.
+
+    Args:
+        contributions: (optimizee name, meta-grad dict) pairs, all dicts with the same keys.
+        clip: The largest global L2 norm of the average (scaled down to it when above).
+
+    Returns:
+        (the clipped average, or None when every contribution was dropped; the names dropped; the average's
+        norm before clipping (nan when none)).
+    """
+    kept, dropped = [], []
+    for name, grads in contributions:
+        if all(bool(torch.isfinite(v).all()) for v in grads.values()):
+            kept.append(grads)
+        else:
+            dropped.append(name)
+            say(f"raysub: warning: dropped the meta-gradient of {name}: non-finite values")
+    if not kept:
+        return None, dropped, float("nan")
+    avg = {k: torch.stack([g[k].double() for g in kept]).mean(0).to(kept[0][k].dtype) for k in kept[0]}
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in avg.values()))
+    if norm > clip:
+        avg = {k: v * (clip / norm) for k, v in avg.items()}
+    return avg, dropped, norm
+
+
+def better(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> bool:
+    """Whether validation ``a`` beats ``b``: higher val accuracy, ties → smaller convergence step (None = ∞)."""
+    if b is None:
+        return True
+    if a["val_acc"] != b["val_acc"]:
+        return a["val_acc"] > b["val_acc"]
+    inf = float("inf")
+    ca = a["convergence_step"] if a["convergence_step"] is not None else inf
+    cb = b["convergence_step"] if b["convergence_step"] is not None else inf
+    return ca < cb
+
+
+def _mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, Any]:
+    steps = [r["convergence_step"] for r in rows]
+    return {"meta_step": meta_step, "val_acc": sum(r["val_acc"] for r in rows) / len(rows),
+            "val_loss": sum(r["val_loss"] for r in rows) / len(rows),
+            "final_train_loss": sum(r["final_train_loss"] for r in rows) / len(rows),
+            "convergence_step": (sum(steps) / len(steps)) if all(s is not None for s in steps) else None,
+            "seeds": [r["seed"] for r in rows]}
+
+
+def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
+    """``raysub l2o meta-train``: meta-train φ on Ray under the run directory's lock; returns the history.
+
+    Raises:
+        ConfigError: a bad config (every problem at once) or run-directory state, before anything starts.
+    """
+    import ray
+
+    from raysub.engine.cluster import ensure_ray
+    from raysub.l2o.weights import save_learned_optimizer
+    from raysub.lock import run_lock
+    from raysub.pipeline.plan import check
+    from raysub.pipeline.run import prepare_run_dir
+    from raysub.storage import RunDir
+
+    problems = []
+    try:
+        check(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    problems += l2o_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    lc = cfg.l2o
+    run = RunDir(cfg.run_dir)
+    cfg.run_dir = run.uri
+    with run_lock(run, say=say):
+        resuming = prepare_run_dir(run, resume, overwrite, cfg, RESUME_SAFE)
+        if not resuming and run.exists():
+            run.clear()
+        run.makedirs("l2o")
+        run.write_text("config.yaml", cfg.to_yaml())
+        config = opt_config(cfg)
+        phi = {k: v.clone().requires_grad_(True) for k, v in initial_phi(cfg).items()}
+        adam = torch.optim.Adam(list(phi.values()), lr=lc.meta_lr)
+        meta_step, history, best, best_phi = 0, {"meta": [], "validation": [], "best": None}, None, None
+        if resuming and run.exists("l2o/checkpoint.pt"):
+            ck = run.read_torch("l2o/checkpoint.pt")
+            with torch.no_grad():
+                for k in phi:
+                    phi[k].copy_(ck["phi"][k])
+            adam.load_state_dict(ck["adam"])
+            meta_step, history, best_phi = ck["meta_step"], ck["history"], ck["best_phi"]
+            best = history["best"]
+            say(f"l2o: resuming at meta-step {meta_step}; optimizees restart fresh")
+
+        def checkpoint():
+            run.write_torch("l2o/checkpoint.pt", {"phi": {k: v.detach().clone() for k, v in phi.items()},
+                                                  "adam": adam.state_dict(), "meta_step": meta_step,
+                                                  "history": history, "best_phi": best_phi})
+            run.write_json("l2o/history.json", history)
+
+        ensure_ray(cfg)
+        Actor = _actor_class(lc.cpus_per_actor)
+        slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]
+        generation = meta_step + 1 if resuming else 0  # past every serial used before (≥ 1 unroll per generation)
+        actors = [Actor.remote(cfg.to_dict(), s, generation) for s in slots]
+        t0 = time.perf_counter()
+        try:
+            while meta_step < lc.meta_steps:
+                phi_ref = ray.put({k: v.detach() for k, v in phi.items()})
+                results = [r for rs in ray.get([a.unroll.remote(phi_ref) for a in actors]) for r in rs]
+                avg, dropped, norm = combine([(r["name"], r["grads"]) for r in results], lc.grad_clip, say)
+                if avg is not None:
+                    adam.zero_grad(set_to_none=False)
+                    for k, v in phi.items():
+                        v.grad = avg[k].to(v.dtype)
+                    adam.step()
+                else:
+                    say(f"raysub: warning: meta-step {meta_step + 1}: every meta-gradient was dropped; φ unchanged")
+                meta_step += 1
+                finite = [r["meta_loss"] / len(r["losses"]) for r in results if math.isfinite(r["meta_loss"])]
+                history["meta"].append({"meta_step": meta_step, "loss": sum(finite) / len(finite) if finite else None,
+                                        "grad_norm": norm, "dropped": dropped,
+                                        "replaced": [r["name"] for r in results if r["done"]]})
+                if meta_step % lc.validate_every == 0 or meta_step == lc.meta_steps:
+                    cur = {k: v.detach().clone() for k, v in phi.items()}
+                    cur_ref = ray.put(cur)
+                    serials = [VALIDATION_SERIAL + j for j in range(lc.validation_optimizees)]
+                    rows = ray.get([actors[j % len(actors)].validate.remote(cur_ref, s)
+                                    for j, s in enumerate(serials)])
+                    row = _mean_validation(rows, meta_step)
+                    row["wall_s"] = time.perf_counter() - t0
+                    history["validation"].append(row)
+                    if better(row, best):
+                        best, best_phi = row, cur
+                        history["best"] = best
+                        save_learned_optimizer(run.path("l2o/weights.pt") if "://" not in run.uri
+                                               else f"{run.uri}/l2o/weights.pt", config, best_phi)
+                    cs = row["convergence_step"]
+                    say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss "
+                        f"{history['meta'][-1]['loss'] if history['meta'][-1]['loss'] is not None else float('nan'):.4f}"
+                        f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
+                        f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})"
+                        f"  {row['wall_s']:.1f}s")
+                    checkpoint()
+        finally:
+            for a in actors:
+                ray.kill(a)
+        checkpoint()
+        return history
+
+
+def main_meta_train(cfg, resume: bool, overwrite: bool) -> int:
+    meta_train(cfg, resume=resume, overwrite=overwrite, say=lambda *a: print(*a, file=sys.stdout, flush=True))
+    return 0

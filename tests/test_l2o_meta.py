@@ -1,0 +1,144 @@
+"""Meta-training of the learned optimizer (raysub.l2o.train): the learner's averaging/clipping/NaN guard, the
+replacement of finished optimizees, config one-liners, and a tiny end-to-end meta-train on Ray."""
+import math
+
+import pytest
+import torch
+
+from raysub.cli import QUICKSTART
+from raysub.config import load_config
+from raysub.errors import ConfigError
+from raysub.l2o import load_learned_optimizer
+from raysub.l2o.train import OptimizeeWorker, better, combine, l2o_problems, meta_train, optimizee_seed
+
+TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=8", "l2o.hidden_size=4",
+        "data.augment=false", "data.batch_size=32"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(QUICKSTART, [f"run_dir={tmp_path / 'run'}", *TINY, *extra])
+
+
+# -- the learner ---------------------------------------------------------------------------------------
+
+def test_combine_averages_exactly():
+    """Mutation caught: a sum instead of a mean, or averaging over a different set (e.g. counting dropped ones)."""
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.5])}
+    avg, dropped, norm = combine([("a", a), ("b", b)], clip=100.0, say=lambda *_: None)
+    assert dropped == []
+    assert torch.equal(avg["w"], torch.tensor([2.0, 1.0])) and torch.equal(avg["b"], torch.tensor([0.25]))
+    assert norm == pytest.approx(math.sqrt(4 + 1 + 0.0625))
+
+
+def test_combine_clips_by_global_norm():
+    """Mutation caught: per-tensor clipping instead of global, clipping below the limit, or no clipping."""
+    g = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # global norm 5
+    avg, _, norm = combine([("a", g)], clip=1.0, say=lambda *_: None)
+    assert norm == pytest.approx(5.0)
+    assert torch.allclose(avg["w"], torch.tensor([0.6, 0.0])) and torch.allclose(avg["b"], torch.tensor([0.8]))
+    same, _, _ = combine([("a", g)], clip=5.5, say=lambda *_: None)
+    assert torch.equal(same["w"], g["w"]) and torch.equal(same["b"], g["b"])
+
+
+def test_combine_drops_nonfinite_and_names_it():
+    """Mutation caught: a NaN/inf optimizee kept in the mean (the mean turns NaN), dropped silently, or the
+    wrong one dropped; all dropped → no step (None)."""
+    good = {"w": torch.tensor([1.0, 1.0])}
+    nan = {"w": torch.tensor([float("nan"), 1.0])}
+    inf = {"w": torch.tensor([1.0, float("inf")])}
+    said = []
+    avg, dropped, _ = combine([("opt 1", good), ("opt 2", nan), ("opt 3", inf)], clip=10.0, say=said.append)
+    assert dropped == ["opt 2", "opt 3"]
+    assert torch.equal(avg["w"], torch.tensor([1.0, 1.0]))
+    assert len(said) == 2 and "opt 2" in said[0] and "opt 3" in said[1]
+    none, dropped, norm = combine([("opt 2", nan)], clip=10.0, say=said.append)
+    assert none is None and dropped == ["opt 2"] and math.isnan(norm)
+
+
+def test_better_prefers_accuracy_then_faster_convergence():
+    """Mutation caught: selection by convergence step first, a reversed comparison, or None treated as 0."""
+    a = {"val_acc": 0.9, "convergence_step": 50}
+    assert better(a, None)
+    assert better({"val_acc": 0.91, "convergence_step": 900}, a)
+    assert not better({"val_acc": 0.89, "convergence_step": 1}, a)
+    assert better({"val_acc": 0.9, "convergence_step": 40}, a)
+    assert not better({"val_acc": 0.9, "convergence_step": None}, a)
+
+
+# -- optimizees ------------------------------------------------------------------------------------------
+
+def test_finished_optimizee_is_replaced_with_new_seed(tmp_path):
+    """N=4, T=2: the optimizee is done after its 2nd unroll and replaced by one with a new seed and z0.
+    Mutation caught: replacement after the wrong number of unrolls, reusing the seed/z0, or a done flag never set."""
+    from raysub.l2o.train import initial_phi
+
+    cfg = tiny_cfg(tmp_path, "l2o.steps=4", "l2o.unroll=2", "l2o.optimizees=1", "l2o.actors=1", "l2o.z0_std=0.1")
+    w = OptimizeeWorker(cfg.to_dict(), [0])
+    phi = initial_phi(cfg)
+    first = w.live[0]
+    z0 = first.z.clone()
+    r1 = w.unroll(phi)[0]
+    assert not r1["done"] and w.live[0] is first and first.step == 2 and len(r1["losses"]) == 2
+    r2 = w.unroll(phi)[0]
+    assert r2["done"] and r2["seed"] == optimizee_seed(cfg, 0)
+    fresh = w.live[0]
+    assert fresh is not first and fresh.step == 0 and fresh.seed == optimizee_seed(cfg, 1) != first.seed
+    assert not torch.equal(fresh.z, z0)
+    assert all(torch.isfinite(v).all() for v in r1["grads"].values())
+
+
+# -- config bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ("l2o.unroll=20", "l2o.unroll=20 exceeds l2o.steps=10"),
+    ("l2o.optimizees=0", "l2o.optimizees=0: must be > 0"),
+    ("l2o.actors=0", "l2o.actors=0: must be > 0"),
+    ("l2o.actors=3", "l2o.actors=3 exceeds l2o.optimizees=2"),
+    ("l2o.meta_lr=-1", "l2o.meta_lr=-1"),
+    ("l2o.z0_std=-0.5", "l2o.z0_std=-0.5"),
+    ("l2o.features=[x]", "unknown 'x'"),
+    ("data.val_fraction=0", "data.val_fraction=0"),
+])
+def test_config_bad_input_is_one_line(tmp_path, override, needle):
+    """Mutation caught: a missing check (T > N, zero optimizees/actors, no validation split, bad features) or a
+    multi-line message."""
+    cfg = tiny_cfg(tmp_path, "l2o.steps=10", "l2o.optimizees=2", "l2o.actors=1", override)
+    problems = l2o_problems(cfg)
+    assert any(needle in p for p in problems), problems
+    assert all("\n" not in p for p in problems)
+    with pytest.raises(ConfigError):
+        meta_train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+def test_default_l2o_section_is_valid(tmp_path):
+    """Mutation caught: a check that rejects the defaults."""
+    assert l2o_problems(tiny_cfg(tmp_path)) == []
+
+
+# -- end to end on Ray -----------------------------------------------------------------------------------
+
+def test_meta_train_end_to_end(tmp_path, ray_session):
+    """2 actors, 4 meta-steps, validation every 2: weights.pt loads as the learned optimizer, history has two
+    validation rows; --resume continues the meta-step count. Mutation caught: weights not written / unloadable,
+    validation skipped, resume restarting from 0."""
+    cfg = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=2", "l2o.actors=2",
+                   "l2o.meta_steps=4", "l2o.validate_every=2", "l2o.validation_optimizees=2",
+                   "l2o.cpus_per_actor=1", "cluster.num_cpus=4")
+    lines = []
+    hist = meta_train(cfg, say=lines.append)
+    config, params = load_learned_optimizer(str(tmp_path / "run" / "l2o" / "weights.pt"), hidden_size=4)
+    assert config.hidden_size == 4 and set(params) == {"lstm.weight_ih", "lstm.weight_hh", "lstm.bias",
+                                                       "out.weight"}
+    assert [r["meta_step"] for r in hist["validation"]] == [2, 4]
+    assert len(hist["meta"]) == 4 and sum(1 for r in hist["meta"] if r["replaced"]) == 2  # N/T = 2 unrolls
+    assert hist["best"] is not None and 0 <= hist["best"]["val_acc"] <= 1
+    assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 2
+    import json
+    assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][1]["meta_step"] == 4
+    cfg2 = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=2", "l2o.actors=2",
+                    "l2o.meta_steps=6", "l2o.validate_every=2", "l2o.validation_optimizees=2",
+                    "l2o.cpus_per_actor=1", "cluster.num_cpus=4")
+    hist2 = meta_train(cfg2, resume=True, say=lines.append)
+    assert [r["meta_step"] for r in hist2["validation"]] == [2, 4, 6] and len(hist2["meta"]) == 6
