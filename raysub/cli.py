@@ -7,6 +7,8 @@
     raysub train CONFIG [key=value ...] [--resume | --overwrite]     a new run that needs no trajectory
                                                                      (a random or identity projection)
     raysub sweep CONFIG [key=value ...] [--resume | --overwrite]     intrinsic-dimension sweep on Ray Tune
+    raysub l2o meta-train CONFIG [key=value ...] [--resume | --overwrite]
+                                                                     meta-train the learned optimizer (l2o:)
 
 With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline).
 
@@ -76,6 +78,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--overwrite", action="store_true", help="replace this label's results")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p = sub.add_parser("l2o", help="the learned optimizer (SL2O)")
+    l2o_sub = p.add_subparsers(dest="l2o_command", required=True)
+    mt = l2o_sub.add_parser("meta-train", help="meta-train φ on Ray actors (config section l2o)",
+                            allow_abbrev=False)
+    mt.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="YAML config (or shipped name), overrides")
+    mt.add_argument("--resume", action="store_true", help="continue from RUN/l2o/checkpoint.pt")
+    mt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     for p in sub.choices.values():  # --debug also after the command
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -178,6 +188,15 @@ def _dispatch(ns) -> int:
         cfg = load_config(resolve_config(config), overrides)
         ns.run_uri = cfg.run_dir
         run_sweep(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    elif ns.command == "l2o":
+        from raysub.l2o.train import meta_train
+
+        config, overrides = _split(ns.args)
+        if config is None:
+            raise ConfigError("raysub l2o meta-train needs a CONFIG first: a YAML file or a shipped name")
+        cfg = load_config(resolve_config(config), overrides)
+        ns.run_uri = cfg.run_dir
+        meta_train(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "basis":
         ns.run_uri = ns.run_dir
         pipeline.stage_basis(ns.run_dir, ns.overrides, overwrite=ns.overwrite)

@@ -142,3 +142,28 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
                     "l2o.cpus_per_actor=1", "cluster.num_cpus=4")
     hist2 = meta_train(cfg2, resume=True, say=lines.append)
     assert [r["meta_step"] for r in hist2["validation"]] == [2, 4, 6] and len(hist2["meta"]) == 6
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    """Mutation caught: the subcommand not wired, a traceback instead of one line, or a zero exit on bad input."""
+    from raysub.cli import main
+
+    rc = main(["l2o", "meta-train", QUICKSTART, f"run_dir={tmp_path / 'run'}", "l2o.unroll=2000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "l2o.unroll=2000 exceeds l2o.steps=1000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_meta_train_runs_and_refuses_existing_run(tmp_path, capsys, ray_session):
+    """Mutation caught: the CLI not passing overrides/flags through, or a second run silently overwriting."""
+    from raysub.cli import main
+
+    args = ["l2o", "meta-train", QUICKSTART, f"run_dir={tmp_path / 'run'}", *TINY, "l2o.steps=4", "l2o.unroll=2",
+            "l2o.optimizees=1", "l2o.actors=1", "l2o.meta_steps=2", "l2o.validate_every=2",
+            "l2o.validation_optimizees=1", "cluster.num_cpus=4"]
+    assert main(args) == 0
+    assert "l2o: meta-step 2/2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "l2o" / "weights.pt").exists()
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err
