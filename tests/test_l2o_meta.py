@@ -112,6 +112,15 @@ def test_config_bad_input_is_one_line(tmp_path, override, needle):
     assert not (tmp_path / "run").exists()  # nothing written before the checks pass
 
 
+def test_basis_projection_without_basis_run_is_refused(tmp_path):
+    """An optimizee task whose projection reads a basis (dldr) with no train.basis_run: one line, before Ray.
+    Mutation caught: check_train_projection dropped (the actors would fail later, inside Ray)."""
+    cfg = tiny_cfg(tmp_path, "train.projection=dldr")
+    with pytest.raises(ConfigError) as info:
+        meta_train(cfg)
+    assert "basis" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_default_l2o_section_is_valid(tmp_path):
     """Mutation caught: a check that rejects the defaults."""
     assert l2o_problems(tiny_cfg(tmp_path)) == []
@@ -135,8 +144,13 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
     assert len(hist["meta"]) == 4 and sum(1 for r in hist["meta"] if r["replaced"]) == 2  # N/T = 2 unrolls
     assert hist["best"] is not None and 0 <= hist["best"]["val_acc"] <= 1
     assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 2
+    import hashlib
     import json
     assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][1]["meta_step"] == 4
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for rel in ("l2o/weights.pt", "l2o/checkpoint.pt", "l2o/history.json"):  # committed with their checksums
+        assert manifest["shards"][rel] == hashlib.sha256((tmp_path / "run" / rel).read_bytes()).hexdigest()
+    assert manifest["stages"]["l2o"] == {"meta_step": 4, "complete": True}
     cfg2 = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=2", "l2o.actors=2",
                     "l2o.meta_steps=6", "l2o.validate_every=2", "l2o.validation_optimizees=2",
                     "l2o.cpus_per_actor=1", "cluster.num_cpus=4")

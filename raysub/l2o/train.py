@@ -36,6 +36,7 @@ from raysub.l2o.meta import start, unroll_meta_grad
 SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
 VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
 # may change on --resume: a longer budget, another split of the (freshly restarted) optimizees over actors
+CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
 RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")
 
 
@@ -275,33 +276,36 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
     from raysub.engine.cluster import ensure_ray
     from raysub.l2o.weights import save_learned_optimizer
     from raysub.lock import run_lock
-    from raysub.pipeline.plan import check
-    from raysub.pipeline.run import prepare_run_dir
+    from raysub.pipeline.plan import plan
+    from raysub.pipeline.run import check_train_projection, commit, init_run, prepare_run_dir
     from raysub.storage import RunDir
 
-    problems = []
+    problems = l2o_problems(cfg)
     try:
-        check(cfg)
+        info = plan(cfg)
     except ConfigError as exc:
-        problems += exc.problems
-    problems += l2o_problems(cfg)
+        raise ConfigError(list(exc.problems) + problems) from None
     if problems:
         raise ConfigError(problems)
     lc = cfg.l2o
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
+    if cfg.train.basis_run:
+        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
     with run_lock(run, say=say):
         resuming = prepare_run_dir(run, resume, overwrite, cfg, RESUME_SAFE)
-        if not resuming and run.exists():
-            run.clear()
-        run.makedirs("l2o")
-        run.write_text("config.yaml", cfg.to_yaml())
+        # an optimizee task whose projection reads a basis needs train.basis_run (this run has none of its own)
+        check_train_projection(cfg, info["num_params"], run, own_basis=False)
+        ensure_ray(cfg)
+        manifest = init_run(cfg, info, resuming, overwrite)  # θ0.pt (every optimizee's), config, manifest
+        manifest["config"] = cfg.to_dict()  # a resumed run records the budget it now runs to
         config = opt_config(cfg)
         phi = {k: v.clone().requires_grad_(True) for k, v in initial_phi(cfg).items()}
         adam = torch.optim.Adam(list(phi.values()), lr=lc.meta_lr)
         meta_step, history, best, best_phi = 0, {"meta": [], "validation": [], "best": None}, None, None
-        if resuming and run.exists("l2o/checkpoint.pt"):
-            ck = run.read_torch("l2o/checkpoint.pt")
+        ck_sum = manifest["shards"].get(CHECKPOINT)
+        if resuming and ck_sum:
+            ck = run.read_torch(CHECKPOINT, ck_sum)
             with torch.no_grad():
                 for k in phi:
                     phi[k].copy_(ck["phi"][k])
@@ -309,14 +313,22 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
             meta_step, history, best_phi = ck["meta_step"], ck["history"], ck["best_phi"]
             best = history["best"]
             say(f"l2o: resuming at meta-step {meta_step}; optimizees restart fresh")
+        run.makedirs("l2o")
 
-        def checkpoint():
-            run.write_torch("l2o/checkpoint.pt", {"phi": {k: v.detach().clone() for k, v in phi.items()},
-                                                  "adam": adam.state_dict(), "meta_step": meta_step,
-                                                  "history": history, "best_phi": best_phi})
-            run.write_json("l2o/history.json", history)
+        def checkpoint(weights: bool) -> None:
+            """Write φ, Adam, history (and the best weights), then commit their checksums in the manifest."""
+            shards = manifest["shards"]
+            shards[CHECKPOINT] = run.write_torch(CHECKPOINT, {
+                "phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
+                "meta_step": meta_step, "history": history, "best_phi": best_phi})
+            if weights:
+                shards[WEIGHTS] = save_learned_optimizer(
+                    run.path(WEIGHTS) if "://" not in run.uri else f"{run.uri}/{WEIGHTS}", config, best_phi)
+            shards[HISTORY] = run.write_json(HISTORY, history)
+            manifest["stages"]["l2o"] = {"meta_step": meta_step, "complete": meta_step >= lc.meta_steps}
+            manifest["summary"]["l2o"] = {"best": history["best"], "meta_steps": meta_step}
+            commit(run, manifest)
 
-        ensure_ray(cfg)
         Actor = _actor_class(lc.cpus_per_actor)
         slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]
         generation = meta_step + 1 if resuming else 0  # past every serial used before (≥ 1 unroll per generation)
@@ -348,22 +360,21 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                     row = _mean_validation(rows, meta_step)
                     row["wall_s"] = time.perf_counter() - t0
                     history["validation"].append(row)
-                    if better(row, best):
+                    improved = better(row, best)
+                    if improved:
                         best, best_phi = row, cur
                         history["best"] = best
-                        save_learned_optimizer(run.path("l2o/weights.pt") if "://" not in run.uri
-                                               else f"{run.uri}/l2o/weights.pt", config, best_phi)
                     cs = row["convergence_step"]
                     say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss "
                         f"{history['meta'][-1]['loss'] if history['meta'][-1]['loss'] is not None else float('nan'):.4f}"
                         f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
                         f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})"
                         f"  {row['wall_s']:.1f}s")
-                    checkpoint()
+                    checkpoint(improved)
         finally:
             for a in actors:
                 ray.kill(a)
-        checkpoint()
+        checkpoint(False)
         return history
 
 
