@@ -17,8 +17,9 @@
 
 Files under RUN/l2o/: ``weights.pt`` (best φ + config), ``history.json`` (per meta-step losses, validations,
 best), ``checkpoint.pt`` (φ, Adam state, meta-step, history, best φ; written at every validation and at the end).
-``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step and the history go on; the optimizees in
-flight are NOT restored — fresh ones start (serial numbers past any used before, so no seed repeats).
+``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step, the history and the optimizees in flight
+(z, the learned optimizer's state, steps done, data cursor) go on, so a resumed run reproduces the uninterrupted
+one bit for bit (checkpoints are taken at meta-validations: the meta-steps after the last one are redone).
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ from raysub.l2o.meta import start, unroll_meta_grad
 
 SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
 VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
-# may change on --resume: a longer budget, another split of the (freshly restarted) optimizees over actors
+# may change on --resume: a longer budget, another split of the optimizees over the actors
 CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
-RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")
+RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")  # optimizee states are kept by slot
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,10 +136,11 @@ class OptimizeeWorker:
     Args:
         cfg_dict: The run's config (`Config.to_dict`).
         slots: Which of the ``l2o.optimizees`` slots it owns; slot s runs serials s, s + n, s + 2n, …
-        generation: The first generation (0; a resumed run starts past every serial used before).
+        states: `states` of a checkpoint, by slot: those optimizees go on where they were (others start fresh).
     """
 
-    def __init__(self, cfg_dict: Dict[str, Any], slots: Sequence[int], generation: int = 0):
+    def __init__(self, cfg_dict: Dict[str, Any], slots: Sequence[int],
+                 states: Optional[Dict[int, Dict[str, Any]]] = None):
         from raysub.config import Config
         from raysub.data import open_dataset
         from raysub.engine.loop import setup_threads
@@ -150,8 +152,32 @@ class OptimizeeWorker:
         data = open_dataset(self.cfg)
         self.slots = list(slots)
         self.tasks = {s: build_task(self.cfg, data=data) for s in self.slots}
-        self.generation = {s: generation for s in self.slots}
+        self.generation = {s: 0 for s in self.slots}
         self.live = {s: self._fresh(s) for s in self.slots}
+        for s, st in (states or {}).items():
+            if s in self.live:
+                self._restore(s, st)
+
+    def states(self) -> Dict[int, Dict[str, Any]]:
+        """The optimizees in flight, by slot: everything `_restore` needs to go on bit for bit."""
+        out = {}
+        for s, o in self.live.items():
+            out[s] = {"serial": o.serial, "generation": self.generation[s], "z": o.z, "state": o.state,
+                      "step": o.step, "epoch": o.epoch, "cursor": o.cursor, "started": o.order is not None,
+                      "loss": o.loss, "g": o.g}
+        return out
+
+    def _restore(self, slot: int, st: Dict[str, Any]) -> None:
+        from raysub.engine.loop import epoch_batches
+
+        o = Optimizee(self.cfg, self.tasks[slot], st["serial"], self.config)
+        o.z, o.state, o.step, o.loss, o.g = st["z"], st["state"], st["step"], st["loss"], st["g"]
+        o.epoch, o.cursor = st["epoch"], st["cursor"]
+        if st["started"]:
+            batch = self.cfg.train.batch_size or self.cfg.data.batch_size
+            o.order = epoch_batches(o.task.data.size("train"), batch, o.seed, o.epoch, 0, 1)
+        self.generation[slot] = st["generation"]
+        self.live[slot] = o
 
     def _fresh(self, slot: int) -> Optimizee:
         serial = self.generation[slot] * self.cfg.l2o.optimizees + slot
@@ -303,6 +329,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
         phi = {k: v.clone().requires_grad_(True) for k, v in initial_phi(cfg).items()}
         adam = torch.optim.Adam(list(phi.values()), lr=lc.meta_lr)
         meta_step, history, best, best_phi = 0, {"meta": [], "validation": [], "best": None}, None, None
+        states: Dict[int, Dict[str, Any]] = {}
         ck_sum = manifest["shards"].get(CHECKPOINT)
         if resuming and ck_sum:
             ck = run.read_torch(CHECKPOINT, ck_sum)
@@ -312,7 +339,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
             adam.load_state_dict(ck["adam"])
             meta_step, history, best_phi = ck["meta_step"], ck["history"], ck["best_phi"]
             best = history["best"]
-            say(f"l2o: resuming at meta-step {meta_step}; optimizees restart fresh")
+            states = ck.get("optimizees") or {}
+            say(f"l2o: resuming at meta-step {meta_step}")
         run.makedirs("l2o")
 
         def checkpoint(weights: bool) -> None:
@@ -320,7 +348,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
             shards = manifest["shards"]
             shards[CHECKPOINT] = run.write_torch(CHECKPOINT, {
                 "phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
-                "meta_step": meta_step, "history": history, "best_phi": best_phi})
+                "meta_step": meta_step, "history": history, "best_phi": best_phi,
+                "optimizees": {k: v for st in ray.get([a.states.remote() for a in actors]) for k, v in st.items()}})
             if weights:
                 shards[WEIGHTS] = save_learned_optimizer(
                     run.path(WEIGHTS) if "://" not in run.uri else f"{run.uri}/{WEIGHTS}", config, best_phi)
@@ -331,8 +360,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
 
         Actor = _actor_class(lc.cpus_per_actor)
         slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]
-        generation = meta_step + 1 if resuming else 0  # past every serial used before (≥ 1 unroll per generation)
-        actors = [Actor.remote(cfg.to_dict(), s, generation) for s in slots]
+        actors = [Actor.remote(cfg.to_dict(), s, {k: states[k] for k in s if k in states}) for s in slots]
         t0 = time.perf_counter()
         try:
             while meta_step < lc.meta_steps:
@@ -371,10 +399,11 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                         f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})"
                         f"  {row['wall_s']:.1f}s")
                     checkpoint(improved)
+            if not history["validation"] or history["validation"][-1]["meta_step"] != meta_step:
+                checkpoint(False)  # a resume of a finished run: nothing ran, the commit records it anyway
         finally:
             for a in actors:
                 ray.kill(a)
-        checkpoint(False)
         return history
 
 
