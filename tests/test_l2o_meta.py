@@ -201,5 +201,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, ray_session):
     cb = torch.load(tmp_path / "b" / "l2o" / "checkpoint.pt", weights_only=False)
     for k in pa:
         assert torch.equal(pa[k], pb[k]) and torch.equal(ca["phi"][k], cb["phi"][k]), k
-    assert ca["history"]["meta"] == cb["history"]["meta"]
+    nowall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert nowall(ca["history"]["meta"]) == nowall(cb["history"]["meta"])
     assert cb["optimizees"][0]["step"] == ca["optimizees"][0]["step"] == 2  # 4 unrolls of 2 = 6 + 2

@@ -378,7 +378,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                 finite = [r["meta_loss"] / len(r["losses"]) for r in results if math.isfinite(r["meta_loss"])]
                 history["meta"].append({"meta_step": meta_step, "loss": sum(finite) / len(finite) if finite else None,
                                         "grad_norm": norm, "dropped": dropped,
-                                        "replaced": [r["name"] for r in results if r["done"]]})
+                                        "replaced": [r["name"] for r in results if r["done"]],
+                                        "wall_s": time.perf_counter() - t0})  # since this process started
                 if meta_step % lc.validate_every == 0 or meta_step == lc.meta_steps:
                     cur = {k: v.detach().clone() for k, v in phi.items()}
                     cur_ref = ray.put(cur)
