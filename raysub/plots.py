@@ -85,3 +85,36 @@ def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: f
     ax.legend(fontsize=8)
     ax.set_title(title)
     _save(run, "plots/accuracy_vs_dim.png", fig)
+
+
+def plot_l2o(run, history: Dict[str, Any]) -> None:
+    """Meta-training: the mean per-step training loss of each meta-step's unrolls (left), and the
+    meta-validations' accuracy on the held-out split and convergence step (right); the selected φ marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.0))
+    meta = [r for r in history["meta"] if r["loss"] is not None]
+    ax.plot([r["meta_step"] for r in meta], [r["loss"] for r in meta], lw=0.8)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("unroll training loss (mean per step)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    val = history["validation"]
+    steps = [r["meta_step"] for r in val]
+    bx.plot(steps, [100 * r["val_acc"] for r in val], marker=".", color="tab:blue", label="val accuracy")
+    bx.set_xlabel("meta-step")
+    bx.set_ylabel("validation accuracy after N steps (%)")
+    best = history.get("best")
+    if best:
+        bx.axvline(best["meta_step"], color="k", lw=0.8, ls="--", label="selected φ")
+    cx = bx.twinx()
+    conv = [(r["meta_step"], r["convergence_step"]) for r in val if r["convergence_step"] is not None]
+    if conv:
+        cx.plot(*zip(*conv), marker="x", color="tab:red", label="convergence step")
+    cx.set_ylabel("convergence step (SL2O §4.1)")
+    bx.legend(loc="lower right")
+    bx.grid(alpha=0.3)
+    _save(run, "l2o/curves.png", fig)

@@ -140,22 +140,23 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
     config, params = load_learned_optimizer(str(tmp_path / "run" / "l2o" / "weights.pt"), hidden_size=4)
     assert config.hidden_size == 4 and set(params) == {"lstm.weight_ih", "lstm.weight_hh", "lstm.bias",
                                                        "out.weight"}
-    assert [r["meta_step"] for r in hist["validation"]] == [2, 4]
+    assert [r["meta_step"] for r in hist["validation"]] == [0, 2, 4]  # the starting φ is validated too
     assert len(hist["meta"]) == 4 and sum(1 for r in hist["meta"] if r["replaced"]) == 2  # N/T = 2 unrolls
     assert hist["best"] is not None and 0 <= hist["best"]["val_acc"] <= 1
-    assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 2
+    assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 3
     import hashlib
     import json
-    assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][1]["meta_step"] == 4
+    assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][2]["meta_step"] == 4
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for rel in ("l2o/weights.pt", "l2o/checkpoint.pt", "l2o/history.json"):  # committed with their checksums
         assert manifest["shards"][rel] == hashlib.sha256((tmp_path / "run" / rel).read_bytes()).hexdigest()
     assert manifest["stages"]["l2o"] == {"meta_step": 4, "complete": True}
+    assert (tmp_path / "run" / "l2o" / "curves.png").stat().st_size > 1000
     cfg2 = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=2", "l2o.actors=2",
                     "l2o.meta_steps=6", "l2o.validate_every=2", "l2o.validation_optimizees=2",
                     "l2o.cpus_per_actor=1", "cluster.num_cpus=4")
     hist2 = meta_train(cfg2, resume=True, say=lines.append)
-    assert [r["meta_step"] for r in hist2["validation"]] == [2, 4, 6] and len(hist2["meta"]) == 6
+    assert [r["meta_step"] for r in hist2["validation"]] == [0, 2, 4, 6] and len(hist2["meta"]) == 6
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------

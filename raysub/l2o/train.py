@@ -16,7 +16,9 @@
   is RUN/l2o/weights.pt.
 
 Files under RUN/l2o/: ``weights.pt`` (best φ + config), ``history.json`` (per meta-step losses, validations,
-best), ``checkpoint.pt`` (φ, Adam state, meta-step, history, best φ; written at every validation and at the end).
+best), ``curves.png`` (meta-training loss and meta-validation curves), ``checkpoint.pt`` (φ, Adam state,
+meta-step, history, best φ, the optimizees in flight). All but the figure are committed in ``manifest.json``
+(θ0.pt, the config and the checksums, as `raysub.pipeline.run` does) at every meta-validation.
 ``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step, the history and the optimizees in flight
 (z, the learned optimizer's state, steps done, data cursor) go on, so a resumed run reproduces the uninterrupted
 one bit for bit (checkpoints are taken at meta-validations: the meta-steps after the last one are redone).
@@ -354,6 +356,10 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                 shards[WEIGHTS] = save_learned_optimizer(
                     run.path(WEIGHTS) if "://" not in run.uri else f"{run.uri}/{WEIGHTS}", config, best_phi)
             shards[HISTORY] = run.write_json(HISTORY, history)
+            if history["validation"]:
+                from raysub.plots import plot_l2o
+
+                plot_l2o(run, history)  # a figure, not a record: not in the manifest
             manifest["stages"]["l2o"] = {"meta_step": meta_step, "complete": meta_step >= lc.meta_steps}
             manifest["summary"]["l2o"] = {"best": history["best"], "meta_steps": meta_step}
             commit(run, manifest)
@@ -362,7 +368,30 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
         slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]
         actors = [Actor.remote(cfg.to_dict(), s, {k: states[k] for k in s if k in states}) for s in slots]
         t0 = time.perf_counter()
+
+        def validate_and_checkpoint() -> None:
+            nonlocal best, best_phi
+            cur = {k: v.detach().clone() for k, v in phi.items()}
+            cur_ref = ray.put(cur)
+            serials = [VALIDATION_SERIAL + j for j in range(lc.validation_optimizees)]
+            rows = ray.get([actors[j % len(actors)].validate.remote(cur_ref, s) for j, s in enumerate(serials)])
+            row = _mean_validation(rows, meta_step)
+            row["wall_s"] = time.perf_counter() - t0
+            history["validation"].append(row)
+            improved = better(row, best)
+            if improved:
+                best, best_phi = row, cur
+                history["best"] = best
+            cs = row["convergence_step"]
+            loss = history["meta"][-1]["loss"] if history["meta"] else None
+            say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss {'-' if loss is None else f'{loss:.4f}'}"
+                f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
+                f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})  {row['wall_s']:.1f}s")
+            checkpoint(improved)
+
         try:
+            if not history["validation"]:  # the starting φ (e.g. the hand-built Adam-like one) is a candidate too
+                validate_and_checkpoint()
             while meta_step < lc.meta_steps:
                 phi_ref = ray.put({k: v.detach() for k, v in phi.items()})
                 results = [r for rs in ray.get([a.unroll.remote(phi_ref) for a in actors]) for r in rs]
@@ -381,25 +410,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                                         "replaced": [r["name"] for r in results if r["done"]],
                                         "wall_s": time.perf_counter() - t0})  # since this process started
                 if meta_step % lc.validate_every == 0 or meta_step == lc.meta_steps:
-                    cur = {k: v.detach().clone() for k, v in phi.items()}
-                    cur_ref = ray.put(cur)
-                    serials = [VALIDATION_SERIAL + j for j in range(lc.validation_optimizees)]
-                    rows = ray.get([actors[j % len(actors)].validate.remote(cur_ref, s)
-                                    for j, s in enumerate(serials)])
-                    row = _mean_validation(rows, meta_step)
-                    row["wall_s"] = time.perf_counter() - t0
-                    history["validation"].append(row)
-                    improved = better(row, best)
-                    if improved:
-                        best, best_phi = row, cur
-                        history["best"] = best
-                    cs = row["convergence_step"]
-                    say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss "
-                        f"{history['meta'][-1]['loss'] if history['meta'][-1]['loss'] is not None else float('nan'):.4f}"
-                        f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
-                        f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})"
-                        f"  {row['wall_s']:.1f}s")
-                    checkpoint(improved)
+                    validate_and_checkpoint()
             if not history["validation"] or history["validation"][-1]["meta_step"] != meta_step:
                 checkpoint(False)  # a resume of a finished run: nothing ran, the commit records it anyway
         finally:
