@@ -26,7 +26,6 @@ one bit for bit (checkpoints are taken at meta-validations: the meta-steps after
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -418,7 +417,3 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                 ray.kill(a)
         return history
 
-
-def main_meta_train(cfg, resume: bool, overwrite: bool) -> int:
-    meta_train(cfg, resume=resume, overwrite=overwrite, say=lambda *a: print(*a, file=sys.stdout, flush=True))
-    return 0
