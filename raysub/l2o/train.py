@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -292,8 +292,12 @@ def _mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, An
             "seeds": [r["seed"] for r in rows]}
 
 
-def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
+def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
+               on_validation: Optional[Callable[[Dict[str, Any], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """``raysub l2o meta-train``: meta-train φ on Ray under the run directory's lock; returns the history.
+
+    ``on_validation(row, best)`` is called after each meta-validation has been checkpointed (``raysub l2o tune``
+    reports to Tune from it); ``row`` and ``best`` are `history["validation"]` entries.
 
     Raises:
         ConfigError: a bad config (every problem at once) or run-directory state, before anything starts.
@@ -304,7 +308,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
     from raysub.l2o.weights import save_learned_optimizer
     from raysub.lock import run_lock
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.run import check_train_projection, commit, init_run, prepare_run_dir
+    from raysub.pipeline.records import commit, init_run, prepare_run_dir
+    from raysub.pipeline.run import check_train_projection
     from raysub.storage import RunDir
 
     problems = l2o_problems(cfg)
@@ -387,6 +392,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print) ->
                 f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
                 f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})  {row['wall_s']:.1f}s")
             checkpoint(improved)
+            if on_validation is not None:
+                on_validation(row, best)
 
         try:
             if not history["validation"]:  # the starting φ (e.g. the hand-built Adam-like one) is a candidate too
