@@ -9,6 +9,8 @@
     raysub sweep CONFIG [key=value ...] [--resume | --overwrite]     intrinsic-dimension sweep on Ray Tune
     raysub l2o meta-train CONFIG [key=value ...] [--resume | --overwrite]
                                                                      meta-train the learned optimizer (l2o:)
+    raysub l2o tune CONFIG [key=value ...] [--resume | --overwrite]  Ray Tune over the meta-hyperparameters
+                                                                     (l2o_tune:): best config and weights
 
 With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline).
 
@@ -86,6 +88,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     mt.add_argument("--resume", action="store_true", help="continue from RUN/l2o/checkpoint.pt")
     mt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     mt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
+    lt = l2o_sub.add_parser("tune", help="Ray Tune over l2o meta-hyperparameters (config section l2o_tune)",
+                            allow_abbrev=False)
+    lt.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="YAML config (or shipped name), overrides")
+    lt.add_argument("--resume", action="store_true", help="continue an interrupted tuning (Tuner.restore)")
+    lt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    lt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     for p in sub.choices.values():  # --debug also after the command
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -190,13 +198,15 @@ def _dispatch(ns) -> int:
         run_sweep(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "l2o":
         from raysub.l2o.train import meta_train
+        from raysub.l2o.tune import tune_l2o
 
         config, overrides = _split(ns.args)
         if config is None:
-            raise ConfigError("raysub l2o meta-train needs a CONFIG first: a YAML file or a shipped name")
+            raise ConfigError(f"raysub l2o {ns.l2o_command} needs a CONFIG first: a YAML file or a shipped name")
         cfg = load_config(resolve_config(config), overrides)
         ns.run_uri = cfg.run_dir
-        meta_train(cfg, resume=ns.resume, overwrite=ns.overwrite)
+        command = tune_l2o if ns.l2o_command == "tune" else meta_train
+        command(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "basis":
         ns.run_uri = ns.run_dir
         pipeline.stage_basis(ns.run_dir, ns.overrides, overwrite=ns.overwrite)

@@ -151,7 +151,27 @@ class L2OConfig:
     z0_std: float = field(default=0.0, metadata={"help": "σ of the random start z0 ~ N(0, σ²) (0: z0 = 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm clip of the averaged meta-gradient"})
     init: str = field(default="adam_like", metadata={"help": "φ's start: adam_like (tanh-clipped Adam) | random"})
+    init_gain: float = field(default=1.0, metadata={
+        "help": "adam_like: Δz ≈ −step_scale·tanh(init_gain·m̂/√v̂), i.e. Adam with lr step_scale·init_gain"})
     seed: int = field(default=0, metadata={"help": "φ's init, optimizee seeds and z0's"})
+
+
+@dataclass
+class L2OTuneConfig:
+    """Ray Tune over the ``l2o`` meta-hyperparameters (``raysub l2o tune``): seeded random search over ``space``,
+    ASHA on the meta-validation convergence step; each trial is a meta-training run (checks: raysub.l2o.tune)."""
+
+    space: Dict[str, Any] = field(
+        default_factory=lambda: {"hidden_size": [8, 20], "meta_lr": [0.003, 0.01, 0.03], "unroll": [5, 10, 20]},
+        metadata={"help": "l2o key -> list of choices; keys: hidden_size, meta_lr, unroll, step_scale, optimizees, "
+                          "features (e.g. {features: [[m, g], [m]]})"})
+    samples: int = field(default=8, metadata={"help": "trials: distinct points drawn at random from the space"})
+    max_concurrent_trials: Optional[int] = field(
+        default=None, metadata={"help": "trials at once (default: as many as the cluster's CPUs fit)"})
+    asha: bool = field(default=True, metadata={"help": "ASHA early stopping on the convergence step"})
+    grace_period: int = field(default=1, metadata={"help": "ASHA: meta-validations before a trial may be stopped"})
+    reduction_factor: int = field(default=2, metadata={"help": "ASHA: keep 1 in this many trials at each rung"})
+    seed: int = field(default=0, metadata={"help": "which points of the space are drawn"})
 
 
 @dataclass
@@ -167,6 +187,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     l2o: L2OConfig = field(default_factory=L2OConfig)
+    l2o_tune: L2OTuneConfig = field(default_factory=L2OTuneConfig)
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -88,6 +88,17 @@ def test_finished_optimizee_is_replaced_with_new_seed(tmp_path):
     assert all(torch.isfinite(v).all() for v in r1["grads"].values())
 
 
+def test_staggered_horizons(tmp_path):
+    """Slot s's first optimizee runs N − s·⌊N/n⌋ steps rounded down to whole unrolls, later ones N; serials go
+    slot + generation·n. Mutation caught: no stagger (all in sync), a stagger that is not a multiple of T (an
+    unroll cut short every lifetime), later generations staggered too, or serials reused across slots."""
+    cfg = tiny_cfg(tmp_path, "l2o.steps=10", "l2o.unroll=2", "l2o.optimizees=3", "l2o.actors=1")
+    w = OptimizeeWorker.__new__(OptimizeeWorker)
+    w.cfg, w.generation = cfg, {0: 0, 1: 0, 2: 0}
+    assert [w._next(s) for s in (0, 1, 2)] == [(0, 10), (1, 8), (2, 4)]
+    assert [w._next(s) for s in (0, 1, 2)] == [(3, 10), (4, 10), (5, 10)]
+
+
 # -- config bad input -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, needle", [
@@ -141,7 +152,9 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
     assert config.hidden_size == 4 and set(params) == {"lstm.weight_ih", "lstm.weight_hh", "lstm.bias",
                                                        "out.weight"}
     assert [r["meta_step"] for r in hist["validation"]] == [0, 2, 4]  # the starting φ is validated too
-    assert len(hist["meta"]) == 4 and sum(1 for r in hist["meta"] if r["replaced"]) == 2  # N/T = 2 unrolls
+    # staggered starts: slot 1's first optimizee stops after 3 steps (one unroll), then every one runs N = 6
+    assert [[name.split(" (")[0] for name in r["replaced"]] for r in hist["meta"]] == [
+        ["optimizee 1"], ["optimizee 0"], ["optimizee 3"], ["optimizee 2"]]
     assert hist["best"] is not None and 0 <= hist["best"]["val_acc"] <= 1
     assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 3
     import hashlib

@@ -1,0 +1,433 @@
+"""Ray Tune over the learned optimizer's meta-hyperparameters (``raysub l2o tune``).
+
+``l2o_tune.space`` maps ``l2o`` keys (`SPACE_KEYS`: hidden size, meta-lr, unroll T, step scale, number of
+optimizees, input features) to lists of choices. The search is random: ``l2o_tune.samples`` distinct points of the
+space's product drawn with ``l2o_tune.seed`` (without replacement — two equal points would be the same meta-training
+twice, bit for bit; a space smaller than ``samples`` runs whole). Each trial is `meta_train` of the ``l2o`` section
+with the point's values, in its own run directory ``RUN/trials/NAME`` (its own weights.pt, history, checkpoint).
+Its Tune actor reserves no CPU (the sweep's `DRIVER_RESOURCES`); its ``l2o.actors`` optimizee actors reserve
+``l2o.cpus_per_actor`` each, in the trial's placement group (`trial_resources`), so the trials that run at once
+are as many as those fit (``max_concurrent_trials`` lowers it) and a trial starts only when all its actors fit.
+
+Metric. Every meta-validation reports, among others, ``best_conv_step``: the convergence step (SL2O §4.1,
+`raysub.metrics.convergence_step`) of the trial's best φ so far — the φ it would ship if stopped now — where a φ
+that never converged counts as ``l2o.steps + 1``, worse than any that did (`asha_metric`). ASHA (time attribute
+``meta_step``, rungs every ``grace_period`` × ``validate_every`` meta-steps × ``reduction_factor``^k, up to
+``l2o.meta_steps``) stops the trials whose best φ converges slowest.
+
+Best trial. The trial whose best φ has the highest mean validation accuracy, ties → smaller convergence step:
+`raysub.l2o.train.better`, the rule that picked each trial's best φ, so the experiment's weights are the best φ of
+every trial under one rule (`best_trial`). Convergence step alone is not the final criterion: a φ that barely moves
+z converges at once (a flat loss passes the std test), so it prunes, while accuracy decides. Trials run ASHA stopped
+are candidates too (their best φ was validated like any other). Every trial has the same validation optimizees
+(``l2o.seed``, ``l2o.steps`` and ``l2o.validation_optimizees`` are not in the space), so their numbers compare.
+
+Outputs: ``RUN/l2o_tune/results.json`` (every trial: its point, best val acc and convergence step, meta-steps done,
+whether ASHA stopped it, meta-training seconds), ``RUN/l2o_tune/best_config.yaml`` (the best trial's full config,
+runnable by ``raysub l2o meta-train``; its run_dir is the trial's own), ``RUN/l2o/weights.pt`` (its φ, so
+``train.optimizer_options.weights=RUN`` meta-tests it), the table on the console. The Tune experiment is
+``RUN/tune/l2o``; ``--resume`` restores it (`Tuner.restore`): finished trials stay, an unfinished one restarts and
+its meta-training goes on from its own ``l2o/checkpoint.pt`` (`meta_train` with resume). Ctrl-C stops Tune
+gracefully (`raysub.pipeline.sweep._fit`) and the CLI prints the ``--resume`` command.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from raysub.errors import ConfigError
+
+SPACE_KEYS = ("hidden_size", "meta_lr", "unroll", "step_scale", "optimizees", "features")
+_SHORT = {"hidden_size": "h", "meta_lr": "lr", "unroll": "T", "step_scale": "s", "optimizees": "n", "features": "f"}
+EXPERIMENT = "l2o"  # the Tune experiment: RUN/tune/l2o
+RESULTS, BEST_CONFIG, BEST_WEIGHTS = "l2o_tune/results.json", "l2o_tune/best_config.yaml", "l2o/weights.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks: every problem at once, before Ray starts or anything is written
+
+def _mentions(problem: str, key: str) -> bool:
+    """Whether an `l2o_problems` line is about ``l2o.KEY`` (its lines name the keys they are about)."""
+    import re
+
+    return re.search(rf"\bl2o\.{key}\b", problem) is not None
+
+
+def tune_problems(cfg) -> List[str]:
+    """Problems of the ``l2o_tune`` section and of the ``l2o`` section its trials run (one line each).
+
+    The ``l2o`` section is checked with every choice of every space key in turn (``l2o_problems`` of the trial
+    config that has it); a problem about a key the space sets is reported as that choice's, not the section's.
+    """
+    from raysub.config import Config
+    from raysub.l2o.train import l2o_problems
+
+    tc = cfg.l2o_tune
+    space = tc.space
+    problems: List[str] = []
+    allowed = ", ".join(SPACE_KEYS)
+    if not space:
+        problems.append(f"l2o_tune.space is empty: give lists of choices for one or more of {allowed}, e.g. "
+                        f"l2o_tune.space={{hidden_size: [8, 20]}}")
+    for key, choices in space.items():
+        if key not in SPACE_KEYS:
+            problems.append(f"l2o_tune.space: unknown key {key!r}: the space may set {allowed}")
+        elif not isinstance(choices, list):
+            problems.append(f"l2o_tune.space.{key}={choices!r}: give a list of choices, e.g. "
+                            f"l2o_tune.space.{key}=[{choices!r}]")
+        elif not choices:
+            problems.append(f"l2o_tune.space.{key} is an empty choice: give one or more values, or remove the key to "
+                            f"keep l2o.{key}={getattr(cfg.l2o, key)!r}")
+        elif any(choices.index(c) != i for i, c in enumerate(choices)):
+            problems.append(f"l2o_tune.space.{key}={choices}: repeats a value: a repeated choice runs the same "
+                            f"meta-training twice; list each value once")
+    for key, value in (("l2o_tune.samples", tc.samples), ("l2o_tune.max_concurrent_trials", tc.max_concurrent_trials),
+                       ("l2o_tune.grace_period", tc.grace_period)):
+        if value is not None and value < 1:
+            problems.append(f"{key}={value}: must be ≥ 1")
+    if tc.reduction_factor < 2:
+        problems.append(f"l2o_tune.reduction_factor={tc.reduction_factor}: must be ≥ 2 (ASHA keeps 1 in that many)")
+
+    # the l2o section, without the keys the space sets (each trial replaces them) ...
+    swept = [k for k in SPACE_KEYS if isinstance(space.get(k), list) and space[k]]
+    problems += [p for p in l2o_problems(cfg) if not any(_mentions(p, k) for k in swept)]
+    # ... and each choice in the section (type checks by Config.from_dict, ranges by l2o_problems)
+    base = cfg.to_dict()
+    for key in swept:
+        for value in space[key]:
+            try:
+                trial = Config.from_dict(trial_config(base, {key: value}, cfg.run_dir))
+                found = [p for p in l2o_problems(trial) if _mentions(p, key)]
+            except ConfigError as exc:
+                found = list(exc.problems)
+            problems += [f"l2o_tune.space.{key}: choice {value!r}: {p}" for p in found]
+    return problems
+
+
+def plan_tune(cfg) -> Dict[str, Any]:
+    """Validate ``raysub l2o tune`` without starting Ray or writing anything.
+
+    Returns:
+        {"num_params", "points"}: the model's size and the trials' points of the space.
+    Raises:
+        ConfigError: every problem found, in one message.
+    """
+    from raysub.pipeline.plan import plan
+    from raysub.pipeline.run import check_train_projection
+    from raysub.storage import RunDir
+
+    problems = tune_problems(cfg)
+    try:
+        info = plan(cfg)
+    except ConfigError as exc:
+        raise ConfigError(list(exc.problems) + problems) from None
+    if problems:
+        raise ConfigError(problems)
+    # an optimizee task whose projection reads a basis needs train.basis_run (as for meta-train)
+    check_train_projection(cfg, info["num_params"], RunDir(cfg.run_dir), own_basis=False)
+    return {"num_params": info["num_params"],
+            "points": sample_points(cfg.l2o_tune.space, cfg.l2o_tune.samples, cfg.l2o_tune.seed)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the search space and the trials
+
+def sample_points(space: Dict[str, List[Any]], samples: int, seed: int) -> List[Dict[str, Any]]:
+    """``samples`` distinct points of the product of ``space`` drawn at random with ``seed`` (all of them, in a
+    random order, when there are fewer); each point's keys in `SPACE_KEYS` order."""
+    keys = [k for k in SPACE_KEYS if k in space]
+    sizes = [len(space[k]) for k in keys]
+    picks = random.Random(seed).sample(range(math.prod(sizes)), min(samples, math.prod(sizes)))
+    points = []
+    for index in picks:  # index → one choice per key (mixed radix, the last key fastest)
+        point = {}
+        for key, size in zip(reversed(keys), reversed(sizes)):
+            index, j = divmod(index, size)
+            point[key] = copy.deepcopy(space[key][j])
+        points.append({k: point[k] for k in keys})
+    return points
+
+
+def trial_config(base: Dict[str, Any], point: Dict[str, Any], run_dir: str) -> Dict[str, Any]:
+    """One trial's config (a plain dict, as Ray ships it): ``base`` with the point's ``l2o`` values, meta-trained
+    in ``run_dir``."""
+    cfg = copy.deepcopy(base)
+    cfg["l2o"].update(copy.deepcopy(point))
+    cfg["run_dir"] = run_dir
+    return cfg
+
+
+def trial_name(point: Dict[str, Any], trial_id: str) -> str:
+    """``h8-lr0.01-T5-fmg-<trial id>``: the point's values, short, then Tune's trial id (unique in the
+    experiment), e.g. ``h8-lr0.01-T5-fmg-3f2a1_00000``."""
+    def text(v):
+        if isinstance(v, list):
+            return "".join(v) if all(len(s) == 1 for s in v) else "+".join(v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return "-".join([f"{_SHORT[k]}{text(v)}" for k, v in point.items()] + [trial_id])
+
+
+def _tune_trial_name(trial) -> str:
+    return trial_name(trial.config["point"], trial.trial_id)
+
+
+def trials_uri(run_uri: str) -> str:
+    return run_uri.rstrip("/") + "/trials"
+
+
+def asha_metric(convergence_step: Optional[float], steps: int) -> float:
+    """The convergence step ASHA minimizes: a φ that never converged (None) counts as ``steps + 1``, worse than
+    any that did within the ``steps`` steps of a meta-validation."""
+    return float(steps + 1) if convergence_step is None else float(convergence_step)
+
+
+def _trial(config: Dict[str, Any], base: Dict[str, Any]) -> None:
+    """The Tune function trainable: one meta-training run, reporting each meta-validation to Tune.
+
+    Always ``resume=True``: a trial Tune restarts (after a failure, or on ``--resume``) goes on from its run
+    directory's checkpoint; a directory without one starts afresh."""
+    from ray import tune
+
+    from raysub.config import Config
+    from raysub.l2o.train import meta_train
+
+    name = tune.get_context().get_trial_name()
+    cfg = Config.from_dict(trial_config(base, config["point"], f"{trials_uri(base['run_dir'])}/{name}"))
+    steps = cfg.l2o.steps
+
+    def on_validation(row: Dict[str, Any], best: Dict[str, Any]) -> None:
+        tune.report({"meta_step": row["meta_step"], "val_acc": row["val_acc"],
+                     "conv_step": asha_metric(row["convergence_step"], steps),
+                     "best_val_acc": best["val_acc"], "best_conv_step": asha_metric(best["convergence_step"], steps),
+                     "best_meta_step": best["meta_step"]})
+
+    meta_train(cfg, resume=True, on_validation=on_validation)
+
+
+def trial_resources(cfg):
+    """A trial's placement group: its own bundle reserves no CPU (`DRIVER_RESOURCES`, as the sweep's DDP trial),
+    then one bundle of ``l2o.cpus_per_actor`` CPUs per optimizee actor. A Tune trial's child actors are scheduled
+    in its placement group, so the actors take these bundles; Tune starts a trial only when all of them fit, so
+    no trial ever holds half of the CPUs its actors need."""
+    from ray import tune
+
+    from raysub.pipeline.sweep import DRIVER_RESOURCES
+
+    return tune.PlacementGroupFactory([dict(DRIVER_RESOURCES)] + [{"CPU": cfg.l2o.cpus_per_actor}] * cfg.l2o.actors)
+
+
+def concurrency(cfg, num_trials: int, say=print) -> int:
+    """Trials at once: as many as the cluster's CPUs fit (``l2o.actors`` × ``l2o.cpus_per_actor`` each), at most
+    ``l2o_tune.max_concurrent_trials`` and the number of trials.
+
+    Raises:
+        ConfigError: one trial's actors need more CPUs than the whole cluster has.
+    """
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    need = cfg.l2o.actors * cfg.l2o.cpus_per_actor
+    if need > cpus:
+        raise ConfigError(f"one trial needs l2o.actors={cfg.l2o.actors} × l2o.cpus_per_actor="
+                          f"{cfg.l2o.cpus_per_actor:g} = {need:g} CPUs but the Ray cluster has {cpus:g}: lower them "
+                          f"or add nodes")
+    fit = int(cpus / need + 1e-9)
+    want = cfg.l2o_tune.max_concurrent_trials
+    if want is not None and want > fit:
+        say(f"raysub: warning: l2o_tune.max_concurrent_trials={want} ignored: the cluster's {cpus:g} CPUs fit "
+            f"{fit} trials of {need:g} CPUs at once")
+    return max(1, min(fit, want or fit, num_trials))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results
+
+def meta_train_seconds(history: Dict[str, Any]) -> float:
+    """A trial's meta-training time from its history: a validation's ``wall_s`` counts from its process's start,
+    so each resumed process is a segment; the sum of the segments' last values (the meta-steps redone after a
+    resume count once per run)."""
+    total, last = 0.0, 0.0
+    for row in history["validation"]:
+        if row["wall_s"] < last:
+            total += last
+        last = row["wall_s"]
+    return total + last
+
+
+def best_trial(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The trial whose best φ wins under `raysub.l2o.train.better` (higher val acc, ties → smaller convergence
+    step; ties of both → the earlier trial); None when no trial has a validated φ."""
+    from raysub.l2o.train import better
+
+    best = None
+    for r in rows:
+        if "error" not in r and r.get("best") is not None and better(r["best"], best["best"] if best else None):
+            best = r
+    return best
+
+
+def _trial_row(result, cfg, run) -> Dict[str, Any]:
+    """One trial's row, from its Tune result (error or not) and its own run directory (history, weights)."""
+    from raysub.l2o.train import HISTORY
+    from raysub.storage import RunDir
+
+    name = os.path.basename(result.path.rstrip("/"))
+    trial_run = RunDir(f"{trials_uri(run.uri)}/{name}")
+    row: Dict[str, Any] = {"trial": name, "run_dir": trial_run.uri,
+                           "point": result.config["point"] if result.config else None}
+    history = None
+    if trial_run.exists("manifest.json") and trial_run.exists(HISTORY):
+        history = trial_run.read_json(HISTORY, trial_run.manifest_checksum(HISTORY))
+        if row["point"] is None:  # a trial whose result has no config: its run's own
+            config = trial_run.read_json("manifest.json")["config"]["l2o"]
+            row["point"] = {k: config[k] for k in SPACE_KEYS if k in cfg.l2o_tune.space}
+    if result.error is not None:
+        row["error"] = str(result.error).strip().splitlines()[-1]
+    elif history is None or not history["validation"]:
+        row["error"] = "no meta-validation recorded"
+    if history is not None and history["validation"]:
+        done = history["validation"][-1]["meta_step"]
+        row.update(best=history["best"], meta_steps=done, validations=len(history["validation"]),
+                   stopped_early=("error" not in row and done < cfg.l2o.meta_steps),
+                   meta_train_s=meta_train_seconds(history))
+    return row
+
+
+def results_table(summary: Dict[str, Any]) -> str:
+    """The console table: one row per trial (its point, best φ's val acc and convergence step, meta-steps done,
+    ASHA's stop), the best marked ``*``."""
+    from raysub.pipeline import format_table
+
+    keys = summary["space_keys"]
+    rows = [("trial", *keys, "val acc", "conv step", "meta-steps", "stopped", "s")]
+    best = summary["best"]["trial"] if summary["best"] else None
+    for r in summary["trials"]:
+        point = [("".join(v) if isinstance(v, list) else f"{v:g}") for v in (r["point"][k] for k in keys)] \
+            if r["point"] else ["?"] * len(keys)
+        if "best" in r:
+            cs = r["best"]["convergence_step"]
+            stats = (f"{100 * r['best']['val_acc']:.2f}%", "never" if cs is None else f"{cs:.1f}",
+                     f"{r['meta_steps']}/{summary['meta_steps']}", "ASHA" if r["stopped_early"] else "",
+                     f"{r['meta_train_s']:.0f}")
+        else:
+            stats = ("error", "", "", "", "")
+        rows.append(((r["trial"] + (" *" if r["trial"] == best else "")), *point, *stats))
+    lines = format_table(rows)
+    lines.append(f"val acc and conv step: the trial's best φ (mean over {summary['validation_optimizees']} "
+                 f"validation optimizees of {summary['steps']} steps; conv step 'never' = did not converge); "
+                 f"* best: highest val acc, ties → smaller conv step")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+
+def tune_l2o(cfg, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
+    """``raysub l2o tune``: check everything, then run the Tune experiment under the run directory's lock; write
+    and print the results.
+
+    Returns:
+        The summary written to ``RUN/l2o_tune/results.json``.
+    Raises:
+        ConfigError: a bad config or space (every problem at once, nothing written), run-directory state, or trials
+            that did not finish (naming the ``--resume`` command).
+    """
+    from raysub.lock import run_lock
+    from raysub.storage import RunDir
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: pick one")
+    info = plan_tune(cfg)
+    run = RunDir(cfg.run_dir)
+    cfg.run_dir = run.uri
+    if cfg.train.basis_run:  # trials run in other processes and directories: pass an absolute path or URI
+        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
+    with run_lock(run, say=say):
+        return _tune(cfg, info, run, resume, overwrite, say)
+
+
+def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) -> Dict[str, Any]:
+    from ray import tune
+
+    from raysub.config import Config
+    from raysub.engine.cluster import ensure_ray
+    from raysub.pipeline.records import prepare_run_dir
+    from raysub.pipeline.sweep import _fit
+
+    resuming = prepare_run_dir(run, resume, overwrite, cfg)
+    ensure_ray(cfg, grow=False)  # each trial's meta_train checks the cluster the same way: fail once, here
+    points = info["points"]
+    max_concurrent = concurrency(cfg, len(points), say)  # raises before anything is written
+    t0 = time.perf_counter()
+    if not resuming:
+        run.clear()
+    run.makedirs()
+    run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this tuning; rerun: raysub l2o tune "
+                                              f"{run.uri}/config.yaml --overwrite\n"))
+    storage = run.path("tune") if "://" not in run.uri else run.uri.rstrip("/") + "/tune"
+    path = f"{storage}/{EXPERIMENT}"
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg.to_dict()), trial_resources(cfg))
+    lc, tc = cfg.l2o, cfg.l2o_tune
+    if resuming and tune.Tuner.can_restore(path):
+        say(f"[l2o tune] restoring {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if tc.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="meta_step", max_t=lc.meta_steps,
+                                      grace_period=min(tc.grace_period * lc.validate_every, lc.meta_steps),
+                                      reduction_factor=tc.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(points)},  # the random draw, made by sample_points
+            tune_config=tune.TuneConfig(metric="best_conv_step", mode="min", scheduler=scheduler,
+                                        max_concurrent_trials=max_concurrent, reuse_actors=False,
+                                        trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures)),
+        )
+    say(f"[l2o tune] {len(points)} trials of {lc.meta_steps} meta-steps ({lc.actors} actor(s) × "
+        f"{lc.cpus_per_actor:g} CPU each), {max_concurrent} at a time; space: "
+        f"{', '.join(f'{k} {v}' for k, v in tc.space.items())}; ASHA {'on' if tc.asha else 'off'}")
+    grid = _fit(tuner)
+    # in the order Tune created the trials (a restored ResultGrid has another): ties go to the same trial
+    rows = sorted((_trial_row(result, cfg, run) for result in grid), key=lambda r: r["trial"].rsplit("-", 1)[-1])
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise ConfigError(f"{len(failed)} of {len(rows)} trials did not finish (first: {failed[0]['trial']}: "
+                          f"{failed[0]['error']}); fix the cause and continue with: raysub l2o tune "
+                          f"{run.uri}/config.yaml --resume")
+    best = best_trial(rows)
+    assert best is not None  # every trial has a validated φ (no failed ones)
+    from raysub.storage import RunDir
+
+    trial_run = RunDir(best["run_dir"])
+    weights = trial_run.read_bytes(BEST_WEIGHTS, trial_run.manifest_checksum(BEST_WEIGHTS))
+    checksum = run.write_bytes(BEST_WEIGHTS, weights)
+    best_cfg = Config.from_dict(trial_config(cfg.to_dict(), best["point"], best["run_dir"]))
+    b = best["best"]
+    run.write_text(BEST_CONFIG, best_cfg.to_yaml(
+        f"# best trial {best['trial']} of `raysub l2o tune {run.uri}/config.yaml`: val acc {b['val_acc']:.4f}, "
+        f"conv step {b['convergence_step']}, at meta-step {b['meta_step']}\n# its meta-training is run_dir; "
+        f"continue it (e.g. with more l2o.meta_steps): raysub l2o meta-train {run.uri}/{BEST_CONFIG} --resume\n"))
+    summary = {"space": tc.space, "space_keys": [k for k in SPACE_KEYS if k in tc.space], "samples": len(points),
+               "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
+               "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
+               "selection": "highest best-φ val acc, ties → smaller convergence step (raysub.l2o.train.better)",
+               "asha_metric": "best_conv_step: the best φ's convergence step, never converged = l2o.steps + 1",
+               "trials": rows, "best": {"trial": best["trial"], "point": best["point"], "run_dir": best["run_dir"],
+                                        **b, "weights_sha256": checksum},
+               "wall_s": time.perf_counter() - t0}
+    run.write_json(RESULTS, summary)
+    say(results_table(summary))
+    say(f"best: {best['trial']} (val acc {100 * b['val_acc']:.2f}%); weights {run.uri}/{BEST_WEIGHTS} "
+        f"(train.optimizer_options.weights={run.uri}), config {run.uri}/{BEST_CONFIG}, results {run.uri}/{RESULTS}")
+    say(f"[l2o tune] wall time {summary['wall_s']:.1f}s")
+    return summary
