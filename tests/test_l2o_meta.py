@@ -9,7 +9,7 @@ from raysub.cli import QUICKSTART
 from raysub.config import load_config
 from raysub.errors import ConfigError
 from raysub.l2o import load_learned_optimizer
-from raysub.l2o.train import OptimizeeWorker, better, combine, l2o_problems, meta_train, optimizee_seed
+from raysub.l2o.train import OptimizeeWorker, combine, select, l2o_problems, meta_train, optimizee_seed
 
 TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=8", "l2o.hidden_size=4",
         "data.augment=false", "data.batch_size=32"]
@@ -56,14 +56,20 @@ def test_combine_drops_nonfinite_and_names_it():
     assert none is None and dropped == ["opt 2"] and math.isnan(norm)
 
 
-def test_better_prefers_accuracy_then_faster_convergence():
-    """Mutation caught: selection by convergence step first, a reversed comparison, or None treated as 0."""
-    a = {"val_acc": 0.9, "convergence_step": 50}
-    assert better(a, None)
-    assert better({"val_acc": 0.91, "convergence_step": 900}, a)
-    assert not better({"val_acc": 0.89, "convergence_step": 1}, a)
-    assert better({"val_acc": 0.9, "convergence_step": 40}, a)
-    assert not better({"val_acc": 0.9, "convergence_step": None}, a)
+def test_select_fastest_within_accuracy_tolerance():
+    """Mutation caught: the tolerance ignored or measured from the wrong row (e.g. the first instead of the most
+    accurate), selection by convergence step alone (a fast φ far below in accuracy would win), None treated as
+    0, ties going to the later row or to the less accurate one."""
+    rows = [{"val_acc": 0.900, "convergence_step": 99}, None, {"val_acc": 0.903, "convergence_step": 80},
+            {"val_acc": 0.899, "convergence_step": 50}, {"val_acc": 0.85, "convergence_step": 20},
+            {"val_acc": 0.899, "convergence_step": None}]
+    assert select(rows, 0.0) == 2  # the most accurate
+    assert select(rows, 0.005) == 3  # within 0.903 − 0.005: 99, 80, 50, ∞ → the 50
+    assert select(rows, 0.002) == 2  # only 0.903 itself is within 0.002
+    assert select(rows, 0.1) == 4
+    assert select([{"val_acc": 0.9, "convergence_step": 40}, {"val_acc": 0.91, "convergence_step": 40}], 0.05) == 1
+    assert select([{"val_acc": 0.9, "convergence_step": 40}, {"val_acc": 0.9, "convergence_step": 40}], 0.05) == 0
+    assert select([None], 0.0) is None and select([], 0.0) is None
 
 
 # -- optimizees ------------------------------------------------------------------------------------------

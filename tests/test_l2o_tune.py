@@ -162,15 +162,17 @@ def _row(name, acc, conv, **extra):
     return {"trial": name, "best": {"val_acc": acc, "convergence_step": conv}, **extra}
 
 
-def test_best_trial_accuracy_first_then_convergence_step():
-    """Mutation caught: selection by convergence step first, None treated as fast, a failed trial selected, or a
-    full tie going to the later trial (the best would change with the order Tune lists them)."""
-    assert lt.best_trial([_row("a", 0.80, 10), _row("b", 0.90, 300), _row("c", 0.85, 5)])["trial"] == "b"
-    assert lt.best_trial([_row("a", 0.90, 300), _row("b", 0.90, 40), _row("c", 0.90, None)])["trial"] == "b"
-    assert lt.best_trial([_row("a", 0.90, None), _row("b", 0.90, 200)])["trial"] == "b"
-    assert lt.best_trial([_row("a", 0.90, 50), _row("b", 0.90, 50)])["trial"] == "a"
-    assert lt.best_trial([_row("a", 0.99, 1, error="boom"), _row("b", 0.5, 9)])["trial"] == "b"
-    assert lt.best_trial([{"trial": "a", "error": "never started"}]) is None
+def test_best_trial_fastest_within_accuracy_tolerance():
+    """Mutation caught: the tolerance ignored (accuracy only) or applied the wrong way, selection by convergence
+    step alone, None treated as fast, a failed trial selected, or a full tie going to the later trial (the best
+    would change with the order Tune lists them)."""
+    assert lt.best_trial([_row("a", 0.80, 10), _row("b", 0.90, 300), _row("c", 0.85, 5)], 0.0)["trial"] == "b"
+    assert lt.best_trial([_row("a", 0.80, 10), _row("b", 0.90, 300), _row("c", 0.85, 5)], 0.05)["trial"] == "c"
+    assert lt.best_trial([_row("a", 0.90, 300), _row("b", 0.896, 40), _row("c", 0.90, None)], 0.005)["trial"] == "b"
+    assert lt.best_trial([_row("a", 0.90, None), _row("b", 0.90, 200)], 0.0)["trial"] == "b"
+    assert lt.best_trial([_row("a", 0.90, 50), _row("b", 0.90, 50)], 0.0)["trial"] == "a"
+    assert lt.best_trial([_row("a", 0.99, 1, error="boom"), _row("b", 0.5, 9)], 0.0)["trial"] == "b"
+    assert lt.best_trial([{"trial": "a", "error": "never started"}], 0.0) is None
 
 
 def test_meta_train_seconds_adds_resumed_segments():
@@ -204,7 +206,7 @@ def test_tune_end_to_end_then_resume_runs_no_new_trial(tmp_path, capsys, ray_ses
     for t in trials:
         assert t["meta_steps"] == 2 and t["validations"] == 2 and not t["stopped_early"]
         assert 0 <= t["best"]["val_acc"] <= 1 and t["point"]["hidden_size"] in (2, 4)
-    best = lt.best_trial(trials)
+    best = lt.best_trial(trials, 0.005)
     assert summary["best"]["trial"] == best["trial"] and f"{best['trial']} *" in out and "wall time" in out
     cfg = load_config(str(run / "l2o_tune" / "best_config.yaml"))
     assert (cfg.l2o.hidden_size, cfg.l2o.meta_lr) == (best["point"]["hidden_size"], best["point"]["meta_lr"])

@@ -56,6 +56,9 @@ def l2o_problems(cfg) -> List[str]:
         positive(problems, f"l2o.{key}", getattr(lc, key))
     positive(problems, "l2o.z0_std", lc.z0_std, allow_zero=True)
     positive(problems, "l2o.init_gain", lc.init_gain)
+    if not 0 <= lc.select_tolerance <= 1:
+        problems.append(f"l2o.select_tolerance={lc.select_tolerance}: must be in [0, 1] (an accuracy difference, "
+                        f"e.g. 0.005 for half a point)")
     if lc.unroll > 0 and lc.steps > 0 and lc.unroll > lc.steps:
         problems.append(f"l2o.unroll={lc.unroll} exceeds l2o.steps={lc.steps}: an unroll (T) is part of one "
                         f"optimizee's N steps; lower l2o.unroll or raise l2o.steps")
@@ -239,7 +242,8 @@ class OptimizeeWorker:
             u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g)
             opt.z, opt.state, opt.loss, opt.g = u.z, u.state, u.loss, u.g
             opt.step += n
-            done = opt.step >= opt.horizon
+            # a diverged optimizee (its meta-gradient is dropped by `combine`) is replaced at once
+            done = opt.step >= opt.horizon or not math.isfinite(float(u.loss))
             out.append({"name": opt.name, "serial": opt.serial, "seed": opt.seed, "grads": u.grads,
                         "losses": u.losses, "meta_loss": u.meta_loss, "done": done})
             if done:
@@ -308,16 +312,22 @@ def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor]]], clip: 
     return avg, dropped, norm
 
 
-def better(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> bool:
-    """Whether validation ``a`` beats ``b``: higher val accuracy, ties → smaller convergence step (None = ∞)."""
-    if b is None:
-        return True
-    if a["val_acc"] != b["val_acc"]:
-        return a["val_acc"] > b["val_acc"]
+def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Optional[int]:
+    """Index of the best meta-validation in ``rows`` (None entries skipped; None if there is none).
+
+    The rule (``l2o.select_tolerance`` = tol): among the rows whose val accuracy is within tol of the best val
+    accuracy, the smallest mean convergence step (None = never converged = ∞); ties → higher val accuracy, then
+    the earlier row. So φ is chosen for speed (SL2O's metric) without giving up accuracy: the meta-test goal
+    asks for both. With tol = 0 it is "highest val accuracy, ties → smaller convergence step".
+    """
+    live = [(i, r) for i, r in enumerate(rows) if r is not None]
+    if not live:
+        return None
+    top = max(r["val_acc"] for _, r in live)
     inf = float("inf")
-    ca = a["convergence_step"] if a["convergence_step"] is not None else inf
-    cb = b["convergence_step"] if b["convergence_step"] is not None else inf
-    return ca < cb
+    ok = [(r["convergence_step"] if r["convergence_step"] is not None else inf, -r["val_acc"], i)
+          for i, r in live if r["val_acc"] >= top - tolerance]
+    return min(ok)[2]
 
 
 def _mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, Any]:
@@ -372,6 +382,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
         phi = {k: v.clone().requires_grad_(True) for k, v in initial_phi(cfg).items()}
         adam = torch.optim.Adam(list(phi.values()), lr=lc.meta_lr)
         meta_step, history, best, best_phi = 0, {"meta": [], "validation": [], "best": None}, None, None
+        phis: Dict[int, Dict[str, torch.Tensor]] = {}  # every validated φ, by meta-step (a later best can be any)
         states: Dict[int, Dict[str, Any]] = {}
         ck_sum = manifest["shards"].get(CHECKPOINT)
         if resuming and ck_sum:
@@ -380,7 +391,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                 for k in phi:
                     phi[k].copy_(ck["phi"][k])
             adam.load_state_dict(ck["adam"])
-            meta_step, history, best_phi = ck["meta_step"], ck["history"], ck["best_phi"]
+            meta_step, history, best_phi, phis = ck["meta_step"], ck["history"], ck["best_phi"], ck["phis"]
             best = history["best"]
             states = ck.get("optimizees") or {}
             say(f"l2o: resuming at meta-step {meta_step}")
@@ -391,7 +402,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             shards = manifest["shards"]
             shards[CHECKPOINT] = run.write_torch(CHECKPOINT, {
                 "phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
-                "meta_step": meta_step, "history": history, "best_phi": best_phi,
+                "meta_step": meta_step, "history": history, "best_phi": best_phi, "phis": phis,
                 "optimizees": {k: v for st in ray.get([a.states.remote() for a in actors]) for k, v in st.items()}})
             if weights:
                 shards[WEIGHTS] = save_learned_optimizer(
@@ -419,15 +430,17 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             row = _mean_validation(rows, meta_step)
             row["wall_s"] = time.perf_counter() - t0
             history["validation"].append(row)
-            improved = better(row, best)
+            phis[meta_step] = cur
+            chosen = history["validation"][select(history["validation"], lc.select_tolerance)]
+            improved = chosen is not best
             if improved:
-                best, best_phi = row, cur
+                best, best_phi = chosen, phis[chosen["meta_step"]]
                 history["best"] = best
             cs = row["convergence_step"]
             loss = history["meta"][-1]["loss"] if history["meta"] else None
             say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss {'-' if loss is None else f'{loss:.4f}'}"
                 f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
-                f"  best val acc {best['val_acc']:.4f} (meta-step {best['meta_step']})  {row['wall_s']:.1f}s")
+                f"  best: meta-step {best['meta_step']}  {row['wall_s']:.1f}s")
             checkpoint(improved)
             if on_validation is not None:
                 on_validation(row, best)

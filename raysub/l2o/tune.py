@@ -15,10 +15,11 @@ that never converged counts as ``l2o.steps + 1``, worse than any that did (`asha
 ``meta_step``, rungs every ``grace_period`` × ``validate_every`` meta-steps × ``reduction_factor``^k, up to
 ``l2o.meta_steps``) stops the trials whose best φ converges slowest.
 
-Best trial. The trial whose best φ has the highest mean validation accuracy, ties → smaller convergence step:
-`raysub.l2o.train.better`, the rule that picked each trial's best φ, so the experiment's weights are the best φ of
-every trial under one rule (`best_trial`). Convergence step alone is not the final criterion: a φ that barely moves
-z converges at once (a flat loss passes the std test), so it prunes, while accuracy decides. Trials run ASHA stopped
+Best trial. `raysub.l2o.train.select` over the trials' best φ's — the rule that picked each trial's best φ: the
+fastest mean convergence step among the φ's within ``l2o.select_tolerance`` val accuracy of the most accurate —
+so the experiment's weights are the best φ of every trial under one rule (`best_trial`). Convergence step alone is
+not the final criterion: a φ that barely moves z converges at once (a flat loss passes the std test), so it
+prunes, while accuracy bounds what may win. Trials run ASHA stopped
 are candidates too (their best φ was validated like any other). Every trial has the same validation optimizees
 (``l2o.seed``, ``l2o.steps`` and ``l2o.validation_optimizees`` are not in the space), so their numbers compare.
 
@@ -259,16 +260,15 @@ def meta_train_seconds(history: Dict[str, Any]) -> float:
     return total + last
 
 
-def best_trial(rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The trial whose best φ wins under `raysub.l2o.train.better` (higher val acc, ties → smaller convergence
-    step; ties of both → the earlier trial); None when no trial has a validated φ."""
-    from raysub.l2o.train import better
+def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dict[str, Any]]:
+    """The trial whose best φ wins under `raysub.l2o.train.select` over the trials' best φ's (the fastest
+    convergence step among those within ``tolerance`` val accuracy of the most accurate; ties → higher val
+    accuracy, then the earlier trial); None when no trial has a validated φ."""
+    from raysub.l2o.train import select
 
-    best = None
-    for r in rows:
-        if "error" not in r and r.get("best") is not None and better(r["best"], best["best"] if best else None):
-            best = r
-    return best
+    ok = [r for r in rows if "error" not in r and r.get("best") is not None]
+    i = select([r["best"] for r in ok], tolerance)
+    return None if i is None else ok[i]
 
 
 def _trial_row(result, cfg, run) -> Dict[str, Any]:
@@ -320,7 +320,7 @@ def results_table(summary: Dict[str, Any]) -> str:
     lines = format_table(rows)
     lines.append(f"val acc and conv step: the trial's best φ (mean over {summary['validation_optimizees']} "
                  f"validation optimizees of {summary['steps']} steps; conv step 'never' = did not converge); "
-                 f"* best: highest val acc, ties → smaller conv step")
+                 f"* best: fastest conv step within {summary.get('select_tolerance', 0):.3f} val acc of the most accurate")
     return "\n".join(lines)
 
 
@@ -404,7 +404,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
         raise ConfigError(f"{len(failed)} of {len(rows)} trials did not finish (first: {failed[0]['trial']}: "
                           f"{failed[0]['error']}); fix the cause and continue with: raysub l2o tune "
                           f"{run.uri}/config.yaml --resume")
-    best = best_trial(rows)
+    best = best_trial(rows, cfg.l2o.select_tolerance)
     assert best is not None  # every trial has a validated φ (no failed ones)
     from raysub.storage import RunDir
 
@@ -420,7 +420,9 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     summary = {"space": tc.space, "space_keys": [k for k in SPACE_KEYS if k in tc.space], "samples": len(points),
                "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
-               "selection": "highest best-φ val acc, ties → smaller convergence step (raysub.l2o.train.better)",
+               "select_tolerance": lc.select_tolerance,
+               "selection": f"fastest convergence step within {cfg.l2o.select_tolerance} val acc of the best "
+                            f"(raysub.l2o.train.select)",
                "asha_metric": "best_conv_step: the best φ's convergence step, never converged = l2o.steps + 1",
                "trials": rows, "best": {"trial": best["trial"], "point": best["point"], "run_dir": best["run_dir"],
                                         **b, "weights_sha256": checksum},

@@ -1,0 +1,206 @@
+"""Meta-testing of a learned optimizer (SL2O) against tuned Momentum†, Adam†, SGD†, and the transfer table.
+
+What it does
+    On the task of CONFIG's ``train`` section (e.g. Fashion-MNIST LeNet-5 in its DLDR basis: ``train.basis_run``,
+    ``train.projection: dldr``, ``train.dim: 40``, ``train.batch_size: 128``), in ONE process (no Ray):
+      1. each baseline's lr is picked from its grid (``--lr-grid``) by mean validation accuracy after N steps on
+         the meta-validation optimizees (the ones φ was selected on; never on test);
+      2. φ (``--weights``) and every tuned baseline run max(horizons)·N steps on ``--seeds`` new optimizees (new
+         data-order seeds and z0's, the same for every optimizer), each step a 1-worker ``raysub train`` step
+         through the one optimizer protocol, at a constant lr; val and test are evaluated at every h·N;
+      3. metrics (raysub/l2o/metatest.py): SL2O §4.1's convergence step over the full run and the test accuracy
+         after it (mean ± std over the optimizees); VeLO's speedup of φ over Momentum† at h·N (the steps
+         Momentum† needs to reach φ's smoothed training loss at h·N, over h·N; "≥" when it never does).
+    Transfer (SL2O Table 3) is the same job on another task (another model, another d) with weights meta-trained
+    elsewhere; ``--table A.json B.json ...`` then prints (and with --out writes) the markdown transfer table.
+
+Outputs (--out DIR, a local path or URI): meta_test.json (everything, per-step losses included), loss_curves.png
+(mean smoothed training loss per step per optimizer, log y), config.yaml; on stdout progress lines, the table
+(optimizer, lr picked, convergence step, test accuracy, speedups), and as the last line one JSON object (the
+headline metrics: l2o_over_momentum_steps, l2o_speedup_over_momentum[_2n, _5n], acc_gap_pts, seeds, lrs).
+
+How long it takes
+    Steps ≈ (Σ grid sizes) · val-seeds · N + (1 + baselines) · seeds · max(h) · N. Fashion-MNIST LeNet-5,
+    d = 40, batch 128, N = 200, horizons 1,2,5, 3 seeds, the default grids, 2 validation optimizees: 16.8k steps,
+    measured 1055 s (one thread, this shared 2-core machine at load 12–18: ≈ 60 ms a step with its evaluations);
+    it scales with N. Digits (quickstart MLP, dense d = 10, N = 30): about 20 s, mostly start-up.
+
+How to run
+    locally (single process; --threads 1 is the steadier choice on a shared machine):
+        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=/work/runs/fm_lenet train.dim=40 \
+            train.batch_size=128 data.val_fraction=0.1 --weights runs/fm_l2o --steps 200 --out runs/fm_meta_test
+        python jobs/l2o_meta_test.py quickstart train.projection=dense train.dim=10 data.val_fraction=0.2 \
+            --weights adam_like --steps 30 --horizons 1,2 --seeds 2 --out /tmp/mt   # hand-built φ, digits
+        # transfer: φ meta-trained elsewhere (the MLP task, or d = 15), meta-tested on LeNet-5 at d = 40
+        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=/work/runs/fm_lenet train.dim=40 \
+            train.batch_size=128 data.val_fraction=0.1 --weights runs/fm_mlp_l2o --steps 200 --out runs/mlp_to_lenet
+        python jobs/l2o_meta_test.py --table runs/fm_meta_test/meta_test.json runs/mlp_to_lenet/meta_test.json \
+            --out runs/transfer
+    on a running Ray cluster (runs on the node the driver lands on; the data and weights must be there):
+        export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265
+        export RAY_AUTH_MODE=token   # token-auth clusters (the client sends ~/.ray/auth_token or RAY_AUTH_TOKEN)
+        ray job submit --working-dir . -- python jobs/l2o_meta_test.py CONFIG ... --out /shared/meta_test
+
+    python jobs/l2o_meta_test.py CONFIG [key=value ...] --weights PATH|adam_like [--steps N] [--horizons 1,2,5]
+        [--seeds 3] [--val-seeds K] [--baselines psgd,adam,sgd] [--lr-grid psgd=0.1,0.3,1,3 ...] [--z0-std S]
+        [--trained-on LABEL]
+        [--threads 1] [--progress-every 0] [--out DIR] [--overwrite]
+    python jobs/l2o_meta_test.py --table META_TEST.json ... [--out DIR]
+    --weights: weights.pt, a meta-training run directory, or ``adam_like`` (the hand-built φ of the config's l2o
+    section: a smoke test, not a learned optimizer). --steps defaults to l2o.steps (the meta-training N).
+    --lr-grid NAME=v,v,... replaces one baseline's grid (repeatable); --baselines picks which run (Momentum† is
+    always needed). Bad input prints one line and exits 2 before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Sequence
+
+PROG = "l2o_meta_test"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = _Parser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("args", nargs="*", metavar="CONFIG [key=value]", help="the task's config, then dotted overrides")
+    p.add_argument("--weights", help="φ: weights.pt, a meta-training run directory, or adam_like")
+    p.add_argument("--steps", type=int, help="N, the meta-training horizon (default l2o.steps)")
+    p.add_argument("--horizons", default="1,2,5", help="multiples of N where speedups are taken; runs are max·N")
+    p.add_argument("--seeds", type=int, default=3, help="meta-test optimizees")
+    p.add_argument("--val-seeds", type=int, help="validation optimizees of the lr pick (default "
+                                                 "l2o.validation_optimizees)")
+    p.add_argument("--baselines", default="psgd,adam,sgd", help="registered baselines to run (psgd = Momentum†)")
+    p.add_argument("--lr-grid", action="append", default=[], metavar="NAME=LR,LR,...",
+                   help="one baseline's lr grid (repeatable)")
+    p.add_argument("--z0-std", type=float, help="σ of z0 ~ N(0, σ²) (default l2o.z0_std)")
+    p.add_argument("--trained-on", help="label of φ's meta-training task in the transfer table (default: read from "
+                                        "the meta-training run's config.yaml)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--progress-every", type=int, default=0, help="a progress line every K steps of a run (0: none)")
+    p.add_argument("--out", help="output directory (default runs/l2o_meta_test)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/meta_test.json")
+    p.add_argument("--table", nargs="+", metavar="META_TEST.json", help="print the transfer table of these runs")
+    return p.parse_intermixed_args(list(argv))
+
+
+def parse_grids(baselines: str, specs: Sequence[str]) -> Dict[str, List[float]]:
+    """{baseline: lr grid}: the default grids of ``baselines``, each replaced by its ``--lr-grid NAME=...``.
+
+    Raises:
+        ConfigError: a malformed spec (one line).
+    """
+    from raysub.errors import ConfigError
+    from raysub.l2o.metatest import DEFAULT_GRIDS
+
+    names = [b for b in baselines.split(",") if b]
+    given = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        try:
+            given[name] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--lr-grid {spec}: write NAME=LR,LR,... e.g. psgd=0.1,0.3,1,3") from None
+        if name not in names:
+            names.append(name)
+    missing = [n for n in names if n not in given and n not in DEFAULT_GRIDS]
+    if missing:
+        raise ConfigError(f"--baselines: no default lr grid for {', '.join(missing)}: give --lr-grid NAME=...")
+    return {n: given.get(n, DEFAULT_GRIDS.get(n)) for n in names}
+
+
+def write_adam_like(cfg, out) -> str:
+    """The config's hand-built Adam-like φ (`adam_like_params` of its l2o section) as OUT/adam_like_weights.pt."""
+    from raysub.l2o.lstm import adam_like_params
+    from raysub.l2o.train import opt_config
+    from raysub.l2o.weights import save_learned_optimizer
+
+    config = opt_config(cfg)
+    uri = f"{out.uri}/adam_like_weights.pt" if "://" in out.uri else out.path("adam_like_weights.pt")
+    save_learned_optimizer(uri, config, adam_like_params(config))
+    return uri
+
+
+def headline(record) -> Dict:
+    """The last stdout line: the metrics, the lrs picked, N and the seeds."""
+    return {**record["metrics"], "steps": record["steps"], "horizons": record["horizons"],
+            "lrs": {n: s["lr"] for n, s in record["lr_selection"].items()},
+            "lr_at_grid_edge": [n for n, s in record["lr_selection"].items() if s["at_edge"]],
+            "seed_list": record["seeds"], "weights": record["weights"], "trained_on": record.get("trained_on")}
+
+
+def main(argv=None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    from raysub.cli import resolve_config
+    from raysub.config import load_config
+    from raysub.errors import ConfigError
+    from raysub.l2o import metatest
+    from raysub.plots import plot_meta_test
+    from raysub.storage import RunDir, strict_json
+
+    torch.set_num_threads(max(1, ns.threads))
+    try:
+        if ns.table:
+            records = [json.loads(RunDir(os.path.dirname(p) or ".").read_text(os.path.basename(p)))
+                       for p in ns.table]
+            table = metatest.transfer_table(records)
+            print(table)
+            if ns.out:
+                RunDir(ns.out).write_text("transfer.md", table + "\n")
+            return 0
+        positionals = list(ns.args)
+        if not positionals or "=" in positionals[0]:
+            raise ConfigError("give CONFIG first: the task's config (e.g. fashion_mnist_lenet with "
+                              "train.basis_run=RUN), then key=value overrides")
+        if not ns.weights:
+            raise ConfigError("--weights: required: φ's weights.pt (RUN/l2o/weights.pt of `raysub l2o meta-train`), "
+                              "the run directory, or adam_like")
+        out = RunDir(ns.out or "runs/l2o_meta_test")
+        cfg = load_config(resolve_config(positionals[0]), [*positionals[1:], f"run_dir={out.uri}"])
+        horizons = [int(h) for h in ns.horizons.split(",") if h]
+        grids = parse_grids(ns.baselines, ns.lr_grid)
+        steps = ns.steps if ns.steps is not None else cfg.l2o.steps
+        if out.exists("meta_test.json") and not ns.overwrite:
+            raise ConfigError(f"{out.uri}/meta_test.json exists: pass --overwrite to replace it, or another --out")
+        weights = ns.weights
+        metatest.check_meta_test(cfg, None if weights == "adam_like" else weights, steps, horizons, ns.seeds,
+                                 ns.val_seeds if ns.val_seeds is not None else cfg.l2o.validation_optimizees,
+                                 grids)
+        out.makedirs()
+        if weights == "adam_like":
+            weights = write_adam_like(cfg, out)
+            print(f"{PROG}: warning: --weights adam_like: the hand-built Adam-like φ, not a meta-trained one",
+                  file=sys.stderr, flush=True)
+        record = metatest.meta_test(cfg, weights, steps, horizons, ns.seeds, ns.val_seeds, grids, ns.z0_std,
+                                    say=lambda s: print(s, flush=True), progress_every=ns.progress_every)
+    except ValueError as exc:  # ConfigError is one; so is a bad number in --horizons
+        problems = exc.problems if isinstance(exc, ConfigError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
+        print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (nothing is resumed: rerun with --overwrite)", file=sys.stderr, flush=True)
+        return 130
+    record["trained_on"] = ns.trained_on or ("adam_like (hand-built)" if ns.weights == "adam_like"
+                                             else metatest.trained_on(weights))
+    out.write_text("config.yaml", cfg.to_yaml("# the meta-test task; rerun: python jobs/l2o_meta_test.py "
+                                               f"{out.uri}/config.yaml --weights ... --out {out.uri} --overwrite\n"))
+    out.write_json("meta_test.json", record)
+    plot_meta_test(out, record)
+    print(metatest.format_table(record), flush=True)
+    print(f"{PROG}: {out.uri}/meta_test.json, {out.uri}/loss_curves.png", flush=True)
+    print(json.dumps(strict_json(headline(record))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

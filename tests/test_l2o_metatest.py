@@ -1,0 +1,244 @@
+"""Meta-testing (raysub.l2o.metatest, jobs/l2o_meta_test.py): hand-computed pins of the smoothing, the steps to a
+target and VeLO's speedup (with its never-reached lower bound), the lr pick on validation only, the mean ± std
+summary, one run's step semantics against meta-training's optimizee, divergence, and a tiny end-to-end job run."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from raysub.cli import QUICKSTART
+from raysub.config import load_config
+from raysub.l2o import metatest
+from raysub.l2o.metatest import mean_std, pick_lr, smoothed, speedup, steps_to_reach, summarize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=10", "data.augment=false",
+        "train.batch_size=128", "l2o.hidden_size=4"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (on a busy 2-core machine two spinning threads make tiny steps ~100× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- pure helpers ----------------------------------------------------------------------------------------
+
+def test_smoothed_is_a_trailing_mean_with_partial_start():
+    """Catches an EMA or a centred window, dividing by the full window from the start, an off-by-one window."""
+    assert smoothed([4, 2, 6, 0, 8], window=2) == [4, 3, 4, 3, 4]
+    assert smoothed([4, 2, 6, 0, 8], window=3) == pytest.approx([4, 3, 4, 8 / 3, 14 / 3])
+    assert smoothed([1.0] * 30) == [1.0] * 30  # the default window (20) keeps a constant constant
+    assert math.isnan(smoothed([1, float("nan"), 1], window=2)[2])  # non-finite propagates, not skipped
+
+
+def test_steps_to_reach_is_one_based_and_inclusive():
+    """Catches a 0-based step, a strict < instead of ≤, and 0 instead of None for never."""
+    assert steps_to_reach([5, 4, 3, 2], 3) == 3
+    assert steps_to_reach([5, 4, 3, 2], 3.5) == 3
+    assert steps_to_reach([5, 4, 3, 2], 5) == 1
+    assert steps_to_reach([5, 4, 3, 2], 1) is None
+
+
+def test_speedup_hand_computed():
+    """Catches a raw (unsmoothed) target or curve, φ's loss at index n instead of n−1, a wrong denominator."""
+    l2o, mom = [3, 2, 1, 1], [3, 2.5, 2, 1.5, 1]
+    assert speedup(l2o, mom, 2, window=1) == {"value": 1.5, "lower_bound": False, "target": 2, "momentum_steps": 3}
+    assert speedup(l2o, mom, 3, window=1)["value"] == pytest.approx(5 / 3)
+    # window 2: φ smoothed [4, 3, 2, 1] → target 3 at n=2; Momentum† [6, 2, 4, 0] smoothed [6, 4, 3, 2] reaches
+    # it at step 3 (1.5). A raw target (2) or φ's index n (2) would give step 4 (2.0); a raw Momentum† curve step 2
+    s = speedup([4, 2, 2, 0], [6, 2, 4, 0], 2, window=2)
+    assert (s["target"], s["momentum_steps"], s["value"]) == (3, 3, 1.5)
+
+
+def test_speedup_never_reached_is_a_flagged_lower_bound():
+    """Catches None/inf/0 for 'Momentum† never got there', or len/n returned without the ≥ flag."""
+    s = speedup([1.0] * 4, [5.0] * 10, 4, window=1)
+    assert s == {"value": 2.5, "lower_bound": True, "target": 1.0, "momentum_steps": None}
+
+
+def test_speedup_of_a_diverged_l2o_is_zero():
+    """Catches a nan target silently read as 'never reached' (a lower bound that rewards divergence)."""
+    assert speedup([1.0, 1.0], [5.0] * 10, 4)["value"] == 0.0  # φ's run ended before n
+    s = speedup([1.0, 1.0, 1.0, float("nan")], [5.0] * 10, 4, window=1)  # diverged exactly at n
+    assert (s["value"], s["lower_bound"]) == (0.0, False)
+
+
+def test_mean_std_is_the_sample_std():
+    """Catches the population std (ddof 0) and a crash on one seed."""
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+    assert mean_std([7.0]) == {"mean": 7.0, "std": 0.0}
+
+
+def test_summarize_counts_unconverged_runs_at_their_length():
+    """Catches dropping unconverged runs (mean 15 instead of 30), population std, a missing not_converged count."""
+    runs = [{"convergence_step": 10, "steps": 60, "test_acc": 0.9, "val_acc": 0.8, "diverged": False},
+            {"convergence_step": 20, "steps": 60, "test_acc": 0.8, "val_acc": 0.8, "diverged": False},
+            {"convergence_step": None, "steps": 60, "test_acc": 0.7, "val_acc": 0.8, "diverged": True}]
+    s = summarize(runs)
+    assert s["convergence_step"] == {"mean": 30.0, "std": pytest.approx(math.sqrt(700))}
+    assert s["not_converged"] == 1 and s["diverged"] == 1
+    assert s["test_acc"]["mean"] == pytest.approx(0.8) and s["test_acc"]["std"] == pytest.approx(0.1)
+
+
+def test_pick_lr_reads_validation_only_and_averages_seeds():
+    """Catches picking by test accuracy, by the best or the first seed instead of the mean over seeds, and
+    running other seeds than the validation ones."""
+    val = {(0.1, 1): 0.9, (0.1, 2): 0.1, (1.0, 1): 0.6, (1.0, 2): 0.6, (3.0, 1): 0.2, (3.0, 2): 0.2}
+    calls = []
+
+    def runner(lr, seed):
+        calls.append((lr, seed))
+        test = 0.99 if lr == 0.1 else 0.1  # test disagrees: it would pick 0.1
+        return {"val_acc": val[(lr, seed)], "test_acc": test, "losses": [1.0], "diverged": False}
+
+    out = pick_lr([0.1, 1.0, 3.0], runner, seeds=[1, 2])
+    assert out["lr"] == 1.0 and not out["at_edge"]
+    assert sorted(calls) == sorted(val)
+    assert [r["val_acc"] for r in out["rows"]] == pytest.approx([0.5, 0.6, 0.2])
+
+
+def test_pick_lr_ties_go_to_the_lower_final_loss_and_edges_are_flagged():
+    """Catches a tie broken by grid order or by the higher loss; a diverged (nan) run winning a tie at 0; a pick
+    at the grid's edge not flagged."""
+    runs = {0.1: ([2.0] * 20 + [1.0] * 20, False), 1.0: ([2.0] * 40, False), 3.0: ([2.0, float("nan")], True)}
+
+    def runner(lr, seed):
+        losses, diverged = runs[lr]
+        return {"val_acc": 0.0 if diverged else 0.5, "losses": losses, "diverged": diverged}
+
+    out = pick_lr([1.0, 0.1, 3.0], runner, seeds=[7])
+    assert out["lr"] == 0.1 and out["at_edge"]
+    assert [r["final_loss"] for r in out["rows"]] == [2.0, 1.0, math.inf]
+    assert [r["diverged"] for r in out["rows"]] == [0, 0, 1]
+    only_diverged = pick_lr([3.0, 1.0], lambda lr, s: {"val_acc": 0.0, "losses": runs[lr][0], "diverged": lr == 3.0},
+                            seeds=[7])
+    assert only_diverged["lr"] == 1.0
+
+
+# -- one run ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_task(tmp_path_factory):
+    from raysub.data import open_dataset
+    from raysub.engine.task import build_task
+
+    cfg = load_config(QUICKSTART, [f"run_dir={tmp_path_factory.mktemp('mt') / 'run'}", *TINY, "l2o.z0_std=0.5"])
+    return cfg, build_task(cfg, data=open_dataset(cfg))
+
+
+def test_run_matches_meta_trainings_optimizee_and_sgd_by_hand(digits_task, one_thread):
+    """The same optimizee as meta-training's (z0, batch order across an epoch boundary) and the registry's SGD
+    step z −= lr·Pᵀ∇L. Catches another seed or z0 derivation (meta-test would then not be 'new optimizees of the
+    same distribution'), a batch order that drifts from `Optimizee.next_batches`, a skipped or doubled step."""
+    from raysub.engine.task import loss_and_projected_grad
+    from raysub.l2o.train import Optimizee, opt_config, optimizee_seed
+
+    cfg, task = digits_task
+    serial = metatest.METATEST_SERIAL + 3
+    seed = optimizee_seed(cfg, serial)
+    ref = Optimizee(cfg, task, serial, opt_config(cfg))
+    torch.testing.assert_close(metatest.start_z(task, seed, cfg.l2o.z0_std), ref.z)
+    steps = task.data.size("train") // 128 + 2  # into the second epoch
+    batches = ref.next_batches(steps)
+    stream = metatest.batch_stream(task, cfg, seed)
+    for x, y in batches:
+        x2, y2 = next(stream)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    z, lr, losses = ref.z.clone(), 0.5, []
+    for b in batches:
+        loss, g = loss_and_projected_grad(task, z, b)
+        losses.append(float(loss))
+        z = z - lr * g
+    r = metatest.run_optimizee(cfg, task, "sgd", lr, {}, seed, cfg.l2o.z0_std, steps, splits=("val",))
+    assert r["losses"] == pytest.approx(losses, rel=1e-5)
+    torch.testing.assert_close(r["z"], z, rtol=1e-4, atol=1e-5)
+    assert set(r["evals"]) == {str(steps)} and "test_acc" not in r and 0 < r["val_acc"] <= 1
+
+
+def test_divergence_stops_and_scores_zero(digits_task, one_thread):
+    """Catches a run that goes on after a non-finite loss, keeps a (meaningless) accuracy, or a convergence step."""
+    cfg, task = digits_task
+    r = metatest.run_optimizee(cfg, task, "sgd", 1e30, {}, 5, 0.0, 20, eval_at=[10])
+    assert r["diverged"] and r["diverged_at"] == len(r["losses"]) < 20
+    assert not math.isfinite(r["losses"][-1])
+    assert r["test_acc"] == r["val_acc"] == 0.0 and r["evals"]["10"]["test_acc"] == 0.0
+    assert r["convergence_step"] is None
+
+
+# -- the job end to end ----------------------------------------------------------------------------------
+
+def _job():
+    spec = importlib.util.spec_from_file_location("l2o_meta_test_job", os.path.join(REPO, "jobs", "l2o_meta_test.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_job_end_to_end_on_digits_never_reads_test_to_choose(tmp_path, capsys, monkeypatch, one_thread):
+    """jobs/l2o_meta_test.py on digits (dense d 10, N 30, horizons 1,2, 2 seeds, 2-point grids, a hand-built φ):
+    the JSON's keys, the files, and every evaluation of test happens on a meta-test optimizee (the lr pick and
+    its validation optimizees only read val). Catches the lr pick reading test, validation and meta-test
+    optimizees that overlap, a missing metric, a job that writes no plot or table."""
+    import raysub.engine.task as engine_task
+    from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params
+    from raysub.l2o.weights import save_learned_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=4, step_scale=0.1)
+    weights = str(tmp_path / "weights.pt")
+    save_learned_optimizer(weights, config, adam_like_params(config))
+    seen, current = [], {}
+    real_eval, real_run = engine_task.evaluate_task, metatest.run_optimizee
+
+    def spy_eval(task, z, split, *a, **k):
+        seen.append((current["seed"], split))
+        return real_eval(task, z, split, *a, **k)
+
+    def spy_run(cfg, task, name, lr, options, seed, *a, **k):
+        current["seed"] = seed
+        return real_run(cfg, task, name, lr, options, seed, *a, **k)
+
+    monkeypatch.setattr(engine_task, "evaluate_task", spy_eval)
+    monkeypatch.setattr(metatest, "run_optimizee", spy_run)
+    out = tmp_path / "mt"
+    args = ["quickstart", *TINY, "--weights", weights, "--steps", "30", "--horizons", "1,2", "--seeds", "2",
+            "--val-seeds", "1", "--lr-grid", "psgd=0.3,1", "--lr-grid", "adam=0.03,0.1", "--lr-grid", "sgd=1,3",
+            "--out", str(out)]
+    assert _job().main(args) == 0
+    head = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("l2o_over_momentum_steps", "l2o_speedup_over_momentum", "l2o_speedup_over_momentum_2n",
+                "acc_gap_pts", "seeds", "l2o_speedup_over_momentum_lower_bound", "lrs"):
+        assert key in head, key
+    assert head["seeds"] == 2 and set(head["lrs"]) == {"psgd", "adam", "sgd"}
+    record = json.loads((out / "meta_test.json").read_text())
+    assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "config.yaml").exists()
+    assert not set(record["val_seeds"]) & set(record["seeds"])
+    assert {s for s, split in seen if split == "test"} == set(record["seeds"])
+    assert {split for s, split in seen if s in record["val_seeds"]} == {"val"}
+    for name, o in record["optimizers"].items():
+        assert [r["seed"] for r in o["runs"]] == record["seeds"] and len(o["runs"][0]["losses"]) == 60
+        assert set(o["runs"][0]["evals"]) == {"30", "60"}
+    assert record["optimizers"]["psgd"]["lr"] == record["lr_selection"]["psgd"]["lr"]
+    # a second run into the same DIR is refused; the transfer table reads the records back
+    assert _job().main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert _job().main(["--table", str(out / "meta_test.json"), str(out / "meta_test.json")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and table[2].startswith("| ?") and "digits mlp dense d=10" in table[2]
+
+
+def test_job_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Catches problems reported one at a time, a traceback, or an output directory created before the checks."""
+    out = tmp_path / "bad"
+    rc = _job().main(["quickstart", "train.projection=dense", "train.dim=10", "--weights", str(tmp_path / "none.pt"),
+                      "--lr-grid", "nosuch=1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "val_fraction" in err and "--weights" in err and "nosuch" in err
+    assert not out.exists()
