@@ -25,20 +25,36 @@ def test_combine_averages_exactly():
     """Mutation caught: a sum instead of a mean, or averaging over a different set (e.g. counting dropped ones)."""
     a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
     b = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.5])}
-    avg, dropped, norm = combine([("a", a), ("b", b)], clip=100.0, say=lambda *_: None)
+    avg, dropped, norm = combine([("a", a, None), ("b", b, None)], clip=100.0, say=lambda *_: None)
     assert dropped == []
     assert torch.equal(avg["w"], torch.tensor([2.0, 1.0])) and torch.equal(avg["b"], torch.tensor([0.25]))
-    assert norm == pytest.approx(math.sqrt(4 + 1 + 0.0625))
+    assert norm == pytest.approx((math.sqrt(5) + math.sqrt(9.25)) / 2)  # mean norm of the contributions
 
 
 def test_combine_clips_by_global_norm():
     """Mutation caught: per-tensor clipping instead of global, clipping below the limit, or no clipping."""
     g = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # global norm 5
-    avg, _, norm = combine([("a", g)], clip=1.0, say=lambda *_: None)
+    avg, _, norm = combine([("a", g, None)], clip=1.0, say=lambda *_: None)
     assert norm == pytest.approx(5.0)
     assert torch.allclose(avg["w"], torch.tensor([0.6, 0.0])) and torch.allclose(avg["b"], torch.tensor([0.8]))
-    same, _, _ = combine([("a", g)], clip=5.5, say=lambda *_: None)
+    same, _, _ = combine([("a", g, None)], clip=5.5, say=lambda *_: None)
     assert torch.equal(same["w"], g["w"]) and torch.equal(same["b"], g["b"])
+
+
+def test_combine_clips_each_optimizee_before_averaging():
+    """One optimizee 100× the other is clipped to the limit first, so it cannot steer the mean alone. Mutation
+    caught: clipping only the average (the result would be (big+small)/2 rescaled: [0.894.., 0.447..]), a
+    diverged optimizee (a reason given) kept, or its warning missing its reason."""
+    big = {"w": torch.tensor([300.0, 400.0])}  # norm 500 → clipped to [0.6, 0.8]
+    small = {"w": torch.tensor([0.2, -0.8])}  # norm 0.82 < 1: kept as is
+    said = []
+    avg, dropped, norm = combine([("big", big, None), ("small", small, None),
+                                  ("gone", {"w": torch.tensor([1e9, 0.0])}, "its loss went from 2.3 to 40")],
+                                 clip=1.0, say=said.append)
+    assert torch.allclose(avg["w"], torch.tensor([0.4, 0.0]), atol=1e-7)
+    assert dropped == ["gone"] and said == ["raysub: warning: dropped the meta-gradient of gone: its loss went "
+                                            "from 2.3 to 40"]
+    assert norm == pytest.approx((500 + math.sqrt(0.68)) / 2)
 
 
 def test_combine_drops_nonfinite_and_names_it():
@@ -48,11 +64,11 @@ def test_combine_drops_nonfinite_and_names_it():
     nan = {"w": torch.tensor([float("nan"), 1.0])}
     inf = {"w": torch.tensor([1.0, float("inf")])}
     said = []
-    avg, dropped, _ = combine([("opt 1", good), ("opt 2", nan), ("opt 3", inf)], clip=10.0, say=said.append)
+    avg, dropped, _ = combine([("opt 1", good, None), ("opt 2", nan, None), ("opt 3", inf, None)], clip=10.0, say=said.append)
     assert dropped == ["opt 2", "opt 3"]
     assert torch.equal(avg["w"], torch.tensor([1.0, 1.0]))
     assert len(said) == 2 and "opt 2" in said[0] and "opt 3" in said[1]
-    none, dropped, norm = combine([("opt 2", nan)], clip=10.0, say=said.append)
+    none, dropped, norm = combine([("opt 2", nan, None)], clip=10.0, say=said.append)
     assert none is None and dropped == ["opt 2"] and math.isnan(norm)
 
 
@@ -73,6 +89,28 @@ def test_select_fastest_within_accuracy_tolerance():
 
 
 # -- optimizees ------------------------------------------------------------------------------------------
+
+def test_diverging_optimizee_is_flagged_and_replaced(tmp_path):
+    """A φ taking steps of 1000 per coordinate drives the loss far above 10× its value at z0 in one unroll: the
+    result says why (diverged, the two losses) and a fresh optimizee takes the slot; the same worker with a sane
+    φ flags nothing. Mutation caught: the factor compared against the wrong loss (the unroll's first instead of
+    z0's), divergence never flagged (a runaway optimizee's meta-gradient kept feeding the learner), or a
+    flagged optimizee left in place."""
+    from raysub.l2o.train import DIVERGED_FACTOR, initial_phi
+
+    cfg = tiny_cfg(tmp_path, "l2o.steps=20", "l2o.unroll=5", "l2o.optimizees=1", "l2o.actors=1",
+                   "l2o.step_scale=1000", "l2o.init_gain=1")
+    w = OptimizeeWorker(cfg.to_dict(), [0])
+    first = w.live[0]
+    r = w.unroll(initial_phi(cfg))[0]
+    assert r["diverged"] and r["done"] and "diverged" in r["diverged"] and w.live[0] is not first
+    assert max(r["losses"]) > DIVERGED_FACTOR * first.loss_start
+    sane = tiny_cfg(tmp_path, "l2o.steps=20", "l2o.unroll=5", "l2o.optimizees=1", "l2o.actors=1",
+                    "l2o.step_scale=0.01")
+    w = OptimizeeWorker(sane.to_dict(), [0])
+    r = w.unroll(initial_phi(sane))[0]
+    assert r["diverged"] is None and not r["done"]
+
 
 def test_finished_optimizee_is_replaced_with_new_seed(tmp_path):
     """N=4, T=2: the optimizee is done after its 2nd unroll and replaced by one with a new seed and z0.

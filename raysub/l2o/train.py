@@ -39,6 +39,7 @@ SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
 VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
 # may change on --resume: a longer budget, another split of the optimizees over the actors
 CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
+DIVERGED_FACTOR = 10.0  # an optimizee whose loss exceeds 10× its loss at z0 has diverged (dropped, replaced)
 RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")  # optimizee states are kept by slot
 
 
@@ -135,6 +136,7 @@ class Optimizee:
         self.step = 0
         self.epoch, self.cursor, self.order = 0, 0, None
         self.loss = self.g = None
+        self.loss_start: Optional[float] = None  # the loss at z0: `DIVERGED_FACTOR` × it means diverged
 
     @property
     def name(self) -> str:
@@ -192,7 +194,7 @@ class OptimizeeWorker:
         for s, o in self.live.items():
             out[s] = {"serial": o.serial, "generation": self.generation[s], "z": o.z, "state": o.state,
                       "step": o.step, "epoch": o.epoch, "cursor": o.cursor, "started": o.order is not None,
-                      "loss": o.loss, "g": o.g, "horizon": o.horizon}
+                      "loss": o.loss, "g": o.g, "horizon": o.horizon, "loss_start": o.loss_start}
         return out
 
     def _restore(self, slot: int, st: Dict[str, Any]) -> None:
@@ -200,7 +202,7 @@ class OptimizeeWorker:
 
         o = Optimizee(self.cfg, self.tasks[slot], st["serial"], self.config, st.get("horizon"))
         o.z, o.state, o.step, o.loss, o.g = st["z"], st["state"], st["step"], st["loss"], st["g"]
-        o.epoch, o.cursor = st["epoch"], st["cursor"]
+        o.epoch, o.cursor, o.loss_start = st["epoch"], st["cursor"], st.get("loss_start")
         if st["started"]:
             batch = self.cfg.train.batch_size or self.cfg.data.batch_size
             o.order = epoch_batches(o.task.data.size("train"), batch, o.seed, o.epoch, 0, 1)
@@ -239,13 +241,20 @@ class OptimizeeWorker:
             batches = opt.next_batches(n)
             if opt.g is None:
                 opt.loss, opt.g = start(opt.task, opt.z, batches[0])
+            if opt.loss_start is None:
+                opt.loss_start = float(opt.loss)
             u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g)
             opt.z, opt.state, opt.loss, opt.g = u.z, u.state, u.loss, u.g
             opt.step += n
             # a diverged optimizee (its meta-gradient is dropped by `combine`) is replaced at once
-            done = opt.step >= opt.horizon or not math.isfinite(float(u.loss))
+            last = float(u.loss)
+            diverged = None
+            if not math.isfinite(last) or last > DIVERGED_FACTOR * opt.loss_start:
+                diverged = (f"its loss went from {opt.loss_start:.4g} to {last:.4g} (> {DIVERGED_FACTOR:g}×): "
+                            f"diverged; replaced by a fresh optimizee")
+            done = opt.step >= opt.horizon or diverged is not None
             out.append({"name": opt.name, "serial": opt.serial, "seed": opt.seed, "grads": u.grads,
-                        "losses": u.losses, "meta_loss": u.meta_loss, "done": done})
+                        "losses": u.losses, "meta_loss": u.meta_loss, "done": done, "diverged": diverged})
             if done:
                 self.live[s] = self._fresh(s)
         return out
@@ -284,32 +293,37 @@ def _actor_class(num_cpus: float):
 # ---------------------------------------------------------------------------------------------------------
 # the learner
 
-def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor]]], clip: float, say=print
+def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor], Optional[str]]], clip: float, say=print
             ) -> Tuple[Optional[Dict[str, torch.Tensor]], List[str], float]:
-    """Average the meta-gradients of the optimizees, dropping non-finite ones, clipped by global norm.
+    """Average the optimizees' meta-gradients, each clipped to global norm ``clip`` first; drop the bad ones.
+
+    Clipping each contribution (not only the average) keeps one optimizee whose loss is taking off — its
+    meta-gradient can be 10⁶× the others' — from steering φ alone.
 
     Args:
-        contributions: (optimizee name, meta-grad dict) pairs, all dicts with the same keys.
-        clip: The largest global L2 norm of the average (scaled down to it when above).
+        contributions: (optimizee name, meta-grad dict, why it is dropped or None) triples, dicts with the same
+            keys; a contribution with non-finite values is dropped too.
+        clip: The largest global L2 norm of one optimizee's meta-gradient.
 
     Returns:
-        (the clipped average, or None when every contribution was dropped; the names dropped; the average's
-        norm before clipping (nan when none)).
+        (the average, or None when every contribution was dropped; the names dropped; the mean of the kept
+        contributions' norms before clipping (nan when none)).
     """
-    kept, dropped = [], []
-    for name, grads in contributions:
-        if all(bool(torch.isfinite(v).all()) for v in grads.values()):
-            kept.append(grads)
-        else:
+    kept, dropped, norms = [], [], []
+    for name, grads, why in contributions:
+        if why is None and not all(bool(torch.isfinite(v).all()) for v in grads.values()):
+            why = "non-finite values"
+        if why is not None:
             dropped.append(name)
-            say(f"raysub: warning: dropped the meta-gradient of {name}: non-finite values")
+            say(f"raysub: warning: dropped the meta-gradient of {name}: {why}")
+            continue
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in grads.values()))
+        norms.append(norm)
+        kept.append({k: v.double() * (clip / norm if norm > clip else 1.0) for k, v in grads.items()})
     if not kept:
         return None, dropped, float("nan")
-    avg = {k: torch.stack([g[k].double() for g in kept]).mean(0).to(kept[0][k].dtype) for k in kept[0]}
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in avg.values()))
-    if norm > clip:
-        avg = {k: v * (clip / norm) for k, v in avg.items()}
-    return avg, dropped, norm
+    avg = {k: torch.stack([g[k] for g in kept]).mean(0).to(contributions[0][1][k].dtype) for k in kept[0]}
+    return avg, dropped, sum(norms) / len(norms)
 
 
 def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Optional[int]:
@@ -451,7 +465,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             while meta_step < lc.meta_steps:
                 phi_ref = ray.put({k: v.detach() for k, v in phi.items()})
                 results = [r for rs in ray.get([a.unroll.remote(phi_ref) for a in actors]) for r in rs]
-                avg, dropped, norm = combine([(r["name"], r["grads"]) for r in results], lc.grad_clip, say)
+                avg, dropped, norm = combine([(r["name"], r["grads"], r["diverged"]) for r in results], lc.grad_clip,
+                                              say)
                 if avg is not None:
                     adam.zero_grad(set_to_none=False)
                     for k, v in phi.items():
