@@ -262,3 +262,36 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, ray_session):
     nowall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert nowall(ca["history"]["meta"]) == nowall(cb["history"]["meta"])
     assert cb["optimizees"][0]["step"] == ca["optimizees"][0]["step"] == 2  # 4 unrolls of 2 = 6 + 2
+
+
+def test_adam_like_start_has_live_hidden_units(tmp_path):
+    """adam_like: unit 0 is the hand-built tanh-clipped Adam (gain l2o.init_gain), biases and recurrent weights
+    are exactly those of `adam_like_params`, and units 1.. have small random input and output weights — so
+    they get meta-gradient and the first steps are within 1% of the hand-built ones. Mutation caught: noise on
+    the biases (a constant drift: every coordinate pushed the same way), no noise (units 1.. dead for good:
+    their output weights' gradient is 0), init_gain not passed on."""
+    from raysub.l2o.lstm import adam_like_params, init_state, update
+    from raysub.l2o.meta import unroll_meta_grad
+    from raysub.l2o.train import initial_phi, opt_config
+
+    cfg = tiny_cfg(tmp_path, "l2o.init_gain=0.3", "l2o.step_scale=0.5")
+    config = opt_config(cfg)
+    phi, hand = initial_phi(cfg), adam_like_params(config, gain=0.3)
+    h = config.hidden_size
+    assert torch.equal(phi["lstm.bias"], hand["lstm.bias"]) and torch.equal(phi["lstm.weight_hh"], hand["lstm.weight_hh"])
+    unit0 = [0, h, 2 * h, 3 * h]
+    assert torch.equal(phi["lstm.weight_ih"][unit0], hand["lstm.weight_ih"][unit0])
+    assert phi["out.weight"][0] == hand["out.weight"][0] == -0.3 / 0.05
+    assert (phi["out.weight"][1:] != 0).all() and (phi["lstm.weight_ih"][h + 1 : 2 * h] != 0).all()
+    g = torch.tensor([0.3, -1.0, 2.0, 0.01])
+    s1, s2 = init_state(config, 4), init_state(config, 4)
+    for _ in range(3):
+        d1, s1 = update(phi, config, g, s1)
+        d2, s2 = update(hand, config, g, s2)
+        assert torch.allclose(d1, d2, rtol=0.01, atol=1e-4)
+
+    def quad(z, batch):  # L = ½‖z − 1‖², its gradient z − 1
+        return 0.5 * ((z - 1) ** 2).sum(), z - 1
+
+    u = unroll_meta_grad(phi, config, quad, torch.zeros(4), init_state(config, 4), [None] * 3)
+    assert (u.grads["out.weight"][1:].abs() > 0).all()  # units 1.. learn
