@@ -27,12 +27,12 @@ How long it takes
 
 How to run
     locally (single process; --threads 1 is the steadier choice on a shared machine):
-        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=/work/runs/fm_lenet train.dim=40 \
+        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=runs/fashion_mnist_lenet train.dim=40 \
             train.batch_size=128 data.val_fraction=0.1 --weights runs/fm_l2o --steps 200 --out runs/fm_meta_test
         python jobs/l2o_meta_test.py quickstart train.projection=dense train.dim=10 data.val_fraction=0.2 \
             --weights adam_like --steps 30 --horizons 1,2 --seeds 2 --out /tmp/mt   # hand-built φ, digits
         # transfer: φ meta-trained elsewhere (the MLP task, or d = 15), meta-tested on LeNet-5 at d = 40
-        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=/work/runs/fm_lenet train.dim=40 \
+        python jobs/l2o_meta_test.py fashion_mnist_lenet train.basis_run=runs/fashion_mnist_lenet train.dim=40 \
             train.batch_size=128 data.val_fraction=0.1 --weights runs/fm_mlp_l2o --steps 200 --out runs/mlp_to_lenet
         python jobs/l2o_meta_test.py --table runs/fm_meta_test/meta_test.json runs/mlp_to_lenet/meta_test.json \
             --out runs/transfer

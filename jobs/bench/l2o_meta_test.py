@@ -25,7 +25,7 @@ How long it takes
     a quiet machine should take a fraction of that. It scales with N (N = 1000: 5×).
 
 How to run
-    locally:       python jobs/bench/l2o_meta_test.py [--basis-run /work/runs/fm_lenet] [--weights RUN]
+    locally:       python jobs/bench/l2o_meta_test.py [--basis-run runs/fashion_mnist_lenet] [--weights RUN]
                    [--steps 200] [--seeds 3] [--out DIR] [key=value ...]
     on a cluster:  ray job submit --working-dir . -- python jobs/bench/l2o_meta_test.py --basis-run /shared/fm_lenet
                    (single process, no Ray needed: it runs where the driver lands; the basis run must be there.)
@@ -53,7 +53,8 @@ TASK = ["train.projection=dldr", "train.dim=40", "train.batch_size=128", "data.v
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--basis-run", default="/work/runs/fm_lenet", help="the DLDR run (LeNet-5 FMNIST, d ≥ 40)")
+    parser.add_argument("--basis-run", default="runs/fashion_mnist_lenet",
+                        help="the DLDR run (LeNet-5 FMNIST, d ≥ 40): raysub run fashion_mnist_lenet data.val_fraction=0.1")
     parser.add_argument("--config", default="fashion_mnist_lenet")
     parser.add_argument("--weights", help="φ: meta-training run dir or weights.pt (default: hand-built Adam-like)")
     parser.add_argument("--steps", type=int, help="N (default: the meta-training run's l2o.steps, else 200)")
