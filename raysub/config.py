@@ -151,6 +151,8 @@ class L2OConfig:
     z0_std: float = field(default=0.0, metadata={"help": "σ of the random start z0 ~ N(0, σ²) (0: z0 = 0)"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm clip of the averaged meta-gradient"})
     init: str = field(default="adam_like", metadata={"help": "φ's start: adam_like (tanh-clipped Adam) | random"})
+    meta_loss: str = field(default="sum", metadata={
+        "help": "meta-loss of an unroll: sum (Σ L_t, SL2O) | log (Σ log L_t: late progress weighs as much as early)"})
     select_tolerance: float = field(default=0.005, metadata={
         "help": "best φ: the fastest (mean convergence step) of those within this val accuracy of the best"})
     init_gain: float = field(default=1.0, metadata={

@@ -308,12 +308,12 @@ def make_batches(num, size, seed=0):
             for _ in range(num)]
 
 
-def full_backprop(task, params, cfg, z0, state0, loss0, g0, batches):
+def full_backprop(task, params, cfg, z0, state0, loss0, g0, batches, log_loss=False):
     """The reference: the unroll with ONE graph from φ through z_t into each L(z_t) (the network's forward kept),
-    the LSTM's gradient inputs detached; returns (Σ L_t, dΣL/dφ)."""
+    the LSTM's gradient inputs detached; returns (Σ L_t, dΣL/dφ) — or d Σ log L_t/dφ with ``log_loss``."""
     phi = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     sub = task.sub
-    z, state, g, total = z0.clone(), state0, g0, 0
+    z, state, g, total, logs = z0.clone(), state0, g0, 0, 0
     for x, y in batches:
         delta, state = update(phi, cfg, g, state)
         z = z + delta
@@ -323,7 +323,8 @@ def full_backprop(task, params, cfg, z0, state0, loss0, g0, batches):
         (g,) = torch.autograd.grad(loss, z, retain_graph=True)
         g = g.detach()
         total = total + loss
-    grads = torch.autograd.grad(total, list(phi.values()))
+        logs = logs + torch.log(loss)
+    grads = torch.autograd.grad(logs if log_loss else total, list(phi.values()))
     return float(total.detach()), dict(zip(phi, grads))
 
 
@@ -331,19 +332,21 @@ def flat(grads):
     return torch.cat([grads[k].reshape(-1) for k in sorted(grads)])
 
 
-@pytest.mark.parametrize("T", [1, 5])
-def test_meta_gradient_equals_full_backprop_through_the_unroll(T):
+@pytest.mark.parametrize("T, log_loss", [(1, False), (5, False), (5, True)])
+def test_meta_gradient_equals_full_backprop_through_the_unroll(T, log_loss):
     """d = 8, a 6→16→3 MLP in float64, T = 1 and 5, from a state two steps in (h, c, t ≠ 0) and z0 ≠ 0: the
     surrogate Σ⟨stopgrad(g_t), z_t(φ)⟩ gives the meta-gradient of full backprop (≤ 1e-5 relative; it is ~1e-13)
     and the same meta-loss. Catches: an index shift in the surrogate (⟨g_{t+1}, z_t⟩, or Algorithm 1's L(z_0) …
-    L(z_{T−1}), whose gradient is 0 at T = 1), the state or z not carried, the last loss dropped."""
+    L(z_{T−1}), whose gradient is 0 at T = 1), the state or z not carried, the last loss dropped; with
+    ``log_loss`` (Σ log L_t), g_t not divided by L_t, or divided by the wrong step's loss."""
     task, cfg = mlp_task(), LearnedOptimizerConfig(hidden_size=6, step_scale=0.5)
     params = init_params(cfg, seed=10, dtype=F64)
     batches = make_batches(T + 3, 12)
     z0 = 0.1 * torch.randn(8, generator=torch.Generator().manual_seed(11), dtype=F64)
     warm = unroll_meta_grad(params, cfg, task, z0, init_state(cfg, 8, F64), batches[:2])
-    out = unroll_meta_grad(params, cfg, task, warm.z, warm.state, batches[2:2 + T], loss0=warm.loss, g0=warm.g)
-    meta, ref = full_backprop(task, params, cfg, warm.z, warm.state, warm.loss, warm.g, batches[2:2 + T])
+    out = unroll_meta_grad(params, cfg, task, warm.z, warm.state, batches[2:2 + T], loss0=warm.loss, g0=warm.g,
+                           log_loss=log_loss)
+    meta, ref = full_backprop(task, params, cfg, warm.z, warm.state, warm.loss, warm.g, batches[2:2 + T], log_loss)
     assert out.meta_loss == pytest.approx(meta, rel=1e-12) and len(out.losses) == T
     a, b = flat(out.grads), flat(ref)
     assert float(b.norm()) > 1e-3

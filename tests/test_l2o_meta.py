@@ -154,6 +154,9 @@ def test_staggered_horizons(tmp_path):
     ("l2o.z0_std=-0.5", "l2o.z0_std=-0.5"),
     ("l2o.features=[x]", "unknown 'x'"),
     ("data.val_fraction=0", "data.val_fraction=0"),
+    ("l2o.meta_loss=mean", "l2o.meta_loss='mean': choose sum"),
+    ("l2o.select_tolerance=2", "l2o.select_tolerance=2"),
+    ("l2o.init_gain=0", "l2o.init_gain=0"),
 ])
 def test_config_bad_input_is_one_line(tmp_path, override, needle):
     """Mutation caught: a missing check (T > N, zero optimizees/actors, no validation split, bad features) or a

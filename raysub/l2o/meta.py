@@ -66,7 +66,8 @@ def _detached(state: State) -> State:
 
 def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, task_or_fn,
                      z0: torch.Tensor, state0: State, batches: Sequence[Any], *,
-                     loss0: Optional[torch.Tensor] = None, g0: Optional[torch.Tensor] = None) -> Unroll:
+                     loss0: Optional[torch.Tensor] = None, g0: Optional[torch.Tensor] = None,
+                     log_loss: bool = False) -> Unroll:
     """Run T = len(batches) steps of the learned rule and return the meta-loss and dMeta/dφ (module docstring).
 
     Args:
@@ -78,6 +79,11 @@ def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimiz
         batches: T batches; batch t evaluates z_{t+1}.
         loss0, g0: (L(z_0), g_0) from the previous unroll's ``loss``/``g`` or from `start`; both None:
             evaluated here on ``batches[0]`` first (then that batch is used twice).
+        log_loss: Differentiate Σ_t log L_t instead of Σ_t L_t (``l2o.meta_loss: log``): with the same constant
+            gradient inputs, ∂ log L_t/∂φ = (g_t / L_t)ᵀ ∂z_t/∂φ, so the surrogate's g_t is divided by L_t. Every
+            unroll then weighs by its relative progress: late in training, where the losses are small, counts as
+            much as the first steps (with Σ L_t the first unrolls dominate the meta-gradient). ``meta_loss`` still
+            reports Σ L_t.
 
     Returns:
         An `Unroll`.
@@ -101,7 +107,8 @@ def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimiz
             loss, g = f(z.detach(), batch)
             loss, g = loss.detach(), g.detach()
             losses.append(float(loss))
-            surrogate = surrogate + torch.dot(g.to(z.dtype), z)  # ∂/∂φ of this term = g_tᵀ ∂z_t/∂φ
+            w = g / loss if log_loss else g  # ∂/∂φ of this term = w_tᵀ ∂z_t/∂φ
+            surrogate = surrogate + torch.dot(w.to(z.dtype), z)
         keys = list(phi)
         grads = torch.autograd.grad(surrogate, [phi[k] for k in keys], allow_unused=True)
     grads = {k: (torch.zeros_like(phi[k]) if gr is None else gr) for k, gr in zip(keys, grads)}

@@ -66,6 +66,8 @@ def l2o_problems(cfg) -> List[str]:
     if lc.actors > 0 and lc.optimizees > 0 and lc.actors > lc.optimizees:
         problems.append(f"l2o.actors={lc.actors} exceeds l2o.optimizees={lc.optimizees}: an actor would own no "
                         f"optimizee; lower l2o.actors or raise l2o.optimizees")
+    if lc.meta_loss not in ("sum", "log"):
+        problems.append(f"l2o.meta_loss={lc.meta_loss!r}: choose sum (Σ L_t, SL2O) or log (Σ log L_t)")
     if lc.init not in ("adam_like", "random"):
         problems.append(f"l2o.init={lc.init!r}: choose adam_like or random")
     elif lc.init == "adam_like" and "m" not in lc.features:
@@ -243,7 +245,8 @@ class OptimizeeWorker:
                 opt.loss, opt.g = start(opt.task, opt.z, batches[0])
             if opt.loss_start is None:
                 opt.loss_start = float(opt.loss)
-            u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g)
+            u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g,
+                                 log_loss=lc.meta_loss == "log")
             opt.z, opt.state, opt.loss, opt.g = u.z, u.state, u.loss, u.g
             opt.step += n
             # a diverged optimizee (its meta-gradient is dropped by `combine`) is replaced at once
