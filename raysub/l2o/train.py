@@ -356,6 +356,20 @@ def _mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, An
             "seeds": [r["seed"] for r in rows]}
 
 
+def checked_plan(cfg, problems: List[str]) -> Dict[str, Any]:
+    """`raysub.pipeline.plan.plan` of ``cfg`` (the task: data, model, projection), or ConfigError with its problems
+    and ``problems`` (the l2o sections' own) together, so every bad input shows at once."""
+    from raysub.pipeline.plan import plan
+
+    try:
+        info = plan(cfg)
+    except ConfigError as exc:
+        raise ConfigError(list(exc.problems) + problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return info
+
+
 def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                on_validation: Optional[Callable[[Dict[str, Any], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """``raysub l2o meta-train``: meta-train φ on Ray under the run directory's lock; returns the history.
@@ -371,18 +385,11 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
     from raysub.engine.cluster import ensure_ray
     from raysub.l2o.weights import save_learned_optimizer
     from raysub.lock import run_lock
-    from raysub.pipeline.plan import plan
     from raysub.pipeline.records import commit, init_run, prepare_run_dir
     from raysub.pipeline.run import check_train_projection
     from raysub.storage import RunDir
 
-    problems = l2o_problems(cfg)
-    try:
-        info = plan(cfg)
-    except ConfigError as exc:
-        raise ConfigError(list(exc.problems) + problems) from None
-    if problems:
-        raise ConfigError(problems)
+    info = checked_plan(cfg, l2o_problems(cfg))
     lc = cfg.l2o
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri

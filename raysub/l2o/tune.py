@@ -117,17 +117,11 @@ def plan_tune(cfg) -> Dict[str, Any]:
     Raises:
         ConfigError: every problem found, in one message.
     """
-    from raysub.pipeline.plan import plan
+    from raysub.l2o.train import checked_plan
     from raysub.pipeline.run import check_train_projection
     from raysub.storage import RunDir
 
-    problems = tune_problems(cfg)
-    try:
-        info = plan(cfg)
-    except ConfigError as exc:
-        raise ConfigError(list(exc.problems) + problems) from None
-    if problems:
-        raise ConfigError(problems)
+    info = checked_plan(cfg, tune_problems(cfg))
     # an optimizee task whose projection reads a basis needs train.basis_run (as for meta-train)
     check_train_projection(cfg, info["num_params"], RunDir(cfg.run_dir), own_basis=False)
     return {"num_params": info["num_params"],
