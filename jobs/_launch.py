@@ -27,7 +27,6 @@ Token auth (Ray 2.60 turns it on for ``ray start --head`` whenever a token exist
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -122,11 +121,3 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) 
     if on_cluster() and "-h" not in flags and "--help" not in flags:
         warn_local_run_dir(run_dir_of(command, positionals))
     return main([command, *positionals, *cluster_overrides(positionals), *flags])
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``PROG: error: …``, and exit 2 (argparse would print the usage too)."""
-
-    def error(self, message):
-        print(f"{self.prog.split('/')[-1].removesuffix('.py')}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)

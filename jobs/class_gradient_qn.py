@@ -61,9 +61,6 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # jobs/_launch.py, also when loaded by path
-from _launch import OneLineParser  # noqa: E402
-
 PROG = "class_gradient_qn"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "raysub", "configs", "fashion_mnist_lenet_cgqn.yaml")
@@ -71,8 +68,14 @@ ARMS = ("cgqn", "sgd", "cgqn_undamped")
 PLOT = "plots/cgqn_vs_sgd.png"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = OneLineParser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
     p.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
                    help="YAML config (default: the shipped fashion_mnist_lenet_cgqn), then dotted overrides")
     p.add_argument("--arms", default="cgqn,sgd",

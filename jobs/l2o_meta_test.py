@@ -59,14 +59,17 @@ import os
 import sys
 from typing import Dict, List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # jobs/_launch.py, also when loaded by path
-from _launch import OneLineParser  # noqa: E402
-
 PROG = "l2o_meta_test"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = OneLineParser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog=f"python jobs/{PROG}.py", description=__doc__.split("\n\n")[0])
     p.add_argument("args", nargs="*", metavar="CONFIG [key=value]", help="the task's config, then dotted overrides")
     p.add_argument("--weights", help="φ: weights.pt, a meta-training run directory, or adam_like")
     p.add_argument("--steps", type=int, help="N, the meta-training horizon (default l2o.steps)")
