@@ -137,6 +137,27 @@ def test_psgd_parity_two_workers_match_one(basis_run):
     assert RunDir(basis_run).exists("plots/test_accuracy.png")
 
 
+def test_l2o_parity_two_workers_match_one(basis_run, tmp_path):
+    """Meta-testing is an ordinary `raysub train`: the learned optimizer under DDP (2 workers, each stepping with
+    the all-reduced gradient) ends at the z of 1 worker with the same global batch. Mutation caught: a rank
+    stepping with its local gradient (the LSTM state and z drift apart between ranks and from 1 worker), or
+    the optimizer's state not restored/broadcast the same on every rank."""
+    from raysub.l2o import LearnedOptimizerConfig, adam_like_params, save_learned_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=4, step_scale=0.1)
+    weights = str(tmp_path / "weights.pt")
+    save_learned_optimizer(weights, config, adam_like_params(config))
+    z = {}
+    for workers in (1, 2):
+        label = f"l2o_w{workers}"
+        pipeline.stage_train(basis_run, [f"cluster.num_workers={workers}", f"train.label={label}",
+                                         "train.optimizer=l2o", f"train.optimizer_options={{weights: {weights}}}"],
+                             say=quiet)
+        z[workers] = RunDir(basis_run).read_torch(f"train/{label}.pt")["z"]
+    assert float(z[1].norm()) > 0
+    torch.testing.assert_close(z[2], z[1], rtol=1e-4, atol=1e-5)
+
+
 def test_train_refuses_existing_label_and_bad_dim(basis_run):
     with pytest.raises(ConfigError, match="--overwrite"):
         pipeline.stage_train(basis_run, ["train.label=psgd_w1"], say=quiet)
