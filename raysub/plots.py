@@ -115,7 +115,8 @@ def plot_l2o(run, history: Dict[str, Any]) -> None:
     if conv:
         cx.plot(*zip(*conv), marker="x", color="tab:red", label="convergence step")
     cx.set_ylabel("convergence step (SL2O §4.1)")
-    bx.legend(loc="lower right")
+    handles = [h for axis in (bx, cx) for h in axis.get_legend_handles_labels()[0]]
+    bx.legend(handles=handles, loc="center right", framealpha=0.8)  # both axes' lines in one legend
     bx.grid(alpha=0.3)
     _save(run, "l2o/curves.png", fig)
 
