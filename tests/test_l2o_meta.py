@@ -298,3 +298,24 @@ def test_adam_like_start_has_live_hidden_units(tmp_path):
 
     u = unroll_meta_grad(phi, config, quad, torch.zeros(4), init_state(config, 4), [None] * 3)
     assert (u.grads["out.weight"][1:].abs() > 0).all()  # units 1.. learn
+
+
+def test_meta_validation_reads_train_and_val_never_test(tmp_path, monkeypatch):
+    """A validation runs N steps on training batches, then evaluates on the held-out ``val`` split; the test
+    split is never touched (the reference code selects φ on test). Mutation caught: evaluating on "test", or
+    training the validation optimizee on val batches."""
+    import raysub.engine.task as task_mod
+    from raysub.l2o.train import initial_phi
+
+    cfg = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=1", "l2o.actors=1")
+    w = OptimizeeWorker(cfg.to_dict(), [0])
+    evaluated, batched = [], []
+    real_eval = task_mod.evaluate_task
+    monkeypatch.setattr(task_mod, "evaluate_task", lambda task, z, split, *a, **k: (
+        evaluated.append(split), real_eval(task, z, split, *a, **k))[1])
+    data = w.tasks[0].data
+    real_batches = data.batches
+    monkeypatch.setattr(data, "batches", lambda split, *a, **k: (batched.append(split), real_batches(split, *a, **k))[1])
+    row = w.validate(initial_phi(cfg), 500_000)
+    assert evaluated == ["val"] and set(batched) == {"train", "val"} and len(row["losses"]) == 6
+    assert batched.index("val") == len(batched) - batched[::-1].count("val")  # val read only after training
