@@ -98,11 +98,12 @@ def warn_local_run_dir(run_dir: Optional[str]) -> None:
           file=sys.stderr, flush=True)
 
 
-def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) -> int:
-    """``raysub COMMAND [config] ARGV... [cluster.address=auto]``; returns the exit status.
+def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None, subcommand: Optional[str] = None
+            ) -> int:
+    """``raysub COMMAND [SUBCOMMAND] [config] ARGV... [cluster.address=auto]``; returns the exit status.
 
     Args:
-        command: run | sample | basis | train | sweep.
+        command: run | sample | basis | train | sweep | l2o (with ``subcommand`` meta-train or tune).
         argv: The job's own arguments (positionals and flags in any order).
         config: A fixed config placed before ``argv`` (jobs that ship one config).
     """
@@ -120,4 +121,5 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None) 
         positionals = [config, *positionals]
     if on_cluster() and "-h" not in flags and "--help" not in flags:
         warn_local_run_dir(run_dir_of(command, positionals))
-    return main([command, *positionals, *cluster_overrides(positionals), *flags])
+    return main([command, *([subcommand] if subcommand else []), *positionals, *cluster_overrides(positionals),
+                 *flags])

@@ -115,6 +115,9 @@ def _load_job(name: str, monkeypatch):
         ("basis", ["/runs/a", "basis.dim=5"], {"RAY_ADDRESS": "auto"},
          ["basis", "/runs/a", "basis.dim=5", "cluster.address=auto"]),
         ("train", ["s3://b/r", "--resume"], {}, ["train", "s3://b/r", "--resume"]),
+        ("l2o_meta_train", ["l2o_fashion_mnist_lenet", "--resume", "l2o.actors=4"], {"RAY_ADDRESS": "auto"},
+         ["l2o", "meta-train", "l2o_fashion_mnist_lenet", "l2o.actors=4", "cluster.address=auto", "--resume"]),
+        ("l2o_tune", ["l2o_tune_digits"], {}, ["l2o", "tune", "l2o_tune_digits"]),
     ],
 )
 def test_job_builds_cli_arguments(job, argv, env, expected, monkeypatch, ray_state):
