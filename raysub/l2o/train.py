@@ -382,25 +382,14 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
     """
     import ray
 
-    from raysub.engine.cluster import ensure_ray
     from raysub.l2o.weights import save_learned_optimizer
-    from raysub.lock import run_lock
-    from raysub.pipeline.records import commit, init_run, prepare_run_dir
-    from raysub.pipeline.run import check_train_projection
-    from raysub.storage import RunDir
+    from raysub.pipeline.records import commit
+    from raysub.pipeline.run import new_subspace_run
 
     info = checked_plan(cfg, l2o_problems(cfg))
     lc = cfg.l2o
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri
-    if cfg.train.basis_run:
-        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg, RESUME_SAFE)
-        # an optimizee task whose projection reads a basis needs train.basis_run (this run has none of its own)
-        check_train_projection(cfg, info["num_params"], run, own_basis=False)
-        ensure_ray(cfg)
-        manifest = init_run(cfg, info, resuming, overwrite)  # θ0.pt (every optimizee's), config, manifest
+    # θ0.pt (every optimizee's), config, manifest; an optimizee task reading a basis needs train.basis_run
+    with new_subspace_run(cfg, info, resume, overwrite, RESUME_SAFE, say) as (run, resuming, manifest):
         manifest["config"] = cfg.to_dict()  # a resumed run records the budget it now runs to
         config = opt_config(cfg)
         phi = {k: v.clone().requires_grad_(True) for k, v in initial_phi(cfg).items()}

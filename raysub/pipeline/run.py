@@ -9,6 +9,7 @@ run's manifest (`raysub.pipeline.records`), so a kill at any point leaves the ol
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -291,20 +292,32 @@ def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False
                       ) -> Dict[str, Any]:
     """A subspace training that needs no sampled trajectory (a random or full-parameter family, or a basis
     from ``train.basis_run``): create the run directory (θ0, config, manifest), then `stage_train`."""
+    with new_subspace_run(cfg, plan(cfg), resume, overwrite, STAGE_CHECKED, say) as (run, resuming, _):
+        return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)
+
+
+@contextlib.contextmanager
+def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite: bool, resume_safe: Sequence[str],
+                     say: Printer = print):
+    """Open a run directory whose training reads no trajectory of its own (``raysub train CONFIG``, ``raysub l2o
+    meta-train``) under its lock: normalise run_dir and train.basis_run to URIs, check resume/overwrite against
+    the stored config (``resume_safe``: the keys that may change), check that a family reading a basis has
+    ``train.basis_run`` (before Ray starts), start or join Ray, write θ0, the config and the manifest.
+
+    Yields:
+        (the RunDir, whether this resumes, the manifest of `init_run`).
+    """
     from raysub.engine.cluster import ensure_ray
 
-    info = plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
     if cfg.train.basis_run:
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
     with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
-        # before Ray starts; a new run has no basis of its own, so a family that reads one needs train.basis_run
+        resuming = prepare_run_dir(run, resume, overwrite, cfg, resume_safe)
         check_train_projection(cfg, info["num_params"], run, own_basis=False)
         ensure_ray(cfg)
-        init_run(cfg, info, resuming, overwrite)
-        return stage_train(run.uri, resume=resuming, overwrite=overwrite, say=say, cfg=cfg)
+        yield run, resuming, init_run(cfg, info, resuming, overwrite)
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print) -> Dict[str, Any]:
