@@ -72,11 +72,26 @@ class SampleConfig:
     epochs: int = field(default=15, metadata={"help": "snapshot window: the first N epochs of the SGD run"})
     snapshots_per_epoch: int = field(default=1, metadata={"help": "uniformly spaced snapshots per epoch"})
     snapshot_every_steps: int = field(default=0, metadata={"help": ">0: snapshot every k steps instead"})
+    stream_gram: bool = field(
+        default=False, metadata={"help": "build the trajectory's Gram while sampling (the basis needs no Gram pass)"})
+    stream_gram_budget_mb: float = field(
+        default=1024.0, metadata={"help": "per-rank memory for the streamed snapshots; beyond it: post-hoc Gram"})
+    stop: str = field(default="fixed", metadata={
+        "help": "fixed: sample.epochs; adaptive: end the window when the subspace stops moving (≤ sample.epochs)"})
+    stop_threshold: float = field(default=0.5, metadata={
+        "help": "adaptive: end when the last epoch's displacement outside the top-d subspace is ≤ this fraction"})
+    stop_patience: int = field(default=1, metadata={"help": "adaptive: consecutive checks below the threshold"})
+    min_snapshots: int = field(default=0, metadata={
+        "help": "adaptive: snapshots before the window may end (0: basis.dim + 1)"})
+    write_basis: bool = field(default=False, metadata={
+        "help": "with stream_gram: ranks write the basis (basis.dim) at the window's end; no basis stage read"})
 
 
 @dataclass
 class BasisConfig:
     dim: int = field(default=15, metadata={"help": "principal components computed and stored (d)"})
+    gram: str = field(default="auto", metadata={
+        "help": "auto: the sampler's streamed Gram when the run has one, else a Gram pass; posthoc: always the pass"})
 
 
 @dataclass
@@ -539,6 +554,8 @@ def schema_problems(cfg: Config) -> List[str]:
             f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "
             "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
         )
+    if cfg.basis.gram not in ("auto", "posthoc"):
+        problems.append(f"basis.gram={cfg.basis.gram!r}: choose auto or posthoc")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
         problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
     return problems

@@ -155,3 +155,32 @@ def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") ->
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(run, rel, fig)
+
+
+def plot_stop_signal(run, signals: Sequence[Dict[str, Any]], threshold=None) -> None:
+    """The adaptive window's signal per check: the fraction of the last epoch's displacement outside the top-d
+    subspace (and the largest principal angle between successive top-d subspaces); the window's end marked."""
+    pts = [s for s in signals if s.get("outside_fraction") is not None]
+    if not pts:
+        return
+    fig, ax = _figure()
+    ax.plot([s["epoch"] for s in pts], [s["outside_fraction"] for s in pts], marker="o",
+            label="displacement outside the top-d subspace")
+    ax.set_xlabel("epoch (check)")
+    ax.set_ylabel("fraction of ‖Δθ‖²")
+    ax.set_ylim(0, 1.02)
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+    ends = [s["epoch"] for s in signals if s.get("stop")]
+    if ends:
+        ax.axvline(ends[0], color="k", lw=0.8, ls=":", label=f"window ends (epoch {ends[0]})")
+    ax2 = ax.twinx()
+    ax2.plot([s["epoch"] for s in pts], [s["max_angle_deg"] for s in pts], color="tab:gray", marker=".",
+             lw=0.8, label="largest principal angle to the previous check (°)")
+    ax2.set_ylabel("degrees")
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("sampling window: is the subspace still moving?")
+    _save(run, "plots/stop_signal.png", fig)

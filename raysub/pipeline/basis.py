@@ -79,6 +79,30 @@ class BlockGram:
             self._track()
         return {"gram": gram_TT, "load_s": load_s, "gram_s": time.perf_counter() - t0}
 
+    def write_basis_streamed(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis"
+                             ) -> Dict[str, Any]:
+        """U_b from a streamed Gram: one read of the block, then per tile one GEMM.
+
+        The Gram was taken relative to θ0 (snapshot 0), and centring moves into the projection: W̃ = C W = C D
+        with D = W − 1θ0ᵀ, so U_b = D_bᵀ (C V_D Σ_D⁻¹). The product is accumulated in float64: the components of
+        small σ are sums over T terms that largely cancel, and a float32 GEMM left them 0.05° off (digits, T = 21).
+        """
+        load_s = self.load() if self.W_TN is None else 0.0
+        t0 = time.perf_counter()
+        proj = np.asarray(proj_TD, dtype=np.float64)
+        proj_DT = np.ascontiguousarray((proj - proj.mean(axis=0, keepdims=True)).T)
+        with self.run.open_writer(basis_rel(self.block, prefix)) as sink:
+            writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
+            for start in range(0, self.num_coords, TILE):
+                X = self.W_TN[:, start : start + TILE].astype(np.float64)
+                X -= X[0]
+                writer.write(proj_DT @ X)
+                self._track()
+            writer.close()
+        return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "load_s": load_s,
+                "write_s": time.perf_counter() - t0, "peak_rss": self.peak, "start_rss": self.rss0,
+                "block_bytes": self.W_TN.nbytes}
+
     def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
         """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
 
@@ -129,13 +153,16 @@ def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
 
 
 def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dict[str, str],
-                dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
+                dtype: str = "float32", prefix: str = "basis", streamed_gram: Optional[np.ndarray] = None
+                ) -> Dict[str, Any]:
     """Run the block actors on Ray, sum the Grams, solve, write the basis shards and ``PREFIX/spectrum.json``.
 
     Args:
         blocks: the trajectory's block indices (``trajectory/block_*/index.json`` contents).
         shards: {path: sha256} from the manifest; every snapshot is verified against it.
         prefix: the directory of this basis generation (the manifest commits it; see `basis_dir`).
+        streamed_gram: the sampler's Gram relative to θ0 (`raysub.pipeline.stream_gram`): no Gram pass, the
+            actors read their blocks once and write U_b.
     Returns:
         The spectrum record written to ``PREFIX/spectrum.json`` plus per-block timings and memory.
     """
@@ -155,17 +182,38 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
             entries.append((s["path"], shards[s["path"]]))
         actors.append(Actor.remote(run.uri, b["block"], entries, b["stop"] - b["start"]))
     try:
-        grams = ray.get([a.gram.remote() for a in actors])
-        gram_TT = sum(g["gram"] for g in grams)
+        if streamed_gram is None:
+            grams = ray.get([a.gram.remote() for a in actors])
+            gram_TT = sum(g["gram"] for g in grams)
+        else:
+            from raysub.pipeline.stream_gram import centre_gram
+
+            gram_TT = centre_gram(streamed_gram)
+            grams = [{"load_s": 0.0, "gram_s": 0.0}]
         spec = solve_spectrum(gram_TT, dim)
         proj_TD = spec["V"] / spec["singular_values"][:dim]
-        writes = ray.get([a.write_basis.remote(proj_TD, dtype, prefix) for a in actors])
+        write = "write_basis" if streamed_gram is None else "write_basis_streamed"
+        writes = ray.get([getattr(a, write).remote(proj_TD, dtype, prefix) for a in actors])
     finally:
         for a in actors:
             ray.kill(a)
-    record = {
+    timings = {"load_s": max([g["load_s"] for g in grams] + [w.get("load_s", 0.0) for w in writes]),
+               "gram_s": max(g["gram_s"] for g in grams), "write_s": max(w["write_s"] for w in writes),
+               "total_s": time.perf_counter() - t0}
+    record = spectrum_record(spec, dim, dtype, [{"block": b["block"], "start": b["start"], "stop": b["stop"], **w}
+                                                for b, w in zip(blocks, writes)],
+                             timings, "posthoc" if streamed_gram is None else "stream")
+    record["sha256"] = run.write_json(f"{prefix}/spectrum.json", record)
+    return record
+
+
+def spectrum_record(spec: Dict[str, Any], dim: int, dtype: str, blocks: List[Dict[str, Any]],
+                    timings: Dict[str, float], gram_source: str) -> Dict[str, Any]:
+    """``spectrum.json``'s contents: the solved spectrum, the basis shards (``blocks``: block, start, stop, path,
+    sha256, ...), the timings and where the Gram came from ("posthoc" or "stream")."""
+    return {
         "dim": dim,
-        "num_snapshots": int(gram_TT.shape[0]),
+        "num_snapshots": int(len(spec["eigenvalues"])),
         "rank": spec["rank"],
         "dtype": dtype,
         "eigenvalues": spec["eigenvalues"].tolist(),
@@ -173,12 +221,10 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         "explained_variance_ratio": spec["explained_variance_ratio"].tolist(),
         "explained_variance_top_dim": float(spec["explained_variance_ratio"][:dim].sum()),
         "right_singular_vectors": spec["V"].tolist(),
-        "blocks": [{"block": b["block"], "start": b["start"], "stop": b["stop"], **w} for b, w in zip(blocks, writes)],
-        "timings": {"load_s": max(g["load_s"] for g in grams), "gram_s": max(g["gram_s"] for g in grams),
-                    "write_s": max(w["write_s"] for w in writes), "total_s": time.perf_counter() - t0},
+        "blocks": blocks,
+        "gram_source": gram_source,
+        "timings": timings,
     }
-    record["sha256"] = run.write_json(f"{prefix}/spectrum.json", record)
-    return record
 
 
 def basis_dir(run: RunDir) -> Optional[str]:

@@ -34,6 +34,12 @@ def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
     return {"convergence_step": convergence_step(step_losses), "steps": len(step_losses),
             "min_train_loss": min(step_losses) if step_losses else None}
 
+def new_basis_prefix() -> str:
+    """A new basis generation directory, ``basis/GEN`` (see `raysub.pipeline.basis.basis_dir`)."""
+    import uuid
+
+    return f"basis/{uuid.uuid4().hex[:12]}"
+
 # ---------------------------------------------------------------------------------------------------------
 # stages
 def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print,
@@ -58,14 +64,24 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
         say(f"[sample] {cfg.model.name} on {cfg.data.name}: {info['num_params']:,} parameters, "
             f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
             f"SGD for {cfg.sgd.epochs} epochs")
-        out = run_sample(cfg, run, lambda r: say(format_progress(r)))
+        out = run_sample(cfg, run, lambda r: say(format_progress(r)), num_params=info["num_params"],
+                         num_snaps=info["num_snapshots"], basis_prefix=new_basis_prefix())
         manifest["shards"].update(out["shards"])
         manifest["num_snapshots"] = out["num_snapshots"]
         manifest["stages"]["sample"] = {"complete": True, "wall_s": out["wall_s"], "window_s": out["window_s"],
-                                        "num_snapshots": out["num_snapshots"]}
+                                        "window_epochs": out["window_epochs"], "stop": cfg.sample.stop,
+                                        "num_snapshots": out["num_snapshots"], "stream_gram": out["stream_gram"],
+                                        "stream_gram_off": out["stream_off"], "stop_signal": out["signals"]}
         summary = manifest["summary"]
         hist = out["history"]
-        window = [h for h in hist if h["epoch"] == cfg.sample.epochs][0]
+        window = [h for h in hist if h["epoch"] == out["window_epochs"]][0]
+        if out["signals"]:
+            from raysub.plots import plot_stop_signal
+
+            plot_stop_signal(run, out["signals"], cfg.sample.stop_threshold if cfg.sample.stop == "adaptive" else None)
+        if cfg.sample.stop == "adaptive":
+            say(f"[sample] adaptive window ended after {out['window_epochs']} of at most {cfg.sample.epochs} epochs "
+                f"({out['num_snapshots']} snapshots)")
         summary.update({"dataset": cfg.data.name, "model": cfg.model.name, "num_params": info["num_params"],
                         "num_snapshots": out["num_snapshots"], "world_size": cfg.cluster.num_workers})
         summary["results"]["sgd"] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
@@ -76,6 +92,11 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
         summary["timings"]["sample_s"] = out["window_s"]
         summary["timings"]["sample_stage_s"] = out["wall_s"]
         commit(run, manifest)
+        if out["basis"] is not None:  # the ranks wrote the basis at the window's end
+            gen, record = out["basis"]
+            say(f"[basis] written by the {cfg.cluster.num_workers} sampling ranks at the window's end (no read of the "
+                f"trajectory)")
+            _commit_basis(run, manifest, cfg, gen, record, record["timings"]["total_s"], say)
         return manifest
 
 
@@ -100,11 +121,9 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Build the DLDR basis of a sampled run into a new ``basis/GEN/`` and commit it (the previous basis stays in
     force until the commit, and is deleted after it)."""
-    import uuid
-
     from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.basis import basis_dir, build_basis
-    from raysub.pipeline.sample import collect_trajectory
+    from raysub.pipeline.sample import collect_trajectory, read_streamed_gram
 
     run = existing_run(RunDir(run_uri))
     cfg = cfg or _stage_config(run, overrides, "basis")
@@ -119,39 +138,48 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         if basis_dir(run) is not None and not overwrite:
             raise ConfigError(f"{run.path('basis')} already holds a basis: pass --overwrite to rebuild it")
         blocks, _ = collect_trajectory(run, manifest["shards"])
+        streamed = read_streamed_gram(run, manifest) if cfg.basis.gram == "auto" else None
         ensure_ray(cfg)
-        say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}")
+        how = "the sampler's streamed Gram, one read" if streamed is not None else "a Gram pass and a write pass"
+        say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}: {how}")
         t0 = time.perf_counter()
-        gen = f"basis/{uuid.uuid4().hex[:12]}"
-        record = build_basis(run, cfg.basis.dim, blocks, manifest["shards"], prefix=gen)
+        gen = new_basis_prefix()
+        record = build_basis(run, cfg.basis.dim, blocks, manifest["shards"], prefix=gen, streamed_gram=streamed)
         wall = time.perf_counter() - t0
-        manifest["shards"] = {k: v for k, v in manifest["shards"].items() if not k.startswith("basis/")}
-        for b in record["blocks"]:
-            manifest["shards"][b["path"]] = b["sha256"]
-        manifest["shards"][f"{gen}/spectrum.json"] = record["sha256"]
-        manifest["stages"]["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
-                                       **record["timings"]}
-        stale = _drop_own_basis_trainings(manifest)
-        manifest["config"] = cfg.to_dict()
-        summary = manifest["summary"]
-        summary["dim"] = cfg.basis.dim
-        summary["explained_variance_ratio"] = record["explained_variance_ratio"]
-        summary["explained_variance_top_dim"] = record["explained_variance_top_dim"]
-        summary["timings"]["basis_s"] = wall
-        commit(run, manifest)
-        for name in run.listdir("basis"):  # earlier generations (and a killed rebuild's) are no longer referenced
-            if f"basis/{name}" != gen:
-                run.delete("basis", name)
-        for label in stale:
-            RunDir(run.storage_path).delete(f"train-{label}")
-        if stale:
-            say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
-        from raysub.plots import plot_explained_variance
-
-        plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
-        say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
-            f"the trajectory variance ({wall:.1f}s)")
+        _commit_basis(run, manifest, cfg, gen, record, wall, say)
         return record
+
+
+def _commit_basis(run: RunDir, manifest: Dict[str, Any], cfg: Config, gen: str, record: Dict[str, Any],
+                  wall: float, say: Printer) -> None:
+    """Commit the basis written into ``gen`` (its spectrum ``record``) as the run's basis stage; then delete the
+    other generations and the trainings done in the previous basis, and plot the explained variance."""
+    manifest["shards"] = {k: v for k, v in manifest["shards"].items() if not k.startswith("basis/")}
+    for b in record["blocks"]:
+        manifest["shards"][b["path"]] = b["sha256"]
+    manifest["shards"][f"{gen}/spectrum.json"] = record["sha256"]
+    manifest["stages"]["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
+                                   "gram_source": record["gram_source"], **record["timings"]}
+    stale = _drop_own_basis_trainings(manifest)
+    manifest["config"] = cfg.to_dict()
+    summary = manifest["summary"]
+    summary["dim"] = cfg.basis.dim
+    summary["explained_variance_ratio"] = record["explained_variance_ratio"]
+    summary["explained_variance_top_dim"] = record["explained_variance_top_dim"]
+    summary["timings"]["basis_s"] = wall
+    commit(run, manifest)
+    for name in run.listdir("basis"):  # earlier generations (and a killed rebuild's) are no longer referenced
+        if f"basis/{name}" != gen:
+            run.delete("basis", name)
+    for label in stale:
+        RunDir(run.storage_path).delete(f"train-{label}")
+    if stale:
+        say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
+    from raysub.plots import plot_explained_variance
+
+    plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
+    say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
+        f"the trajectory variance ({record['gram_source']} Gram, {wall:.1f}s)")
 
 
 def _drop_own_basis_trainings(manifest: Dict[str, Any]) -> List[str]:
@@ -334,7 +362,8 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
         prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)  # fail before starting Ray
         stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)
         basis = open_manifest(run)["stages"].get("basis", {})
-        if not (resume and basis.get("complete") and basis.get("dim") == cfg.basis.dim):
+        by_sampler = basis.get("gram_source") == "sampler"
+        if not ((resume or by_sampler) and basis.get("complete") and basis.get("dim") == cfg.basis.dim):
             stage_basis(cfg.run_dir, overwrite=True, say=say, cfg=cfg)
         diverged = None
         try:
@@ -357,6 +386,10 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
 
 def format_progress(r: Dict[str, Any]) -> str:
     extra = f"  snapshots {r['num_snapshots']}" if "num_snapshots" in r else ""
+    signal = r.get("stop_signal") or {}
+    if signal.get("outside_fraction") is not None:
+        extra += (f"  outside-subspace {signal['outside_fraction']:.3f}  drift {signal['max_angle_deg']:.1f}°"
+                  + ("  [window ends]" if signal.get("stop") else ""))
     width = len(str(r["epochs"]))
     return (f"[{r['stage']}] epoch {r['epoch']:>{width}}/{r['epochs']}  train loss {r['train_loss']:.4f}  "
             f"test loss {r['test_loss']:.4f}  test acc {100 * r['test_acc']:.2f}%{extra}  {r['elapsed_s']:.1f}s")

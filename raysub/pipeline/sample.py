@@ -22,14 +22,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+import numpy as np
 
 import torch
 
 from raysub.engine import loop
 from raysub.config import Config
-from raysub.errors import DivergedError
-from raysub.storage import RunDir, block_bounds, block_index_rel, encode_vector, snapshot_rel
+from raysub.errors import ConfigError, DivergedError
+from raysub.storage import RunDir, block_bounds, block_index_rel, decode_vector, encode_vector, snapshot_rel
 
 
 def num_snapshots(cfg: Config, steps_per_epoch: int) -> int:
@@ -64,7 +66,30 @@ def check_sample_section(cfg: Config) -> List[str]:
                 f"basis.dim={cfg.basis.dim} must be < the {t} snapshots sampled (the centred trajectory has rank "
                 f"≤ {t - 1}): lower basis.dim or sample more (sample.epochs, sample.snapshots_per_epoch)"
             )
+    s = cfg.sample
+    if s.stop not in ("fixed", "adaptive"):
+        problems.append(f"sample.stop={s.stop!r}: choose fixed or adaptive")
+    if s.stop == "adaptive" and not s.stream_gram:
+        problems.append("sample.stop=adaptive reads the streaming Gram: set sample.stream_gram=true")
+    if s.write_basis and not s.stream_gram:
+        problems.append("sample.write_basis=true needs the streaming Gram: set sample.stream_gram=true")
+    if not 0 < s.stop_threshold <= 1:
+        problems.append(f"sample.stop_threshold={s.stop_threshold}: must be in (0, 1] (a fraction of the "
+                        f"displacement)")
+    if s.stop_patience < 1:
+        problems.append(f"sample.stop_patience={s.stop_patience}: must be ≥ 1")
+    if s.min_snapshots < 0:
+        problems.append(f"sample.min_snapshots={s.min_snapshots}: must be ≥ 0 (0: basis.dim + 1)")
+    elif 0 < s.min_snapshots <= cfg.basis.dim:
+        problems.append(f"sample.min_snapshots={s.min_snapshots} must exceed basis.dim={cfg.basis.dim} (the window "
+                        f"needs d + 1 snapshots): raise it, or 0 for basis.dim + 1")
+    if not s.stream_gram_budget_mb > 0:
+        problems.append(f"sample.stream_gram_budget_mb={s.stream_gram_budget_mb}: must be > 0")
     return problems
+
+
+def min_window_snapshots(cfg: Config) -> int:
+    return cfg.sample.min_snapshots or cfg.basis.dim + 1
 
 
 def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
@@ -82,14 +107,32 @@ def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: 
     run.write_json(block_index_rel(block), {"block": block, "start": start, "stop": stop, "snapshots": index})
 
 
+def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config) -> Dict[str, Any]:
+    """The stopping signal at the end of ``epoch`` (every rank alike: the same Gram); appended to ``signals``."""
+    from raysub.pipeline.stream_gram import outside_fraction, subspace_drift
+
+    t = stream.count
+    prev = signals[-1]["num_snapshots"] if signals else 1
+    record: Dict[str, Any] = {"epoch": epoch, "num_snapshots": t, "outside_fraction": None,
+                              "max_angle_deg": None, "mean_cos2": None}
+    if prev >= 2 and t > prev:
+        K = stream.gram
+        record["outside_fraction"] = outside_fraction(K, prev, t - 1, cfg.basis.dim)
+        record.update(subspace_drift(K, prev, t, cfg.basis.dim))
+    signals.append(record)
+    return record
+
+
 def sample_loop(config: Dict[str, Any]) -> None:
-    """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None}."""
+    """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None,
+    "stream_gram": whether to build the streaming Gram (the driver's budget decision), "basis_prefix"}."""
     from torch.nn.parallel import DistributedDataParallel
 
     from raysub.engine.flat import flatten_params
 
     from raysub.data import open_dataset
     from raysub.models import build_model
+    from raysub.pipeline.stream_gram import StreamGram, stop_decision
 
     ctx = loop.worker_context(config)
     cfg, progress, rank, world, device, run = ctx.cfg, ctx.progress, ctx.rank, ctx.world, ctx.device, ctx.run
@@ -103,26 +146,44 @@ def sample_loop(config: Dict[str, Any]) -> None:
 
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bounds = block_bounds(n, world)
+    lo, hi = bounds[rank]
     steps_per_epoch = data.size("train") // cfg.data.batch_size
     snap_at = {s: i + 1 for i, s in enumerate(snapshot_steps(cfg, steps_per_epoch))}
     index: List[Dict[str, Any]] = []
+    adaptive = cfg.sample.stop == "adaptive"
+    stream = (StreamGram(num_snapshots(cfg, steps_per_epoch), hi - lo, device, loop.all_reduce_sum_)
+              if config.get("stream_gram") else None)
+    signals: List[Dict[str, Any]] = []
+
+    def take_snapshot(flat_N, snap, step, epoch):
+        write_snapshot(run, flat_N, rank, bounds, snap, step, epoch, index)
+        if stream is not None:
+            stream.add(flat_N[lo:hi])
 
     state = loop.load_checkpoint()
     if loop.resumed_divergence(state, rank):
         return
     if state is None:
         start_epoch, step, history, elapsed, step_losses = 0, 0, [], 0.0, []
-        window_s = None
-        write_snapshot(run, flatten_params(model), rank, bounds, 0, 0, 0, index)
+        window_s, window_epochs = None, None
+        take_snapshot(flatten_params(model), 0, 0, 0)
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, history, elapsed = state["epoch"], state["step"], state["history"], state["elapsed"]
         window_s, step_losses = state["window_s"], state["step_losses"]
+        window_epochs = state.get("window_epochs", cfg.sample.epochs if start_epoch >= cfg.sample.epochs else None)
+        signals = state.get("signals", [])
         index = run.read_json(block_index_rel(rank))["snapshots"][: state["num_snapshots"]]
+        if stream is not None:  # the Gram from the checkpoint; this rank's block reread from its verified shards
+            stream.load_state_dict(state["stream"], (decode_vector(run.read_buffer(s["path"], s["sha256"]))
+                                                     for s in index))
+    # the stage ends with the window when there is no baseline beyond it (sgd.epochs = sample.epochs)
+    baseline = cfg.sgd.epochs > cfg.sample.epochs
 
     t_start = time.perf_counter() - elapsed
     for epoch in range(start_epoch, cfg.sgd.epochs):
+        in_window = window_epochs is None
         for group in opt.param_groups:
             group["lr"] = loop.lr_at(epoch, cfg.sgd.lr, cfg.sgd.lr_milestones, cfg.sgd.lr_gamma)
         model.train()
@@ -138,13 +199,13 @@ def sample_loop(config: Dict[str, Any]) -> None:
             opt.step()
             step += 1
             losses.append(loss.detach())
-            if step in snap_at:
+            if in_window and step in snap_at:
                 with torch.no_grad():
                     flat_N = flatten_params(model)
                     finite = bool(torch.isfinite(flat_N).all())
                     if not finite:
                         break
-                    write_snapshot(run, flat_N, rank, bounds, snap_at[step], step, epoch + 1, index)
+                    take_snapshot(flat_N, snap_at[step], step, epoch + 1)
         epoch_losses = loop.global_step_losses(losses)
         if finite:
             with torch.no_grad():
@@ -154,41 +215,165 @@ def sample_loop(config: Dict[str, Any]) -> None:
             loop.report_divergence({"diverged": diverged}, rank)
             return
         step_losses.extend(epoch_losses)
+        signal = None
+        if in_window:
+            if stream is not None:
+                signal = _window_check(stream, signals, epoch + 1, cfg)
+            closes = epoch + 1 == cfg.sample.epochs or (
+                adaptive and _decide(stop_decision(signals, cfg.sample.stop_threshold, cfg.sample.stop_patience,
+                                                   min_window_snapshots(cfg), len(index)), device))
+            if closes:
+                window_epochs = epoch + 1
+                if signal is not None:
+                    signal["stop"] = True
+                if stream is not None:
+                    _close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix"))
         loop.broadcast_buffers_(model)  # every rank evaluates (and rank 0 checkpoints) rank 0's BatchNorm statistics
         model.eval()
         test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
         now = time.perf_counter() - t_start
-        if epoch + 1 == cfg.sample.epochs:
+        if in_window and window_epochs is not None:
             window_s = now
+        last = epoch + 1 == cfg.sgd.epochs or (window_epochs is not None and not baseline)
         record = {"stage": "sgd", "epoch": epoch + 1, "epochs": cfg.sgd.epochs,
                   "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1), "test_loss": test["loss"],
                   "test_acc": test["acc"], "elapsed_s": now, "num_snapshots": len(index)}
+        if signal is not None:
+            record["stop_signal"] = signal
         history.append(record)
         ckpt_state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
                       "history": history, "elapsed": now, "window_s": window_s, "num_snapshots": len(index),
-                      "step_losses": step_losses}
+                      "step_losses": step_losses, "window_epochs": window_epochs, "signals": signals,
+                      "stream": stream.state_dict() if stream is not None else None}
         # the whole history only in the last report (what fit() returns), not in every epoch's
-        last = epoch + 1 == cfg.sgd.epochs
-        metrics = {**record, "window_s": window_s,
-                   **({"history": history, "step_losses": step_losses} if last else {})}
+        metrics = {**record, "window_s": window_s, "window_epochs": window_epochs,
+                   **({"history": history, "step_losses": step_losses, "signals": signals} if last else {})}
         if rank == 0 and progress is not None:
             progress.put(record)
         loop.report(metrics, ckpt_state if rank == 0 else None)
         loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
+        if last:
+            break
 
 
-def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[str, Any]:
-    """Driver side: write θ0, run the sampler on Ray Train, assemble the manifest's trajectory section.
+def _decide(flag: bool, device) -> bool:
+    """Rank 0's decision, on every rank (one all-reduce): ranks on other hardware could round an eigh apart."""
+    rank, _ = loop.rank_world()
+    t = torch.tensor([1.0 if (flag and rank == 0) else 0.0], device=device)
+    loop.all_reduce_sum_(t)
+    return bool(t.item() > 0.5)
 
+
+def _close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> None:
+    """The window's end: rank 0 writes ``trajectory/gram.pt``; with ``sample.write_basis`` every rank writes its
+    block of the basis (`write_stream_basis`)."""
+    from raysub.pipeline.stream_gram import gram_bytes
+
+    if rank == 0:
+        run.write_bytes(GRAM_REL, gram_bytes(stream.gram))
+    if basis_prefix:
+        write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
+
+
+GRAM_REL = "trajectory/gram.pt"
+
+
+def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, prefix: str) -> None:
+    """Every rank writes its block U_b = D_bᵀ C V_D Σ_D⁻¹ of the basis from the block it holds (no read of the
+    trajectory); rank 0 writes ``PREFIX/spectrum.json``, which the driver commits as the basis stage.
+
+    V and Σ come from rank 0's eigh of the (identical) centred Gram, sent to every rank. A window whose rank is
+    below ``basis.dim`` writes nothing: the basis stage then reports it.
+    """
+    import torch.distributed as dist
+
+    from raysub.errors import ConfigError
+    from raysub.pipeline.basis import TILE, solve_spectrum, spectrum_record
+    from raysub.pipeline.stream_gram import centre_gram
+    from raysub.storage import ColumnWriter, basis_rel
+
+    t0 = time.perf_counter()
+    T, dim = stream.count, cfg.basis.dim
+    ok = torch.zeros(1, dtype=torch.float64, device=stream.W_TN.device)
+    proj = torch.zeros((T, dim), dtype=torch.float64, device=stream.W_TN.device)
+    spec = None
+    if rank == 0:
+        try:
+            spec = solve_spectrum(centre_gram(stream.gram), dim)
+            ok += 1
+            proj += torch.from_numpy(spec["V"] / spec["singular_values"][:dim]).to(proj.device)
+        except ConfigError:
+            pass
+    loop.all_reduce_sum_(ok)
+    if ok.item() < 0.5:
+        return
+    loop.all_reduce_sum_(proj)  # rank 0's, on every rank
+    proj_DT = (proj - proj.mean(dim=0, keepdim=True)).t().contiguous()  # centring moved into V Σ⁻¹
+    W = stream.W_TN[:T]
+    rel = basis_rel(rank, prefix)
+    with run.open_writer(rel) as sink:
+        writer = ColumnWriter(sink, dim, "float32")
+        for start in range(0, W.shape[1], TILE):
+            X = W[:, start : start + TILE].double()
+            X -= X[0].clone()
+            writer.write((proj_DT @ X).cpu().numpy())  # float64 (see BlockGram.write_basis_streamed)
+        writer.close()
+    mine = {"block": rank, "path": rel, "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
+            "block_bytes": int(W.numel() * 4)}
+    if loop.dist_ready() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    if rank == 0:
+        blocks = [{"start": bounds[b["block"]][0], "stop": bounds[b["block"]][1], **b} for b in every]
+        timings = {"load_s": 0.0, "gram_s": 0.0, "write_s": max(b["write_s"] for b in every),
+                   "total_s": time.perf_counter() - t0}
+        run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings, "sampler"))
+
+
+def stream_plan(cfg: Config, num_params: int, num_snaps: int) -> Optional[str]:
+    """Why the streaming Gram is off for this run (None: it is on). Refuses when ``sample.stop=adaptive`` or
+    ``sample.write_basis`` needs it and it does not fit its budget.
+
+    Raises:
+        ConfigError: the adaptive window or the rank-written basis cannot have its streaming Gram.
+    """
+    from raysub.pipeline.stream_gram import budget_refusal
+
+    if not cfg.sample.stream_gram:
+        return "sample.stream_gram=false"
+    bounds = block_bounds(num_params, cfg.cluster.num_workers)
+    widest = max(hi - lo for lo, hi in bounds)
+    why = budget_refusal(num_snaps, widest, cfg.sample.stream_gram_budget_mb)
+    if why is not None and (cfg.sample.stop == "adaptive" or cfg.sample.write_basis):
+        needs = "sample.stop=adaptive" if cfg.sample.stop == "adaptive" else "sample.write_basis=true"
+        raise ConfigError(f"{needs} needs the streaming Gram, but {why}: raise the budget, add workers "
+                          f"(cluster.num_workers) or sample fewer snapshots")
+    return why
+
+
+def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_params: Optional[int] = None,
+               num_snaps: Optional[int] = None, basis_prefix: Optional[str] = None) -> Dict[str, Any]:
+    """Driver side: run the sampler on Ray Train (θ0 already written), assemble the manifest's trajectory section.
+
+    Args:
+        num_params, num_snaps: the plan's sizes (for the streaming Gram's budget).
+        basis_prefix: with ``sample.write_basis``, the basis generation directory the ranks write into.
     Returns:
-        {"history", "step_losses", "window_s", "wall_s", "num_snapshots", "blocks", "shards"}.
+        {"history", "step_losses", "window_s", "window_epochs", "wall_s", "num_snapshots", "blocks", "shards",
+        "stream_gram" (None, or {"path", "sha256"}), "stream_off" (why it is off, or None), "signals"}.
     Raises:
         DivergedError: the SGD loss or parameters became non-finite (no non-finite snapshot was written).
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
 
+    off = stream_plan(cfg, num_params, num_snaps) if num_params is not None else "sample.stream_gram=false"
+    if off is not None and cfg.sample.stream_gram:
+        printer(f"[sample] {off}: falling back to the post-hoc Gram in the basis stage")
     progress = make_progress_queue()
-    loop_config = {"cfg": cfg.to_dict(), "progress": progress,
+    loop_config = {"cfg": cfg.to_dict(), "progress": progress, "stream_gram": off is None,
+                   "basis_prefix": basis_prefix if off is None and cfg.sample.write_basis else None,
                    "fail_after_epoch": os.environ.get("RAYSUB_FAIL_AFTER_EPOCH")}
     trainer = torch_trainer(sample_loop, loop_config, cfg, "sample", run.storage_path)
     t0 = time.perf_counter()
@@ -202,9 +387,45 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False) -> Dict[
         raise DivergedError(loop.divergence_message("SGD sampling", metrics["diverged"],
                                                     f"lower sgd.lr (now {cfg.sgd.lr:g}) and rerun with --overwrite"))
     blocks, shards = collect_trajectory(run)
+    from raysub.storage import sha256
+
+    gram = None
+    if off is None:
+        gram = {"path": GRAM_REL, "sha256": sha256(run.read_bytes(GRAM_REL))}
+        shards[GRAM_REL] = gram["sha256"]
+    basis = None
+    prefix = loop_config["basis_prefix"]
+    if prefix and run.exists(f"{prefix}/spectrum.json"):
+        record = run.read_json(f"{prefix}/spectrum.json")
+        record["sha256"] = sha256(run.read_bytes(f"{prefix}/spectrum.json"))
+        basis = (prefix, record)
     return {"history": metrics["history"], "step_losses": metrics["step_losses"], "window_s": metrics["window_s"],
-            "wall_s": wall,
-            "num_snapshots": len(blocks[0]["snapshots"]), "blocks": blocks, "shards": shards}
+            "window_epochs": metrics.get("window_epochs") or cfg.sample.epochs, "wall_s": wall,
+            "num_snapshots": len(blocks[0]["snapshots"]), "blocks": blocks, "shards": shards,
+            "stream_gram": gram, "stream_off": off, "signals": metrics.get("signals", []), "basis": basis}
+
+
+def read_streamed_gram(run: RunDir, manifest: Dict[str, Any]) -> Optional[np.ndarray]:
+    """The run's streamed Gram (T×T, relative to θ0; verified against the manifest), or None when it has none.
+
+    Raises:
+        StorageError: the file is missing, corrupted or not a Gram of the trajectory's snapshot count.
+    """
+    from raysub.errors import StorageError
+
+    entry = manifest.get("stages", {}).get("sample", {}).get("stream_gram")
+    if not entry:
+        return None
+    fix = "rebuild from the snapshots with basis.gram=posthoc"
+    try:
+        state = run.read_torch(entry["path"], manifest["shards"].get(entry["path"], entry["sha256"]))
+    except StorageError as exc:
+        raise StorageError(f"{str(exc).rstrip('.')}; or {fix}") from None
+    K = state.get("gram") if isinstance(state, dict) else None
+    T = manifest.get("num_snapshots")
+    if not isinstance(K, torch.Tensor) or K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] != T:
+        raise StorageError(f"{run.path(entry['path'])} is not the {T}×{T} Gram of this trajectory: {fix}")
+    return K.double().numpy()
 
 
 def collect_trajectory(run: RunDir, shards=None):

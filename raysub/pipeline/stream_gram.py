@@ -1,0 +1,190 @@
+"""The trajectory's Gram matrix, built while sampling, and the stopping signal read from it.
+
+Every sampling rank keeps its block of the snapshots taken so far (float32, on its device). When snapshot t
+arrives the rank computes row t of the Gram of its block *relative to θ0* (snapshot 0),
+
+    K_b[t, j] = (θ_t − θ0)_b · (θ_j − θ0)_b,    j ≤ t      (float64 tiles; t+1 numbers)
+
+and the row is all-reduced, so every rank holds the same full K = Σ_b K_b. Centring is exact in Gram space:
+with C = I − 11ᵀ/T, the centred Gram W̃W̃ᵀ = C K C (a common offset — here θ0 — cancels), so the basis stage
+needs only K. Differences from θ0 are formed in float64 from the float32 snapshots (exactly what is written to
+disk), so K equals the post-hoc float64 Gram to rounding (~1e-15 relative).
+
+Stopping signal (``sample.stop: adaptive``), from K alone at the end of every epoch: the fraction of the last
+epoch's displacement Δ = θ_t − θ_s (s: the previous check) that lies *outside* the top-d subspace of the
+snapshots up to s,
+
+    ρ = ‖(I − UUᵀ)Δ‖² / ‖Δ‖²,   U = W̃_sᵀ V Σ⁻¹ (top d),   UᵀΔ = Σ⁻¹ Vᵀ C_s (K[:s, t] − K[:s, s])
+
+an out-of-sample test: while training still opens new directions ρ is large; once the new movement happens
+inside the subspace already found, more sampling adds little. Also recorded (not used to stop): the largest
+principal angle and the mean cos² between the top-d subspaces at successive checks.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+TILE = 1 << 16  # columns per float64 tile
+
+
+def stream_bytes(capacity: int, block_numel: int) -> int:
+    """Bytes of one rank's snapshot buffer."""
+    return capacity * block_numel * 4
+
+
+def budget_refusal(capacity: int, block_numel: int, budget_mb: float) -> Optional[str]:
+    """Why the streaming Gram does not fit its budget (None when it fits)."""
+    need = stream_bytes(capacity, block_numel)
+    if need <= budget_mb * 2**20:
+        return None
+    return (f"the streaming Gram needs {need / 2**20:.0f} MB per rank ({capacity} snapshots × {block_numel:,} "
+            f"coordinates × 4 B) > sample.stream_gram_budget_mb={budget_mb:g}")
+
+
+class StreamGram:
+    """One rank's side of the streaming Gram.
+
+    Args:
+        capacity: the most snapshots the window can take (θ0 included).
+        block_numel: coordinates of this rank's block.
+        device: where the block buffer lives (the training device).
+        reduce: sums a float64 tensor over ranks in place (`loop.all_reduce_sum_`); identity on one rank.
+    """
+
+    def __init__(self, capacity: int, block_numel: int, device, reduce: Callable[[torch.Tensor], Any]):
+        self.W_TN = torch.empty((capacity, block_numel), dtype=torch.float32, device=device)
+        self.K_TT = np.zeros((capacity, capacity), dtype=np.float64)
+        self.count = 0
+        self.reduce = reduce
+
+    def _row(self, t: int) -> torch.Tensor:
+        n = self.W_TN.shape[1]
+        row = torch.zeros(t + 1, dtype=torch.float64, device=self.W_TN.device)
+        for start in range(0, n, TILE):
+            stop = min(n, start + TILE)
+            X = self.W_TN[: t + 1, start:stop].double()
+            X -= X[0].clone()  # relative to θ0 (snapshot 0): float64, so the differences are exact
+            row += X @ X[t]
+        return row
+
+    def add(self, block: torch.Tensor) -> None:
+        """Snapshot ``count``: store this rank's block and append row ``count`` of the global Gram."""
+        t = self.count
+        if t >= self.W_TN.shape[0]:
+            raise RuntimeError(f"streaming Gram full: {t} snapshots (capacity {self.W_TN.shape[0]})")
+        self.W_TN[t].copy_(block.detach().reshape(-1))
+        row = self._row(t)
+        self.reduce(row)
+        row = row.cpu().numpy()
+        self.K_TT[t, : t + 1] = row
+        self.K_TT[: t + 1, t] = row
+        self.count = t + 1
+
+    def truncate(self, count: int) -> None:
+        """Forget snapshots from ``count`` on (a resumed epoch rewrites them)."""
+        self.K_TT[count:, :] = 0.0
+        self.K_TT[:, count:] = 0.0
+        self.count = count
+
+    @property
+    def gram(self) -> np.ndarray:
+        """K (T×T, relative to θ0, uncentred) of the snapshots so far."""
+        return self.K_TT[: self.count, : self.count]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint keeps: the Gram and its count (the block itself is reread from the shards)."""
+        return {"gram": self.gram.copy(), "count": self.count}
+
+    def load_state_dict(self, state: Dict[str, Any], blocks) -> None:
+        """Restore from a checkpoint; ``blocks`` yields this rank's first ``count`` snapshot blocks (verified)."""
+        count = int(state["count"])
+        for t, values in enumerate(blocks):
+            if t >= count:
+                break
+            self.W_TN[t].copy_(torch.as_tensor(values))
+        self.K_TT[:] = 0.0
+        self.K_TT[:count, :count] = state["gram"]
+        self.count = count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gram-space linear algebra (driver and ranks alike)
+
+def centring(T: int) -> np.ndarray:
+    return np.eye(T) - np.full((T, T), 1.0 / T)
+
+
+def centre_gram(K_TT: np.ndarray) -> np.ndarray:
+    """C K C: the Gram of the mean-centred snapshots, from the Gram of any common offset (here θ0)."""
+    row = K_TT.mean(axis=0, keepdims=True)
+    return K_TT - row - row.T + K_TT.mean()
+
+
+def top_subspace(K_TT: np.ndarray, dim: int):
+    """(V_Td, σ_d) of the centred snapshots' top ``dim`` components (fewer when the rank is lower)."""
+    G = centre_gram(K_TT)
+    evals, evecs = np.linalg.eigh(G)
+    order = np.argsort(evals)[::-1][:dim]
+    evals, evecs = evals[order], evecs[:, order]
+    keep = evals > max(evals[0], 0.0) * len(G) * np.finfo(np.float64).eps * 10 if len(evals) else evals > 0
+    return evecs[:, keep], np.sqrt(evals[keep])
+
+
+def outside_fraction(K_TT: np.ndarray, s: int, t: int, dim: int) -> float:
+    """ρ: the fraction of ‖θ_t − θ_{s−1}‖² outside the top-``dim`` subspace of snapshots 0..s−1 (module doc).
+
+    Args:
+        K_TT: the Gram relative to θ0 of at least ``t + 1`` snapshots.
+        s: snapshots in the reference set (0..s−1); the displacement starts at snapshot s − 1.
+        t: the displacement ends at snapshot t (t ≥ s).
+    """
+    a, b = s - 1, t
+    delta_sq = K_TT[b, b] - 2 * K_TT[a, b] + K_TT[a, a]
+    if delta_sq <= 0:
+        return 0.0
+    V, sigma = top_subspace(K_TT[:s, :s], dim)
+    if len(sigma) == 0:
+        return 1.0
+    cross = K_TT[:s, b] - K_TT[:s, a]  # W_s (θ_t − θ_{s−1}), rows relative to θ0
+    cross = cross - cross.mean()  # C_s: centring the reference set
+    coef = (V.T @ cross) / sigma
+    inside = float(coef @ coef)
+    return float(min(1.0, max(0.0, 1.0 - inside / delta_sq)))
+
+
+def subspace_drift(K_TT: np.ndarray, s: int, t: int, dim: int) -> Dict[str, float]:
+    """Principal angles between the top-``dim`` subspaces of snapshots 0..s−1 and 0..t−1 (s ≤ t).
+
+    U_sᵀU_t = Σ_s⁻¹ V_sᵀ C_s K[:s, :t] C_t V_t Σ_t⁻¹; returns the largest angle (degrees) and the mean cos².
+    """
+    Vs, ss = top_subspace(K_TT[:s, :s], dim)
+    Vt, st = top_subspace(K_TT[:t, :t], dim)
+    cross = K_TT[:s, :t]
+    cross = cross - cross.mean(axis=0, keepdims=True) - cross.mean(axis=1, keepdims=True) + cross.mean()
+    M = (Vs.T @ cross @ Vt) / np.outer(ss, st)
+    cos = np.clip(np.linalg.svd(M, compute_uv=False), 0.0, 1.0)
+    k = min(len(ss), len(st))
+    cos = np.concatenate([cos, np.zeros(max(0, k - len(cos)))])[:k]
+    return {"max_angle_deg": float(np.degrees(np.arccos(cos.min()))) if k else 90.0,
+            "mean_cos2": float((cos ** 2).mean()) if k else 0.0}
+
+
+def gram_bytes(K_TT: np.ndarray) -> bytes:
+    """``trajectory/gram.pt``: the uncentred Gram relative to θ0 and its snapshot count."""
+    buf = io.BytesIO()
+    torch.save({"gram": torch.from_numpy(np.ascontiguousarray(K_TT)), "num_snapshots": int(K_TT.shape[0]),
+                "reference": "theta0"}, buf)
+    return buf.getvalue()
+
+
+def stop_decision(signals, threshold: float, patience: int, min_snapshots: int, count: int) -> bool:
+    """Adaptive stop: the last ``patience`` checks' ρ all ≤ ``threshold`` and at least ``min_snapshots`` taken."""
+    if count < min_snapshots or len(signals) < patience:
+        return False
+    recent = [s["outside_fraction"] for s in signals[-patience:]]
+    return all(r is not None and math.isfinite(r) and r <= threshold for r in recent)
