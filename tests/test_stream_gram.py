@@ -1,0 +1,127 @@
+"""The streaming Gram (raysub.pipeline.stream_gram): exact values on hand-computed trajectories, no Ray."""
+import numpy as np
+import pytest
+import torch
+
+from raysub.pipeline.stream_gram import (StreamGram, budget_refusal, centre_gram, gram_bytes, outside_fraction,
+                                         stop_decision, subspace_drift)
+
+NOOP = lambda t: t  # noqa: E731  (one rank: the all-reduce is the identity)
+
+
+def stream_of(rows, reduce=NOOP):
+    rows = np.asarray(rows, dtype=np.float32)
+    s = StreamGram(len(rows) + 2, rows.shape[1], "cpu", reduce)
+    for r in rows:
+        s.add(torch.from_numpy(r))
+    return s
+
+
+def test_gram_is_relative_to_theta0_and_centring_is_exact():
+    """θ0=(1,2), θ1=(2,2), θ2=(1,4): D = θ − θ0 = (0,0),(1,0),(0,2), so K = diag(0,1,4), and the centred Gram is
+    the Gram of D − mean(D) computed by hand. Catches rows taken from θ instead of θ − θ0, a transposed row, and a
+    centring with a wrong denominator or without its + mean(K) term."""
+    s = stream_of([[1, 2], [2, 2], [1, 4]])
+    np.testing.assert_array_equal(s.gram, np.diag([0.0, 1.0, 4.0]))
+    expected = np.array([[5, 2, -7], [2, 8, -10], [-7, -10, 17]]) / 9.0
+    np.testing.assert_allclose(centre_gram(s.gram), expected, rtol=0, atol=1e-15)
+
+
+def test_block_grams_sum_to_the_full_gram():
+    """Each rank adds its block's row and the all-reduce sums them: two half-blocks must give the full Gram.
+    Catches a rank using the whole vector (double counting) or another rank's block bounds."""
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(6, 10)).astype(np.float32)
+    full = stream_of(W).gram
+    a, b = stream_of(W[:, :4]).gram, stream_of(W[:, 4:]).gram
+    np.testing.assert_allclose(a + b, full, rtol=1e-13, atol=1e-12)
+
+
+def test_matches_the_posthoc_gram_of_float32_snapshots_far_from_zero():
+    """Parameters near 1000 moving by 1e-3: the centred Gram must equal the post-hoc float64 one (centring each
+    coordinate over the float32 snapshots) to 1e-10 relative. Catches differences or products formed in float32,
+    which lose ~all digits here (float32 resolves 6e-5 at 1000)."""
+    rng = np.random.default_rng(1)
+    base = 1000 + rng.normal(size=3000)
+    W = (base + np.cumsum(rng.normal(scale=1e-3, size=(12, 3000)), axis=0)).astype(np.float32)
+    X = W.astype(np.float64)
+    X -= X.mean(axis=0)
+    posthoc = X @ X.T
+    streamed = centre_gram(stream_of(W).gram)
+    assert np.abs(streamed - posthoc).max() / np.abs(posthoc).max() < 1e-10
+
+
+def test_restored_stream_continues_exactly():
+    """A checkpoint keeps K and the count; the block is reread from the shards. Catches a resume that recomputes
+    rows against the wrong snapshots or keeps rows past the count."""
+    rng = np.random.default_rng(2)
+    W = rng.normal(size=(5, 7)).astype(np.float32)
+    whole = stream_of(W)
+    first = stream_of(W[:3])
+    first.add(torch.from_numpy(W[3]))  # an unfinished epoch's snapshot, not in the checkpoint
+    state = first.state_dict()
+    first.truncate(3)
+    state = {"gram": state["gram"][:3, :3], "count": 3}
+    resumed = StreamGram(7, 7, "cpu", NOOP)
+    resumed.load_state_dict(state, iter(W))
+    for r in W[3:]:
+        resumed.add(torch.from_numpy(r))
+    np.testing.assert_array_equal(resumed.gram, whole.gram)
+
+
+def test_outside_fraction_on_hand_cases():
+    """Snapshots 0..2 on the x axis, d = 1 (the x axis): a step along y is all outside (1), along x all inside
+    (0), along (1,1) half. Catches a dropped centring of the reference set, Σ⁻¹ missing (|UᵀΔ|² scaled by σ²),
+    or the displacement measured from θ0 instead of the previous check."""
+    base = [[0, 0], [1, 0], [2, 0]]
+    for new, expected in (([2, 1], 1.0), ([3, 0], 0.0), ([3, 1], 0.5)):
+        K = stream_of(base + [new]).gram
+        assert outside_fraction(K, 3, 3, 1) == pytest.approx(expected, abs=1e-12)
+
+
+def test_subspace_drift_between_checks():
+    """Top-1 subspace along x, then (after many y steps) along y: 90°; unchanged: 0°, mean cos² 1."""
+    xs = [[i, 0] for i in range(4)]
+    K = stream_of(xs + [[3, 0.0]]).gram
+    same = subspace_drift(K, 4, 5, 1)
+    assert same["max_angle_deg"] == pytest.approx(0.0, abs=1e-4) and same["mean_cos2"] == pytest.approx(1.0)
+    K = stream_of(xs + [[3, 10 * k] for k in range(1, 6)]).gram
+    turned = subspace_drift(K, 4, 9, 1)
+    assert turned["max_angle_deg"] > 80 and turned["mean_cos2"] < 0.05
+
+
+def test_stop_decision_needs_patience_and_min_snapshots():
+    """Catches an off-by-one in the patience window and a stop before min_snapshots or on a missing signal."""
+    sig = lambda *r: [{"outside_fraction": x} for x in r]  # noqa: E731
+    assert stop_decision(sig(0.9, 0.2), 0.3, 1, 10, 10)
+    assert not stop_decision(sig(0.9, 0.2), 0.3, 2, 10, 10)
+    assert stop_decision(sig(0.9, 0.2, 0.3), 0.3, 2, 10, 10)
+    assert not stop_decision(sig(0.2), 0.3, 1, 11, 10)
+    assert not stop_decision(sig(None), 0.3, 1, 1, 10)
+
+
+def test_budget_refusal_names_the_sizes():
+    """100 snapshots × 1M coordinates × 4 B = 381 MB per rank: within 400 MB, over 300 MB (wrong factor: caught)."""
+    assert budget_refusal(100, 1_000_000, 400) is None
+    msg = budget_refusal(100, 1_000_000, 300)
+    assert "381 MB per rank" in msg and "sample.stream_gram_budget_mb=300" in msg
+
+
+def test_stored_gram_is_verified(tmp_path):
+    """A corrupted or wrong-size gram.pt is refused in one line naming the fallback (basis.gram=posthoc)."""
+    from raysub.errors import StorageError
+    from raysub.pipeline.sample import GRAM_REL, read_streamed_gram
+    from raysub.storage import RunDir
+
+    run = RunDir(str(tmp_path))
+    K = stream_of([[1, 2], [2, 2], [1, 4]]).gram
+    checksum = run.write_bytes(GRAM_REL, gram_bytes(K))
+    manifest = {"num_snapshots": 3, "shards": {GRAM_REL: checksum},
+                "stages": {"sample": {"stream_gram": {"path": GRAM_REL, "sha256": checksum}}}}
+    np.testing.assert_array_equal(read_streamed_gram(run, manifest), K)
+    with pytest.raises(StorageError, match="not the 4×4 Gram"):
+        read_streamed_gram(run, {**manifest, "num_snapshots": 4})
+    run.write_bytes(GRAM_REL, gram_bytes(K * 2))
+    with pytest.raises(StorageError, match="corrupted.*basis.gram=posthoc"):
+        read_streamed_gram(run, manifest)
+    assert read_streamed_gram(run, {"stages": {"sample": {}}}) is None
