@@ -74,3 +74,21 @@ def test_time_to_accuracy_resume_needs_the_same_config(tta, tmp_path):
     other = load_config(resolve_config("fashion_mnist_lenet"), tta.DEFAULTS + [f"run_dir={out}", "sgd.epochs=3"])
     with pytest.raises(ConfigError, match="sgd.epochs"):
         tta.check_out(other, resume=True, overwrite=False)
+
+
+def block(peak, start=100, nbytes=1000):
+    return {"peak_rss": peak, "start_rss": start, "block_bytes": nbytes, "peak_rss_source": "vmhwm_since_reset"}
+
+
+def test_basis_bench_compares_the_reference_with_all_block_actors():
+    """Issue 11 (basis bench, reference_over_raysub_ram): every block actor holds its block at once, so the
+    reference's peak RSS is compared with the sum of the actors' peaks, not with one actor's."""
+    bench = load_job("basis")
+    mem = bench.raysub_memory([block(1500), block(1300), block(1200, start=200), block(1400)])
+    assert mem["raysub_peak_rss_sum_bytes"] == 5400
+    assert mem["raysub_actor_peak_rss_bytes_all"] == [1500, 1300, 1200, 1400]
+    assert mem["raysub_actor_peak_rss_bytes"] == 1500
+    assert mem["peak_ram_over_block"] == pytest.approx(1.4)  # per actor: (peak - start) / its block, the largest
+    assert mem["peak_rss_over_block_abs"] == pytest.approx(1.5)
+    assert mem["raysub_peak_rss_source"] == ["vmhwm_since_reset"]
+    assert bench.reference_over_raysub_ram(10800, mem) == pytest.approx(2.0)
