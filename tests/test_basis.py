@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from raysub.pipeline.basis import BlockGram, build_basis, load_basis, solve_spectrum
+from raysub.pipeline import basis as basis_mod
+from raysub.pipeline.basis import (BlockGram, build_basis, load_basis, peak_rss_bytes, reset_peak_rss,
+                                   solve_spectrum)
 from raysub.errors import ConfigError, StorageError
 from raysub.pipeline.sample import collect_trajectory, write_snapshot
 from raysub.storage import RunDir, block_bounds, decode_columns
@@ -93,6 +95,53 @@ def test_float32_basis_is_a_rounded_float64_product(tmp_path, trajectory):
     assert U_DN.dtype == np.float32 and U_DN.shape == (dim, N)
     U_DN = U_DN.astype(np.float64)
     assert np.abs(U_DN @ U_DN.T - np.eye(dim)).max() <= 1e-8
+
+
+MB = 2**20
+
+
+def _touch(nbytes: int) -> None:
+    """Allocate ``nbytes``, write every page (so it is resident), and free it again."""
+    buf = np.ones(nbytes // 8)
+    assert buf.sum() == buf.size
+    del buf
+
+
+def test_peak_rss_is_the_kernels_high_water_mark():
+    """Issue 11 (basis bench, peak RSS): the peak is the kernel's high-water mark, so a 200 MB buffer that was
+    allocated and freed still counts though the current RSS no longer holds it (a sampled RSS would miss it)."""
+    source = reset_peak_rss()
+    assert source in ("vmhwm_since_reset", "vmhwm_lifetime", "ru_maxrss_lifetime")
+    before = basis_mod._rss_bytes()
+    _touch(200 * MB)
+    now = basis_mod._rss_bytes()
+    assert peak_rss_bytes() >= before + 190 * MB
+    assert now < before + 100 * MB  # freed: the current RSS would not show it
+
+
+def test_block_actor_peak_counts_a_transient_buffer(tmp_path, trajectory, monkeypatch):
+    """Issue 11 (basis bench, peak RSS): a block actor's reported peak_rss covers memory held between its RSS
+    samples. A 200 MB temporary inside the shard decoding (freed before the actor looks at its RSS) must appear in
+    peak_rss; the old sampled `_track` reported only the RSS at its sample points and missed it. One actor, called
+    directly (no Ray)."""
+    run = RunDir(str(tmp_path / "run"))
+    blocks, shards = write_trajectory(run, trajectory, 1)
+    entries = [(s["path"], shards[s["path"]]) for s in blocks[0]["snapshots"]]
+    decode, calls = basis_mod.decode_vector, []
+
+    def decode_with_temporary(buf, out=None):
+        calls.append(1)
+        if len(calls) == 2:
+            _touch(200 * MB)
+        return decode(buf, out=out)
+
+    monkeypatch.setattr(basis_mod, "decode_vector", decode_with_temporary)
+    actor = BlockGram(run.uri, 0, entries, N)
+    spec = solve_spectrum(actor.gram()["gram"], 3)
+    written = actor.write_basis(spec["V"] / spec["singular_values"][:3])
+    assert written["peak_rss_source"] in ("vmhwm_since_reset", "vmhwm_lifetime", "ru_maxrss_lifetime")
+    assert written["peak_rss"] >= written["start_rss"] + 190 * MB
+    assert basis_mod._rss_bytes() < written["start_rss"] + 100 * MB
 
 
 def test_corrupted_shard_is_refused(ray_session, tmp_path, trajectory):

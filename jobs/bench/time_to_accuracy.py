@@ -12,9 +12,12 @@ Training times are Ray Train loop times (Ray start-up excluded on both sides). P
 since sampling is the cost. Takes about 8 minutes on 2 CPU cores.
 
 Local:
-    python jobs/bench/time_to_accuracy.py [--out runs/bench_tta] [key=value ...]
+    python jobs/bench/time_to_accuracy.py [--out runs/bench_tta] [key=value ...] [--overwrite | --resume]
 On a cluster (RAY_AUTH_MODE=token for token-auth clusters):
     ray job submit --working-dir . -- python jobs/bench/time_to_accuracy.py --out /shared/bench_tta
+
+An --out that already holds a run is refused (its figures would be old ones): --overwrite starts it afresh,
+--resume continues a killed bench with the same config (the library refuses a config that differs).
 
 Last line: one JSON object with pipeline_over_sgd, pbfgs_test_acc, sgd_test_acc and the parts.
 """
@@ -30,19 +33,45 @@ DEFAULTS = ["sample.epochs=8", "sample.snapshots_per_epoch=6", "basis.dim=40", "
             "train.label=pbfgs", "train.batch_size=1024", "train.epochs=10"]
 
 
+def check_out(cfg, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``--out`` that already holds a run unless ``--overwrite`` or ``--resume`` says what to do with it;
+    on ``--resume``, the library's check that the config is the run's own (nothing runs, nothing is written).
+
+    Raises:
+        ConfigError: one line naming the directory and the fix.
+    """
+    from raysub.errors import ConfigError
+    from raysub.pipeline.records import STAGE_CHECKED, prepare_run_dir
+    from raysub.storage import RunDir
+
+    run = RunDir(cfg.run_dir)
+    if run.is_nonempty() and not (resume or overwrite):
+        raise ConfigError(f"--out {run.uri} already holds a run (rerunning would report its old figures): pass "
+                          f"--overwrite to start it fresh, or pick a new --out (--resume continues a killed bench)")
+    prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
+
+
 def main(argv=None) -> int:
     from raysub import pipeline
     from raysub.cli import resolve_config
     from raysub.config import load_config
+    from raysub.errors import ConfigError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--config", default="fashion_mnist_lenet")
     p.add_argument("--out", default="runs/bench_tta")
     p.add_argument("--margin", type=float, default=0.005, help="target = SGD final accuracy − margin")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--resume", action="store_true", help="continue a killed bench in --out (same config only)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(resolve_config(args.config), DEFAULTS + [f"run_dir={args.out}"] + args.overrides)
-    summary = pipeline.run_pipeline(cfg, resume=True)
+    try:
+        cfg = load_config(resolve_config(args.config), DEFAULTS + [f"run_dir={args.out}"] + args.overrides)
+        check_out(cfg, args.resume, args.overwrite)
+    except ConfigError as err:
+        print(f"time_to_accuracy: error: {'; '.join(err.problems)}", file=sys.stderr)
+        return 2
+    summary = pipeline.run_pipeline(cfg, resume=args.resume, overwrite=args.overwrite)
     sgd = summary["results"]["sgd"]
     pb = summary["results"][cfg.train_label]
     target = sgd["test_acc"] - args.margin

@@ -33,6 +33,40 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> str:
+    """Reset this process's RSS high-water mark to its current RSS; returns what `peak_rss_bytes` reads from now.
+
+    "vmhwm_since_reset" when the kernel took the reset (``5`` written to /proc/self/clear_refs); otherwise the
+    process's lifetime peak: "vmhwm_lifetime" (VmHWM, since exec) or, without VmHWM, "ru_maxrss_lifetime".
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return "vmhwm_since_reset"
+    except OSError:
+        return "vmhwm_lifetime" if _vmhwm_bytes() is not None else "ru_maxrss_lifetime"
+
+
+def _vmhwm_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS as the kernel counts it (every page ever resident, not samples of the RSS)."""
+    hwm = _vmhwm_bytes()
+    if hwm is not None:
+        return hwm
+    # KiB; Linux carries ru_maxrss across exec, so it may include the RSS of the process that started this one
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class BlockGram:
     """Holds one block W_b of the trajectory; computes its centred Gram and, later, its basis rows.
 
@@ -47,12 +81,13 @@ class BlockGram:
         self.block = block
         self.shards = shards
         self.num_coords = num_coords
+        self.peak_source = reset_peak_rss()  # the peak of this actor, not of the worker process before it
         self.rss0 = _rss_bytes()
         self.peak = self.rss0
         self.W_TN: Optional[np.ndarray] = None
 
     def _track(self):
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, peak_rss_bytes())
 
     def load(self) -> float:
         t0 = time.perf_counter()
@@ -122,7 +157,8 @@ class BlockGram:
                 self._track()
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
-                "peak_rss": self.peak, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
+                "peak_rss": max(self.peak, peak_rss_bytes()), "peak_rss_source": self.peak_source,
+                "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
 
 
 def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
