@@ -136,6 +136,7 @@ def test_every_optimizer_is_driven_by_the_same_call():
     ("pbfgs", {"c": 0.0}, "train.optimizer_options.c=0.0: the Armijo constant must be in (0, 1)"),
     ("pbfgs", {"beta": 1.5}, "train.optimizer_options.beta=1.5: the backtracking factor must be in (0, 1)"),
     ("pbfgs", {"max_backtracks": 0}, "train.optimizer_options.max_backtracks=0: must be > 0"),
+    ("pbfgs", {"init_scale": "yes"}, "train.optimizer_options.init_scale='yes': choose one of none, first_pair"),
     ("cgqn", {"gamma": 1.5}, "train.optimizer_options.gamma=1.5: must be in (0, 1)"),
     ("cgqn", {"gamma": 0.0}, "train.optimizer_options.gamma=0.0: must be in (0, 1)"),
     ("cgqn", {"damping": -1.0}, "train.optimizer_options.damping=-1.0: must be ≥ 0"),
@@ -407,3 +408,70 @@ def test_allreduce_floats_per_step_counts_every_closure_evaluation(name, monkeyp
     for _ in range(3):
         train_step(task, z, opt, x, y)
     assert sum(sent) > 0 and allreduce_floats_per_step(task) == sum(sent) / 3
+
+
+def _first_step_diag_100_1(init_scale):
+    """f(z) = ½ (100 z₁² + z₂²) from z = (1, 1), B = I, with y from the step's own batch: g̃ = (100, 1),
+    p = −g̃, slope −10001, L = 50.5. Armijo L(α) ≤ 50.5 − 4000.4 α fails at β⁷ = 0.01522 (L = 14.11 > −10.4) and
+    holds at β⁸ = 0.008373 (L = 1.815 ≤ 17.0): 8 backtracks, s = β⁸ p, y = A s."""
+    A = torch.tensor([100.0, 1.0], dtype=torch.float64)
+    f = Fn(lambda v: float(0.5 * (A * v) @ v), lambda v: A * v)
+    z = torch.ones(2, dtype=torch.float64)
+    opt = PBFGS(z, y_same_batch=True, init_scale=init_scale)
+    out = opt.step(z, A * z, f.loss(z), f)
+    return opt, out, z, A
+
+
+@pytest.mark.parametrize("init_scale", ["none", "first_pair"])
+def test_pbfgs_backtracks_on_a_quadratic_with_known_curvature(init_scale):
+    """The first step of `_first_step_diag_100_1` takes exactly 8 backtracks (α = 0.55⁸), whatever the initial
+    scaling (it acts only once a pair exists). Catches a wrong exponent or factor in the trial α, a slope taken
+    with the wrong sign or without B, and a scaling applied before any curvature is known."""
+    opt, out, z, _ = _first_step_diag_100_1(init_scale)
+    assert out == {"alpha": pytest.approx(0.55**8, rel=1e-12), "backtracks": 8, "failed": 0}
+    torch.testing.assert_close(z, torch.tensor([1 - 100 * 0.55**8, 1 - 0.55**8], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("init_scale", ["none", "first_pair"])
+def test_pbfgs_init_scale_sets_b0_to_sty_over_yty(init_scale):
+    """After the first pair of `_first_step_diag_100_1` (s = β⁸·(−100, −1), y = A s), BFGS's update leaves B0
+    untouched on the direction w ⟂ s (V w = w), so wᵀBw/‖w‖² is B0's scale there: 1 for ``none``, and
+    sᵀy/yᵀy = (100³ + 1)/(100⁴ + 1) for ``first_pair`` (Nocedal & Wright 6.20). Catches the ratio inverted
+    (yᵀy/sᵀy), the wrong denominator (sᵀs/sᵀy = (100² + 1)/(100³ + 1) differs in the 4th digit), the scale
+    applied after the update instead of before (it would scale the ρ s sᵀ term too, breaking the secant
+    equation B y = s), and a scale that is never applied."""
+    opt, _, _, A = _first_step_diag_100_1(init_scale)
+    s = -(0.55**8) * torch.tensor([100.0, 1.0], dtype=torch.float64)
+    y = A * s
+    w = torch.stack([s[1], -s[0]])
+    gamma = float(w @ opt.B @ w / (w @ w))
+    assert gamma == pytest.approx(1.0 if init_scale == "none" else 1000001 / 100000001, rel=1e-10)
+    torch.testing.assert_close(opt.B @ y, s, rtol=1e-12, atol=0)  # the secant equation holds either way
+    assert opt.scaled == (init_scale == "first_pair")
+
+
+def test_pbfgs_init_scale_applies_again_after_a_reset():
+    """A reset (−B g̃ not a descent direction) returns B to I and re-arms the scaling: the next pair sets
+    B0 = (sᵀy/yᵀy)·I again. Catches a ``scaled`` flag that survives the reset (B would stay I)."""
+    opt, _, z, A = _first_step_diag_100_1("first_pair")
+    opt._reset()
+    assert not opt.scaled and torch.equal(opt.B, torch.eye(2, dtype=torch.float64))
+    s = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    opt._update_inverse_hessian(s, A * s)  # y = (100, 0): B0 = 1/100, and the pair sets B's e1 entry to 1/100
+    torch.testing.assert_close(opt.B, torch.eye(2, dtype=torch.float64) / 100, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("has_pair", [False, True])
+def test_pbfgs_loads_a_checkpoint_from_before_init_scale(has_pair):
+    """A checkpoint without ``scaled`` (before init_scale) resumes with the scaling done iff B is no longer I (a
+    pair was taken): re-scaling a B that already holds curvature would throw it away."""
+    opt, _, z, _ = _first_step_diag_100_1("none")
+    state = opt.state_dict() if has_pair else PBFGS(z).state_dict()
+    assert "scaled" in state
+    del state["scaled"]
+    new = PBFGS(z, init_scale="first_pair")
+    new.load_state_dict(state)
+    assert new.scaled == has_pair
+    new2 = PBFGS(z, init_scale="first_pair")
+    new2.load_state_dict({**state, "scaled": not has_pair})
+    assert new2.scaled == (not has_pair)

@@ -421,7 +421,36 @@ def test_check_projection_dldr_dim_above_the_stored_basis(tmp_path):
 def test_check_projection_dldr_nonpositive_dim_and_options(tmp_path):
     run = fake_run(tmp_path / "run")
     _one_problem(check_projection("dldr", N_PARAMS, 0, {}, run), "projection 'dldr'", "train.dim=0 must be > 0")
-    _one_problem(check_projection("dldr", N_PARAMS, 5, {"rank": 3}, run), "'dldr'", "'rank'", "takes no options")
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {"rank": 3}, run), "'dldr'", "'rank'", "scale")
+
+
+def test_check_projection_dldr_unknown_scale(tmp_path):
+    run = fake_run(tmp_path / "run")
+    _one_problem(check_projection("dldr", N_PARAMS, 5, {"scale": "sv"}, run), "scale='sv'", "none, std")
+    with pytest.raises(ConfigError, match=r"train.projection_options.scale='sv'"):
+        PROJECTIONS.get("dldr")(N_PARAMS, 2, 0, run_dir=run, scale="sv")
+
+
+@pytest.mark.parametrize("scale,expected", [("none", (1.0, 1.0)), ("std", (3.0, 1.0))])
+def test_dldr_scale_std_multiplies_each_basis_vector_by_its_trajectory_std(tmp_path, monkeypatch, scale, expected):
+    """Two orthonormal basis vectors with singular values 6 and 2 over T = 4 snapshots: ``std`` makes the columns
+    of P σ_i/√T · u_i = 3 u_1 and 1 u_2, exactly. Catches dividing by the scale (⅓), σ² in place of σ (9), a
+    missing √T (6 and 2), and the scale applied along the wrong axis (then lift and project disagree); ``project``
+    stays ``lift``ᵀ."""
+    import raysub.pipeline.basis as basis
+
+    run = fake_run(tmp_path / "run")
+    u = np.zeros((2, N_PARAMS), np.float32)
+    u[0, 0], u[1, 1] = 1.0, 1.0
+    monkeypatch.setattr(basis, "load_basis", lambda run_dir, dim: u[:dim].copy())
+    monkeypatch.setattr(basis, "read_spectrum",
+                        lambda r: {"dim": 2, "num_snapshots": 4, "singular_values": [6.0, 2.0, 0.0]})
+    P = PROJECTIONS.get("dldr")(N_PARAMS, 2, 0, run_dir=run, scale=scale)
+    lifted = P.lift(torch.tensor([1.0, 1.0]))
+    assert lifted[:2].tolist() == list(expected) and float(lifted[2:].abs().sum()) == 0.0
+    g = torch.zeros(N_PARAMS)
+    g[0], g[1] = 1.0, 1.0
+    assert P.project(g).tolist() == list(expected)
 
 
 def test_dldr_basis_of_another_model_is_a_config_error(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from raysub.optim.base import OPTIMIZERS, BatchClosure, SubspaceOptimizer
 
 COUNTERS = ("steps", "backtracks", "failed", "skipped", "resets")
+INIT_SCALES = ("none", "first_pair")
 
 
 class PBFGS(SubspaceOptimizer):
@@ -30,7 +31,11 @@ class PBFGS(SubspaceOptimizer):
     - trial points are evaluated by ``closure.loss(z)`` (no gradient, BatchNorm statistics frozen; under DDP the
       all-reduced loss, so every worker takes the same decision);
     - ``y_same_batch``: form y from two gradients on the same batch (``closure.grad(z_new) − g̃``) instead of
-      consecutive batches (one extra forward/backward per step, much less noisy curvature).
+      consecutive batches (one extra forward/backward per step, much less noisy curvature);
+    - ``init_scale: first_pair``: B0 = (sᵀy / yᵀy) I (Nocedal & Wright 6.20) in place of I, set from the first
+      accepted curvature pair (and again after a reset), before that pair's update. Off by default: on the
+      Fashion-MNIST LeNet-5 3-epoch window it cut backtracks from 0.68 to 0.51 per step but ended 0.5 point lower
+      after 4 epochs; the per-coordinate scale the loss needs is not one number (dldr ``scale: std`` gives it).
 
     Args:
         z_D: The coefficients (only their size, dtype and device are used here).
@@ -39,13 +44,17 @@ class PBFGS(SubspaceOptimizer):
         max_backtracks: Trials before the search is declared failed.
         eps: Relative curvature threshold for skipping an update.
         y_same_batch: See above.
+        init_scale: ``none`` (B0 = I, the paper) or ``first_pair`` (see above).
     """
 
     def __init__(self, z_D: torch.Tensor, c: float = 0.4, beta: float = 0.55, max_backtracks: int = 20,
-                 eps: float = 1e-10, y_same_batch: bool = False):
+                 eps: float = 1e-10, y_same_batch: bool = False, init_scale: str = "none"):
         self.c, self.beta, self.max_backtracks = float(c), float(beta), int(max_backtracks)
         self.eps, self.y_same_batch = float(eps), bool(y_same_batch)
+        assert init_scale in INIT_SCALES, init_scale
+        self.init_scale = init_scale
         self.B = torch.eye(len(z_D), dtype=z_D.dtype, device=z_D.device)
+        self.scaled = False  # B0 = γ I already applied since the start or the last reset
         self.alpha0 = 1.0  # the first trial of the next search
         self.g_prev: Optional[torch.Tensor] = None
         self.s_prev: Optional[torch.Tensor] = None
@@ -56,12 +65,17 @@ class PBFGS(SubspaceOptimizer):
 
     def _reset(self) -> None:
         self.B.copy_(torch.eye(len(self.B), dtype=self.B.dtype, device=self.B.device))
+        self.scaled = False
 
     def _update_inverse_hessian(self, s: torch.Tensor, y: torch.Tensor) -> bool:
         sy = float(s @ y)
         if sy <= self.eps * float(s.norm() * y.norm()) or sy <= 0:
             self.stats["skipped"] += 1
             return False
+        if self.init_scale == "first_pair" and not self.scaled:
+            # Nocedal & Wright (6.20): B0 = (sᵀy / yᵀy) I, the inverse curvature along s, before the first update
+            self.B.copy_(torch.eye(len(s), dtype=self.B.dtype, device=self.B.device) * (sy / float(y @ y)))
+            self.scaled = True
         rho = 1.0 / sy
         eye = torch.eye(len(s), dtype=self.B.dtype, device=self.B.device)
         V = eye - rho * torch.outer(y, s)
@@ -114,7 +128,7 @@ class PBFGS(SubspaceOptimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"B": self.B.clone(), "alpha0": self.alpha0, "g_prev": self.g_prev, "s_prev": self.s_prev,
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "scaled": self.scaled}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.B.copy_(state["B"])
@@ -123,6 +137,9 @@ class PBFGS(SubspaceOptimizer):
         move = lambda t: None if t is None else t.to(self.B.device, self.B.dtype)  # noqa: E731
         self.g_prev, self.s_prev = move(state["g_prev"]), move(state["s_prev"])
         self.stats = dict(state["stats"])
+        # checkpoints from before init_scale: B still I means no pair was taken since the start or a reset
+        eye = torch.eye(len(self.B), dtype=self.B.dtype, device=self.B.device)
+        self.scaled = bool(state.get("scaled", not torch.equal(self.B, eye)))
 
 
 def _check(options: Dict[str, Any]) -> List[str]:
@@ -134,13 +151,17 @@ def _check(options: Dict[str, Any]) -> List[str]:
         problems.append(f"beta={beta}: the backtracking factor must be in (0, 1)")
     if k < 1:
         problems.append(f"max_backtracks={k}: must be > 0")
+    scale = options.get("init_scale", "none")
+    if scale not in INIT_SCALES:
+        problems.append(f"init_scale={scale!r}: choose one of {', '.join(INIT_SCALES)} (first_pair: B0 = "
+                        f"(sᵀy/yᵀy)·I from the first curvature pair)")
     return problems
 
 
 @OPTIMIZERS.register("pbfgs", check=_check)
 def pbfgs(z, *, lr: float, momentum: float, weight_decay: float, c: float = 0.4, beta: float = 0.55,
-          max_backtracks: int = 20, y_same_batch: bool = False):
+          max_backtracks: int = 20, y_same_batch: bool = False, init_scale: str = "none"):
     """P-BFGS (DLDR Algorithm 2); train.lr, momentum and weight_decay are not used (the line search picks the
     step). Options: ``c`` (Armijo, 0.4), ``beta`` (backtracking, 0.55), ``max_backtracks`` (20),
-    ``y_same_batch`` (false)."""
-    return PBFGS(z, c=c, beta=beta, max_backtracks=max_backtracks, y_same_batch=y_same_batch)
+    ``y_same_batch`` (false), ``init_scale`` (none | first_pair)."""
+    return PBFGS(z, c=c, beta=beta, max_backtracks=max_backtracks, y_same_batch=y_same_batch, init_scale=init_scale)

@@ -139,6 +139,7 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         # the trained model is θ0 + P z with these buffers
         ctx.run.write_torch(f"train/{cfg.train_label}.pt", {
             "z": z_D.detach().cpu(), "dim": task.dim, "projection": cfg.train.projection,
+            "projection_options": dict(cfg.train.projection_options),  # z's coordinates (dldr scale)
             "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}})
 
 
