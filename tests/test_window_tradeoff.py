@@ -163,3 +163,19 @@ def test_read_trajectory_assembles_the_blocks_in_coordinate_order(tmp_path):
     bad["trajectory/block_001/snap_00001.arrow"] = "0" * 64
     with pytest.raises(StorageError):
         wt.read_trajectory(run, {"shards": bad})
+
+
+def test_extra_target_is_measured_against_sgds_own_time_to_it():
+    """Bug: an extra (lower) target's end-to-end time divided by SGD's time to the main target instead of SGD's
+    time to that same accuracy."""
+    summary = {"results": {"sgd": {"history": [{"epoch": e + 1, "test_acc": a, "elapsed_s": 10.0 * (e + 1)}
+                                               for e, a in enumerate([0.80, 0.85, 0.90, 0.91])]}}}
+    ref = wt.sgd_reference(summary, 0.005)
+    row = {"window": 1, "optimizer": "psgd", "dim": 2, "final_acc": 0.86, "window_s": 10.0, "basis_s": 1.0,
+           "history": [{"epoch": 1, "test_acc": 0.84, "elapsed_s": 4.0}, {"epoch": 2, "test_acc": 0.86,
+                                                                          "elapsed_s": 9.0}]}
+    out = wt.extra_target([row], summary, 0.85, ref, None)
+    assert out["sgd_epochs_to_target"] == 2 and out["sgd_s_to_target"] == 20.0
+    r = out["rows"][0]
+    assert r["end_to_end_s"] == pytest.approx(20.0) and r["end_to_end_over_sgd_to_target"] == pytest.approx(1.0)
+    assert out["best_window_per_optimizer"]["psgd"]["window"] == 1
