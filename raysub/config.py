@@ -78,9 +78,10 @@ class SampleConfig:
         default=1024.0, metadata={"help": "per-rank memory for the streamed snapshots; beyond it: post-hoc Gram"})
     stop: str = field(default="fixed", metadata={
         "help": "fixed: sample.epochs; adaptive: end the window when the subspace stops moving (≤ sample.epochs)"})
-    stop_threshold: float = field(default=0.5, metadata={
-        "help": "adaptive: end when the last epoch's displacement outside the top-d subspace is ≤ this fraction"})
-    stop_patience: int = field(default=1, metadata={"help": "adaptive: consecutive checks below the threshold"})
+    stop_threshold: float = field(default=0.05, metadata={
+        "help": "adaptive: end when the reach residual (where SGD got outside last epoch's top-d subspace) falls "
+                "by less than this fraction of itself per epoch"})
+    stop_patience: int = field(default=2, metadata={"help": "adaptive: consecutive checks below the threshold"})
     min_snapshots: int = field(default=0, metadata={
         "help": "adaptive: snapshots before the window may end (0: basis.dim + 1)"})
     write_basis: bool = field(default=False, metadata={

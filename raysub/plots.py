@@ -158,29 +158,30 @@ def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") ->
 
 
 def plot_stop_signal(run, signals: Sequence[Dict[str, Any]], threshold=None) -> None:
-    """The adaptive window's signal per check: the fraction of the last epoch's displacement outside the top-d
-    subspace (and the largest principal angle between successive top-d subspaces); the window's end marked."""
-    pts = [s for s in signals if s.get("outside_fraction") is not None]
+    """The adaptive window's signal per check: the reach residual (where SGD got, outside the previous check's
+    top-d subspace) and its relative fall per epoch against the threshold; the window's end marked."""
+    pts = [s for s in signals if s.get("reach_residual") is not None]
     if not pts:
         return
     fig, ax = _figure()
-    ax.plot([s["epoch"] for s in pts], [s["outside_fraction"] for s in pts], marker="o",
-            label="displacement outside the top-d subspace")
+    ax.plot([s["epoch"] for s in pts], [s["reach_residual"] for s in pts], marker="o",
+            label="reach residual ‖(I−UUᵀ)(θ−θ0)‖/‖θ−θ0‖")
     ax.set_xlabel("epoch (check)")
-    ax.set_ylabel("fraction of ‖Δθ‖²")
-    ax.set_ylim(0, 1.02)
-    if threshold is not None:
-        ax.axhline(threshold, color="tab:red", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+    ax.set_ylabel("reach residual")
+    ax.set_ylim(0, max(s["reach_residual"] for s in pts) * 1.1)
     ends = [s["epoch"] for s in signals if s.get("stop")]
     if ends:
         ax.axvline(ends[0], color="k", lw=0.8, ls=":", label=f"window ends (epoch {ends[0]})")
     ax2 = ax.twinx()
-    ax2.plot([s["epoch"] for s in pts], [s["max_angle_deg"] for s in pts], color="tab:gray", marker=".",
-             lw=0.8, label="largest principal angle to the previous check (°)")
-    ax2.set_ylabel("degrees")
+    drops = [s for s in pts if s.get("residual_drop") is not None]
+    ax2.plot([s["epoch"] for s in drops], [100 * s["residual_drop"] for s in drops], color="tab:gray", marker=".",
+             lw=0.8, label="its fall since the previous check (%)")
+    if threshold is not None:
+        ax2.axhline(100 * threshold, color="tab:red", ls="--", lw=0.8, label=f"threshold {100 * threshold:g}%")
+    ax2.set_ylabel("% fall per epoch")
     lines = ax.get_legend_handles_labels()
     more = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
     ax.grid(alpha=0.3)
-    ax.set_title("sampling window: is the subspace still moving?")
+    ax.set_title("sampling window: does the subspace still gain reach?")
     _save(run, "plots/stop_signal.png", fig)

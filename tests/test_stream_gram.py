@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raysub.pipeline.stream_gram import (StreamGram, budget_refusal, centre_gram, gram_bytes, outside_fraction,
-                                         stop_decision, subspace_drift)
+                                         reach_residual, stop_decision, subspace_drift)
 
 NOOP = lambda t: t  # noqa: E731  (one rank: the all-reduce is the identity)
 
@@ -90,14 +90,37 @@ def test_subspace_drift_between_checks():
     assert turned["max_angle_deg"] > 80 and turned["mean_cos2"] < 0.05
 
 
+def test_reach_residual_on_hand_cases():
+    """Snapshots 0..2 on the x axis, d = 1 (the x axis). θ = (3, 4): 4/5 of its distance from θ0 is off the axis
+    (0.8); (3, 0): 0; (0, 2): 1. Catches the displacement measured from the previous snapshot ((1, 4): 0.970)
+    or the last reference snapshot instead of θ0, a squared residual (0.64), and Σ⁻¹ missing."""
+    base = [[0, 0], [1, 0], [2, 0]]
+    for new, expected in (([3, 4], 0.8), ([3, 0], 0.0), ([0, 2], 1.0)):
+        K = stream_of(base + [new]).gram
+        assert reach_residual(K, 3, 3, 1) == pytest.approx(expected, abs=1e-7)  # √(rounding) at 0
+    K = stream_of(base + [[0, 0]]).gram
+    assert reach_residual(K, 3, 3, 1) is None  # back at θ0: no direction to reach
+
+
+def test_reach_residual_centres_the_reference_set():
+    """Reference snapshots (0,0), (2,1), (4,0): the centred rows' top direction is exactly x (the y offsets
+    −1/3, 2/3, −1/3 are smaller), so θ = (0, 3) is all outside (1.0). Without the centring the top direction of
+    the rows (2,1), (4,0) tilts towards y and the residual drops below 0.99 — caught."""
+    K = stream_of([[0, 0], [2, 1], [4, 0], [0, 3]]).gram
+    assert reach_residual(K, 3, 3, 1) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_stop_decision_needs_patience_and_min_snapshots():
-    """Catches an off-by-one in the patience window and a stop before min_snapshots or on a missing signal."""
-    sig = lambda *r: [{"outside_fraction": x} for x in r]  # noqa: E731
-    assert stop_decision(sig(0.9, 0.2), 0.3, 1, 10, 10)
-    assert not stop_decision(sig(0.9, 0.2), 0.3, 2, 10, 10)
-    assert stop_decision(sig(0.9, 0.2, 0.3), 0.3, 2, 10, 10)
-    assert not stop_decision(sig(0.2), 0.3, 1, 11, 10)
-    assert not stop_decision(sig(None), 0.3, 1, 1, 10)
+    """On the reach residual's relative fall: catches an off-by-one in the patience window, ≤ for < at the
+    threshold, a rise (negative fall) not counting as levelled off, and a stop before min_snapshots or on a
+    missing signal."""
+    sig = lambda *r: [{"residual_drop": x} for x in r]  # noqa: E731
+    assert stop_decision(sig(0.2, 0.01), 0.05, 1, 10, 10)
+    assert not stop_decision(sig(0.2, 0.01), 0.05, 2, 10, 10)
+    assert stop_decision(sig(0.2, 0.01, -0.02), 0.05, 2, 10, 10)
+    assert not stop_decision(sig(0.01, 0.05), 0.05, 2, 10, 10)
+    assert not stop_decision(sig(0.01), 0.05, 1, 11, 10)
+    assert not stop_decision(sig(None), 0.05, 1, 1, 10)
 
 
 def test_budget_refusal_names_the_sizes():

@@ -74,13 +74,25 @@ def test_stop_signals_match_the_samplers_window_check():
         ref = _window_check(stream, signals, e, SimpleNamespace(basis=SimpleNamespace(dim=dim)))
         row = rows[e - 1]
         assert row["epoch"] == e and row["num_snapshots"] == sizes[e]
-        if ref["outside_fraction"] is None:
-            assert row[f"outside_fraction_d{dim}"] is None
+        if ref["reach_residual"] is None:
+            assert row[f"reach_residual_d{dim}"] is None
         else:
-            assert row[f"outside_fraction_d{dim}"] == pytest.approx(ref["outside_fraction"], abs=1e-12)
+            assert row[f"reach_residual_d{dim}"] == pytest.approx(ref["reach_residual"], abs=1e-12)
             assert row[f"max_angle_deg_d{dim}"] == pytest.approx(ref["max_angle_deg"], abs=1e-9)
-    assert rows[0][f"outside_fraction_d{dim}"] is None  # epoch 1: θ0 alone is no reference set
+    assert rows[0][f"reach_residual_d{dim}"] is None  # epoch 1: θ0 alone is no reference set
     assert rows[-1][f"residual_k1_d{dim}"] is None  # nothing sampled beyond the last epoch
+
+
+def test_adaptive_windows_replays_the_samplers_rule():
+    """Residuals 0.5, 0.4 (−20%), 0.39 (−2.5%), 0.385 (−1.3%) at epochs 2..5: with 5% and patience 2 the rule
+    ends at epoch 5, patience 1 at epoch 4, never (→ the last epoch) at 1%; min_snapshots holds it back. Catches
+    the fall taken against the first check rather than the previous one, or min_snapshots ignored."""
+    res = [None, 0.5, 0.4, 0.39, 0.385, 0.384]
+    signal = [{"epoch": e + 1, "num_snapshots": 10 * (e + 1), "reach_residual_d3": r} for e, r in enumerate(res)]
+    assert wt.adaptive_windows(signal, [3], 0.05, 2) == {3: 5}
+    assert wt.adaptive_windows(signal, [3], 0.05, 1) == {3: 4}
+    assert wt.adaptive_windows(signal, [3], 0.001, 1) == {3: 6}
+    assert wt.adaptive_windows(signal, [3], 0.05, 1, min_snapshots=45) == {3: 5}
 
 
 def test_residual_outside_is_the_explicit_projection_residual():

@@ -41,9 +41,12 @@ What it measures
       end_to_end_epochs = w + (basis_s + training time to target) / sgd_epoch_s, over the reference's epochs.
 
     Stopping signal at every epoch boundary e = 1..15, from the Gram (`raysub.pipeline.stream_gram`), as the
-    sampler's `_window_check` computes it: outside_fraction(K, s, t, d) with s = snapshots up to epoch e − 1 and
-    t = the last snapshot of epoch e (null at e = 1: no reference set yet), and subspace_drift(K, s, T_e, d), for
-    every d. Also: residual_k = ‖(I − UUᵀ)(θ_a − θ0)‖ / ‖θ_a − θ0‖ with U the top-d basis of window e and θ_a
+    sampler's `_window_check` computes it: reach_residual(K, s, t, d) — the stopping signal — with s = snapshots
+    up to epoch e − 1 and t = the last snapshot of epoch e (null at e = 1: no reference set yet); the rejected
+    outside_fraction(K, s, t, d) and subspace_drift(K, s, T_e, d), for every d. The adaptive window per d is
+    where the sampler's rule (`stop_decision`, --stop-threshold/--stop-patience, default the config's) ends on
+    these signals: the same prefix of the same trajectory the adaptive sampler would write (same θ0 and data
+    order), so its rows are the fixed window of that length, flagged "adaptive"; it is added to --windows. Also: residual_k = ‖(I − UUᵀ)(θ_a − θ0)‖ / ‖θ_a − θ0‖ with U the top-d basis of window e and θ_a
     the last snapshot of epoch e + k (k = 1, 2, 3) and of epoch 15 ("end"): how much of where SGD goes next the
     subspace θ0 + span(U) cannot reach (null beyond the sampled epochs). A snapshot is taken every 20 steps, so
     "the last snapshot of an epoch" is up to 19 steps before its end.
@@ -168,21 +171,32 @@ def timed_basis(run, manifest, K_TT: np.ndarray, count: int, dim: int):
 
 
 def residual_outside(K_TT: np.ndarray, count: int, a: int, dim: int) -> Optional[float]:
-    """‖(I − UUᵀ)(θ_a − θ0)‖ / ‖θ_a − θ0‖ with U the top-``dim`` basis of snapshots 0..count−1, from K alone.
+    """‖(I − UUᵀ)(θ_a − θ0)‖ / ‖θ_a − θ0‖ with U the top-``dim`` basis of snapshots 0..count−1, from K alone
+    (the sampler's `reach_residual`)."""
+    from raysub.pipeline.stream_gram import reach_residual
 
-    Uᵀ(θ_a − θ0) = Σ⁻¹ Vᵀ C K[:count, a] (the reference rows are relative to θ0, centring by C).
-    """
-    from raysub.pipeline.stream_gram import top_subspace
+    return reach_residual(K_TT, count, a, dim)
 
-    norm_sq = K_TT[a, a]
-    if norm_sq <= 0:
-        return None
-    V, sigma = top_subspace(K_TT[:count, :count], dim)
-    if len(sigma) == 0:
-        return 1.0
-    cross = K_TT[:count, a] - K_TT[:count, a].mean()
-    coef = (V.T @ cross) / sigma
-    return float(np.sqrt(max(0.0, 1.0 - float(coef @ coef) / norm_sq)))
+
+def adaptive_windows(signal: Sequence[Dict[str, Any]], dims: Sequence[int], threshold: float, patience: int,
+                     min_snapshots: int = 0) -> Dict[int, int]:
+    """Per d: the epoch at which the sampler's adaptive rule ends the window on ``signal`` (the last epoch when
+    it never fires); ``min_snapshots`` 0 means d + 1, as the config's."""
+    from raysub.pipeline.stream_gram import stop_decision
+
+    out = {}
+    for d in dims:
+        records: List[Dict[str, Any]] = []
+        out[d] = signal[-1]["epoch"]
+        for s in signal:
+            r = s[f"reach_residual_d{d}"]
+            before = records[-1]["reach_residual"] if records else None
+            records.append({"reach_residual": r, "residual_drop": (before - r) / before if r is not None and before
+                            else None})
+            if stop_decision(records, threshold, patience, min_snapshots or d + 1, s["num_snapshots"]):
+                out[d] = s["epoch"]
+                break
+    return out
 
 
 def stop_signals(K_TT: np.ndarray, sizes: Dict[int, int], dims: Sequence[int]) -> List[Dict[str, Any]]:
@@ -197,6 +211,7 @@ def stop_signals(K_TT: np.ndarray, sizes: Dict[int, int], dims: Sequence[int]) -
         for d in dims:
             ok = s >= 2 and n_e > s  # what `_window_check` requires: a reference set and a new snapshot
             row[f"outside_fraction_d{d}"] = outside_fraction(K_TT, s, n_e - 1, d) if ok else None
+            row[f"reach_residual_d{d}"] = residual_outside(K_TT, s, n_e - 1, d) if ok else None
             drift = subspace_drift(K_TT, s, n_e, d) if ok else {"max_angle_deg": None, "mean_cos2": None}
             row[f"max_angle_deg_d{d}"] = drift["max_angle_deg"]
             row[f"mean_cos2_d{d}"] = drift["mean_cos2"]
@@ -450,16 +465,16 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
             "--  ---  -----  --  ------  -----  ----  -------  -------  -----  -------  ----------  ----------")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['window']:2d}  {r['num_snapshots']:3d}  {r['optimizer']:<5s}  {r['dim']:2d}  "
+        lines.append(f"{r['window']:2d}{'*' if r.get('adaptive') else ' '} {r['num_snapshots']:3d}  {r['optimizer']:<5s}  {r['dim']:2d}  "
                      f"{pct(r['final_acc'])}  {pct(r['best_acc'])[1:]}  "
                      f"{num(r['epoch_to_target'], '{:4d}')[-4:]}  "
                      f"{num(r['train_s_to_target'])}  {num(r['basis_s'])}  {num(r['end_to_end_s'], '{:5.0f}')}  "
                      f"{num(r['end_to_end_over_sgd'], '{:7.3f}')}  {num(r['end_to_end_over_sgd_to_target'], '{:10.3f}')}"
                      f"  {num(r['end_to_end_epochs_over_sgd'], '{:10.3f}')}")
-    return "\n".join(lines)
+    return "\n".join(lines + ["*: the adaptive window for that d"])
 
 
-def plot(path: str, rows, signal, ref, dims) -> None:
+def plot(path: str, rows, signal, ref, dims, adaptive=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,8 +505,12 @@ def plot(path: str, rows, signal, ref, dims) -> None:
     ax = axes[2]
     ep = [s["epoch"] for s in signal]
     for d, color in zip(dims, ("tab:blue", "tab:red", "tab:green")):
+        ax.plot(ep, [s[f"reach_residual_d{d}"] if s[f"reach_residual_d{d}"] is not None else np.nan
+                     for s in signal], marker="o", color=color, label=f"reach residual d={d} (the stop signal)")
         ax.plot(ep, [s[f"outside_fraction_d{d}"] if s[f"outside_fraction_d{d}"] is not None else np.nan
-                     for s in signal], marker="o", color=color, label=f"outside fraction d={d}")
+                     for s in signal], marker=".", lw=0.6, color=color, alpha=0.5, label=f"outside fraction d={d}")
+        if adaptive and d in adaptive:
+            ax.axvline(adaptive[d], color=color, lw=0.8, ls="-.", label=f"adaptive window d={d}")
         ax.plot(ep, [s[f"residual_k1_d{d}"] if s[f"residual_k1_d{d}"] is not None else np.nan for s in signal],
                 ls="--", color=color, label=f"residual of θ(e+1) d={d}")
         ax.plot(ep, [s[f"residual_end_d{d}"] for s in signal], ls=":", color=color, label=f"residual of θ(15) d={d}")
@@ -542,6 +561,8 @@ def main(argv=None) -> int:
     p.add_argument("--late-after", type=int, default=8)
     p.add_argument("--set", action="append", default=[], metavar="OPT.KEY=VALUE",
                    help="override a train.* key of one optimizer, e.g. pbfgs.optimizer_options={c: 0.2}")
+    p.add_argument("--stop-threshold", type=float, default=None, help="adaptive rule (default: sample config's)")
+    p.add_argument("--stop-patience", type=int, default=None, help="adaptive rule (default: sample config's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-sgd-probe", action="store_true", help="skip the in-process SGD epoch timing")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -599,9 +620,18 @@ def main(argv=None) -> int:
         print(f"error: --windows {bad}: the run samples epochs 1..{max(sizes)}", file=sys.stderr)
         return 2
     signal = stop_signals(K_TT, sizes, dims)
+    from raysub.config import SampleConfig
+
+    rule = {"threshold": SampleConfig.stop_threshold if args.stop_threshold is None else args.stop_threshold,
+            "patience": SampleConfig.stop_patience if args.stop_patience is None else args.stop_patience}
+    adaptive = adaptive_windows(signal, dims, rule["threshold"], rule["patience"])
+    windows = sorted(set(windows) | set(adaptive.values()))
+    say(f"[signal] adaptive rule (reach residual falls < {100 * rule['threshold']:g}% at {rule['patience']} "
+        f"successive checks) ends the window at: " + ", ".join(f"d={d}: epoch {w}" for d, w in adaptive.items()))
     for s in signal:
         say("[signal] epoch {:2d}  T={:3d}  ".format(s["epoch"], s["num_snapshots"]) + "  ".join(
-            f"d={d}: ρ={_fmt(s[f'outside_fraction_d{d}'])} angle={_fmt(s[f'max_angle_deg_d{d}'], '{:.1f}')} "
+            f"d={d}: reach={_fmt(s[f'reach_residual_d{d}'])} ρ={_fmt(s[f'outside_fraction_d{d}'])} "
+            f"angle={_fmt(s[f'max_angle_deg_d{d}'], '{:.1f}')} "
             f"res(e+1)={_fmt(s[f'residual_k1_d{d}'])} res(15)={_fmt(s[f'residual_end_d{d}'])}" for d in dims))
 
     base_cfg = Config.from_dict(base)
@@ -638,7 +668,7 @@ def main(argv=None) -> int:
                        "sgd_acc_at_window": ref["test_acc_at_epoch"][w],
                        "train_s_total": hist[-1]["elapsed_s"] if hist else None,
                        "epoch_s_mean": (float(np.mean([h["train_s"] + h["eval_s"] for h in hist])) if hist else None),
-                       "history": hist}
+                       "adaptive": adaptive[d] == w, "history": hist}
                 row.update(end_to_end(row["window_s"], basis_s, hist, ref["target_acc"], ref, None, w))
                 rows.append(row)
                 say(f"[train] w={w:2d} {opt:<5s} d={d:2d}: final {_fmt(final, '{:.4f}')} best "
@@ -666,16 +696,20 @@ def main(argv=None) -> int:
               "reference": {**ref_out, "sgd_history": summary["results"]["sgd"]["history"]},
               "sgd_epoch_s_in_process": probes, "rows": rows, "signal": signal,
               "best_window_per_optimizer": best, "best_window_per_optimizer_epochs": best_epochs,
-              "extra_targets": extra,
+              "extra_targets": extra, "adaptive_window": adaptive, "adaptive_rule": rule,
               "load_average": {"start": load_start, "end": load_end}, "threads": args.threads,
               "wall_s": time.perf_counter() - t0}
     with open(os.path.join(out, "table.json"), "w") as fh:
         json.dump(strict_json(record), fh, indent=1, allow_nan=False)
-    plot(os.path.join(out, "tradeoff.png"), rows, signal, ref, dims)
+    plot(os.path.join(out, "tradeoff.png"), rows, signal, ref, dims, adaptive)
     say("")
     say(format_table(rows))
     say(f"[window] load average at start: {load_start}; at end: {load_end}; wall {time.perf_counter() - t0:.0f}s")
-    last = {"windows": windows, "best_window_per_optimizer": best,
+    last = {"windows": windows, "adaptive_window": adaptive, "adaptive_rule": rule,
+            "adaptive_rows": [{k: r[k] for k in ("optimizer", "dim", "window", "final_acc", "end_to_end_over_sgd",
+                                                 "end_to_end_over_sgd_to_target", "end_to_end_epochs_over_sgd")
+                               if k in r} for r in rows if r["adaptive"]],
+            "best_window_per_optimizer": best,
             "best_window_per_optimizer_epochs": best_epochs, "rows_file": os.path.join(out, "table.json"),
             "plot": os.path.join(out, "tradeoff.png"),
             "signal": {s["epoch"]: {k: v for k, v in s.items() if k != "epoch"} for s in signal},

@@ -387,8 +387,10 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
 def format_progress(r: Dict[str, Any]) -> str:
     extra = f"  snapshots {r['num_snapshots']}" if "num_snapshots" in r else ""
     signal = r.get("stop_signal") or {}
-    if signal.get("outside_fraction") is not None:
-        extra += (f"  outside-subspace {signal['outside_fraction']:.3f}  drift {signal['max_angle_deg']:.1f}°"
+    if signal.get("reach_residual") is not None:
+        drop = signal.get("residual_drop")
+        extra += (f"  reach residual {signal['reach_residual']:.3f}"
+                  + (f" (fell {100 * drop:.1f}%)" if drop is not None else "")
                   + ("  [window ends]" if signal.get("stop") else ""))
     width = len(str(r["epochs"]))
     return (f"[{r['stage']}] epoch {r['epoch']:>{width}}/{r['epochs']}  train loss {r['train_loss']:.4f}  "

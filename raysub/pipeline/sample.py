@@ -73,9 +73,9 @@ def check_sample_section(cfg: Config) -> List[str]:
         problems.append("sample.stop=adaptive reads the streaming Gram: set sample.stream_gram=true")
     if s.write_basis and not s.stream_gram:
         problems.append("sample.write_basis=true needs the streaming Gram: set sample.stream_gram=true")
-    if not 0 < s.stop_threshold <= 1:
-        problems.append(f"sample.stop_threshold={s.stop_threshold}: must be in (0, 1] (a fraction of the "
-                        f"displacement)")
+    if not 0 < s.stop_threshold < 1:
+        problems.append(f"sample.stop_threshold={s.stop_threshold}: must be in (0, 1) (the reach residual's "
+                        f"relative fall per epoch below which the window ends; 0.05 is the measured default)")
     if s.stop_patience < 1:
         problems.append(f"sample.stop_patience={s.stop_patience}: must be ≥ 1")
     if s.min_snapshots < 0:
@@ -108,16 +108,24 @@ def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: 
 
 
 def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config) -> Dict[str, Any]:
-    """The stopping signal at the end of ``epoch`` (every rank alike: the same Gram); appended to ``signals``."""
-    from raysub.pipeline.stream_gram import outside_fraction, subspace_drift
+    """The stopping signal at the end of ``epoch`` (every rank alike: the same Gram); appended to ``signals``.
+
+    reach_residual: the latest snapshot against the top-d subspace of the snapshots up to the previous check;
+    residual_drop: its fall relative to the previous check's value (`raysub.pipeline.stream_gram` module doc).
+    """
+    from raysub.pipeline.stream_gram import reach_residual, subspace_drift
 
     t = stream.count
     prev = signals[-1]["num_snapshots"] if signals else 1
-    record: Dict[str, Any] = {"epoch": epoch, "num_snapshots": t, "outside_fraction": None,
+    record: Dict[str, Any] = {"epoch": epoch, "num_snapshots": t, "reach_residual": None, "residual_drop": None,
                               "max_angle_deg": None, "mean_cos2": None}
     if prev >= 2 and t > prev:
         K = stream.gram
-        record["outside_fraction"] = outside_fraction(K, prev, t - 1, cfg.basis.dim)
+        r = reach_residual(K, prev, t - 1, cfg.basis.dim)
+        record["reach_residual"] = r
+        before = signals[-1].get("reach_residual") if signals else None
+        if r is not None and before:
+            record["residual_drop"] = (before - r) / before
         record.update(subspace_drift(K, prev, t, cfg.basis.dim))
     signals.append(record)
     return record
