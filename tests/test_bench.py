@@ -39,12 +39,12 @@ def test_time_to_accuracy_refuses_an_existing_out(tta, tmp_path, capsys):
     """Issue 11 (time_to_accuracy reuses --out): a rerun into an --out that holds a run must not report that run's
     old figures; it is refused with one line naming the directory and the fix, before the pipeline starts."""
     out = tmp_path / "bench_tta"
-    out.mkdir()
-    (out / "manifest.json").write_text("{}")
-    assert tta.main(["--out", str(out), "sgd.epochs=3"]) == 2
+    (out / "pipeline").mkdir(parents=True)
+    (out / "pipeline" / "manifest.json").write_text("{}")
+    assert tta.main(["--out", str(out), "sgd.lr=0.04"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert str(out) in err and "--overwrite" in err and "--out" in err
+    assert str(out / "pipeline") in err and "--overwrite" in err and "--out" in err
     assert tta.pipeline_calls == []
 
 
@@ -52,8 +52,8 @@ def test_time_to_accuracy_overwrite_and_resume_reach_the_pipeline(tta, tmp_path)
     """Issue 11: --overwrite starts afresh (the library's overwrite, which clears --out under its lock) and an empty
     --out starts a new run; neither resumes."""
     out = tmp_path / "bench_tta"
-    out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "pipeline").mkdir(parents=True)
+    (out / "pipeline" / "manifest.json").write_text("{}")
     with pytest.raises(AssertionError, match="the pipeline ran"):
         tta.main(["--out", str(out), "--overwrite"])
     with pytest.raises(AssertionError, match="the pipeline ran"):
@@ -63,17 +63,48 @@ def test_time_to_accuracy_overwrite_and_resume_reach_the_pipeline(tta, tmp_path)
 
 def test_time_to_accuracy_resume_needs_the_same_config(tta, tmp_path):
     """Issue 11: --resume continues a killed bench only with the config it started with (the library's check)."""
-    from raysub.cli import resolve_config
-
     out = tmp_path / "bench_tta"
-    cfg = load_config(resolve_config("fashion_mnist_lenet"), tta.DEFAULTS + [f"run_dir={out}"])
-    out.mkdir()
-    (out / "config.yaml").write_text(cfg.to_yaml())  # what a killed bench leaves
-    same = load_config(resolve_config("fashion_mnist_lenet"), tta.DEFAULTS + [f"run_dir={out}"])
+    cfg, _ = tta.configs("fashion_mnist_lenet_pbfgs", str(out), [], 30)
+    (out / "pipeline").mkdir(parents=True)
+    (out / "pipeline" / "config.yaml").write_text(cfg.to_yaml())  # what a killed bench leaves
+    same, _ = tta.configs("fashion_mnist_lenet_pbfgs", str(out), [], 30)
     tta.check_out(same, resume=True, overwrite=False)
-    other = load_config(resolve_config("fashion_mnist_lenet"), tta.DEFAULTS + [f"run_dir={out}", "sgd.epochs=3"])
-    with pytest.raises(ConfigError, match="sgd.epochs"):
+    other, _ = tta.configs("fashion_mnist_lenet_pbfgs", str(out), ["sgd.lr=0.04"], 30)
+    with pytest.raises(ConfigError, match="sgd.lr"):
         tta.check_out(other, resume=True, overwrite=False)
+
+
+def test_time_to_accuracy_runs_the_production_pipeline_against_a_separate_reference(tta):
+    """The pipeline run is the production one (streaming Gram, adaptive window ending the stage, ranks writing
+    the basis); the reference is the same config, seed and data for 30 epochs. Catches a baseline left inside
+    the pipeline (sgd.epochs > sample.epochs) or a reference with another seed or lr."""
+    pipe, ref = tta.configs("fashion_mnist_lenet_pbfgs", "/tmp/x", ["sgd.lr=0.04"], 30)
+    assert pipe.sgd.epochs == pipe.sample.epochs and pipe.sample.stop == "adaptive" and pipe.sample.write_basis
+    assert ref.sgd.epochs == 30 and (ref.seed, ref.sgd.lr, ref.data.name) == (pipe.seed, 0.04, pipe.data.name)
+    assert ref.sgd.lr_milestones == pipe.sgd.lr_milestones and ref.run_dir != pipe.run_dir
+
+
+def test_time_to_accuracy_figures_on_a_hand_made_record(tta):
+    """SGD ends at 0.90 (target 0.895), first reached at epoch 3 (elapsed 30 s of 50 s); P-BFGS first reaches it
+    at epoch 2 (elapsed 8 s; epoch 3 is better but later); the window took 12 s and the ranks wrote the basis
+    (its 0.5 s inside the window): pipeline 20 s, 0.40 of full SGD and 0.667 of SGD to target. Catches the
+    rank-written basis counted twice, the best epoch instead of the first reaching, and swapped denominators."""
+    hist = lambda accs, dt: [{"epoch": i + 1, "test_acc": a, "elapsed_s": dt * (i + 1)}  # noqa: E731
+                             for i, a in enumerate(accs)]
+    ref = {"results": {"sgd": {"test_acc": 0.90, "epochs": 5, "wall_s": 50.0,
+                               "history": hist([0.8, 0.85, 0.896, 0.89, 0.90], 10.0)}}}
+    summary = {"results": {"sgd": {"test_acc": 0.88}, "pbfgs": {"test_acc": 0.899, "wall_s": 12.0,
+                                                                "history": hist([0.88, 0.897, 0.899], 4.0)}},
+               "timings": {"sample_s": 12.0, "basis_s": 0.5}}
+    manifest = {"stages": {"basis": {"gram_source": "sampler"},
+                           "sample": {"window_epochs": 4, "num_snapshots": 90, "stop_signal": []}}}
+    f = tta.figures(summary, ref, manifest, 0.005)
+    assert f["pipeline_s"] == pytest.approx(20.0) and f["pbfgs_epochs_to_target"] == 2
+    assert f["pipeline_over_sgd"] == pytest.approx(0.40)
+    assert f["pipeline_over_sgd_to_target"] == pytest.approx(20.0 / 30.0)
+    assert f["window_epochs"] == 4 and f["sgd_epochs_to_target"] == 3
+    manifest["stages"]["basis"]["gram_source"] = "stream"  # a separate basis stage: its time counts
+    assert tta.figures(summary, ref, manifest, 0.005)["pipeline_s"] == pytest.approx(20.5)
 
 
 def block(peak, start=100, nbytes=1000):
