@@ -133,7 +133,7 @@ def test_budget_refusal_names_the_sizes():
 def test_stored_gram_is_verified(tmp_path):
     """A corrupted or wrong-size gram.pt is refused in one line naming the fallback (basis.gram=posthoc)."""
     from raysub.errors import StorageError
-    from raysub.pipeline.sample import GRAM_REL, read_streamed_gram
+    from raysub.pipeline.stream_gram import GRAM_REL, read_streamed_gram
     from raysub.storage import RunDir
 
     run = RunDir(str(tmp_path))

@@ -7,7 +7,7 @@ import pytest
 from raysub import pipeline
 from raysub.config import load_config
 from raysub.pipeline.basis import load_basis, read_spectrum
-from raysub.pipeline.sample import read_streamed_gram
+from raysub.pipeline.stream_gram import read_streamed_gram
 from raysub.storage import RunDir
 
 from test_pipeline import BASE, quiet, trajectory

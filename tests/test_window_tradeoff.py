@@ -191,3 +191,15 @@ def test_extra_target_is_measured_against_sgds_own_time_to_it():
     r = out["rows"][0]
     assert r["end_to_end_s"] == pytest.approx(20.0) and r["end_to_end_over_sgd_to_target"] == pytest.approx(1.0)
     assert out["best_window_per_optimizer"]["psgd"]["window"] == 1
+
+
+def test_window_scales_are_the_dldr_projections_std_scales():
+    """P-BFGS trains in the shipped config's coordinates (scale: std): column i of the basis times σ_i/√T of
+    *this window* (T = its snapshot count). Catches the full run's T or the unscaled basis being used."""
+    from raysub.config import Config
+
+    cfg = wt.train_config(Config().to_dict(), "pbfgs")
+    spec = {"singular_values": np.array([6.0, 3.0, 1.5])}
+    np.testing.assert_allclose(wt.window_scales(spec, 9, 2, cfg).ravel(), [2.0, 1.0])
+    psgd = wt.train_config(Config().to_dict(), "psgd")
+    np.testing.assert_allclose(wt.window_scales(spec, 9, 2, psgd).ravel(), [1.0, 1.0])

@@ -26,7 +26,8 @@ What it measures
     cumulative steps + evaluation, like the Ray loop's. Settings (``--set OPT.KEY=VALUE`` overrides any
     ``train.*`` key of one optimizer, e.g. ``--set "pbfgs.optimizer_options={c: 0.2}"`` or ``--set psgd.lr=0.5``):
       psgd   lr 1, momentum 0.9, batch 128, 10 epochs, lr ×0.1 at epoch 7       (fashion_mnist_lenet.yaml)
-      pbfgs  batch 1024, c 0.4, β 0.55, 20 backtracks, 10 epochs, no schedule  (fashion_mnist_lenet_pbfgs.yaml)
+      pbfgs  batch 1024, c 0.4, β 0.55, 20 backtracks, 10 epochs, no schedule, z in units of the window's std
+             along each basis vector (projection_options scale: std)   (fashion_mnist_lenet_pbfgs.yaml)
       adam   lr 0.1, β1 0.9, batch 128, 10 epochs, lr ×0.1 at epoch 7
     ``--late-epochs K`` trains windows beyond ``--late-after`` (8) epochs for K epochs only, the lr milestones
     scaled alike (7 of 10 → 4 of 5); default: all 10. A training stops at its first non-finite batch loss
@@ -87,7 +88,8 @@ TRAIN_DEFAULTS: Dict[str, List[str]] = {
              "train.epochs=10", "train.lr_milestones=[7]", "train.lr_gamma=0.1", "train.weight_decay=0.0",
              "train.optimizer_options={}"],
     "pbfgs": ["train.optimizer=pbfgs", "train.batch_size=1024", "train.epochs=10", "train.lr_milestones=[]",
-              "train.optimizer_options={c: 0.4, beta: 0.55, max_backtracks: 20, y_same_batch: false}"],
+              "train.optimizer_options={c: 0.4, beta: 0.55, max_backtracks: 20, y_same_batch: false}",
+              "train.projection_options={scale: std}"],
     "adam": ["train.optimizer=adam", "train.lr=0.1", "train.momentum=0.9", "train.batch_size=128",
              "train.epochs=10", "train.lr_milestones=[7]", "train.lr_gamma=0.1", "train.weight_decay=0.0",
              "train.optimizer_options={}"],
@@ -331,6 +333,16 @@ def build_subspace_task(cfg, data, theta0_state, basis_DN: np.ndarray):
     theta0_N = flatten_params(model)
     projection = MatrixProjection(torch.from_numpy(np.ascontiguousarray(basis_DN)).float())
     return Task.from_parts(model, theta0_N, projection, data, cfg)
+
+
+def window_scales(spec: Dict[str, Any], count: int, dim: int, cfg) -> np.ndarray:
+    """The dldr projection's coordinate scales (``train.projection_options.scale``) for a window of ``count``
+    snapshots: a column per basis vector, as `raysub.projections.dldr` applies them to a stored basis."""
+    from raysub.projections.dldr import coordinate_scales
+
+    scale = dict(cfg.train.projection_options).get("scale", "none")
+    spectrum = {"singular_values": list(spec["singular_values"]), "num_snapshots": count}
+    return coordinate_scales(spectrum, dim, scale)[:, None]
 
 
 class _NonFinite(Exception):
@@ -655,7 +667,7 @@ def main(argv=None) -> int:
                 if args.late_epochs and w > args.late_after:
                     cfg = scaled_schedule(cfg, args.late_epochs)
                 epochs = cfg.train.epochs
-                task = build_subspace_task(cfg, data, theta0_state, U_DN[:d])
+                task = build_subspace_task(cfg, data, theta0_state, U_DN[:d] * window_scales(spec, count, d, cfg))
                 tw = time.perf_counter()
                 res = train_subspace(task)
                 hist = res["history"]

@@ -116,22 +116,16 @@ class BlockGram:
 
     def write_basis_streamed(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis"
                              ) -> Dict[str, Any]:
-        """U_b from a streamed Gram: one read of the block, then per tile one GEMM.
+        """U_b from a streamed Gram: one read of the block, then per tile one GEMM (`stream_gram.basis_tile`)."""
+        from raysub.pipeline.stream_gram import basis_tile, centred_projection
 
-        The Gram was taken relative to θ0 (snapshot 0), and centring moves into the projection: W̃ = C W = C D
-        with D = W − 1θ0ᵀ, so U_b = D_bᵀ (C V_D Σ_D⁻¹). The product is accumulated in float64: the components of
-        small σ are sums over T terms that largely cancel, and a float32 GEMM left them 0.05° off (digits, T = 21).
-        """
         load_s = self.load() if self.W_TN is None else 0.0
         t0 = time.perf_counter()
-        proj = np.asarray(proj_TD, dtype=np.float64)
-        proj_DT = np.ascontiguousarray((proj - proj.mean(axis=0, keepdims=True)).T)
+        proj_DT = centred_projection(proj_TD)
         with self.run.open_writer(basis_rel(self.block, prefix)) as sink:
             writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
             for start in range(0, self.num_coords, TILE):
-                X = self.W_TN[:, start : start + TILE].astype(np.float64)
-                X -= X[0]
-                writer.write(proj_DT @ X)
+                writer.write(basis_tile(proj_DT, self.W_TN[:, start : start + TILE]))
                 self._track()
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "load_s": load_s,

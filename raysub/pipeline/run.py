@@ -123,7 +123,8 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     force until the commit, and is deleted after it)."""
     from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.basis import basis_dir, build_basis
-    from raysub.pipeline.sample import collect_trajectory, read_streamed_gram
+    from raysub.pipeline.sample import collect_trajectory
+    from raysub.pipeline.stream_gram import read_streamed_gram
 
     run = existing_run(RunDir(run_uri))
     cfg = cfg or _stage_config(run, overrides, "basis")

@@ -24,8 +24,6 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 import torch
 
 from raysub.engine import loop
@@ -140,7 +138,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
 
     from raysub.data import open_dataset
     from raysub.models import build_model
-    from raysub.pipeline.stream_gram import StreamGram, stop_decision
+    from raysub.pipeline.stream_gram import StreamGram, close_window, stop_decision
 
     ctx = loop.worker_context(config)
     cfg, progress, rank, world, device, run = ctx.cfg, ctx.progress, ctx.rank, ctx.world, ctx.device, ctx.run
@@ -235,7 +233,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
                 if signal is not None:
                     signal["stop"] = True
                 if stream is not None:
-                    _close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix"))
+                    close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix"))
         loop.broadcast_buffers_(model)  # every rank evaluates (and rank 0 checkpoints) rank 0's BatchNorm statistics
         model.eval()
         test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
@@ -270,74 +268,6 @@ def _decide(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if (flag and rank == 0) else 0.0], device=device)
     loop.all_reduce_sum_(t)
     return bool(t.item() > 0.5)
-
-
-def _close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> None:
-    """The window's end: rank 0 writes ``trajectory/gram.pt``; with ``sample.write_basis`` every rank writes its
-    block of the basis (`write_stream_basis`)."""
-    from raysub.pipeline.stream_gram import gram_bytes
-
-    if rank == 0:
-        run.write_bytes(GRAM_REL, gram_bytes(stream.gram))
-    if basis_prefix:
-        write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
-
-
-GRAM_REL = "trajectory/gram.pt"
-
-
-def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, prefix: str) -> None:
-    """Every rank writes its block U_b = D_bᵀ C V_D Σ_D⁻¹ of the basis from the block it holds (no read of the
-    trajectory); rank 0 writes ``PREFIX/spectrum.json``, which the driver commits as the basis stage.
-
-    V and Σ come from rank 0's eigh of the (identical) centred Gram, sent to every rank. A window whose rank is
-    below ``basis.dim`` writes nothing: the basis stage then reports it.
-    """
-    import torch.distributed as dist
-
-    from raysub.errors import ConfigError
-    from raysub.pipeline.basis import TILE, solve_spectrum, spectrum_record
-    from raysub.pipeline.stream_gram import centre_gram
-    from raysub.storage import ColumnWriter, basis_rel
-
-    t0 = time.perf_counter()
-    T, dim = stream.count, cfg.basis.dim
-    ok = torch.zeros(1, dtype=torch.float64, device=stream.W_TN.device)
-    proj = torch.zeros((T, dim), dtype=torch.float64, device=stream.W_TN.device)
-    spec = None
-    if rank == 0:
-        try:
-            spec = solve_spectrum(centre_gram(stream.gram), dim)
-            ok += 1
-            proj += torch.from_numpy(spec["V"] / spec["singular_values"][:dim]).to(proj.device)
-        except ConfigError:
-            pass
-    loop.all_reduce_sum_(ok)
-    if ok.item() < 0.5:
-        return
-    loop.all_reduce_sum_(proj)  # rank 0's, on every rank
-    proj_DT = (proj - proj.mean(dim=0, keepdim=True)).t().contiguous()  # centring moved into V Σ⁻¹
-    W = stream.W_TN[:T]
-    rel = basis_rel(rank, prefix)
-    with run.open_writer(rel) as sink:
-        writer = ColumnWriter(sink, dim, "float32")
-        for start in range(0, W.shape[1], TILE):
-            X = W[:, start : start + TILE].double()
-            X -= X[0].clone()
-            writer.write((proj_DT @ X).cpu().numpy())  # float64 (see BlockGram.write_basis_streamed)
-        writer.close()
-    mine = {"block": rank, "path": rel, "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
-            "block_bytes": int(W.numel() * 4)}
-    if loop.dist_ready() and dist.get_world_size() > 1:
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-    else:
-        every = [mine]
-    if rank == 0:
-        blocks = [{"start": bounds[b["block"]][0], "stop": bounds[b["block"]][1], **b} for b in every]
-        timings = {"load_s": 0.0, "gram_s": 0.0, "write_s": max(b["write_s"] for b in every),
-                   "total_s": time.perf_counter() - t0}
-        run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings, "sampler"))
 
 
 def stream_plan(cfg: Config, num_params: int, num_snaps: int) -> Optional[str]:
@@ -397,6 +327,8 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
     blocks, shards = collect_trajectory(run)
     from raysub.storage import sha256
 
+    from raysub.pipeline.stream_gram import GRAM_REL
+
     gram = None
     if off is None:
         gram = {"path": GRAM_REL, "sha256": sha256(run.read_bytes(GRAM_REL))}
@@ -411,29 +343,6 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
             "window_epochs": metrics.get("window_epochs") or cfg.sample.epochs, "wall_s": wall,
             "num_snapshots": len(blocks[0]["snapshots"]), "blocks": blocks, "shards": shards,
             "stream_gram": gram, "stream_off": off, "signals": metrics.get("signals", []), "basis": basis}
-
-
-def read_streamed_gram(run: RunDir, manifest: Dict[str, Any]) -> Optional[np.ndarray]:
-    """The run's streamed Gram (T×T, relative to θ0; verified against the manifest), or None when it has none.
-
-    Raises:
-        StorageError: the file is missing, corrupted or not a Gram of the trajectory's snapshot count.
-    """
-    from raysub.errors import StorageError
-
-    entry = manifest.get("stages", {}).get("sample", {}).get("stream_gram")
-    if not entry:
-        return None
-    fix = "rebuild from the snapshots with basis.gram=posthoc"
-    try:
-        state = run.read_torch(entry["path"], manifest["shards"].get(entry["path"], entry["sha256"]))
-    except StorageError as exc:
-        raise StorageError(f"{str(exc).rstrip('.')}; or {fix}") from None
-    K = state.get("gram") if isinstance(state, dict) else None
-    T = manifest.get("num_snapshots")
-    if not isinstance(K, torch.Tensor) or K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] != T:
-        raise StorageError(f"{run.path(entry['path'])} is not the {T}×{T} Gram of this trajectory: {fix}")
-    return K.double().numpy()
 
 
 def collect_trajectory(run: RunDir, shards=None):

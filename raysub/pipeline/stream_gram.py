@@ -1,4 +1,8 @@
-"""The trajectory's Gram matrix, built while sampling, and the stopping signal read from it.
+"""The trajectory's Gram matrix, built while sampling; the stopping signal read from it; the basis from it.
+
+Used by the sampler (`raysub.pipeline.sample`: `StreamGram`, `stop_decision`, `close_window`, which writes
+``trajectory/gram.pt`` and, with ``sample.write_basis``, the ranks' blocks of the basis) and by the basis stage
+(`read_streamed_gram`; `basis_tile` is the one read-and-GEMM pass of `BlockGram.write_basis_streamed`).
 
 Every sampling rank keeps its block of the snapshots taken so far (float32, on its device). When snapshot t
 arrives the rank computes row t of the Gram of its block *relative to θ0* (snapshot 0),
@@ -29,12 +33,18 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Callable, Dict, Optional
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from raysub.config import Config
+    from raysub.storage import RunDir
+
 TILE = 1 << 16  # columns per float64 tile
+GRAM_REL = "trajectory/gram.pt"
 
 
 def stream_bytes(capacity: int, block_numel: int) -> int:
@@ -214,3 +224,112 @@ def stop_decision(signals, threshold: float, patience: int, min_snapshots: int, 
         return False
     recent = [s.get("residual_drop") for s in signals[-patience:]]
     return all(r is not None and math.isfinite(r) and r < threshold for r in recent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the window's end and the basis stage: U_b = D_bᵀ C V Σ⁻¹ from the block a rank (or a basis actor) holds
+
+def centred_projection(proj_TD):
+    """(C V Σ⁻¹)ᵀ, D×T (numpy or torch, float64): the Gram was taken relative to θ0, so the centring moves into
+    the projection — W̃ = C W = C D with D = W − 1θ0ᵀ, hence U_b = D_bᵀ (C V_D Σ_D⁻¹)."""
+    if isinstance(proj_TD, torch.Tensor):
+        return (proj_TD - proj_TD.mean(dim=0, keepdim=True)).t().contiguous()
+    proj = np.asarray(proj_TD, dtype=np.float64)
+    return np.ascontiguousarray((proj - proj.mean(axis=0, keepdims=True)).T)
+
+
+def basis_tile(proj_DT, W_Tn):
+    """Columns of U_b for one tile of snapshots W_Tn (T×n, float32): (C V Σ⁻¹)ᵀ (W_Tn − θ0), accumulated in
+    float64 — the components of small σ are sums over T terms that largely cancel, and a float32 GEMM left them
+    0.05° off (digits, T = 21)."""
+    if isinstance(W_Tn, torch.Tensor):
+        X = W_Tn.double()
+        X -= X[0].clone()
+    else:
+        X = W_Tn.astype(np.float64)
+        X -= X[0]
+    return proj_DT @ X
+
+
+def close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> None:
+    """The window's end: rank 0 writes ``trajectory/gram.pt``; with ``sample.write_basis`` every rank writes its
+    block of the basis (`write_stream_basis`)."""
+    if rank == 0:
+        run.write_bytes(GRAM_REL, gram_bytes(stream.gram))
+    if basis_prefix:
+        write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
+
+
+def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, prefix: str) -> None:
+    """Every rank writes its block U_b = D_bᵀ C V_D Σ_D⁻¹ of the basis from the block it holds (no read of the
+    trajectory); rank 0 writes ``PREFIX/spectrum.json``, which the driver commits as the basis stage.
+
+    V and Σ come from rank 0's eigh of the (identical) centred Gram, sent to every rank. A window whose rank is
+    below ``basis.dim`` writes nothing: the basis stage then reports it.
+    """
+    import torch.distributed as dist
+
+    from raysub.engine import loop
+    from raysub.errors import ConfigError
+    from raysub.pipeline.basis import solve_spectrum, spectrum_record
+    from raysub.storage import ColumnWriter, basis_rel
+
+    t0 = time.perf_counter()
+    T, dim = stream.count, cfg.basis.dim
+    ok = torch.zeros(1, dtype=torch.float64, device=stream.W_TN.device)
+    proj = torch.zeros((T, dim), dtype=torch.float64, device=stream.W_TN.device)
+    spec = None
+    if rank == 0:
+        try:
+            spec = solve_spectrum(centre_gram(stream.gram), dim)
+            ok += 1
+            proj += torch.from_numpy(spec["V"] / spec["singular_values"][:dim]).to(proj.device)
+        except ConfigError:
+            pass
+    loop.all_reduce_sum_(ok)
+    if ok.item() < 0.5:
+        return
+    loop.all_reduce_sum_(proj)  # rank 0's, on every rank
+    proj_DT = centred_projection(proj)
+    W = stream.W_TN[:T]
+    rel = basis_rel(rank, prefix)
+    with run.open_writer(rel) as sink:
+        writer = ColumnWriter(sink, dim, "float32")
+        for start in range(0, W.shape[1], TILE):
+            writer.write(basis_tile(proj_DT, W[:, start : start + TILE]).cpu().numpy())
+        writer.close()
+    mine = {"block": rank, "path": rel, "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
+            "block_bytes": int(W.numel() * 4)}
+    if loop.dist_ready() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    if rank == 0:
+        blocks = [{"start": bounds[b["block"]][0], "stop": bounds[b["block"]][1], **b} for b in every]
+        timings = {"load_s": 0.0, "gram_s": 0.0, "write_s": max(b["write_s"] for b in every),
+                   "total_s": time.perf_counter() - t0}
+        run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings, "sampler"))
+
+
+def read_streamed_gram(run, manifest: Dict[str, Any]) -> Optional[np.ndarray]:
+    """The run's streamed Gram (T×T, relative to θ0; verified against the manifest), or None when it has none.
+
+    Raises:
+        StorageError: the file is missing, corrupted or not a Gram of the trajectory's snapshot count.
+    """
+    from raysub.errors import StorageError
+
+    entry = manifest.get("stages", {}).get("sample", {}).get("stream_gram")
+    if not entry:
+        return None
+    fix = "rebuild from the snapshots with basis.gram=posthoc"
+    try:
+        state = run.read_torch(entry["path"], manifest["shards"].get(entry["path"], entry["sha256"]))
+    except StorageError as exc:
+        raise StorageError(f"{str(exc).rstrip('.')}; or {fix}") from None
+    K = state.get("gram") if isinstance(state, dict) else None
+    T = manifest.get("num_snapshots")
+    if not isinstance(K, torch.Tensor) or K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] != T:
+        raise StorageError(f"{run.path(entry['path'])} is not the {T}×{T} Gram of this trajectory: {fix}")
+    return K.double().numpy()
