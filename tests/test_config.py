@@ -51,6 +51,17 @@ def test_all_problems_reported_at_once():
         ("train.momentum=1.5", "train.momentum=1.5"),
         ("data.batch_size=63", "not divisible"),
         ("sample.epochs=31", "sample.epochs=31 exceeds"),
+        # issue 11: the streaming Gram's and the adaptive window's keys
+        ("sample.stop=early", "sample.stop='early': choose fixed or adaptive"),
+        ("sample.stop=adaptive", "sample.stop=adaptive reads the streaming Gram: set sample.stream_gram=true"),
+        ("sample.write_basis=true", "sample.write_basis=true needs the streaming Gram"),
+        ("sample.stop_threshold=0", "sample.stop_threshold=0.0: must be in (0, 1)"),
+        ("sample.stop_threshold=1", "sample.stop_threshold=1.0: must be in (0, 1)"),
+        ("sample.stop_patience=0", "sample.stop_patience=0: must be ≥ 1"),
+        ("sample.min_snapshots=-1", "sample.min_snapshots=-1: must be ≥ 0"),
+        ("sample.min_snapshots=15", "sample.min_snapshots=15 must exceed basis.dim=15"),
+        ("sample.stream_gram_budget_mb=0", "sample.stream_gram_budget_mb=0.0: must be > 0"),
+        ("basis.gram=fast", "basis.gram='fast': choose auto or posthoc"),
     ],
 )
 def test_bad_values_name_the_input(override, needle):
