@@ -123,3 +123,58 @@ def test_basis_bench_compares_the_reference_with_all_block_actors():
     assert mem["peak_rss_over_block_abs"] == pytest.approx(1.5)
     assert mem["raysub_peak_rss_source"] == ["vmhwm_since_reset"]
     assert bench.reference_over_raysub_ram(10800, mem) == pytest.approx(2.0)
+
+
+def test_basis_bench_streamed_gram_is_the_samplers_gram(tmp_path):
+    """Issue 11 (basis bench, streamed path): the bench's one-pass Gram equals what the sampling ranks' `StreamGram`
+    rows sum to — relative to θ0, uncentred. Catches a Gram centred on the mean (the basis stage would centre it
+    twice), one relative to zero instead of θ0, or a block missing from the sum."""
+    import numpy as np
+    import torch
+
+    from raysub.pipeline.sample import collect_trajectory
+    from raysub.pipeline.stream_gram import StreamGram
+    from raysub.storage import RunDir, decode_vector
+
+    bench = load_job("basis")
+    run = RunDir(str(tmp_path / "traj"))
+    bench.write_trajectory(run, n=301, t=6, num_blocks=3, rank=4, decay=0.8, scale=0.5, noise=1e-3, seed=1)
+    blocks, _ = collect_trajectory(run)
+    K = bench.streamed_gram(run, blocks, tile=50)  # tiles across the blocks' boundaries too
+    total = np.zeros((6, 6))
+    for b in blocks:
+        stream = StreamGram(6, b["stop"] - b["start"], "cpu", lambda row: None)
+        for s in b["snapshots"]:
+            stream.add(torch.from_numpy(decode_vector(run.read_buffer(s["path"]))))
+        total += stream.gram
+    np.testing.assert_allclose(K, total, rtol=1e-12, atol=1e-15)
+    assert K[0].max() == 0.0 and K[1, 1] > 0  # row 0 is θ0 − θ0
+
+
+def test_basis_bench_angle_is_taken_from_its_sine():
+    """The largest principal angle between two 2-D subspaces of R^4 rotated by a known angle in one direction, for
+    angles down to 1e-9 rad, where arccos of the cosine (or 1 − cos²) rounds to 0. Scaled rows check the
+    orthonormalisation. Catches cosines used unorthonormalised or the smallest angle reported instead of the
+    largest."""
+    import numpy as np
+
+    bench = load_job("basis")
+    for angle in (0.3, 1e-4, 1e-9):
+        B = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        P = np.array([[2.0, 0, 0, 0], [0, np.cos(angle), np.sin(angle), 0]])  # row 0 is B's row 0, scaled
+        got = bench.max_principal_angle(B, P, chunk=3)[0]
+        assert got == pytest.approx(angle, rel=1e-6)
+    assert bench.sv_max_rel_diff([2.0, 4.0], [2.2, 4.0, 9.0], 2) == pytest.approx(0.1)
+
+
+def test_basis_bench_floor_and_overhead_on_hand_figures():
+    """stream_basis_over_floor divides by read + write + GEMM (the three are summed, not the largest), over post-hoc
+    by the post-hoc stage; the overhead of 3.9 s of adds over 50 snapshot intervals of 390 steps at 0.1 s is
+    1 + 3.9/1950 = 1.002 — θ0 comes before the first step, so 51 snapshots are 50 intervals. Catches a floor
+    missing a term, swapped denominators, and counting θ0 as an interval."""
+    bench = load_job("basis")
+    fig = bench.floor_figures(read_s=0.5, write_s=1.0, gemm_s=0.5, stream_basis_s=3.0, basis_s=20.0)
+    assert fig["floor_s"] == pytest.approx(2.0)
+    assert fig["stream_basis_over_floor"] == pytest.approx(1.5)
+    assert fig["stream_basis_over_posthoc"] == pytest.approx(0.15)
+    assert bench.overhead_ratio(0.1, 390, 51, 3.9) == pytest.approx(1.002)

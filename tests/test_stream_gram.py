@@ -148,3 +148,52 @@ def test_stored_gram_is_verified(tmp_path):
     with pytest.raises(StorageError, match="corrupted.*basis.gram=posthoc"):
         read_streamed_gram(run, manifest)
     assert read_streamed_gram(run, {"stages": {"sample": {}}}) is None
+
+
+def test_the_basis_actors_modules_do_not_import_torch():
+    """The basis stage's block actors import `raysub.pipeline.basis` and, for the streamed path, this module's
+    `basis_tile`: a top-level `import torch` in either costs every actor ~1 s of CPU — on the benchmark's small
+    sizes it made the streamed basis stage 2.5× slower than the post-hoc one (jobs/bench/basis.py). Also checks
+    that the numpy path of `basis_tile` is taken for numpy input without torch loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import raysub.pipeline.basis as b; import raysub.pipeline.stream_gram as s; "
+            "u = s.basis_tile(s.increment_coefficients(np.array([[1.0], [-1.0]])), np.array([[1.0, 2.0], [3.0, 2.0]], "
+            "dtype=np.float32)); print('torch' in sys.modules, u.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    # proj column (1, -1) centred to (1, -1); X relative to θ0 = row 0: [[0, 0], [2, 0]] → U = -(2, 0)
+    assert out[0] == "False"
+    assert " ".join(out[1:]) == "[[-2.0, 0.0]]"
+
+
+def test_basis_tile_sums_increments_and_keeps_float64_accuracy():
+    """U = Σ_t p_t (θ_t − θ0) = Σ_s q_s Δ_s with q the reverse cumulative sum of the centred p. Hand case: p = (1, 0,
+    −1) gives q = (−1, −1), so U = −(θ2 − θ0). Then a strongly drifting float32 trajectory far from zero (positions
+    correlated, σ_1/σ_12 = 132): the float32 increments GEMM stays within 1e-6 of the float64 positions product
+    per basis vector, a third of a float32 GEMM of positions' error. Catches a forward instead of reverse cumsum,
+    an uncentred p, the θ0 term kept, and a float32 GEMM of positions."""
+    from raysub.pipeline.basis import solve_spectrum
+    from raysub.pipeline.stream_gram import basis_tile, increment_coefficients
+
+    W = np.array([[1.0, 2.0, 3.0], [1.5, 2.0, 2.0], [4.0, 0.0, 3.5]], dtype=np.float32)
+    Q = increment_coefficients(np.array([[1.0], [0.0], [-1.0]]))
+    np.testing.assert_array_equal(Q, [[-1.0, -1.0]])
+    np.testing.assert_array_equal(basis_tile(Q, W), [-(W[2] - W[0])])
+    Qt = increment_coefficients(torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64))  # the ranks' path
+    assert torch.equal(basis_tile(Qt, torch.from_numpy(W)), torch.from_numpy(-(W[2] - W[0]))[None])
+
+    rng = np.random.default_rng(0)
+    T, n, d = 40, 20000, 12
+    steps = rng.standard_normal((T - 1, n)) * 1e-3 + 2e-3 * rng.standard_normal(n)  # noise + a common drift
+    W = (5.0 + np.concatenate([np.zeros((1, n)), np.cumsum(steps, axis=0)])).astype(np.float32)
+    X = W.astype(np.float64) - W[0].astype(np.float64)
+    spec = solve_spectrum(centre_gram(X @ X.T), d)
+    assert spec["singular_values"][0] / spec["singular_values"][d - 1] > 20
+    P = spec["V"] / spec["singular_values"][:d]
+    exact = (P - P.mean(axis=0)).T @ X
+    got = basis_tile(increment_coefficients(P), W).astype(np.float64)
+    err = np.linalg.norm(got - exact, axis=1).max()
+    assert err < 1e-6  # 5.8e-7 (3e-5°); the float32 storage of the basis rounds each vector by ~1e-7
+    positions = (P - P.mean(axis=0)).T.astype(np.float32) @ (W - W[0])
+    assert np.linalg.norm(positions - exact, axis=1).max() > 2 * err  # 1.7e-6: what the increments avoid

@@ -30,7 +30,19 @@ What it measures
                    a list, W = np.array(W) (t×n float32), PCA(n_components=dim).fit_transform(W) with
                    scikit-learn (which centres W itself), np.save(components_). Its peak RSS is the child's VmHWM from
                    /proc/self/status (ru_maxrss would include the parent's: Linux carries it across exec).
-    Correctness: the reference's singular values and components are compared with raysub's (max relative
+      stream_basis_s  the basis stage from a streamed Gram (`build_basis(..., streamed_gram=K)`, what `raysub
+                   basis` does when the sampler stored ``trajectory/gram.pt``): the driver's eigh, then one read of
+                   each block (sha256 verified) and one write of U_b — no Gram pass. K, the Gram relative to θ0 that
+                   the ranks stream, is made beforehand (`streamed_gram`). Timed alternately with basis_s.
+      floor_s      the streamed stage's physical floor, measured in the same run: read_s + one plain write of the
+                   D×N float32 basis bytes + one float32 GEMM of U_b's shape per block ((D×T)(T×n_b), numpy, this
+                   process's threads). stream_basis_over_floor = stream_basis_s / floor_s.
+      stream_gram_overhead  sampling wall time with the streaming Gram ÷ without, at ResNet-20 shapes on the CPU and
+                   DLDR's CIFAR-10 rate (one snapshot per 390-step epoch, 51 snapshots, adaptive checks at d = 40):
+                   SGD steps interleaved in this process with and without a streaming add + window check beside
+                   them, and the whole window's adds and checks timed one by one (`stream_overhead`).
+    Correctness: the streamed basis against the post-hoc one (stream_sv_max_rel_diff, stream_max_angle_deg: the
+    largest principal angle, from its sine). The reference's singular values and components are compared with raysub's (max relative
     singular-value difference, largest principal angle between the two D-dimensional subspaces), so the
     comparison is against the same answer.
 
@@ -59,7 +71,8 @@ How to run
                  a temporary directory under /tmp on the driver node.)
 
 Output: progress lines, a table, and as the last line of stdout one JSON object with the figures
-(basis_over_read, peak_ram_over_block, reference_over_raysub_time, reference_over_raysub_ram — the reference's
+(basis_over_read, peak_ram_over_block, stream_basis_over_posthoc, stream_basis_over_floor, stream_gram_overhead,
+stream_sv_max_rel_diff, stream_max_angle_deg, reference_over_raysub_time, reference_over_raysub_ram — the reference's
 peak RSS over the sum of raysub's actors' peaks —, raw seconds and bytes, n, t, dim, num_blocks, agreement with
 the reference).
 """
@@ -89,6 +102,9 @@ from raysub.storage import (RunDir, block_bounds, block_index_rel, decode_vector
 RESNET18_PARAMS = 11_689_512
 GOAL_BASIS_OVER_READ = 2.0
 GOAL_PEAK_RAM_OVER_BLOCK = 1.5
+GOAL_STREAM_OVER_POSTHOC = 0.25
+GOAL_STREAM_OVER_FLOOR = 1.5
+GOAL_STREAM_GRAM_OVERHEAD = 1.02
 THETA0_STD = 0.05
 
 
@@ -273,36 +289,223 @@ def run_reference(run: RunDir, dim: int, ref_out: str, seed: int) -> dict:
     return res
 
 
-def compare_bases(run: RunDir, ref_npy: str, dim: int, raysub_sv, ref_sv, chunk: int = 1 << 18) -> dict:
+def cross_products(B, P, chunk: int = 1 << 18):
+    """(P Bᵀ, B Bᵀ, P Pᵀ) in float64 for two D×N bases (arrays or memory maps), a chunk of columns at a time."""
+    dim = B.shape[0]
+    M, Gb, Gp = np.zeros((dim, dim)), np.zeros((dim, dim)), np.zeros((dim, dim))
+    for c in range(0, B.shape[1], chunk):
+        b = np.asarray(B[:, c : c + chunk], dtype=np.float64)
+        p = np.asarray(P[:, c : c + chunk], dtype=np.float64)
+        M += p @ b.T
+        Gb += b @ b.T
+        Gp += p @ p.T
+    return M, Gb, Gp
+
+
+def max_principal_angle(B, P, chunk: int = 1 << 18):
+    """The largest principal angle (radians) between the row spaces of two D×N bases, and their cross products.
+
+    Both are orthonormalised first (float32 storage leaves them orthonormal only to ~1e-7): B_o = L_B⁻¹B,
+    P_o = L_P⁻¹P. The angle is taken from its sine, in a second pass over the columns: the residual
+    R = B_o − (B_o P_oᵀ) P_o of B_o off P's span, sin²θ the eigenvalues of R Rᵀ. arccos of a cosine near 1 — or
+    1 − cos² — cannot resolve angles below ~1e-8 rad (cos(1e-9) is 1.0 in float64); the residual can.
+
+    Returns:
+        (angle, M = P Bᵀ, Gb = B Bᵀ, Gp = P Pᵀ).
+    """
+    M, Gb, Gp = cross_products(B, P, chunk)
+    Lb, Lp = np.linalg.cholesky(Gb), np.linalg.cholesky(Gp)
+    C = np.linalg.solve(Lp, np.linalg.solve(Lb, M.T).T).T  # B_o P_oᵀ = L_B⁻¹ (B Pᵀ) L_P⁻ᵀ
+    dim = B.shape[0]
+    S = np.zeros((dim, dim))
+    for c in range(0, B.shape[1], chunk):
+        b = np.linalg.solve(Lb, np.asarray(B[:, c : c + chunk], dtype=np.float64))
+        p = np.linalg.solve(Lp, np.asarray(P[:, c : c + chunk], dtype=np.float64))
+        R = b - C @ p
+        S += R @ R.T
+    sin2 = np.linalg.eigvalsh(S)
+    return float(np.arcsin(np.sqrt(np.clip(sin2.max(), 0.0, 1.0)))), M, Gb, Gp
+
+
+def sv_max_rel_diff(raysub_sv, other_sv, dim: int) -> float:
+    rs = np.asarray(raysub_sv[:dim], dtype=np.float64)
+    fs = np.asarray(other_sv[:dim], dtype=np.float64)
+    return float((np.abs(fs - rs) / rs).max())
+
+
+def compare_bases(run: RunDir, ref_npy: str, dim: int, raysub_sv, ref_sv) -> dict:
     """Largest principal angle between raysub's and the reference's D-dim subspaces; singular-value agreement."""
     from raysub.pipeline.basis import load_basis
 
     B = load_basis(run.uri, dim)  # D×N float32, raysub's
     P = np.load(ref_npy, mmap_mode="r")  # D×N float32, the reference's
     assert B.shape == P.shape, (B.shape, P.shape)
-    M = np.zeros((dim, dim))
-    Gb = np.zeros((dim, dim))
-    Gp = np.zeros((dim, dim))
-    for c in range(0, B.shape[1], chunk):
-        b = B[:, c : c + chunk].astype(np.float64)
-        p = np.asarray(P[:, c : c + chunk], dtype=np.float64)
-        M += p @ b.T
-        Gb += b @ b.T
-        Gp += p @ p.T
-    # orthonormalise both (float32 storage leaves them orthonormal only to ~1e-7) before the angles
-    Lb, Lp = np.linalg.cholesky(Gb), np.linalg.cholesky(Gp)
-    C = np.linalg.solve(Lp, M)
-    C = np.linalg.solve(Lb, C.T).T
-    cosines = np.clip(np.linalg.svd(C, compute_uv=False), -1.0, 1.0)
-    angles = np.arccos(cosines)
+    angle, M, Gb, Gp = max_principal_angle(B, P)
     diag_cos = np.abs(np.diag(M)) / np.sqrt(np.diag(Gb) * np.diag(Gp))
-    rs = np.asarray(raysub_sv[:dim], dtype=np.float64)
-    fs = np.asarray(ref_sv[:dim], dtype=np.float64)
-    rel = np.abs(fs - rs) / rs
-    return {"sv_max_rel_diff": float(rel.max()), "max_principal_angle_rad": float(angles.max()),
-            "max_principal_angle_deg": float(np.degrees(angles.max())),
+    return {"sv_max_rel_diff": sv_max_rel_diff(raysub_sv, ref_sv, dim), "max_principal_angle_rad": angle,
+            "max_principal_angle_deg": float(np.degrees(angle)),
             "min_component_abs_cosine": float(diag_cos.min()),
             "basis_orthonormality_err": float(np.abs(Gb - np.eye(dim)).max())}
+
+
+# ---------------------------------------------------------------------------------------- the streamed path
+
+
+def streamed_gram(run: RunDir, blocks, tile: int = 1 << 16) -> np.ndarray:
+    """The T×T Gram relative to θ0 that the sampling ranks stream (`raysub.pipeline.stream_gram.StreamGram`): per
+    block the float32 snapshots' differences from θ0 in float64, summed over the blocks as the all-reduce sums the
+    ranks' rows. Made here in one pass per block: the bench times the basis stage that reads it (its making during
+    sampling is `stream_gram_overhead`)."""
+    t = len(blocks[0]["snapshots"])
+    K = np.zeros((t, t))
+    for b in blocks:
+        W = np.stack([decode_vector(run.read_buffer(s["path"], s["sha256"])) for s in b["snapshots"]])
+        for start in range(0, W.shape[1], tile):
+            X = W[:, start : start + tile].astype(np.float64)
+            X -= X[0]
+            K += X @ X.T
+        del W
+    return K
+
+
+def read_basis_record(run: RunDir, record: dict, dim: int) -> np.ndarray:
+    """The D×N basis a `build_basis` record names (its shards verified against the record's sha256)."""
+    from raysub.storage import decode_columns
+
+    return np.concatenate([decode_columns(run.read_bytes(b["path"], b["sha256"]), dim) for b in record["blocks"]],
+                          axis=1)
+
+
+def compare_streamed(run: RunDir, posthoc: dict, stream: dict, dim: int) -> dict:
+    """The streamed basis against the post-hoc one: singular values and the largest principal angle."""
+    B = read_basis_record(run, posthoc, dim)
+    S = read_basis_record(run, stream, dim)
+    angle = max_principal_angle(B, S)[0]
+    return {"stream_sv_max_rel_diff": sv_max_rel_diff(posthoc["singular_values"], stream["singular_values"], dim),
+            "stream_max_angle_deg": float(np.degrees(angle))}
+
+
+class Floor:
+    """The streamed basis stage's physical floor on this machine: one plain sequential read of the trajectory
+    (`read_all`, measured alongside), one plain write of the D×N float32 basis bytes (one file per block, pyarrow
+    output stream, no checksum) and one float32 GEMM of U_b's shape per block, (D×T)(T×n_b), numpy on this
+    process's threads. The operands are made once, before any timing."""
+
+    def __init__(self, run: RunDir, n: int, t: int, dim: int, num_blocks: int, seed: int):
+        self.run, self.dim, self.num_blocks = run, dim, num_blocks
+        self.bounds = block_bounds(n, num_blocks)
+        nb = max(hi - lo for lo, hi in self.bounds)
+        rng = np.random.default_rng(seed)
+        self.W_TN = rng.standard_normal((t, nb), dtype=np.float32)
+        self.P_DT = rng.standard_normal((dim, t), dtype=np.float32)
+        self.U_DN = np.empty((dim, nb), dtype=np.float32)
+        self.bytes = np.zeros(dim * nb, dtype=np.float32)
+
+    def write(self) -> float:
+        self.run.fs.create_dir(self.run.path("floor"))
+        t0 = time.perf_counter()
+        for b, (lo, hi) in enumerate(self.bounds):
+            with self.run.fs.open_output_stream(self.run.path(f"floor/basis_{b}.bin")) as sink:
+                sink.write(memoryview(self.bytes[: self.dim * (hi - lo)]))
+        secs = time.perf_counter() - t0
+        self.run.delete("floor")
+        return secs
+
+    def gemm(self) -> float:
+        t0 = time.perf_counter()
+        for lo, hi in self.bounds:
+            np.matmul(self.P_DT, self.W_TN[:, : hi - lo], out=self.U_DN[:, : hi - lo])
+        return time.perf_counter() - t0
+
+
+def floor_figures(read_s: float, write_s: float, gemm_s: float, stream_basis_s: float, basis_s: float) -> dict:
+    floor = read_s + write_s + gemm_s
+    return {"floor_read_s": read_s, "floor_write_s": write_s, "floor_gemm_s": gemm_s, "floor_s": floor,
+            "stream_basis_s": stream_basis_s, "stream_basis_over_posthoc": stream_basis_s / basis_s,
+            "stream_basis_over_floor": stream_basis_s / floor}
+
+
+def overhead_ratio(step_s: float, steps_per_snapshot: int, snapshots: int, stream_s: float) -> float:
+    """Sampling time with the streaming Gram ÷ without, for a window of ``snapshots`` (θ0 included, taken before
+    the first step) at one snapshot every ``steps_per_snapshot`` steps: the steps cost the same either way (the
+    interleaved rounds show it), the stream adds ``stream_s`` over the window (every add and window check)."""
+    train_s = (snapshots - 1) * steps_per_snapshot * step_s
+    return (train_s + stream_s) / train_s
+
+
+def stream_overhead(model_name: str = "resnet20", batch: int = 128, steps_per_snapshot: int = 390,
+                    snapshots: int = 51, dim: int = 40, rounds: int = 6, steps_per_round: int = 8,
+                    seed: int = 0) -> dict:
+    """What the streaming Gram costs a sampling rank, in this process on the CPU, at DLDR's CIFAR-10 protocol by
+    default (ResNet-20, batch 128, one snapshot per 390-step epoch, 51 snapshots with θ0, adaptive checks at
+    d = 40 every epoch: `raysub/configs/cifar10_resnet20.yaml`).
+
+    1. Interleaved rounds of ``steps_per_round`` SGD steps (synthetic data), alternately followed by a
+       streaming-Gram add and window check (what `sample_loop` does at a snapshot) and by nothing: the step time
+       with and without the stream beside it (ABBA order, median).
+    2. The window's whole stream cost: ``snapshots`` adds and checks into a `StreamGram` of that capacity, each
+       timed (the row of snapshot t costs t + 1 products, so the late ones cost most).
+    `overhead_ratio` puts them together.
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from raysub.engine.flat import flatten_params
+    from raysub.models import build_model
+    from raysub.pipeline.sample import _window_check
+    from raysub.pipeline.stream_gram import StreamGram
+
+    torch.manual_seed(seed)
+    model = build_model(model_name, 10, (3, 32, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = SimpleNamespace(basis=SimpleNamespace(dim=dim))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def snapshot(stream, signals):
+        with torch.no_grad():
+            stream.add(flatten_params(model))
+        _window_check(stream, signals, len(signals) + 1, cfg)
+
+    model.train()
+    for _ in range(3):
+        step()
+    with_s, without_s = [], []
+    stream, signals = StreamGram(rounds + 1, n, "cpu", lambda row: None), []
+    with torch.no_grad():
+        stream.add(flatten_params(model))
+    for r in range(rounds):
+        for streaming in ((True, False) if r % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            (with_s if streaming else without_s).append((time.perf_counter() - t0) / steps_per_round)
+            if streaming:
+                snapshot(stream, signals)
+    # the whole window's stream: every add (rows of growing length) and every check
+    stream, signals, costs = StreamGram(snapshots, n, "cpu", lambda row: None), [], []
+    for s in range(snapshots):
+        with torch.no_grad():
+            for p in model.parameters():  # a new point per snapshot (an SGD step's worth of change)
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        t0 = time.perf_counter()
+        snapshot(stream, signals)
+        costs.append(time.perf_counter() - t0)
+    step_s = statistics.median(without_s)
+    return {"overhead_model": model_name, "overhead_params": n, "overhead_batch": batch,
+            "overhead_steps_per_snapshot": steps_per_snapshot, "overhead_snapshots": snapshots,
+            "overhead_dim": dim, "step_s_without_stream": step_s, "step_s_with_stream": statistics.median(with_s),
+            "step_s_with_over_without": statistics.median(with_s) / step_s,
+            "stream_window_s": float(sum(costs)), "stream_add_max_s": float(max(costs)),
+            "stream_gram_overhead": overhead_ratio(step_s, steps_per_snapshot, snapshots, float(sum(costs)))}
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -370,6 +573,12 @@ def main(argv=None) -> None:
                          "driver's, so the actors and the plain read compete alike for a busy CPU)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the sklearn reference (it needs ~3×t·n·4 "
                                                                    "bytes of RAM)")
+    ap.add_argument("--skip-overhead", action="store_true",
+                    help="skip stream_gram_overhead (the streaming Gram's cost to a ResNet-20 sampling rank)")
+    ap.add_argument("--overhead-rounds", type=int, default=6, help="interleaved step rounds (default 6)")
+    ap.add_argument("--overhead-steps-per-snapshot", type=int, default=390,
+                    help="steps between snapshots (default 390: DLDR's CIFAR-10, one snapshot per epoch)")
+    ap.add_argument("--overhead-snapshots", type=int, default=51, help="window snapshots with θ0 (default 51)")
     ap.add_argument("--reference-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ref-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -434,7 +643,14 @@ def main(argv=None) -> None:
 
         log("page cache: the trajectory was just written, so the reads below are served from the page cache "
             f"(resident now: {pct(resident_fraction(run, blocks))}; checked again before every measurement)")
+        log("the streamed Gram (relative to θ0, as the sampling ranks build it) ...")
+        tg = time.perf_counter()
+        K_stream = streamed_gram(run, blocks)
+        log(f"streamed Gram {K_stream.shape[0]}×{K_stream.shape[0]} in {time.perf_counter() - tg:.1f}s (not timed "
+            "below: the ranks build it while sampling)")
+        floor = Floor(run, n, t, dim, nblk, args.seed)
         reads, basis_runs, records = [], [], []
+        stream_runs, stream_records, floor_writes, floor_gemms = [], [], [], []
         read_all(run, blocks)  # warm-up (and pulls back anything evicted)
         read_all(run, blocks, "read_bytes")
         reads.append(timed_read("read 1"))
@@ -456,7 +672,25 @@ def main(argv=None) -> None:
             log(f"{label}: basis_s = {basis_runs[-1]:.2f}s (slowest actor: load {tm['load_s']:.2f}s, gram "
                 f"{tm['gram_s']:.2f}s, write {tm['write_s']:.2f}s)")
             reads.append(timed_read(f"read {r + 2}"))
+            label = f"stream basis {r + 1}"
+            cache[label] = resident_fraction(run, blocks)
+            t0 = time.perf_counter()
+            rec = build_basis(run, dim, blocks, shards, prefix="basis_stream", streamed_gram=K_stream)
+            stream_runs.append(time.perf_counter() - t0)
+            stream_records.append(rec)
+            log(f"{label}: stream_basis_s = {stream_runs[-1]:.2f}s (slowest actor: load {rec['timings']['load_s']:.2f}s,"
+                f" write {rec['timings']['write_s']:.2f}s; page-cache resident before: {pct(cache[label])})")
+            floor_writes.append(floor.write())
+            floor_gemms.append(floor.gemm())
+            log(f"floor: plain write of the basis bytes {floor_writes[-1]:.2f}s, float32 GEMM of U_b's shape "
+                f"{floor_gemms[-1]:.2f}s")
+            reads.append(timed_read(f"read {r + 2}b"))
         ray.shutdown()
+        del floor
+        log("comparing the streamed basis with the post-hoc one ...")
+        stream_cmp = compare_streamed(run, records[-1], stream_records[-1], dim)
+        log(f"streamed vs post-hoc: max relative singular-value difference {stream_cmp['stream_sv_max_rel_diff']:.2e}, "
+            f"largest principal angle {stream_cmp['stream_max_angle_deg']:.2e} deg")
 
         ref, cmp, read_after_ref = None, None, None
         if not args.skip_reference:
@@ -472,6 +706,16 @@ def main(argv=None) -> None:
             cmp = compare_bases(run, ref_npy, dim, records[-1]["singular_values"], ref["singular_values"])
             log(f"max relative singular-value difference {cmp['sv_max_rel_diff']:.2e}, largest principal angle "
                 f"{cmp['max_principal_angle_deg']:.2e} deg")
+        overhead = None
+        if not args.skip_overhead:
+            log(f"stream_gram_overhead: ResNet-20 sampling steps with and without the streaming Gram (CPU, "
+                f"{args.overhead_rounds} interleaved rounds, then a {args.overhead_snapshots}-snapshot window) ...")
+            overhead = stream_overhead(steps_per_snapshot=args.overhead_steps_per_snapshot,
+                                       snapshots=args.overhead_snapshots, rounds=args.overhead_rounds, dim=40,
+                                       seed=args.seed)
+            log(f"step {overhead['step_s_without_stream'] * 1e3:.1f} ms without, "
+                f"{overhead['step_s_with_stream'] * 1e3:.1f} ms with; the window's adds and checks "
+                f"{overhead['stream_window_s']:.3f}s -> overhead {overhead['stream_gram_overhead']:.5f}")
     finally:
         shutil.rmtree(local_tmp, ignore_errors=True)
         if not args.keep:
@@ -491,6 +735,10 @@ def main(argv=None) -> None:
     over_block, abs_over_block = mem["peak_ram_over_block"], mem["peak_rss_over_block_abs"]
     actor_peak, block_bytes = mem["raysub_actor_peak_rss_bytes"], mem["block_bytes"]
     evr = rec["explained_variance_top_dim"]
+    stream_s = statistics.median(stream_runs)
+    srec = stream_records[int(np.argsort(stream_runs)[len(stream_runs) // 2])]
+    floor_fig = floor_figures(read_s, statistics.median(floor_writes), statistics.median(floor_gemms), stream_s,
+                              basis_s)
 
     fig = {
         "n": n, "t": t, "dim": dim, "num_blocks": nblk, "planted_rank": rank, "trajectory_bytes": int(written),
@@ -516,6 +764,16 @@ def main(argv=None) -> None:
             "reference_over_raysub_ram": reference_over_raysub_ram(ref["peak_rss"], mem),
             **cmp,
         })
+    fig.update({**floor_fig, "stream_basis_s_all": stream_runs, "floor_write_s_all": floor_writes,
+                "floor_gemm_s_all": floor_gemms, "stream_basis_load_s": srec["timings"]["load_s"],
+                "stream_basis_write_s": srec["timings"]["write_s"], **stream_cmp,
+                "goal_stream_basis_over_posthoc": GOAL_STREAM_OVER_POSTHOC,
+                "goal_stream_basis_over_floor": GOAL_STREAM_OVER_FLOOR,
+                "stream_basis_over_posthoc_ok": floor_fig["stream_basis_over_posthoc"] <= GOAL_STREAM_OVER_POSTHOC,
+                "stream_basis_over_floor_ok": floor_fig["stream_basis_over_floor"] <= GOAL_STREAM_OVER_FLOOR})
+    if overhead is not None:
+        fig.update({**overhead, "goal_stream_gram_overhead": GOAL_STREAM_GRAM_OVERHEAD,
+                    "stream_gram_overhead_ok": overhead["stream_gram_overhead"] <= GOAL_STREAM_GRAM_OVERHEAD})
     fig["basis_over_read_ok"] = fig["basis_over_read"] <= GOAL_BASIS_OVER_READ
     fig["peak_ram_over_block_ok"] = over_block <= GOAL_PEAK_RAM_OVER_BLOCK
     fig["wall_s"] = time.perf_counter() - t_start
@@ -539,6 +797,31 @@ def main(argv=None) -> None:
          f"sum of the {len(mem['raysub_actor_peak_rss_bytes_all'])} actors' peaks (all resident at once); "
          f"{', '.join(mem['raysub_peak_rss_source'])}"),
     ]
+    rows += [
+        ("streamed basis stage (median)", f"{stream_s:8.2f} s", "  ".join(f"{x:.2f}" for x in stream_runs)
+         + f"  (slowest actor: load {srec['timings']['load_s']:.2f}, write {srec['timings']['write_s']:.2f})"),
+        ("  stream / post-hoc basis", f"{floor_fig['stream_basis_over_posthoc']:8.3f} x",
+         f"goal <= {GOAL_STREAM_OVER_POSTHOC}: {'met' if fig['stream_basis_over_posthoc_ok'] else 'NOT met'}"),
+        ("  physical floor", f"{floor_fig['floor_s']:8.2f} s",
+         f"read {read_s:.2f} + write {floor_fig['floor_write_s']:.2f} + float32 GEMM {floor_fig['floor_gemm_s']:.2f}"),
+        ("  stream / floor", f"{floor_fig['stream_basis_over_floor']:8.2f} x",
+         f"goal <= {GOAL_STREAM_OVER_FLOOR}: {'met' if fig['stream_basis_over_floor_ok'] else 'NOT met'}"),
+        ("  stream vs post-hoc sv rel diff", f"{stream_cmp['stream_sv_max_rel_diff']:8.1e}", "top dim"),
+        ("  stream vs post-hoc max angle", f"{stream_cmp['stream_max_angle_deg']:8.1e} deg", "sine-based"),
+    ]
+    if overhead is not None:
+        rows += [
+            ("streaming Gram overhead", f"{overhead['stream_gram_overhead']:8.5f} x",
+             f"goal <= {GOAL_STREAM_GRAM_OVERHEAD}: {'met' if fig['stream_gram_overhead_ok'] else 'NOT met'}; "
+             f"{overhead['overhead_model']} ({overhead['overhead_params']:,} params) batch "
+             f"{overhead['overhead_batch']}, {overhead['overhead_snapshots']} snapshots every "
+             f"{overhead['overhead_steps_per_snapshot']} steps"),
+            ("  step with / without stream", f"{overhead['step_s_with_over_without']:8.3f} x",
+             f"{overhead['step_s_with_stream'] * 1e3:.1f} vs {overhead['step_s_without_stream'] * 1e3:.1f} ms "
+             "(interleaved rounds; noise)"),
+            ("  window's adds + checks", f"{overhead['stream_window_s']:8.3f} s",
+             f"slowest add {overhead['stream_add_max_s'] * 1e3:.1f} ms"),
+        ]
     if ref is not None:
         rows += [
             ("DLDR reference (sklearn PCA)", f"{ref['total_s']:8.2f} s",

@@ -117,20 +117,20 @@ class BlockGram:
     def write_basis_streamed(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis"
                              ) -> Dict[str, Any]:
         """U_b from a streamed Gram: one read of the block, then per tile one GEMM (`stream_gram.basis_tile`)."""
-        from raysub.pipeline.stream_gram import basis_tile, centred_projection
+        from raysub.pipeline.stream_gram import basis_tile, increment_coefficients
 
         load_s = self.load() if self.W_TN is None else 0.0
         t0 = time.perf_counter()
-        proj_DT = centred_projection(proj_TD)
+        coef_DT = increment_coefficients(proj_TD)
         with self.run.open_writer(basis_rel(self.block, prefix)) as sink:
             writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
             for start in range(0, self.num_coords, TILE):
-                writer.write(basis_tile(proj_DT, self.W_TN[:, start : start + TILE]))
+                writer.write(basis_tile(coef_DT, self.W_TN[:, start : start + TILE]))
                 self._track()
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "load_s": load_s,
-                "write_s": time.perf_counter() - t0, "peak_rss": self.peak, "start_rss": self.rss0,
-                "block_bytes": self.W_TN.nbytes}
+                "write_s": time.perf_counter() - t0, "peak_rss": max(self.peak, peak_rss_bytes()),
+                "peak_rss_source": self.peak_source, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
 
     def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
         """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
