@@ -182,6 +182,12 @@ def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
             "explained_variance_ratio": evals / total if total > 0 else np.zeros_like(evals), "rank": rank}
 
 
+def write_streamed_block(run_uri: str, block: int, shards: List[Tuple[str, str]], num_coords: int,
+                         proj_TD: np.ndarray, dtype: str, prefix: str) -> Dict[str, Any]:
+    """One block of the basis from a streamed Gram (a Ray task): read it once, write U_b (`BlockGram`)."""
+    return BlockGram(run_uri, block, shards, num_coords).write_basis_streamed(proj_TD, dtype, prefix)
+
+
 def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dict[str, str],
                 dtype: str = "float32", prefix: str = "basis", streamed_gram: Optional[np.ndarray] = None
                 ) -> Dict[str, Any]:
@@ -191,8 +197,11 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         blocks: the trajectory's block indices (``trajectory/block_*/index.json`` contents).
         shards: {path: sha256} from the manifest; every snapshot is verified against it.
         prefix: the directory of this basis generation (the manifest commits it; see `basis_dir`).
-        streamed_gram: the sampler's Gram relative to θ0 (`raysub.pipeline.stream_gram`): no Gram pass, the
-            actors read their blocks once and write U_b.
+        streamed_gram: the sampler's Gram relative to θ0 (`raysub.pipeline.stream_gram`): no Gram pass; the
+            driver solves first, then one Ray task per block reads it once and writes U_b. Nothing has to stay
+            resident between passes, so the tasks take a whole CPU each and run in Ray's already-started worker
+            processes, a CPU's worth of blocks at a time (actors would each start a process: ~1.5 s on 2 cores,
+            as long as the rest of the stage at 2M parameters — `jobs/bench/basis.py`).
     Returns:
         The spectrum record written to ``PREFIX/spectrum.json`` plus per-block timings and memory.
     """
@@ -200,33 +209,35 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
 
     t0 = time.perf_counter()
     cpus = ray.cluster_resources().get("CPU", 1)
-    # every block stays in memory between the two passes, so all block actors must be alive at once
-    per_actor = min(1.0, cpus / len(blocks))
-    Actor = ray.remote(BlockGram).options(num_cpus=per_actor)
-    actors = []
+    entries_of = []
     for b in blocks:
         entries = []
         for s in b["snapshots"]:
             if s["path"] not in shards:
                 raise StorageError(f"snapshot {s['path']} is not in the manifest: resample with --overwrite")
             entries.append((s["path"], shards[s["path"]]))
-        actors.append(Actor.remote(run.uri, b["block"], entries, b["stop"] - b["start"]))
-    try:
-        if streamed_gram is None:
-            grams = ray.get([a.gram.remote() for a in actors])
-            gram_TT = sum(g["gram"] for g in grams)
-        else:
-            from raysub.pipeline.stream_gram import centre_gram
+        entries_of.append(entries)
+    if streamed_gram is not None:
+        from raysub.pipeline.stream_gram import centre_gram
 
-            gram_TT = centre_gram(streamed_gram)
-            grams = [{"load_s": 0.0, "gram_s": 0.0}]
-        spec = solve_spectrum(gram_TT, dim)
+        spec = solve_spectrum(centre_gram(streamed_gram), dim)
         proj_TD = spec["V"] / spec["singular_values"][:dim]
-        write = "write_basis" if streamed_gram is None else "write_basis_streamed"
-        writes = ray.get([getattr(a, write).remote(proj_TD, dtype, prefix) for a in actors])
-    finally:
-        for a in actors:
-            ray.kill(a)
+        task = ray.remote(write_streamed_block).options(num_cpus=min(1.0, cpus))
+        writes = ray.get([task.remote(run.uri, b["block"], e, b["stop"] - b["start"], proj_TD, dtype, prefix)
+                          for b, e in zip(blocks, entries_of)])
+        grams = [{"load_s": 0.0, "gram_s": 0.0}]
+    else:
+        # every block stays in memory between the two passes, so all block actors must be alive at once
+        Actor = ray.remote(BlockGram).options(num_cpus=min(1.0, cpus / len(blocks)))
+        actors = [Actor.remote(run.uri, b["block"], e, b["stop"] - b["start"]) for b, e in zip(blocks, entries_of)]
+        try:
+            grams = ray.get([a.gram.remote() for a in actors])
+            spec = solve_spectrum(sum(g["gram"] for g in grams), dim)
+            proj_TD = spec["V"] / spec["singular_values"][:dim]
+            writes = ray.get([a.write_basis.remote(proj_TD, dtype, prefix) for a in actors])
+        finally:
+            for a in actors:
+                ray.kill(a)
     timings = {"load_s": max([g["load_s"] for g in grams] + [w.get("load_s", 0.0) for w in writes]),
                "gram_s": max(g["gram_s"] for g in grams), "write_s": max(w["write_s"] for w in writes),
                "total_s": time.perf_counter() - t0}
