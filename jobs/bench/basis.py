@@ -31,8 +31,8 @@ What it measures
                    scikit-learn (which centres W itself), np.save(components_). Its peak RSS is the child's VmHWM from
                    /proc/self/status (ru_maxrss would include the parent's: Linux carries it across exec).
       stream_basis_s  the basis stage from a streamed Gram (`build_basis(..., streamed_gram=K)`, what `raysub
-                   basis` does when the sampler stored ``trajectory/gram.pt``): the driver's eigh, then one read of
-                   each block (sha256 verified) and one write of U_b — no Gram pass. K, the Gram relative to θ0 that
+                   basis` does when the sampler stored ``trajectory/gram.pt``): the driver's eigh, then one Ray task
+                   per block (a CPU each) reads it once (sha256 verified) and writes U_b — no Gram pass. K, the Gram relative to θ0 that
                    the ranks stream, is made beforehand (`streamed_gram`). Timed alternately with basis_s.
       floor_s      the streamed stage's physical floor, measured in the same run: read_s + one plain write of the
                    D×N float32 basis bytes + one float32 GEMM of U_b's shape per block ((D×T)(T×n_b), numpy, this
@@ -678,7 +678,7 @@ def main(argv=None) -> None:
             rec = build_basis(run, dim, blocks, shards, prefix="basis_stream", streamed_gram=K_stream)
             stream_runs.append(time.perf_counter() - t0)
             stream_records.append(rec)
-            log(f"{label}: stream_basis_s = {stream_runs[-1]:.2f}s (slowest actor: load {rec['timings']['load_s']:.2f}s,"
+            log(f"{label}: stream_basis_s = {stream_runs[-1]:.2f}s (slowest task: load {rec['timings']['load_s']:.2f}s,"
                 f" write {rec['timings']['write_s']:.2f}s; page-cache resident before: {pct(cache[label])})")
             floor_writes.append(floor.write())
             floor_gemms.append(floor.gemm())
@@ -799,7 +799,7 @@ def main(argv=None) -> None:
     ]
     rows += [
         ("streamed basis stage (median)", f"{stream_s:8.2f} s", "  ".join(f"{x:.2f}" for x in stream_runs)
-         + f"  (slowest actor: load {srec['timings']['load_s']:.2f}, write {srec['timings']['write_s']:.2f})"),
+         + f"  (slowest task: load {srec['timings']['load_s']:.2f}, write {srec['timings']['write_s']:.2f})"),
         ("  stream / post-hoc basis", f"{floor_fig['stream_basis_over_posthoc']:8.3f} x",
          f"goal <= {GOAL_STREAM_OVER_POSTHOC}: {'met' if fig['stream_basis_over_posthoc_ok'] else 'NOT met'}"),
         ("  physical floor", f"{floor_fig['floor_s']:8.2f} s",
