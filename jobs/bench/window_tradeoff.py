@@ -15,7 +15,8 @@ What it measures
     streaming Gram of the sampler holds after w epochs.
 
     Basis of window w (d = max(--dims)): solve_spectrum on the centred prefix Gram (C K C), then
-    U = Dᵀ C V Σ⁻¹ in float64 (as `BlockGram.write_basis_streamed`), the smaller d its leading columns.
+    U = Dᵀ C V Σ⁻¹ in float64 (the exact product; `BlockGram.write_basis_streamed` computes the same from the
+    increments in float32, within ~1e-5°), the smaller d its leading columns.
     basis_s times the in-process equivalent of the basis stage from a streamed Gram: reading the T_w prefix
     snapshots again (verified) + eigh + the GEMM.
 
