@@ -219,3 +219,12 @@ def test_time_panel_falls_back_to_the_highest_reached_extra_target():
     hit = [{"end_to_end_over_sgd": 0.4}]
     assert wt.panel_target(hit, ref, extra) == (0.9035, hit, 280.0)
     assert wt.panel_target(none, ref, None) == (0.9035, none, 280.0)
+
+
+def test_replot_without_a_finished_run_is_a_one_line_error(tmp_path, capsys):
+    """--replot on an --out with no table.json: exit 2, one line naming the file and the fix, nothing written.
+    Catches a traceback (KeyError/FileNotFoundError) or an empty plot written into the directory."""
+    assert wt.main(["--out", str(tmp_path), "--replot", "--extra-targets", "0.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "table.json" in err and "run the benchmark" in err
+    assert os.listdir(tmp_path) == []

@@ -398,15 +398,14 @@ class Floor:
         rng = np.random.default_rng(seed)
         self.W_TN = rng.standard_normal((t, nb), dtype=np.float32)
         self.P_DT = rng.standard_normal((dim, t), dtype=np.float32)
-        self.U_DN = np.empty((dim, nb), dtype=np.float32)
-        self.bytes = np.zeros(dim * nb, dtype=np.float32)
+        self.U_DN = np.zeros((dim, nb), dtype=np.float32)  # the GEMM's output; its bytes are what write() writes
 
     def write(self) -> float:
         self.run.fs.create_dir(self.run.path("floor"))
         t0 = time.perf_counter()
         for b, (lo, hi) in enumerate(self.bounds):
             with self.run.fs.open_output_stream(self.run.path(f"floor/basis_{b}.bin")) as sink:
-                sink.write(memoryview(self.bytes[: self.dim * (hi - lo)]))
+                sink.write(memoryview(self.U_DN.reshape(-1)[: self.dim * (hi - lo)]))
         secs = time.perf_counter() - t0
         self.run.delete("floor")
         return secs

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import numpy as np
 
-# torch is imported where it is used: the basis stage's block actors import this module for `basis_tile` alone, and
-# importing torch in each of them cost ~1 s of CPU per actor — more than the streamed basis stage's whole work at
+# torch is imported where it is used: the basis stage's block workers import this module for `basis_tile` alone, and
+# importing torch in each of them cost ~1 s of CPU per worker — more than the streamed basis stage's whole work at
 # small sizes (jobs/bench/basis.py)
 if TYPE_CHECKING:
     import torch
