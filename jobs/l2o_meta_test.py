@@ -121,9 +121,10 @@ def write_adam_like(cfg, out) -> str:
     from raysub.l2o.lstm import adam_like_params
     from raysub.l2o.train import opt_config
     from raysub.l2o.weights import save_learned_optimizer
+    from raysub.storage import join_uri
 
     config = opt_config(cfg)
-    uri = f"{out.uri}/adam_like_weights.pt" if "://" in out.uri else out.path("adam_like_weights.pt")
+    uri = join_uri(out.uri, "adam_like_weights.pt")
     save_learned_optimizer(uri, config, adam_like_params(config))
     return uri
 

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from raysub.cli import resolve_config
     from raysub.config import load_config
     from raysub.errors import ConfigError
-    from raysub.storage import RunDir
+    from raysub.storage import RunDir, join_uri
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         cfgs = {}
         for c in levels:
             cfg = load_config(resolve_config(args.config),
-                              overrides + [f"data.label_noise={c}", f"run_dir={out.uri}/c{c}", f"basis.dim={dims[-1]}"])
+                              overrides + [f"data.label_noise={c}", f"run_dir={join_uri(out.uri, f'c{c}')}", f"basis.dim={dims[-1]}"])
             plan(cfg)  # every level is checked before any starts
             if not 0 < dims[0]:
                 raise ConfigError(f"--dims {args.dims}: dimensions must be positive")

@@ -155,12 +155,12 @@ def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if run_uri:
         try:
-            from raysub.storage import RunDir
+            from raysub.storage import RunDir, join_uri, redact
 
             run = RunDir(run_uri)
             if run.exists():
                 run.write_text(f"logs/error-{stamp}.log", text)
-                return run.path(f"logs/error-{stamp}.log") if "://" not in run.uri else f"{run.uri}/logs/error-{stamp}.log"
+                return join_uri(redact(run.uri), "logs", f"error-{stamp}.log")
         except Exception:
             pass
     import tempfile

@@ -53,6 +53,21 @@ class ClusterConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "logical CPUs each worker reserves"})
     num_cpus: Optional[int] = field(default=None, metadata={"help": "logical CPUs of a local cluster"})
     max_failures: int = field(default=0, metadata={"help": "worker-group restarts Ray Train may do"})
+    wait_for_autoscaler: bool = field(default=False, metadata={
+        "help": "joined cluster: when its nodes cannot hold the workers (no GPU, no node big enough for one worker, "
+                "too few CPUs/GPUs in all), warn and wait for an autoscaler to add nodes instead of failing at once"})
+
+
+@dataclass
+class ComputeConfig:
+    """How forward passes run on the worker's device: sampling SGD, subspace training and evaluation."""
+
+    bf16: bool = field(default=False, metadata={
+        "help": "bfloat16 autocast of forward passes (torch.autocast on the worker's device: CUDA, or CPU autocast "
+                "when training on CPU, fast only with AMX/AVX-512 BF16); parameters and gradients stay float32"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "NHWC memory format: 4-D inputs, and the sampled model's conv weights (subspace training keeps its "
+                "flat θ buffer and converts kernels per call)"})
 
 
 @dataclass
@@ -195,12 +210,29 @@ class L2OTuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Live curves of every stage through Ray's logger integrations (raysub.tracking): TensorBoard event files under
+    the run directory, and MLflow runs when asked. Nothing here changes results."""
+
+    tensorboard: bool = field(default=True, metadata={
+        "help": "event files of the Ray Train stages and meta-training under RUN/tensorboard/ (Tune trials always "
+                "write theirs, under RUN/tune/)"})
+    mlflow: bool = field(default=False, metadata={
+        "help": "also log every stage to MLflow with Ray's MLflowLoggerCallback (pip install 'raysub[tracking]')"})
+    mlflow_tracking_uri: Optional[str] = field(default=None, metadata={
+        "help": "MLflow tracking URI (default: a file store in RUN/mlruns; needed when run_dir is on object storage)"})
+    mlflow_experiment: Optional[str] = field(default=None, metadata={
+        "help": "MLflow experiment (default: the run directory's name)"})
+
+
+@dataclass
 class Config:
     run_dir: str = field(default="runs/quickstart", metadata={"help": "local path or pyarrow.fs URI"})
     seed: int = field(default=0, metadata={"help": "seeds theta0, and data order and augmentation (train.data_seed for a subspace run)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     sgd: SGDConfig = field(default_factory=SGDConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
@@ -208,6 +240,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     l2o: L2OConfig = field(default_factory=L2OConfig)
     l2o_tune: L2OTuneConfig = field(default_factory=L2OTuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -559,4 +592,7 @@ def schema_problems(cfg: Config) -> List[str]:
         problems.append(f"basis.gram={cfg.basis.gram!r}: choose auto or posthoc")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
         problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
+    from raysub.tracking import tracking_problems  # MLflow installed, and a store it can reach
+
+    problems += tracking_problems(cfg)
     return problems

@@ -194,7 +194,7 @@ class RunLock:
             RunLocked: another live command holds it.
             ConfigError: the run directory is a file, or cannot be created.
         """
-        info = self.run.fs.get_file_info(self.run.root)
+        info = self.run.probe()  # unreachable storage or refused credentials: one line, before Ray starts
         if info.type == pafs.FileType.File:
             raise ConfigError(f"run_dir={self.run.uri} is a file, not a directory: choose another run_dir")
         if info.type == pafs.FileType.NotFound:

@@ -1,8 +1,15 @@
 """Run directories on any `pyarrow.fs` filesystem: atomic writes, Arrow shards with checksums, the manifest.
 
 A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) that every node can reach.
-Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's
-sha256 goes into ``manifest.json``; readers verify it.
+A URI follows pyarrow's conventions (``pyarrow.fs.FileSystem.from_uri``): the endpoint and region come from the
+environment (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``) or from the URI's query
+(``s3://bucket/run?endpoint_override=host:9000&scheme=http&region=us-east-1``); credentials from the AWS
+default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role). Paths inside a
+run are joined before the query (`join_uri`), and Ray Train/Tune get the filesystem object itself
+(``storage_filesystem``), never a concatenated string.
+
+Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's sha256
+goes into ``manifest.json``; readers verify it.
 
 Layout::
 
@@ -27,6 +34,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
@@ -38,6 +46,11 @@ from raysub.errors import StorageError
 
 
 LOCK = "raysub.lock"  # the lock file of a running command (raysub.lock); not part of a run's contents
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def strict_json(obj: Any) -> Any:
@@ -82,6 +95,29 @@ class _HashingSink:
         self.closed = True
 
 
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri/parts...``: a local path joined as paths are; a URI's ``?query`` (endpoint, region) stays at the end."""
+    if "://" not in uri:
+        return os.path.join(uri, *parts)
+    base, sep, query = uri.partition("?")
+    return posixpath.join(base.rstrip("/"), *parts) + sep + query
+
+
+def split_uri(uri: str) -> Tuple[str, str]:
+    """(parent, name) of a path or URI, the inverse of `join_uri` for one part (the query stays with the parent)."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+        return os.path.dirname(uri), os.path.basename(uri)
+    base, sep, query = uri.partition("?")
+    parent, name = base.rstrip("/").rsplit("/", 1)
+    return parent + sep + query, name
+
+
+def redact(uri: str) -> str:
+    """``uri`` for messages: credentials written into it (``s3://KEY:SECRET@bucket``) are replaced by ``***``."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?]*@", r"\1***@", uri)
+
+
 class RunDir:
     """A run directory on a pyarrow filesystem.
 
@@ -93,7 +129,29 @@ class RunDir:
         if "://" not in uri:
             uri = os.path.abspath(os.path.expanduser(uri))
         self.uri = uri
-        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as exc:  # an unknown scheme, a malformed query, an unresolvable region
+            raise StorageError(f"run directory {redact(uri)} cannot be opened: {_first_line(exc)}; check the URI "
+                               f"(scheme://bucket/path[?endpoint_override=HOST:PORT&scheme=http&region=R])") from None
+
+    def child(self, *parts: str) -> "RunDir":
+        """The run directory ``parts`` below this one, on the same storage (its query kept)."""
+        return RunDir(join_uri(self.uri, *parts))
+
+    def probe(self) -> "pafs.FileInfo":
+        """What the storage holds at the root (one request): the check that the storage is reachable and we are
+        allowed in, made before Ray starts.
+
+        Raises:
+            StorageError: the endpoint is unreachable, the bucket is missing, or the credentials are refused.
+        """
+        try:
+            return self.fs.get_file_info(self.root)
+        except OSError as exc:
+            raise StorageError(f"run directory {redact(self.uri)} cannot be reached: {_first_line(exc)}; check the "
+                               f"endpoint (AWS_ENDPOINT_URL_S3, or ?endpoint_override= in the URI), the bucket and "
+                               f"the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
 
     # -- paths --------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -128,10 +186,13 @@ class RunDir:
         sel = pafs.FileSelector(self.path(*parts), recursive=False)
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
 
-    @property
-    def storage_path(self) -> str:
-        """Where Ray Train keeps this run's checkpoints (its RunConfig.storage_path)."""
-        return self.uri.rstrip("/") + "/checkpoints" if "://" in self.uri else os.path.join(self.uri, "checkpoints")
+    def ray_storage(self, rel: str) -> Tuple[str, Optional[pafs.FileSystem]]:
+        """``(storage_path, storage_filesystem)`` for a Ray Train/Tune RunConfig keeping its files under ``rel``:
+        a local path alone, or the path inside this run's filesystem together with the filesystem object, so an
+        endpoint or region given in the URI's query reaches Ray (a concatenated URI string would lose it)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return self.path(rel), None
+        return self.path(rel), self.fs
 
     # -- bytes, text, json --------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data) -> str:

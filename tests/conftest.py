@@ -6,6 +6,11 @@ import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Credentials for the loopback S3 server of tests/test_s3.py, set before any Ray cluster starts so that its
+# workers inherit them (a real cluster's nodes have their own, from the AWS default chain). No metadata lookups.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysub-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raysub-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def quiet(_line):
 
 def final_checkpoint(run: RunDir, name: str):
     """The state Ray Train checkpointed (rank 0's) after the last epoch of ``name``."""
-    paths = glob.glob(os.path.join(run.storage_path, name, "**", "state.pt"), recursive=True)
+    paths = glob.glob(os.path.join(run.path("checkpoints"), name, "**", "state.pt"), recursive=True)
     return max((torch.load(p, weights_only=False) for p in paths), key=lambda s: s["epoch"])
 
 

@@ -431,7 +431,7 @@ def _train_ready(tmp_path, monkeypatch, result):
     monkeypatch.setattr(cluster, "ensure_ray", lambda *a, **k: None)
 
     def fake(cfg, run, printer):
-        RunDir(run.storage_path).write_text(f"train-{cfg.train_label}/checkpoint_0/state.pt", "x")
+        run.child("checkpoints").write_text(f"train-{cfg.train_label}/checkpoint_0/state.pt", "x")
         if isinstance(result, Exception):
             raise result
         return result
@@ -465,7 +465,7 @@ def test_failed_training_leaves_no_checkpoints_or_stage_behind(tmp_path, monkeyp
     cfg, run = _train_ready(tmp_path, monkeypatch, ConfigError("bad thing: fix it"))
     with pytest.raises(ConfigError, match="bad thing"):
         pipeline.stage_train(run.uri, cfg=cfg, say=lambda s: None)
-    assert not RunDir(run.storage_path).exists("train-dense4")
+    assert not run.child("checkpoints").exists("train-dense4")
     assert "train.dense4" not in run.read_json("manifest.json")["stages"]
 
 

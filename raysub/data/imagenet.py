@@ -1,8 +1,15 @@
-"""ImageNet ("imagenet") in ImageFolder layout, streamed as JPEGs through a torch DataLoader."""
+"""ImageNet ("imagenet") in ImageFolder layout, streamed as JPEGs through a torch DataLoader.
+
+One DataLoader per (split, augment, num_workers), built on first use and reused by every later `batches` call:
+its worker processes persist across epochs (``persistent_workers``) and, in a process that already uses CUDA,
+batches come in pinned memory (``pin_memory``) so ``x.to(device, non_blocking=True)`` overlaps the copy. Each
+call points the loader's batch sampler at that call's indices and seed; augmentation stays a pure function of
+(seed, example index) whichever worker loads an example.
+"""
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +44,10 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 class _SeededBatches:
-    """Batch sampler: turns index batches into lists of (index, seed) keys, lazily."""
+    """Batch sampler: turns index batches into lists of (index, seed) keys, lazily.
+
+    A persistent loader keeps one instance; each `ImageNet.batches` call sets ``batch_indices`` and ``seed``
+    before iterating (the loader reads its batch sampler in this process, never in the workers)."""
 
     def __init__(self, batch_indices, seed: int, augment: bool):
         self.batch_indices, self.seed, self.augment = batch_indices, seed, augment
@@ -121,6 +131,14 @@ class ImageNet(Dataset):
         normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self._train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] + normalize)
         self._test_tf = T.Compose([T.Resize(resize_size), T.CenterCrop(image_size)] + normalize)
+        self._loaders: Dict[Tuple[str, bool, int], torch.utils.data.DataLoader] = {}
+        self._busy: Set[Tuple[str, bool, int]] = set()
+
+    def __getstate__(self):
+        # loaders hold worker processes and threads: a copy sent elsewhere builds its own
+        state = dict(self.__dict__)
+        state["_loaders"], state["_busy"] = {}, set()
+        return state
 
     def size(self, split):
         self._check_split(split)
@@ -130,14 +148,43 @@ class ImageNet(Dataset):
         self._check_split(split)
         return torch.tensor(self._folders[split].targets, dtype=torch.int64)
 
+    def loader(self, split: str, augment: bool, num_workers: int = 0) -> torch.utils.data.DataLoader:
+        """The DataLoader `batches` reuses for (split, augment, num_workers), built on first use.
+
+        Workers persist between calls when ``num_workers`` > 0; ``pin_memory`` is on when this process has
+        already initialised CUDA (a GPU training loop moves its model there first), never on a CPU-only worker.
+        """
+        key = (split, bool(augment), int(num_workers))
+        if key not in self._loaders:
+            self._loaders[key] = self._new_loader(*key)
+        return self._loaders[key]
+
+    def _new_loader(self, split: str, augment: bool, num_workers: int) -> torch.utils.data.DataLoader:
+        samples = _SeededSamples(self._folders[split], self._train_tf if augment else self._test_tf)
+        return torch.utils.data.DataLoader(
+            samples,
+            batch_sampler=_SeededBatches([], 0, augment),
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available() and torch.cuda.is_initialized(),
+            # Without an explicit generator the loader draws its workers' base seed from the global RNG (the
+            # transforms do not use it: each sample runs under its own seed).
+            generator=torch.Generator().manual_seed(0),
+        )
+
     def batches(self, split, batch_indices, *, augment, seed, num_workers=0):
         self._check_split(split)
-        samples = _SeededSamples(self._folders[split], self._train_tf if augment else self._test_tf)
-        loader = torch.utils.data.DataLoader(
-            samples,
-            batch_sampler=_SeededBatches(batch_indices, seed, augment),
-            num_workers=num_workers,
-            # Without an explicit generator the loader draws its base seed from the global RNG.
-            generator=torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF),
-        )
-        yield from loader
+        key = (split, bool(augment), int(num_workers))
+        # A loader mid-iteration (an unfinished generator of an earlier call) would be reset under its consumer:
+        # a nested or interleaved call on the same key gets a loader of its own instead.
+        shared = key not in self._busy
+        loader = self.loader(*key) if shared else self._new_loader(*key)
+        loader.batch_sampler.batch_indices = batch_indices
+        loader.batch_sampler.seed = seed
+        if shared:
+            self._busy.add(key)
+        try:
+            yield from loader
+        finally:
+            if shared:
+                self._busy.discard(key)

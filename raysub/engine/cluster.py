@@ -7,6 +7,7 @@ Progress: rank 0 puts one dict per epoch on a `ray.util.queue.Queue`; the driver
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue as pyqueue
 import sys
@@ -28,7 +29,7 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
     store, opened by Ray Train's rank 0 during training, still binds all interfaces: torch has no setting.)
 
     Raises:
-        ConfigError: the cluster has fewer logical CPUs/GPUs than ``cluster`` asks for.
+        ConfigError: the cluster can never hold the workers ``cluster`` asks for (`check_resources`).
     """
     import ray
     from ray._private import ray_constants
@@ -44,7 +45,9 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
                                                 else os.cpu_count() or 1)
-            kwargs.update(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+            # address="local": a new cluster, even when a `ray start` on this machine left its address file behind
+            # (a bare ray.init() would join that cluster, or fail on num_cpus)
+            kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
                           _node_ip_address="127.0.0.1")
         else:
             kwargs.update(address=cfg.cluster.address)
@@ -60,6 +63,7 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
     check_resources(cfg)
+    check_run_dir_shared(cfg.run_dir)
 
 
 def starts_local(cfg: Config) -> bool:
@@ -68,31 +72,122 @@ def starts_local(cfg: Config) -> bool:
 
 
 def check_resources(cfg: Config) -> None:
-    """Fail early when a local cluster cannot fit the workers; on a joined cluster only warn, since an
-    autoscaler may add the nodes once Ray Train asks for them.
+    """Fail before anything starts when the cluster can never hold the workers Ray Train will ask for
+    (`resource_problems`): on a local cluster always; on a joined one unless ``cluster.wait_for_autoscaler``, which
+    turns the error into a warning (an autoscaler adds the nodes once Ray Train's placement group asks for them).
 
     Raises:
-        ConfigError: a local cluster with fewer logical CPUs/GPUs than ``cluster`` asks for.
+        ConfigError: one line — no GPU for ``cluster.use_gpu``, no node big enough for one worker, or fewer
+            worker slots on all nodes together than ``cluster.num_workers``.
     """
     import ray
 
-    total = ray.cluster_resources()
-    need_cpu = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    problems = []
-    if total.get("CPU", 0) < need_cpu:
-        problems.append(
-            f"cluster.num_workers={cfg.cluster.num_workers} × cluster.cpus_per_worker={cfg.cluster.cpus_per_worker} "
-            f"needs {need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower them or add nodes"
-        )
-    if cfg.cluster.use_gpu and total.get("GPU", 0) < cfg.cluster.num_workers:
-        problems.append(
-            f"cluster.use_gpu=true with {cfg.cluster.num_workers} workers needs as many GPUs but the Ray cluster "
-            f"has {total.get('GPU', 0):g}: lower cluster.num_workers or set cluster.use_gpu=false"
-        )
-    if problems and starts_local(cfg):
-        raise ConfigError(problems)
-    for p in problems:
-        print(f"raysub: warning: {p} (waiting for the autoscaler, if there is one)", file=sys.stderr, flush=True)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    problems = resource_problems(cfg, ray.cluster_resources(), nodes)
+    if not problems:
+        return
+    if cfg.cluster.wait_for_autoscaler and not starts_local(cfg):
+        for p in problems:
+            print(f"raysub: warning: {p} (cluster.wait_for_autoscaler=true: waiting for the autoscaler to add nodes)",
+                  file=sys.stderr, flush=True)
+        return
+    hint = "" if starts_local(cfg) else "; or, if an autoscaler adds nodes, set cluster.wait_for_autoscaler=true"
+    raise ConfigError(problems[0] + hint)
+
+
+def resource_problems(cfg: Config, total: Dict[str, float], nodes: List[Dict[str, float]]) -> List[str]:
+    """Why ``cfg.cluster``'s workers can never all be placed on a cluster of ``nodes`` (each node's total resources,
+    as ``ray.nodes()`` reports them; ``total``: ``ray.cluster_resources()``), most basic reason first; [] if they fit.
+
+    A worker's bundle (``cluster.cpus_per_worker`` CPUs, and 1 GPU with ``cluster.use_gpu``) must fit on one node,
+    so totals are not enough: two 2-CPU nodes hold no 3-CPU worker. The count of workers the cluster can hold is
+    the sum over nodes of how many bundles each fits.
+    """
+    c = cfg.cluster
+    bundle = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
+
+    def count(res: Dict[str, float]) -> str:
+        return _amount(res.get("CPU", 0), "CPU") + (f", {_amount(res.get('GPU', 0), 'GPU')}" if c.use_gpu else "")
+
+    need = _amount(c.cpus_per_worker, "CPU") + (" + 1 GPU" if c.use_gpu else "")
+    have = f"{count(total)} on {_amount(len(nodes), 'node')}"
+    if c.use_gpu and not total.get("GPU", 0):
+        return [f"cluster.use_gpu=true but the Ray cluster has no GPUs ({have}): set cluster.use_gpu=false or add "
+                f"GPU nodes"]
+
+    def slots(res: Dict[str, float]) -> int:
+        return min(int(math.floor(res.get(k, 0) / v + 1e-9)) if v > 0 else c.num_workers for k, v in bundle.items())
+
+    per_node = [slots(res) for res in nodes]
+    if not any(per_node):
+        biggest = max(nodes, key=lambda r: (r.get("GPU", 0) if c.use_gpu else 0, r.get("CPU", 0)), default={})
+        return [f"no node of the Ray cluster can hold one worker (cluster.cpus_per_worker={c.cpus_per_worker:g}: "
+                f"{need} on one node; the largest node has {count(biggest)}): lower cluster.cpus_per_worker or add a "
+                f"node that big"]
+    if sum(per_node) < c.num_workers:
+        return [f"cluster.num_workers={c.num_workers} workers of {need} each do not fit: the Ray cluster ({have}) "
+                f"holds at most {sum(per_node)}: lower cluster.num_workers or cluster.cpus_per_worker, or add nodes"]
+    return []
+
+
+def _amount(n: float, unit: str) -> str:
+    """``2 CPUs``, ``1 GPU``, ``0.5 CPU``."""
+    return f"{n:g} {unit}{'s' if n > 1 or n == 0 else ''}"
+
+
+def check_run_dir_shared(run_dir) -> None:
+    """On a cluster of several nodes, a run directory on a local path must be one every node sees (a shared
+    filesystem): the driver writes a probe file into it and a zero-CPU task on each node that can run workers
+    (it has CPUs or GPUs) reads it back. A node that does not see it would write its shards to its own disk — a
+    trajectory half here, half there — so the run is refused before it starts. URIs (s3://, gs://) are not
+    probed: every node reaches them, or fails with the storage's own error.
+
+    Raises:
+        ConfigError: one line naming the first node that does not see ``run_dir`` and the fix.
+    """
+    import ray
+
+    if not run_dir or "://" in run_dir:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive") and
+             (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+    if len(nodes) < 2:
+        return
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = os.path.abspath(os.path.expanduser(run_dir))
+    os.makedirs(path, exist_ok=True)
+    token = uuid.uuid4().hex
+    probe = os.path.join(path, f".raysub-probe-{token[:12]}")
+    with open(probe, "w") as f:
+        f.write(token)
+    try:
+        task = ray.remote(_reads_token)
+        seen = ray.get([task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(probe, token) for n in nodes], timeout=120)
+    finally:
+        os.remove(probe)
+    blind = [n for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        n = blind[0]
+        raise ConfigError(f"run_dir={path} is not visible from node {n.get('NodeManagerAddress', '?')} "
+                          f"({n['NodeID'][:8]}; {len(blind)} of the cluster's {len(nodes)} nodes do not see it): a "
+                          f"multi-node cluster needs a run_dir every node reaches: an s3://BUCKET/PATH (or gs://) URI "
+                          f"or a shared filesystem path")
+
+
+def _reads_token(probe: str, token: str) -> bool:
+    """Whether this node sees the driver's probe file. ``RAYSUB_TEST_NODE_FS_ROOT`` (a testing hook, set on a
+    simulated node of ``ray.cluster_utils.Cluster``) gives the node a filesystem view of its own, as a node whose
+    disk is not the driver's would have."""
+    view = os.environ.get("RAYSUB_TEST_NODE_FS_ROOT")
+    try:
+        with open(view + probe if view else probe) as f:
+            return f.read() == token
+    except OSError:
+        return False
 
 
 def make_progress_queue():
@@ -137,9 +232,11 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
     return box["result"]
 
 
-def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage_path: str,
-                  callbacks=None):
-    """A TorchTrainer on ``cluster.num_workers`` workers (gloo on CPU, nccl on GPU)."""
+def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name: str, storage, callbacks=None):
+    """A TorchTrainer on ``cluster.num_workers`` workers (gloo on CPU, nccl on GPU).
+
+    ``storage`` is where Ray Train keeps the checkpoints: ``RunDir.ray_storage(...)``'s (path, filesystem).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -150,7 +247,8 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
     )
     run_config = RunConfig(
         name=name,
-        storage_path=storage_path,
+        storage_path=storage[0],
+        storage_filesystem=storage[1],
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         logging_config=LoggingConfig(log_level="WARNING"),  # raysub prints its own progress lines

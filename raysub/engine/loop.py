@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -188,6 +189,35 @@ def load_checkpoint(session: str = "train") -> Optional[Dict]:
         return None
     with ckpt.as_directory() as path:
         return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+
+
+def publish_pid(epoch: int, pid_dir: Optional[str], pause_after_epoch: Optional[str] = None) -> None:
+    """Testing hook for real process kills: with ``RAYSUB_PID_DIR=DIR`` in the driver's environment (passed to the
+    workers in the loop config) every worker writes ``DIR/rankR.json`` — its pid, host, the epochs it has done and
+    the time — when it starts and after each epoch's report, so a test can ``kill -9`` a live Train worker.
+    With ``RAYSUB_PAUSE_AFTER_EPOCH=k`` too, every worker then waits (up to 60 s) after epoch k, once per DIR, so
+    the kill lands mid-run at a known epoch rather than racing the last step.
+    """
+    if not pid_dir:
+        return
+    import json
+    import socket
+
+    rank, _ = rank_world()
+    import ray
+
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
+              "epoch": epoch, "time": time.time()}
+    tmp = os.path.join(pid_dir, f".rank{rank}.json.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(pid_dir, f"rank{rank}.json"))
+    with open(os.path.join(pid_dir, f"rank{rank}.log"), "a") as f:  # the history: who ran when (recovery times)
+        f.write(json.dumps(record) + "\n")
+    marker = os.path.join(pid_dir, f"paused-rank{rank}")
+    if pause_after_epoch is not None and int(pause_after_epoch) == epoch and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(60)
 
 
 def maybe_inject_failure(run_dir, epoch: int, fail_after_epoch: Optional[int]) -> None:

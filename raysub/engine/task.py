@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from raysub.engine import loop
+from raysub.engine.compute import Compute
 from raysub.engine.flat import FlatParams, flatten_params
 from raysub.optim.base import BatchClosure, SubspaceOptimizer
 
@@ -42,12 +43,14 @@ class SubspaceModel:
             updated in place.
         theta0_N: Initial flat parameters.
         projection: The subspace (a `Projection`).
+        compute: bf16 autocast / channels_last inputs of every forward (`raysub.engine.compute`; default: neither).
     """
 
-    def __init__(self, model: torch.nn.Module, theta0_N: torch.Tensor, projection):
+    def __init__(self, model: torch.nn.Module, theta0_N: torch.Tensor, projection, compute: Compute = Compute()):
         self.model = model
         self.theta0_N = theta0_N
         self.projection = projection
+        self.compute = compute
         self.flat = FlatParams(model, theta0_N, bind=True)
 
     @torch.no_grad()
@@ -55,7 +58,7 @@ class SubspaceModel:
         self.projection.affine_(z_D.detach(), self.theta0_N, self.flat.theta_N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.compute.forward(self.model, x)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor):
         """Mean cross-entropy at the current z and its projected gradient Pᵀ∇L (D floats, local to this rank)."""
@@ -138,7 +141,7 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     dtype = torch.bfloat16 if cfg.train.basis_dtype == "bfloat16" else torch.float32
     projection = PROJECTIONS.get(name)(theta0_N.numel(), dim, cfg.seed, run_dir=cfg.train.basis_run or run.uri,
                                        device=device, dtype=dtype, **cfg.train.projection_options)
-    return Task(SubspaceModel(model, theta0_N, projection), data, cfg, device)
+    return Task(SubspaceModel(model, theta0_N, projection, Compute.of(cfg, device)), data, cfg, device)
 
 
 def _all_reduce_sum_(task: Task, t: torch.Tensor) -> torch.Tensor:
@@ -204,7 +207,8 @@ def _logits_at(task: Task, z_D: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Te
     theta_N.requires_grad_(True)
     params = {e.name: theta_N[e.offset : e.offset + e.numel].view(e.shape) for e in sub.flat.layout}
     buffers = {k: v.clone() for k, v in sub.model.named_buffers()}
-    return theta_N, torch.func.functional_call(sub.model, {**params, **buffers}, (x,))
+    return theta_N, sub.compute.forward(lambda x_: torch.func.functional_call(sub.model, {**params, **buffers}, (x_,)),
+                                        x)
 
 
 def _class_sums_local(task: Task, z_D: torch.Tensor, x: torch.Tensor, y: torch.Tensor

@@ -16,8 +16,9 @@
   is RUN/l2o/weights.pt.
 
 Files under RUN/l2o/: ``weights.pt`` (best φ + config), ``history.json`` (per meta-step losses, validations,
-best), ``curves.png`` (meta-training loss and meta-validation curves), ``checkpoint.pt`` (φ, Adam state,
-meta-step, history, best φ, the optimizees in flight). All but the figure are committed in ``manifest.json``
+best), ``curves.png`` (meta-training loss and meta-validation curves; live ones in RUN/tensorboard/l2o and MLflow,
+`raysub.tracking`), ``checkpoint.pt`` (φ, Adam state, meta-step, history, best φ, the optimizees in flight). All
+but the figure are committed in ``manifest.json``
 (θ0.pt, the config and the checksums, as `raysub.pipeline.run` does) at every meta-validation.
 ``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step, the history and the optimizees in flight
 (z, the learned optimizer's state, steps done, data cursor) go on, so a resumed run reproduces the uninterrupted
@@ -385,6 +386,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
     from raysub.l2o.weights import save_learned_optimizer
     from raysub.pipeline.records import commit
     from raysub.pipeline.run import new_subspace_run
+    from raysub.storage import join_uri
+    from raysub.tracking import Tracker
 
     info = checked_plan(cfg, l2o_problems(cfg))
     lc = cfg.l2o
@@ -409,6 +412,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             states = ck.get("optimizees") or {}
             say(f"l2o: resuming at meta-step {meta_step}")
         run.makedirs("l2o")
+        tracker = Tracker(cfg, run, "l2o")  # live curves: RUN/tensorboard/l2o, MLflow (raysub.tracking)
 
         def checkpoint(weights: bool) -> None:
             """Write φ, Adam, history (and the best weights), then commit their checksums in the manifest."""
@@ -419,7 +423,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                 "optimizees": {k: v for st in ray.get([a.states.remote() for a in actors]) for k, v in st.items()}})
             if weights:
                 shards[WEIGHTS] = save_learned_optimizer(
-                    run.path(WEIGHTS) if "://" not in run.uri else f"{run.uri}/{WEIGHTS}", config, best_phi)
+                    join_uri(run.uri, WEIGHTS), config, best_phi)
             shards[HISTORY] = run.write_json(HISTORY, history)
             if history["validation"]:
                 from raysub.plots import plot_l2o
@@ -455,9 +459,12 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                 f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
                 f"  best: meta-step {best['meta_step']}  {row['wall_s']:.1f}s")
             checkpoint(improved)
+            tracker.log({k: v for k, v in row.items() if k != "wall_s"} | {"best_val_acc": best["val_acc"]},
+                        meta_step)
             if on_validation is not None:
                 on_validation(row, best)
 
+        failed = True
         try:
             if not history["validation"]:  # the starting φ (e.g. the hand-built Adam-like one) is a candidate too
                 validate_and_checkpoint()
@@ -479,11 +486,15 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                                         "grad_norm": norm, "dropped": dropped,
                                         "replaced": [r["name"] for r in results if r["done"]],
                                         "wall_s": time.perf_counter() - t0})  # since this process started
+                tracker.log({**history["meta"][-1], "num_dropped": len(dropped),
+                             "num_replaced": len(history["meta"][-1]["replaced"])}, meta_step)
                 if meta_step % lc.validate_every == 0 or meta_step == lc.meta_steps:
                     validate_and_checkpoint()
             if not history["validation"] or history["validation"][-1]["meta_step"] != meta_step:
                 checkpoint(False)  # a resume of a finished run: nothing ran, the commit records it anyway
+            failed = False
         finally:
+            tracker.end(failed=failed)
             for a in actors:
                 ray.kill(a)
         return history

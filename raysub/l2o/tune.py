@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import posixpath
 import random
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -171,8 +172,11 @@ def _tune_trial_name(trial) -> str:
     return trial_name(trial.config["point"], trial.trial_id)
 
 
-def trials_uri(run_uri: str) -> str:
-    return run_uri.rstrip("/") + "/trials"
+def trials_uri(run_uri: str, name: str) -> str:
+    """The run directory of trial ``name`` (a URI's query kept at the end)."""
+    from raysub.storage import join_uri
+
+    return join_uri(run_uri, "trials", name)
 
 
 def asha_metric(convergence_step: Optional[float], steps: int) -> float:
@@ -192,7 +196,8 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any]) -> None:
     from raysub.l2o.train import meta_train
 
     name = tune.get_context().get_trial_name()
-    cfg = Config.from_dict(trial_config(base, config["point"], f"{trials_uri(base['run_dir'])}/{name}"))
+    cfg = Config.from_dict(trial_config(base, config["point"], trials_uri(base['run_dir'], name)))
+    cfg.tracking.mlflow = False  # the experiment's MLflowLoggerCallback has this trial's run (raysub.tracking)
     steps = cfg.l2o.steps
 
     def on_validation(row: Dict[str, Any], best: Dict[str, Any]) -> None:
@@ -271,7 +276,7 @@ def _trial_row(result, cfg, run) -> Dict[str, Any]:
     from raysub.storage import RunDir
 
     name = os.path.basename(result.path.rstrip("/"))
-    trial_run = RunDir(f"{trials_uri(run.uri)}/{name}")
+    trial_run = RunDir(trials_uri(run.uri, name))
     row: Dict[str, Any] = {"trial": name, "run_dir": trial_run.uri,
                            "point": result.config["point"] if result.config else None}
     history = None
@@ -352,6 +357,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.records import prepare_run_dir
     from raysub.pipeline.sweep import _fit
+    from raysub.tracking import tune_callbacks
 
     resuming = prepare_run_dir(run, resume, overwrite, cfg)
     ensure_ray(cfg, grow=False)  # each trial's meta_train checks the cluster the same way: fail once, here
@@ -363,13 +369,14 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     run.makedirs()
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this tuning; rerun: raysub l2o tune "
                                               f"{run.uri}/config.yaml --overwrite\n"))
-    storage = run.path("tune") if "://" not in run.uri else run.uri.rstrip("/") + "/tune"
-    path = f"{storage}/{EXPERIMENT}"
+    storage, fs = run.ray_storage("tune")  # the filesystem object, so a URI's endpoint reaches Tune
+    path = posixpath.join(storage, EXPERIMENT)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg.to_dict()), trial_resources(cfg))
     lc, tc = cfg.l2o, cfg.l2o_tune
-    if resuming and tune.Tuner.can_restore(path):
-        say(f"[l2o tune] restoring {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resuming and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        say(f"[l2o tune] restoring {run.child('tune', EXPERIMENT).uri}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         scheduler = None
         if tc.asha:
@@ -384,8 +391,9 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
             tune_config=tune.TuneConfig(metric="best_conv_step", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, reuse_actors=False,
                                         trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures)),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, storage_filesystem=fs, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
+                                      callbacks=tune_callbacks(cfg, run, "l2o_tune")),  # MLflow (raysub.tracking)
         )
     say(f"[l2o tune] {len(points)} trials of {lc.meta_steps} meta-steps ({lc.actors} actor(s) × "
         f"{lc.cpus_per_actor:g} CPU each), {max_concurrent} at a time; space: "

@@ -22,7 +22,7 @@ def _locate(uri: str):
     """(RunDir, relative name) of the weights file ``uri`` names; raises ConfigError when there is none."""
     import pyarrow.fs as pafs
 
-    from raysub.storage import RunDir
+    from raysub.storage import RunDir, split_uri
 
     try:
         run = RunDir(uri)
@@ -31,7 +31,7 @@ def _locate(uri: str):
         raise ConfigError(f"learned-optimizer weights {uri!r} cannot be opened ({type(exc).__name__}: {exc}): "
                           f"{HOW}") from None
     if kind == pafs.FileType.File:
-        parent = uri.rstrip("/").rsplit("/", 1)[0] if "://" in uri else posixpath.dirname(run.uri)
+        parent, _ = split_uri(run.uri)
         return RunDir(parent), posixpath.basename(run.root)
     if kind == pafs.FileType.Directory:
         for rel in (WEIGHTS, f"l2o/{WEIGHTS}"):
@@ -48,12 +48,11 @@ def save_learned_optimizer(uri: str, config: LearnedOptimizerConfig, params: Dic
     Returns:
         The file's sha256.
     """
-    from raysub.storage import RunDir
+    from raysub.storage import RunDir, split_uri
 
     problems = check_params(config, params)
     assert not problems, problems  # our own φ: a bad one is a bug, not a user error
-    parent, name = (uri.rstrip("/").rsplit("/", 1) if "://" in uri
-                    else (posixpath.dirname(RunDir(uri).uri), posixpath.basename(uri)))
+    parent, name = split_uri(uri)
     return RunDir(parent).write_torch(name, {"config": config.to_dict(),
                                              "params": {k: v.detach().cpu().clone() for k, v in params.items()}})
 

@@ -16,6 +16,7 @@ v_k (its coefficients over the T snapshots) is positive. Explained-variance rati
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from raysub.errors import ConfigError, StorageError
 from raysub.storage import ColumnWriter, RunDir, basis_rel, decode_columns, decode_vector
 
 TILE = 1 << 16  # columns per float64 tile: T·TILE·8 bytes (52 MB at T=100)
+ACTOR_RESTARTS = 3  # restarts of a block actor whose process or node died (each rereads its block)
 
 
 def _rss_bytes() -> int:
@@ -67,6 +69,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _node_id() -> Optional[str]:
+    """The Ray node this runs on (recorded per block in spectrum.json), None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class BlockGram:
     """Holds one block W_b of the trajectory; computes its centred Gram and, later, its basis rows.
 
@@ -85,6 +94,10 @@ class BlockGram:
         self.rss0 = _rss_bytes()
         self.peak = self.rss0
         self.W_TN: Optional[np.ndarray] = None
+
+    def where(self) -> Dict[str, Any]:
+        """This actor's process and node (for operators, and for the tests that kill it)."""
+        return {"pid": os.getpid(), "node": _node_id()}
 
     def _track(self):
         self.peak = max(self.peak, peak_rss_bytes())
@@ -130,7 +143,8 @@ class BlockGram:
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "load_s": load_s,
                 "write_s": time.perf_counter() - t0, "peak_rss": max(self.peak, peak_rss_bytes()),
-                "peak_rss_source": self.peak_source, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
+                "peak_rss_source": self.peak_source, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes,
+                "node": _node_id()}
 
     def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
         """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
@@ -138,6 +152,8 @@ class BlockGram:
         Returns:
             Its path and sha256, the write time, and the actor's memory (start and peak RSS, block bytes).
         """
+        if self.W_TN is None:  # a restarted actor (the first died): its block is reread from storage, verified
+            self.load()
         t0 = time.perf_counter()
         # centring and product in float64 (one TILE at a time), rounded once when written: a float32 product
         # adds its own rounding over T terms and leaves the stored basis orthonormal to 1e-7–1e-6, not ~1e-9
@@ -152,7 +168,7 @@ class BlockGram:
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
                 "peak_rss": max(self.peak, peak_rss_bytes()), "peak_rss_source": self.peak_source,
-                "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes}
+                "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes, "node": _node_id()}
 
 
 def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
@@ -228,7 +244,7 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         grams = [{"load_s": 0.0, "gram_s": 0.0}]
     else:
         # every block stays in memory between the two passes, so all block actors must be alive at once
-        Actor = ray.remote(BlockGram).options(num_cpus=min(1.0, cpus / len(blocks)))
+        Actor = block_actor_class(min(1.0, cpus / len(blocks)))
         actors = [Actor.remote(run.uri, b["block"], e, b["stop"] - b["start"]) for b, e in zip(blocks, entries_of)]
         try:
             grams = ray.get([a.gram.remote() for a in actors])
@@ -246,6 +262,17 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
                              timings, "posthoc" if streamed_gram is None else "stream")
     record["sha256"] = run.write_json(f"{prefix}/spectrum.json", record)
     return record
+
+
+def block_actor_class(num_cpus: float):
+    """`BlockGram` as a Ray actor: spread over the cluster's nodes (each block's memory on its own node where there
+    are enough), and restarted when it dies (its process killed, its node lost). A restarted actor holds no block:
+    the retried call rereads it from the run directory (verified against the manifest), so a restart costs one
+    block's read. Both calls are idempotent: the Gram is recomputed, the shard rewritten atomically."""
+    import ray
+
+    return ray.remote(BlockGram).options(num_cpus=num_cpus, scheduling_strategy="SPREAD",
+                                         max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 
 
 def spectrum_record(spec: Dict[str, Any], dim: int, dtype: str, blocks: List[Dict[str, Any]],

@@ -20,7 +20,7 @@ from raysub.errors import ConfigError, StorageError
 from raysub.storage import RunDir, block_bounds
 
 # keys a resumed run may change: where and how wide it runs, not what it computes (a moved run directory too)
-RESUME_SAFE = ("cluster.", "data.num_workers", "run_dir", "sweep.max_concurrent")
+RESUME_SAFE = ("cluster.", "data.num_workers", "run_dir", "sweep.max_concurrent", "tracking.")
 # sections a resumed `raysub run`/`sample` (and `train CONFIG`) may change because their stages check them
 # themselves: a basis of another dim is rebuilt, and a training compares its own train.* settings
 STAGE_CHECKED = ("basis.", "train.")
@@ -116,7 +116,7 @@ def check_resume(run: RunDir, cfg: Config, also_safe: Sequence[str] = ()) -> Non
 
 def existing_run(run: RunDir) -> RunDir:
     """``run`` when it is a directory (one-line errors for a file or a missing path)."""
-    kind = run.fs.get_file_info(run.root).type.name
+    kind = run.probe().type.name
     if kind == "File":
         raise ConfigError(f"{run.uri} is a file, not a run directory: pass the run directory (run_dir of 'raysub "
                           f"sample')")

@@ -173,7 +173,7 @@ def _commit_basis(run: RunDir, manifest: Dict[str, Any], cfg: Config, gen: str, 
         if f"basis/{name}" != gen:
             run.delete("basis", name)
     for label in stale:
-        RunDir(run.storage_path).delete(f"train-{label}")
+        run.child("checkpoints").delete(f"train-{label}")
     if stale:
         say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
     from raysub.plots import plot_explained_variance
@@ -252,7 +252,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                     raise DivergedError(divergence_line(cfg, results[label]["diverged"]))
                 say(f"[{label}] already complete; skipping")
                 return results[label]
-        ckpt_dir = RunDir(run.storage_path)
+        ckpt_dir = run.child("checkpoints")
         ckpt_name = f"train-{label}"
         if stage and not (resume or overwrite):
             raise ConfigError(f"'{label}' was interrupted in {run.uri}: pass --resume to continue it or --overwrite "

@@ -137,6 +137,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
     from raysub.engine.flat import flatten_params
 
     from raysub.data import open_dataset
+    from raysub.engine.compute import Compute
     from raysub.models import build_model
     from raysub.pipeline.stream_gram import StreamGram, close_window, stop_decision
 
@@ -146,6 +147,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     model.load_state_dict(run.read_theta0())  # every rank starts from the same θ0 (verified)
     model.to(device)
+    compute = Compute.of(cfg, device)  # bf16 autocast, channels_last (the snapshots stay in the logical order)
+    compute.prepare_model(model)
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
                           weight_decay=cfg.sgd.weight_decay)
@@ -188,6 +191,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
     baseline = cfg.sgd.epochs > cfg.sample.epochs
 
     t_start = time.perf_counter() - elapsed
+    loop.publish_pid(start_epoch, config.get("pid_dir"))  # testing hook (RAYSUB_PID_DIR): a kill -9 target
     for epoch in range(start_epoch, cfg.sgd.epochs):
         in_window = window_epochs is None
         for group in opt.param_groups:
@@ -199,7 +203,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
         for i, (x, y) in enumerate(data.batches("train", batches, augment=cfg.data.augment,
                                                  seed=loop.mix_seed(cfg.seed, epoch), num_workers=cfg.data.num_workers)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            loss = torch.nn.functional.cross_entropy(compute.forward(ddp, x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -236,7 +240,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
                     close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix"))
         loop.broadcast_buffers_(model)  # every rank evaluates (and rank 0 checkpoints) rank 0's BatchNorm statistics
         model.eval()
-        test = loop.evaluate(model, data, "test", cfg.data.eval_batch_size, device, cfg.data.num_workers)
+        test = loop.evaluate(compute.forward_fn(model), data, "test", cfg.data.eval_batch_size, device,
+                             cfg.data.num_workers)
         now = time.perf_counter() - t_start
         if in_window and window_epochs is not None:
             window_s = now
@@ -258,6 +263,7 @@ def sample_loop(config: Dict[str, Any]) -> None:
             progress.put(record)
         loop.report(metrics, ckpt_state if rank == 0 else None)
         loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
+        loop.publish_pid(epoch + 1, config.get("pid_dir"), config.get("pause_after_epoch"))
         if last:
             break
 
@@ -305,6 +311,7 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
         DivergedError: the SGD loss or parameters became non-finite (no non-finite snapshot was written).
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.tracking import train_callbacks
 
     off = stream_plan(cfg, num_params, num_snaps) if num_params is not None else "sample.stream_gram=false"
     if off is not None and cfg.sample.stream_gram:
@@ -312,8 +319,11 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
     progress = make_progress_queue()
     loop_config = {"cfg": cfg.to_dict(), "progress": progress, "stream_gram": off is None,
                    "basis_prefix": basis_prefix if off is None and cfg.sample.write_basis else None,
-                   "fail_after_epoch": os.environ.get("RAYSUB_FAIL_AFTER_EPOCH")}
-    trainer = torch_trainer(sample_loop, loop_config, cfg, "sample", run.storage_path)
+                   "fail_after_epoch": os.environ.get("RAYSUB_FAIL_AFTER_EPOCH"),
+                   "pid_dir": os.environ.get("RAYSUB_PID_DIR"),  # testing hooks for real kills (loop.publish_pid)
+                   "pause_after_epoch": os.environ.get("RAYSUB_PAUSE_AFTER_EPOCH")}
+    trainer = torch_trainer(sample_loop, loop_config, cfg, "sample", run.ray_storage("checkpoints"),
+                            callbacks=train_callbacks(cfg, run, "sample"))  # live curves (raysub.tracking)
     t0 = time.perf_counter()
     try:
         result = fit_with_progress(trainer, progress, printer)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -40,7 +41,7 @@ from raysub.config import Config
 from raysub.data import open_dataset
 from raysub.pipeline.plan import check
 from raysub.errors import ConfigError, DivergedError
-from raysub.storage import RunDir
+from raysub.storage import RunDir, join_uri
 
 BASELINE = "identity"
 # A DDP trial's own Tune actor only waits on its TorchTrainer: it reserves no CPU (so the Train workers always
@@ -206,7 +207,7 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optio
     from raysub.engine.cluster import torch_trainer
 
     name = f"{spec['family']}-d{spec['dim']}-s{spec['seed']}"
-    storage = base["run_dir"].rstrip("/") + "/tune/train"
+    storage = RunDir(base["run_dir"]).ray_storage("tune/train")
     trainer = torch_trainer(subspace_loop, loop_config, Config.from_dict(cfg), name, storage,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -217,8 +218,10 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
     """Run ``trials`` as the Tune experiment ``tune/NAME`` (restored when resuming); one row per trial."""
     from ray import tune
 
-    storage = run.path("tune") if "://" not in run.uri else run.uri.rstrip("/") + "/tune"
-    path = f"{storage}/{name}"
+    from raysub.tracking import tune_callbacks
+
+    storage, fs = run.ray_storage("tune")  # the filesystem object, so a URI's endpoint reaches Tune
+    path = posixpath.join(storage, name)
     base = cfg.to_dict()
     # RAYSUB_FAIL_AFTER_EPOCH: the failure-injection hook of the tests (see loop.maybe_inject_failure)
     trainable = tune.with_parameters(_trial, base=base, fail_after_epoch=os.environ.get("RAYSUB_FAIL_AFTER_EPOCH"))
@@ -227,9 +230,10 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
     else:
         res = DRIVER_RESOURCES  # the Train workers reserve the CPUs/GPUs
     trainable = tune.with_resources(trainable, res)
-    if resume and tune.Tuner.can_restore(path):
-        say(f"[sweep] {name}: restoring {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        say(f"[sweep] {name}: restoring {join_uri(run.uri, 'tune', name)}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         scheduler = None
         if cfg.sweep.asha:
@@ -244,9 +248,10 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
                                         scheduler=scheduler, trial_dirname_creator=_dirname,
                                         trial_name_creator=_dirname),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=1,  # Tune's status table, not every result
+                name=name, storage_path=storage, storage_filesystem=fs, verbose=1,  # Tune's status table, not every result
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
+                callbacks=tune_callbacks(cfg, run, f"sweep/{name}"),  # MLflow when asked (raysub.tracking)
             ),
         )
     say(f"[sweep] {name}: {len(trials)} trials, {max_concurrent} at a time")

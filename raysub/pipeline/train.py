@@ -152,10 +152,12 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         "step", "loss", "reason"}, see `divergence_line`), in which case no ``train/LABEL.pt`` was written.
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.tracking import train_callbacks
 
     progress = make_progress_queue()
     trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress}, cfg,
-                            f"train-{cfg.train_label}", run.storage_path)
+                            f"train-{cfg.train_label}", run.ray_storage("checkpoints"),
+                            callbacks=train_callbacks(cfg, run, f"train-{cfg.train_label}"))  # raysub.tracking
     t0 = time.perf_counter()
     try:
         result = fit_with_progress(trainer, progress, printer)

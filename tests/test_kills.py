@@ -1,0 +1,253 @@
+"""Real process kills (``kill -9`` of a Ray Train worker during sampling, of a basis actor, of a sweep's driver),
+and several nodes (``ray.cluster_utils.Cluster``, in a subprocess: tests/multinode_cluster.py).
+
+The sampler's workers publish their pids (the ``RAYSUB_PID_DIR`` testing hook, `raysub.engine.loop.publish_pid`)
+and wait after epoch 1 (``RAYSUB_PAUSE_AFTER_EPOCH``), so the kill lands mid-run at a known point. What each test
+would catch:
+
+* with ``cluster.max_failures=1``: a restart that replays snapshots already written (a snapshot twice in a block's
+  index), skips the ones between the checkpoint and the kill, or resumes from another state than the checkpoint's
+  (the trajectory and the basis then differ from an uninterrupted run's — compared bit for bit);
+* with ``max_failures=0``: a killed worker that surfaces as a traceback, or whose message does not say how to go on
+  (``--resume``), and a resume that does not reproduce the uninterrupted trajectory;
+* a sweep driver killed mid-sweep: ``--resume`` that re-runs a trial that had finished (its result.json then holds
+  its epochs twice) or loses it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from raysub import pipeline
+from raysub.config import load_config
+from raysub.pipeline.basis import load_basis
+from raysub.pipeline.sample import collect_trajectory
+from raysub.storage import RunDir, decode_vector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "basis.dim=5", "data.batch_size=64",
+        "sgd.lr_milestones=[]", "cluster.num_workers=2"]
+
+
+def quiet(_line):
+    pass
+
+
+def trajectory(run_dir) -> np.ndarray:
+    """The T×N trajectory from the blocks' indexes, checking every snapshot is there exactly once, in order."""
+    run = RunDir(run_dir)
+    blocks, _ = collect_trajectory(run)
+    for b in blocks:
+        index = run.read_json(f"trajectory/block_{b['block']:03d}/index.json")["snapshots"]
+        assert [s["snapshot"] for s in index] == list(range(len(index))), [s["snapshot"] for s in index]
+    return np.stack([np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"]))
+                                     for b in blocks]) for s in range(len(blocks[0]["snapshots"]))])
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """The uninterrupted run: its trajectory and basis."""
+    run_dir = str(tmp_path_factory.mktemp("ref") / "r")
+    pipeline.stage_sample(load_config(None, BASE + [f"run_dir={run_dir}"]), say=quiet)
+    pipeline.stage_basis(run_dir, say=quiet)
+    return {"trajectory": trajectory(run_dir), "basis": load_basis(RunDir(run_dir)), "run_dir": run_dir}
+
+
+def _kill_when_paused(pid_dir: str, rank: int, box: dict, timeout: float = 300) -> None:
+    """Background thread: once rank ``rank`` has published epoch 1 (and pauses there), kill -9 its process."""
+    deadline = time.time() + timeout
+    path = os.path.join(pid_dir, f"rank{rank}.json")
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = None
+        marker = os.path.join(pid_dir, f"paused-rank{rank}")
+        # 2 s into the pause: Ray Train's controller (polling every 0.2 s) has committed epoch 1's checkpoint
+        if record and record["epoch"] == 1 and os.path.exists(marker) and time.time() > os.path.getmtime(marker) + 2:
+            box["pid"], box["t_kill"] = record["pid"], time.time()
+            os.kill(record["pid"], signal.SIGKILL)
+            return
+        time.sleep(0.02)
+    box["error"] = f"rank {rank} never published epoch 1"
+
+
+def _records(pid_dir: str, rank: int):
+    with open(os.path.join(pid_dir, f"rank{rank}.log")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _sample_with_a_kill(tmp_path, monkeypatch, capsys, max_failures: int):
+    from raysub.cli import main
+
+    pid_dir = str(tmp_path / "pids")
+    os.makedirs(pid_dir)
+    monkeypatch.setenv("RAYSUB_PID_DIR", pid_dir)
+    monkeypatch.setenv("RAYSUB_PAUSE_AFTER_EPOCH", "1")
+    run_dir = str(tmp_path / "r")
+    args = ["sample", *BASE, f"cluster.max_failures={max_failures}", f"run_dir={run_dir}"]
+    box: dict = {}
+    killer = threading.Thread(target=_kill_when_paused, args=(pid_dir, 1, box), daemon=True)
+    killer.start()
+    rc = main(args)  # in the main thread: the CLI installs its signal handlers
+    killer.join(timeout=5)
+    assert "error" not in box and "pid" in box, box
+    return rc, run_dir, pid_dir, box, args
+
+
+def test_kill9_of_a_train_worker_is_restarted_and_loses_no_snapshot(reference, tmp_path, monkeypatch, capsys):
+    rc, run_dir, pid_dir, box, _ = _sample_with_a_kill(tmp_path, monkeypatch, capsys, max_failures=1)
+    assert rc == 0, capsys.readouterr().err
+    after = [r for r in _records(pid_dir, 1) if r["pid"] != box["pid"]]
+    assert after and after[0]["epoch"] == 1  # the restarted rank 1 went on from epoch 1's checkpoint
+    up = after[0]["time"] - box["t_kill"]
+    next_epoch = next(r["time"] for r in after if r["epoch"] == 2) - box["t_kill"]
+    print(f"\nkill -9 of rank 1 → restarted worker up after {up:.1f} s, epoch 2 done {next_epoch:.1f} s after the "
+          f"kill; load {os.getloadavg()[0]:.2f}")
+    np.testing.assert_array_equal(trajectory(run_dir), reference["trajectory"])  # every snapshot once, the same
+    pipeline.stage_basis(run_dir, say=quiet)
+    np.testing.assert_array_equal(load_basis(RunDir(run_dir)), reference["basis"])
+
+
+def test_kill9_without_restarts_names_resume_and_resume_finishes(reference, tmp_path, monkeypatch, capsys):
+    from raysub.cli import main
+
+    rc, run_dir, pid_dir, box, args = _sample_with_a_kill(tmp_path, monkeypatch, capsys, max_failures=0)
+    assert rc == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(f"run_dir={run_dir} --resume"), lines[0]
+    assert "Traceback" not in lines[0]
+    monkeypatch.delenv("RAYSUB_PAUSE_AFTER_EPOCH")
+    assert main(args + ["--resume"]) == 0
+    np.testing.assert_array_equal(trajectory(run_dir), reference["trajectory"])
+
+
+def test_a_killed_basis_actor_is_restarted_and_rereads_its_block(reference):
+    """kill -9 of a block actor between the Gram pass and the write pass: the actor class the basis stage uses
+    restarts it, the retried write rereads the block from storage, and U_b is byte-identical to an unkilled
+    actor's. Catches block actors without restarts (the stage then dies with ActorDiedError) and a restarted
+    actor that writes from its empty (never reloaded) block."""
+    import ray
+
+    from raysub.pipeline.basis import block_actor_class, solve_spectrum
+
+    run = RunDir(reference["run_dir"])
+    blocks, shards = collect_trajectory(run)
+    b = blocks[1]
+    entries = [(s["path"], s["sha256"]) for s in b["snapshots"]]
+    Actor = block_actor_class(0.5)
+    killed, kept = (Actor.remote(run.uri, b["block"], entries, b["stop"] - b["start"]) for _ in range(2))
+    gram = ray.get(killed.gram.remote())["gram"]
+    np.testing.assert_array_equal(gram, ray.get(kept.gram.remote())["gram"])
+    spec = solve_spectrum(gram, 3)
+    proj_TD = spec["V"] / spec["singular_values"][:3]
+    pid = ray.get(killed.where.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    try:
+        out = ray.get(killed.write_basis.remote(proj_TD, "float32", "killed"), timeout=120)
+        ref = ray.get(kept.write_basis.remote(proj_TD, "float32", "kept"), timeout=120)
+        assert ray.get(killed.where.remote())["pid"] != pid  # a new process did the write
+    finally:
+        for a in (killed, kept):
+            ray.kill(a)
+    assert out["sha256"] == ref["sha256"]
+    assert run.read_bytes(out["path"], out["sha256"]) == run.read_bytes(ref["path"], ref["sha256"])
+    for prefix in ("killed", "kept"):
+        run.delete(prefix)
+
+
+# -- several nodes ---------------------------------------------------------------------------------------------
+def test_multinode_sampling_and_basis_spread_over_nodes_and_a_blind_node_is_refused(reference, tmp_path):
+    """tests/multinode_cluster.py in a subprocess (its own ray.cluster_utils.Cluster: a 0-CPU head, two 1-CPU
+    nodes). Catches: workers packed on one node (the DDP run would not cross nodes), a trajectory the two nodes'
+    workers wrote inconsistently (compared bit for bit with the single-node run of the same config), block actors
+    all on one node, and a run on a local path that a node cannot see started anyway (half its shards on a disk
+    the driver never reads) instead of refused in one line with nothing written."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multinode_cluster.py"), str(tmp_path),
+                             json.dumps(BASE)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of its cluster that outlived it
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["sample_rc"] == 0 and out["basis_rc"] == 0, out
+    assert sorted(out["worker_nodes"]) == ["rank0", "rank1"]
+    assert len(set(out["worker_nodes"].values())) == 2, out["worker_nodes"]  # one Train worker per node
+    assert len(set(out["basis_nodes"])) == 2, out["basis_nodes"]  # SPREAD: one block actor per node
+    np.testing.assert_array_equal(trajectory(out["shared"]), reference["trajectory"])
+    np.testing.assert_array_equal(load_basis(RunDir(out["shared"])), reference["basis"])
+    assert out["refused_rc"] == 2 and out["refused_err"].count("\n") == 1, out["refused_err"]
+    assert "is not visible from node 127.0.0.1" in out["refused_err"] and "s3://" in out["refused_err"]
+    assert not out["refused_exists"]  # nothing half-written: not even the directory the lock made
+
+
+# -- the driver of a sweep -----------------------------------------------------------------------------------
+SWEEP = ["sweep", "sweep_digits", "train.epochs=6", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
+         "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,50,300]", "sweep.max_concurrent=1",
+         "cluster.num_cpus=2"]
+
+
+def _lines(path: str):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def test_kill9_of_a_sweep_driver_then_resume_reruns_no_finished_trial(tmp_path):
+    """The driver (its own local Ray cluster, in its own process group) is killed with SIGKILL once one trial has
+    finished and the next has reported; ``--resume`` restores Tune's experiment from the run directory."""
+    run_dir = f"{tmp_path}/sw"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raysub.cli", *SWEEP, f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    tune_dir = f"{run_dir}/tune/coarse"
+    finished = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and finished is None:
+            dirs = [os.path.join(tune_dir, d) for d in os.listdir(tune_dir)] if os.path.isdir(tune_dir) else []
+            done = [d for d in dirs if len(_lines(os.path.join(d, "result.json"))) == 6]
+            going = [d for d in dirs if 0 < len(_lines(os.path.join(d, "result.json"))) < 6]
+            if done and going:
+                finished = {d: _lines(os.path.join(d, "result.json")) for d in done}
+                os.kill(proc.pid, signal.SIGKILL)  # the driver alone: kill -9
+            time.sleep(0.05)
+        assert finished is not None, "no trial finished while another ran"
+        proc.wait(timeout=30)
+    finally:
+        try:  # its Ray cluster (started by the driver, same process group) goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(f"{run_dir}/results.json")
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=600,
+                             start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "restoring" in resumed.stdout
+    for d, before in finished.items():
+        assert _lines(os.path.join(d, "result.json")) == before  # not one epoch more: not re-run
+    res = RunDir(run_dir).read_json("results.json")
+    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, 6), (50, 6), (300, 6)]
+    assert len([d for d in os.listdir(tune_dir) if os.path.isdir(os.path.join(tune_dir, d))]) == 3
