@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         grids = parse_grids(ns.baselines, ns.lr_grid)
         steps = ns.steps if ns.steps is not None else cfg.l2o.steps
         if out.exists("meta_test.json") and not ns.overwrite:
-            raise ConfigError(f"{out.uri}/meta_test.json exists: pass --overwrite to replace it, or another --out")
+            raise ConfigError(f"{out.arg('meta_test.json')} exists: pass --overwrite to replace it, or another --out")
         weights = ns.weights
         metatest.check_meta_test(cfg, None if weights == "adam_like" else weights, steps, horizons, ns.seeds,
                                  ns.val_seeds if ns.val_seeds is not None else cfg.l2o.validation_optimizees,
@@ -194,11 +194,11 @@ def main(argv=None) -> int:
     record["trained_on"] = ns.trained_on or ("adam_like (hand-built)" if ns.weights == "adam_like"
                                              else metatest.trained_on(weights))
     out.write_text("config.yaml", cfg.to_yaml("# the meta-test task; rerun: python jobs/l2o_meta_test.py "
-                                               f"{out.uri}/config.yaml --weights ... --out {out.uri} --overwrite\n"))
+                                               f"{out.arg('config.yaml')} --weights ... --out {out.uri} --overwrite\n"))
     out.write_json("meta_test.json", record)
     plot_meta_test(out, record)
     print(metatest.format_table(record), flush=True)
-    print(f"{PROG}: {out.uri}/meta_test.json, {out.uri}/loss_curves.png", flush=True)
+    print(f"{PROG}: {out.arg('meta_test.json')}, {out.arg('loss_curves.png')}", flush=True)
     print(json.dumps(strict_json(headline(record))), flush=True)
     return 0
 

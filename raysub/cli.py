@@ -50,7 +50,8 @@ def resolve_config(name: str) -> str:
 
 def _split(args: List[str]):
     config = None
-    if args and "=" not in args[0]:
+    # a URI's query has "=" too (s3://b/run/config.yaml?endpoint_override=h:p): a key=value never has "://"
+    if args and ("=" not in args[0] or "://" in args[0].split("=", 1)[0]):
         config, args = args[0], args[1:]
     return config, args
 

@@ -499,8 +499,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 def _read_config_file(path: str) -> Dict[str, Any]:
     """The mapping a config file holds (``{}`` for an empty file); every failure is a one-line ConfigError."""
     try:
-        with open(path, "rb") as fh:
-            text = fh.read().decode("utf-8")
+        if "://" in path:  # a run directory's config.yaml on object storage (`RunDir.arg` hints name those)
+            import pyarrow.fs as pafs
+
+            fs, rel = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(rel) as fh:
+                text = fh.read().decode("utf-8")
+        else:
+            with open(path, "rb") as fh:
+                text = fh.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass a YAML file or a shipped config name "
                           f"({', '.join(shipped_configs())})") from None
@@ -508,11 +515,13 @@ def _read_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config path {path} is a directory: pass a YAML file (a run directory's config is "
                           f"{path.rstrip('/')}/config.yaml)") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check the path and its "
-                          f"permissions") from None
+        why = exc.strerror or str(exc).strip().splitlines()[0]  # pyarrow's errors (object storage) have no strerror
+        raise ConfigError(f"config file {path} cannot be read ({why}): check the path and its permissions") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
                           f"{exc.start}): save it as UTF-8") from None
+    except ValueError as exc:  # a URI pyarrow cannot parse
+        raise ConfigError(f"config file {path} cannot be read ({exc}): check the URI") from None
     try:
         data = _parse(text)
     except yaml.YAMLError as exc:

@@ -35,6 +35,7 @@ import math
 import os
 import posixpath
 import re
+import shlex
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
@@ -138,6 +139,10 @@ class RunDir:
     def child(self, *parts: str) -> "RunDir":
         """The run directory ``parts`` below this one, on the same storage (its query kept)."""
         return RunDir(join_uri(self.uri, *parts))
+
+    def arg(self, *parts: str) -> str:
+        """The path or URI of ``parts`` in this run, quoted for a shell command line (a URI's query has ``&``)."""
+        return shlex.quote(join_uri(self.uri, *parts) if parts else self.uri)
 
     def probe(self) -> "pafs.FileInfo":
         """What the storage holds at the root (one request): the check that the storage is reachable and we are

@@ -225,25 +225,44 @@ class Tracker:
 
         if not self.enabled:
             return
-        if self._callbacks is None:
-            self._start()
-        point = {k: v for k, v in result.items() if not isinstance(v, (list, tuple))}
-        point[TRAINING_ITERATION] = step
-        for cb in self._callbacks:
-            cb.log_trial_result(step, self._trial, point)
-        self._sync()
+        try:
+            if self._callbacks is None:
+                self._start()
+            point = {k: v for k, v in result.items() if not isinstance(v, (list, tuple))}
+            point[TRAINING_ITERATION] = step
+            for cb in self._callbacks:
+                cb.log_trial_result(step, self._trial, point)
+            self._sync()
+        except Exception as exc:  # a tracking outage (MLflow server, storage) must not fail the stage it watches
+            self._give_up(exc)
 
     def end(self, failed: bool = False) -> None:
         """Close the event file and end the MLflow run (FINISHED, or FAILED); nothing if nothing was logged."""
         if self._callbacks is None:
             return
-        for cb in self._callbacks:
-            cb.log_trial_end(self._trial, failed=failed)
-        self._sync()
+        try:
+            for cb in self._callbacks:
+                cb.log_trial_end(self._trial, failed=failed)
+            self._sync()
+        except Exception as exc:
+            self._give_up(exc)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
         self._callbacks = None
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Tracking stops for the rest of the stage, with one warning; the stage itself goes on."""
+        import sys
+
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"raysub: warning: experiment tracking of {self.stage} stopped ({type(exc).__name__}: {first}); the "
+              f"stage continues and its results are still recorded in the run directory", file=sys.stderr, flush=True)
+        self.settings = {**self.settings, "tensorboard": False, "mlflow": False}  # `enabled` is now False
+        self._callbacks = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def _sync(self) -> None:
         if self._staging is not None:

@@ -1,4 +1,4 @@
-"""Run by tests/test_cluster.py in a subprocess: raysub on a multi-node cluster simulated on this machine.
+"""Run by tests/test_kills.py in a subprocess: raysub on a multi-node cluster simulated on this machine.
 
 ``ray.cluster_utils.Cluster`` starts a head (0 CPUs: nothing but the driver's bookkeeping lands there) and two
 1-CPU worker nodes, each a raylet of its own, on loopback, under a temp dir of its own. Then, as a user would
@@ -69,10 +69,13 @@ def main(work: str, base) -> dict:
         out["refused_err"] = err.getvalue()
         out["refused_exists"] = os.path.exists(refused)
     finally:
+        import shutil
+
         import ray
 
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     return out
 
 

@@ -13,6 +13,7 @@ would catch:
 * a sweep driver killed mid-sweep: ``--resume`` that re-runs a trial that had finished (its result.json then holds
   its epochs twice) or loses it.
 """
+import glob
 import json
 import os
 import signal
@@ -59,7 +60,7 @@ def reference(ray_session, tmp_path_factory):
     return {"trajectory": trajectory(run_dir), "basis": load_basis(RunDir(run_dir)), "run_dir": run_dir}
 
 
-def _kill_when_paused(pid_dir: str, rank: int, box: dict, timeout: float = 300) -> None:
+def _kill_when_paused(pid_dir: str, ckpt_dir: str, rank: int, box: dict, timeout: float = 300) -> None:
     """Background thread: once rank ``rank`` has published epoch 1 (and pauses there), kill -9 its process."""
     deadline = time.time() + timeout
     path = os.path.join(pid_dir, f"rank{rank}.json")
@@ -70,8 +71,10 @@ def _kill_when_paused(pid_dir: str, rank: int, box: dict, timeout: float = 300) 
         except (OSError, ValueError):
             record = None
         marker = os.path.join(pid_dir, f"paused-rank{rank}")
-        # 2 s into the pause: Ray Train's controller (polling every 0.2 s) has committed epoch 1's checkpoint
-        if record and record["epoch"] == 1 and os.path.exists(marker) and time.time() > os.path.getmtime(marker) + 2:
+        # epoch 1's checkpoint is in storage, and 3 s into the pause Ray Train's controller (polling every 0.2 s)
+        # has registered it
+        if (record and record["epoch"] == 1 and os.path.exists(marker) and time.time() > os.path.getmtime(marker) + 3
+                and glob.glob(os.path.join(ckpt_dir, "checkpoint_*", "state.pt"))):
             box["pid"], box["t_kill"] = record["pid"], time.time()
             os.kill(record["pid"], signal.SIGKILL)
             return
@@ -94,7 +97,8 @@ def _sample_with_a_kill(tmp_path, monkeypatch, capsys, max_failures: int):
     run_dir = str(tmp_path / "r")
     args = ["sample", *BASE, f"cluster.max_failures={max_failures}", f"run_dir={run_dir}"]
     box: dict = {}
-    killer = threading.Thread(target=_kill_when_paused, args=(pid_dir, 1, box), daemon=True)
+    killer = threading.Thread(target=_kill_when_paused, args=(pid_dir, f"{run_dir}/checkpoints/sample", 1, box),
+                              daemon=True)
     killer.start()
     rc = main(args)  # in the main thread: the CLI installs its signal handlers
     killer.join(timeout=5)
@@ -144,6 +148,9 @@ def test_a_killed_basis_actor_is_restarted_and_rereads_its_block(reference):
     b = blocks[1]
     entries = [(s["path"], s["sha256"]) for s in b["snapshots"]]
     Actor = block_actor_class(0.5)
+    options = Actor._default_options
+    assert options["scheduling_strategy"] == "SPREAD" and options["max_restarts"] >= 1  # over nodes; restartable
+    assert options["max_task_retries"] >= 1  # the call that met the dead actor is retried on the restarted one
     killed, kept = (Actor.remote(run.uri, b["block"], entries, b["stop"] - b["start"]) for _ in range(2))
     gram = ray.get(killed.gram.remote())["gram"]
     np.testing.assert_array_equal(gram, ray.get(kept.gram.remote())["gram"])
@@ -197,7 +204,8 @@ def test_multinode_sampling_and_basis_spread_over_nodes_and_a_blind_node_is_refu
 
 
 # -- the driver of a sweep -----------------------------------------------------------------------------------
-SWEEP = ["sweep", "sweep_digits", "train.epochs=6", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
+EPOCHS = 20  # ~5 s a trial on 2 cores: the kill lands while the next trial runs
+SWEEP = ["sweep", "sweep_digits", f"train.epochs={EPOCHS}", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
          "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,50,300]", "sweep.max_concurrent=1",
          "cluster.num_cpus=2"]
 
@@ -211,13 +219,14 @@ def _lines(path: str):
 
 
 def test_kill9_of_a_sweep_driver_then_resume_reruns_no_finished_trial(tmp_path):
-    """The driver (its own local Ray cluster, in its own process group) is killed with SIGKILL once one trial has
-    finished and the next has reported; ``--resume`` restores Tune's experiment from the run directory."""
+    """The driver (its own local Ray cluster, in its own process group) is killed with SIGKILL once a trial has
+    finished (of three, one at a time); ``--resume`` restores Tune's experiment from the run directory."""
     run_dir = f"{tmp_path}/sw"
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "raysub.cli", *SWEEP, f"run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    log = open(f"{tmp_path}/driver.log", "w")  # a file, not a pipe nobody drains while the test polls
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     tune_dir = f"{run_dir}/tune/coarse"
     finished = None
@@ -225,29 +234,36 @@ def test_kill9_of_a_sweep_driver_then_resume_reruns_no_finished_trial(tmp_path):
         deadline = time.time() + 400
         while time.time() < deadline and finished is None:
             dirs = [os.path.join(tune_dir, d) for d in os.listdir(tune_dir)] if os.path.isdir(tune_dir) else []
-            done = [d for d in dirs if len(_lines(os.path.join(d, "result.json"))) == 6]
-            going = [d for d in dirs if 0 < len(_lines(os.path.join(d, "result.json"))) < 6]
-            if done and going:
+            done = [d for d in dirs if len(_lines(os.path.join(d, "result.json"))) == EPOCHS]
+            if done and len(done) < 3:
                 finished = {d: _lines(os.path.join(d, "result.json")) for d in done}
                 os.kill(proc.pid, signal.SIGKILL)  # the driver alone: kill -9
             time.sleep(0.05)
-        assert finished is not None, "no trial finished while another ran"
+        assert finished is not None, "no trial finished before the sweep did"
         proc.wait(timeout=30)
     finally:
         try:  # its Ray cluster (started by the driver, same process group) goes with it
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.communicate()
+        proc.wait()
+        log.close()
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(f"{run_dir}/results.json")
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=600,
-                             start_new_session=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "restoring" in resumed.stdout
+    proc = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restoring" in stdout
     for d, before in finished.items():
         assert _lines(os.path.join(d, "result.json")) == before  # not one epoch more: not re-run
     res = RunDir(run_dir).read_json("results.json")
-    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, 6), (50, 6), (300, 6)]
+    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, EPOCHS), (50, EPOCHS), (300, EPOCHS)]
     assert len([d for d in os.listdir(tune_dir) if os.path.isdir(os.path.join(tune_dir, d))]) == 3

@@ -192,6 +192,14 @@ def test_quickstart_on_s3_killed_and_resumed_equals_the_local_run(s3_run, s3, ca
     assert any(k.startswith("runs/q/checkpoints/sample/") for k in keys)
     assert {"runs/q/manifest.json", "runs/q/summary.json", "runs/q/theta0.pt"} <= set(keys)
     assert not any(".tmp-" in k for k in keys) and "runs/q/raysub.lock" not in keys
+    # the rerun line config.yaml carries (a quoted URI, query and all) works as written: every stage is done
+    from raysub.cli import main
+
+    first = remote.read_text("config.yaml").splitlines()[0]
+    assert first.startswith(f"# resolved config of this run; rerun: raysub run '{s3_run['uri'].split('?')[0]}/config.yaml?")
+    capsys.readouterr()
+    assert main(["run", join_uri(s3_run["uri"], "config.yaml"), "--resume"]) == 0
+    assert capsys.readouterr().out.count("skipping") >= 2
 
 
 def test_a_corrupted_object_on_s3_is_refused_by_checksum(s3_run, s3, capsys):

@@ -98,3 +98,21 @@ def test_ctrl_c_during_a_sweep_exits_130_with_the_resume_command_and_resume_fini
     assert len(trial_dirs) == 2, trial_dirs  # the interrupted trial continued: none ran twice
     res = json.loads(RunDir(run_dir).read_text("results.json"))
     assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, 15), (300, 15)]
+
+
+def test_prune_checkpoints_keeps_each_trials_latest(tmp_path):
+    """A phase keeps every trial checkpoint while it runs (a killed driver's experiment state may name an old one)
+    and prunes to the latest when it ends. Catches keeping the oldest (a lexical sort the wrong way), pruning
+    across trials, and deleting files that are not checkpoints."""
+    exp = tmp_path / "coarse"
+    for trial, n in (("t0", 3), ("t1", 1), ("t2", 0)):
+        for i in range(n):
+            (exp / trial / f"checkpoint_{i:06d}").mkdir(parents=True)
+            (exp / trial / f"checkpoint_{i:06d}" / "state.pt").write_bytes(b"x")
+        (exp / trial).mkdir(parents=True, exist_ok=True)
+        (exp / trial / "result.json").write_text("{}\n")
+    (exp / "experiment_state-x.json").write_text("{}")
+    assert sweep.prune_checkpoints(RunDir(str(exp))) == 2
+    assert sorted(os.listdir(exp / "t0")) == ["checkpoint_000002", "result.json"]
+    assert sorted(os.listdir(exp / "t1")) == ["checkpoint_000000", "result.json"]
+    assert os.listdir(exp / "t2") == ["result.json"] and (exp / "experiment_state-x.json").exists()

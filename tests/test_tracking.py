@@ -279,3 +279,26 @@ def test_meta_training_writes_tensorboard_and_mlflow(ray_session, tmp_path):
     assert tb["ray/tune/loss"] == [(s, float(np.float32(v))) for s, v in loss]
     assert tb["ray/tune/val_acc"] == [(s, float(np.float32(v))) for s, v in val]
     assert history(client, run, "loss") == loss and history(client, run, "val_acc") == val
+
+
+def test_a_tracking_failure_warns_once_and_the_stage_goes_on(tmp_path, monkeypatch, capsys):
+    """The event files' storage fails mid-stage (an outage): one warning, tracking off for the rest of the stage,
+    no exception into the stage (in the Train controller that would fail the run). Catches the copy error
+    propagating, and a warning repeated per epoch."""
+    from raysub.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run_dir=mock://bucket/run2"])
+    tracker = Tracker(cfg, RunDir("mock://bucket/run2"), "sample")
+    tracker.log({"loss": 1.0}, step=1)
+
+    def outage(*a, **k):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(tracker, "_sync", outage)
+    tracker.log({"loss": 0.5}, step=2)
+    tracker.log({"loss": 0.25}, step=3)
+    tracker.end()
+    err = capsys.readouterr().err
+    assert err.count("experiment tracking of sample stopped (OSError: storage unreachable)") == 1
+    assert not tracker.enabled and tracker._staging is None

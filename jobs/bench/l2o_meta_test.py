@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     plot_meta_test(out, record)
     print(metatest.format_table(record), flush=True)
     load1 = os.getloadavg()[0]
-    print(f"wall {wall:.0f} s; load average {load0:.2f} at start, {load1:.2f} at end; {out.uri}/meta_test.json",
+    print(f"wall {wall:.0f} s; load average {load0:.2f} at start, {load1:.2f} at end; {out.arg('meta_test.json')}",
           flush=True)
     m = record["metrics"]
     print(json.dumps(strict_json({**m, "steps": steps, "horizons": record["horizons"], "seed_list": record["seeds"],

@@ -159,13 +159,14 @@ class ImageNet(Dataset):
             self._loaders[key] = self._new_loader(*key)
         return self._loaders[key]
 
-    def _new_loader(self, split: str, augment: bool, num_workers: int) -> torch.utils.data.DataLoader:
+    def _new_loader(self, split: str, augment: bool, num_workers: int, persistent: bool = True
+                    ) -> torch.utils.data.DataLoader:
         samples = _SeededSamples(self._folders[split], self._train_tf if augment else self._test_tf)
         return torch.utils.data.DataLoader(
             samples,
             batch_sampler=_SeededBatches([], 0, augment),
             num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+            persistent_workers=persistent and num_workers > 0,
             pin_memory=torch.cuda.is_available() and torch.cuda.is_initialized(),
             # Without an explicit generator the loader draws its workers' base seed from the global RNG (the
             # transforms do not use it: each sample runs under its own seed).
@@ -178,7 +179,7 @@ class ImageNet(Dataset):
         # A loader mid-iteration (an unfinished generator of an earlier call) would be reset under its consumer:
         # a nested or interleaved call on the same key gets a loader of its own instead.
         shared = key not in self._busy
-        loader = self.loader(*key) if shared else self._new_loader(*key)
+        loader = self.loader(*key) if shared else self._new_loader(*key, persistent=False)  # one-off: no lingering workers
         loader.batch_sampler.batch_indices = batch_indices
         loader.batch_sampler.seed = seed
         if shared:

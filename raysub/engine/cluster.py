@@ -41,6 +41,11 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
         # epoch shorter than that; a local cluster inherits this from the driver's environment.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         kwargs: Dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING)
+        if starts_local(cfg) and os.environ.get("RAY_ADDRESS"):
+            # under `ray job submit` (or a shell pointed at a cluster): joining is explicit, never a nested cluster
+            raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set but cluster.address is not: pass "
+                              f"cluster.address=auto to run on that cluster (the jobs/ entrypoints do), or unset "
+                              f"RAY_ADDRESS for a private local cluster")
         if starts_local(cfg):
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
@@ -136,14 +141,15 @@ def _amount(n: float, unit: str) -> str:
 
 
 def check_run_dir_shared(run_dir) -> None:
-    """On a cluster of several nodes, a run directory on a local path must be one every node sees (a shared
-    filesystem): the driver writes a probe file into it and a zero-CPU task on each node that can run workers
-    (it has CPUs or GPUs) reads it back. A node that does not see it would write its shards to its own disk — a
-    trajectory half here, half there — so the run is refused before it starts. URIs (s3://, gs://) are not
-    probed: every node reaches them, or fails with the storage's own error.
+    """On a cluster where workers may run on another node than the driver, a run directory on a local path must be
+    one every node sees (a shared filesystem): the driver writes a probe file into it and a zero-CPU task on each
+    node that can run workers (it has CPUs or GPUs) reads it back. A node that does not see it would write its
+    shards to its own disk — a trajectory half here, half there — so the run is refused before it starts. URIs
+    (s3://, gs://) are not probed: every node reaches them, or fails with the storage's own error. The probe's
+    name holds ``.tmp-``, which the run-directory checks ignore, should a kill leave it behind.
 
     Raises:
-        ConfigError: one line naming the first node that does not see ``run_dir`` and the fix.
+        ConfigError: one line naming the first node that does not see ``run_dir`` (or does not answer) and the fix.
     """
     import ray
 
@@ -151,7 +157,8 @@ def check_run_dir_shared(run_dir) -> None:
         return
     nodes = [n for n in ray.nodes() if n.get("Alive") and
              (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
-    if len(nodes) < 2:
+    here = ray.get_runtime_context().get_node_id()
+    if all(n["NodeID"] == here for n in nodes):  # every worker runs beside the driver (a single-node cluster)
         return
     import uuid
 
@@ -160,20 +167,28 @@ def check_run_dir_shared(run_dir) -> None:
     path = os.path.abspath(os.path.expanduser(run_dir))
     os.makedirs(path, exist_ok=True)
     token = uuid.uuid4().hex
-    probe = os.path.join(path, f".raysub-probe-{token[:12]}")
+    probe = os.path.join(path, f".raysub-probe.tmp-{token[:12]}")
     with open(probe, "w") as f:
         f.write(token)
+    task = ray.remote(_reads_token)
+    refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(probe, token) for n in nodes]
+    reason = "no answer in 120 s"
     try:
-        task = ray.remote(_reads_token)
-        seen = ray.get([task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(probe, token) for n in nodes], timeout=120)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=120)
+        for r in pending:
+            ray.cancel(r, force=True)
+        seen = [ray.get(r) if r in ready else None for r in refs]
+    except ray.exceptions.RayError as exc:  # a node died under the probe
+        seen, reason = [None] * len(refs), f"the probe failed ({type(exc).__name__})"
     finally:
         os.remove(probe)
-    blind = [n for n, ok in zip(nodes, seen) if not ok]
+    blind = [(n, ok) for n, ok in zip(nodes, seen) if not ok]
     if blind:
-        n = blind[0]
+        n, ok = blind[0]
+        why = "does not see it" if ok is False else reason
         raise ConfigError(f"run_dir={path} is not visible from node {n.get('NodeManagerAddress', '?')} "
-                          f"({n['NodeID'][:8]}; {len(blind)} of the cluster's {len(nodes)} nodes do not see it): a "
+                          f"({n['NodeID'][:8]}: {why}; {len(blind)} of the cluster's {len(nodes)} worker nodes): a "
                           f"multi-node cluster needs a run_dir every node reaches: an s3://BUCKET/PATH (or gs://) URI "
                           f"or a shared filesystem path")
 
@@ -216,6 +231,10 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
     while True:
         alive = thread.is_alive()
         try:
+            # one blocking get (the queue actor waits, not the driver polling it every 0.2 s: the polls' RPCs took
+            # ~3.5% of a core from the workers, measured by jobs/bench/ddp_overhead.py), then what else is there
+            if relay and alive:
+                printer(progress.get(block=True, timeout=0.5))
             while relay:
                 printer(progress.get_nowait())
         except pyqueue.Empty:
@@ -226,7 +245,8 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
                   f"); training continues and its results are still recorded", file=sys.stderr, flush=True)
         if not alive:
             break
-        time.sleep(0.2)
+        if not relay:
+            time.sleep(0.2)
     if "error" in box:
         raise box["error"]
     return box["result"]

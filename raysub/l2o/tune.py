@@ -368,7 +368,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
         run.clear()
     run.makedirs()
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this tuning; rerun: raysub l2o tune "
-                                              f"{run.uri}/config.yaml --overwrite\n"))
+                                              f"{run.arg('config.yaml')} --overwrite\n"))
     storage, fs = run.ray_storage("tune")  # the filesystem object, so a URI's endpoint reaches Tune
     path = posixpath.join(storage, EXPERIMENT)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg.to_dict()), trial_resources(cfg))
@@ -405,7 +405,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     if failed:
         raise ConfigError(f"{len(failed)} of {len(rows)} trials did not finish (first: {failed[0]['trial']}: "
                           f"{failed[0]['error']}); fix the cause and continue with: raysub l2o tune "
-                          f"{run.uri}/config.yaml --resume")
+                          f"{run.arg('config.yaml')} --resume")
     best = best_trial(rows, cfg.l2o.select_tolerance)
     assert best is not None  # every trial has a validated φ (no failed ones)
     from raysub.storage import RunDir
@@ -416,9 +416,9 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     best_cfg = Config.from_dict(trial_config(cfg.to_dict(), best["point"], best["run_dir"]))
     b = best["best"]
     run.write_text(BEST_CONFIG, best_cfg.to_yaml(
-        f"# best trial {best['trial']} of `raysub l2o tune {run.uri}/config.yaml`: val acc {b['val_acc']:.4f}, "
+        f"# best trial {best['trial']} of `raysub l2o tune {run.arg('config.yaml')}`: val acc {b['val_acc']:.4f}, "
         f"conv step {b['convergence_step']}, at meta-step {b['meta_step']}\n# its meta-training is run_dir; "
-        f"continue it (e.g. with more l2o.meta_steps): raysub l2o meta-train {run.uri}/{BEST_CONFIG} --resume\n"))
+        f"continue it (e.g. with more l2o.meta_steps): raysub l2o meta-train {run.arg(BEST_CONFIG)} --resume\n"))
     summary = {"space": tc.space, "space_keys": [k for k in SPACE_KEYS if k in tc.space], "samples": len(points),
                "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
@@ -431,7 +431,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
                "wall_s": time.perf_counter() - t0}
     run.write_json(RESULTS, summary)
     say(results_table(summary))
-    say(f"best: {best['trial']} (val acc {100 * b['val_acc']:.2f}%); weights {run.uri}/{BEST_WEIGHTS} "
-        f"(train.optimizer_options.weights={run.uri}), config {run.uri}/{BEST_CONFIG}, results {run.uri}/{RESULTS}")
+    say(f"best: {best['trial']} (val acc {100 * b['val_acc']:.2f}%); weights {run.arg(BEST_WEIGHTS)} "
+        f"(train.optimizer_options.weights={run.uri}), config {run.arg(BEST_CONFIG)}, results {run.arg(RESULTS)}")
     say(f"[l2o tune] wall time {summary['wall_s']:.1f}s")
     return summary

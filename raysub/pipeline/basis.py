@@ -271,8 +271,8 @@ def block_actor_class(num_cpus: float):
     block's read. Both calls are idempotent: the Gram is recomputed, the shard rewritten atomically."""
     import ray
 
-    return ray.remote(BlockGram).options(num_cpus=num_cpus, scheduling_strategy="SPREAD",
-                                         max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+    return ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_restarts=ACTOR_RESTARTS,
+                      max_task_retries=ACTOR_RESTARTS)(BlockGram)
 
 
 def spectrum_record(spec: Dict[str, Any], dim: int, dtype: str, blocks: List[Dict[str, Any]],

@@ -108,9 +108,9 @@ def check_resume(run: RunDir, cfg: Config, also_safe: Sequence[str] = ()) -> Non
                           f"it with cluster.num_workers={blocks} (it may change once sampling is complete)")
     diffs = config_diff(Config.from_dict(stored).to_dict(), cfg.to_dict(), RESUME_SAFE + tuple(also_safe))
     if diffs:
-        raise ConfigError(f"--resume: this config differs from the run's ({run.uri}/config.yaml) in "
+        raise ConfigError(f"--resume: this config differs from the run's ({run.arg('config.yaml')}) in "
                           f"{diff_text(diffs)}; resuming would mix two runs: resume with the run's config (raysub "
-                          f"... {run.uri}/config.yaml --resume; only cluster.* may change) or start a new run "
+                          f"... {run.arg('config.yaml')} --resume; only cluster.* may change) or start a new run "
                           f"(--overwrite, or run_dir=NEW_DIR)")
 
 
@@ -168,7 +168,7 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _config_text(run: RunDir, config: Dict[str, Any]) -> str:
-    return Config.from_dict(config).to_yaml(f"# resolved config of this run; rerun: raysub run {run.uri}/config.yaml "
+    return Config.from_dict(config).to_yaml(f"# resolved config of this run; rerun: raysub run {run.arg('config.yaml')} "
                                             f"--overwrite\n")
 
 

@@ -213,6 +213,20 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optio
     trainer.fit()
 
 
+def prune_checkpoints(experiment: RunDir) -> int:
+    """Keep each trial's latest ``checkpoint_*`` of a finished phase; returns how many were deleted."""
+    deleted = 0
+    for trial in experiment.listdir():
+        if experiment.fs.get_file_info(experiment.path(trial)).type.name != "Directory":
+            continue
+        # Tune numbers them checkpoint_000000, checkpoint_000001, ...: the name orders them
+        old = sorted(c for c in experiment.listdir(trial) if c.startswith("checkpoint_"))[:-1]
+        for c in old:
+            experiment.delete(trial, c)
+        deleted += len(old)
+    return deleted
+
+
 def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_concurrent: int, resume: bool,
                say) -> List[Dict[str, Any]]:
     """Run ``trials`` as the Tune experiment ``tune/NAME`` (restored when resuming); one row per trial."""
@@ -249,13 +263,17 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
                                         trial_name_creator=_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, storage_filesystem=fs, verbose=1,  # Tune's status table, not every result
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # every checkpoint while the phase runs: Tune saves its experiment state every few seconds, and with
+                # num_to_keep=1 a driver killed between two saves left a state naming a checkpoint Tune had already
+                # deleted — `--resume` then failed ("does not exist on storage anymore"). Pruned when it ends.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
                 callbacks=tune_callbacks(cfg, run, f"sweep/{name}"),  # MLflow when asked (raysub.tracking)
             ),
         )
     say(f"[sweep] {name}: {len(trials)} trials, {max_concurrent} at a time")
     grid = _fit(tuner)
+    prune_checkpoints(run.child("tune", name))
     rows = []
     for result in grid:
         row = {"phase": name, **trial_spec(result)}
@@ -282,7 +300,7 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
         why = first.get("error") or f"stopped at epoch {first['epochs_run']} of {cfg.train.epochs}"
         raise ConfigError(f"{len(unfinished)} of {len(rows)} trials of the {name} phase did not finish (first: "
                           f"{first['family']} d={first['dim']} seed {first['seed']}: {why}); fix the cause and "
-                          f"continue with: raysub sweep {run.uri}/config.yaml --resume")
+                          f"continue with: raysub sweep {run.arg('config.yaml')} --resume")
     return rows
 
 
@@ -463,7 +481,7 @@ def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwri
         run.clear()
     run.makedirs()
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
-                                              f"{run.uri}/config.yaml --overwrite\n"))
+                                              f"{run.arg('config.yaml')} --overwrite\n"))
     if resuming and run.exists("manifest.json"):
         run.read_theta0()  # verified: a resumed sweep goes on from its own θ0
     else:
