@@ -238,7 +238,9 @@ class RunDir:
             # a random-access file knows its size: one read, not a loop of 256 KiB chunks
             with self.fs.open_input_file(self.path(rel)) as src:
                 buf = src.read_buffer()
-        except (FileNotFoundError, OSError) as exc:
+        except FileNotFoundError as exc:  # missing when we looked (it may exist by now: a racing writer)
+            raise self._missing(rel) from exc
+        except OSError as exc:
             if self.exists(rel):
                 raise
             raise self._missing(rel) from exc
