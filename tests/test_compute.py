@@ -167,3 +167,16 @@ def test_sampled_model_channels_last_on_cuda():
     assert torch.equal(flatten_params(fast), flatten_params(plain))
     x, _ = batch(n=16)
     torch.testing.assert_close(compute.forward(fast, x.cuda()), plain(x.cuda()), rtol=0.05, atol=0.05)
+
+
+def test_a_float64_model_keeps_float64_logits():
+    """Compute's forward casts bf16/fp16 logits to float32 and nothing else: a blanket .float() rounded the float64
+    models of the exactness tests (class-gradient QN, the meta-gradient) to float32 — 1e-8 errors against 1e-12."""
+    from raysub.engine.compute import Compute
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = Compute().forward(model, x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, model(x))

@@ -174,9 +174,11 @@ def test_progress_relay_failure_is_reported_once(capsys):
     class DeadQueue:
         calls = 0
 
-        def get_nowait(self):
+        def get(self, block=True, timeout=None):  # the relay's blocking get (a dead actor fails it alike)
             DeadQueue.calls += 1
             raise RuntimeError("actor died\nmore")
+
+        get_nowait = get
 
     assert fit_with_progress(Trainer(), DeadQueue(), print) == "result"
     err = capsys.readouterr().err
