@@ -47,7 +47,10 @@ def test_trial_spec_of_a_trial_that_never_reported():
 
 # -- a real Ctrl-C -----------------------------------------------------------------------------------------
 
-SWEEP = ["sweep_digits", "train.epochs=15", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
+# 40 epochs (~4 s a trial on 2 cores): Tune's result.json may show a trial's first line only when it has run a
+# while, and with 15 epochs a quiet machine finished the second trial before the Ctrl-C landed (flaky in CI)
+EPOCHS = 40
+SWEEP = ["sweep_digits", f"train.epochs={EPOCHS}", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
          "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,300]", "sweep.max_concurrent=1",
          "cluster.num_cpus=2"]
 
@@ -97,7 +100,7 @@ def test_ctrl_c_during_a_sweep_exits_130_with_the_resume_command_and_resume_fini
     trial_dirs = [d for d in os.listdir(f"{run_dir}/tune/coarse") if os.path.isdir(f"{run_dir}/tune/coarse/{d}")]
     assert len(trial_dirs) == 2, trial_dirs  # the interrupted trial continued: none ran twice
     res = json.loads(RunDir(run_dir).read_text("results.json"))
-    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, 15), (300, 15)]
+    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, EPOCHS), (300, EPOCHS)]
 
 
 def test_prune_checkpoints_keeps_each_trials_latest(tmp_path):
