@@ -34,12 +34,30 @@ class DataConfig:
     val_fraction: float = field(
         default=0.0, metadata={"help": "fraction of the training split held out as a validation split (sweeps)"})
     val_seed: int = field(default=0, metadata={"help": "which examples are held out (fixed across trials)"})
+    classes: Optional[List[int]] = field(default=None, metadata={
+        "help": "keep only these classes (all splits), relabelled 0..k-1 in the order given; None: all"})
+
+
+@dataclass
+class UVConfig:
+    """The layerwise low-rank U·V reparametrisation (SL2O §3.2; raysub.models.lowrank): W = W0 + U V on the target
+    linear layers, only U, V and the ``trainable`` parameters train."""
+
+    rank: Optional[int] = field(default=None, metadata={
+        "help": "r of every U (d1×r) and V (r×d2); unset: no reparametrisation (SL2O: 16)"})
+    targets: List[str] = field(default_factory=lambda: ["q", "k", "v", "out"], metadata={
+        "help": "linear layers reparametrised, by module-name suffix (vit: q, k, v, out of every attention)"})
+    trainable: List[str] = field(default_factory=lambda: ["head"], metadata={
+        "help": "parameters that train besides U and V, by module-name prefix (the classification head)"})
+    init_std: Optional[float] = field(default=None, metadata={
+        "help": "σ of U's N(0, σ²) entries (default 1/√rank: the first step on V moves W as full fine-tuning would)"})
 
 
 @dataclass
 class ModelConfig:
     name: str = field(default="mlp", metadata={"help": "registered model name"})
     options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword options of the model"})
+    uv: UVConfig = field(default_factory=UVConfig, metadata={"help": "low-rank U·V reparametrisation (SL2O §3.2)"})
 
 
 @dataclass
@@ -76,6 +94,8 @@ class SGDConfig:
 
     epochs: int = field(default=30, metadata={"help": "epochs of the full SGD run (baseline)"})
     lr: float = field(default=0.1, metadata={"help": "initial learning rate"})
+    optimizer: str = field(default="sgd", metadata={
+        "help": "sgd (heavy-ball momentum) | adamw (torch AdamW, betas (0.9, 0.999); sgd.momentum unused)"})
     momentum: float = field(default=0.9, metadata={"help": "heavy-ball momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "L2 weight decay"})
     lr_milestones: List[int] = field(default_factory=list, metadata={"help": "epochs where lr *= lr_gamma"})
@@ -137,6 +157,9 @@ class TrainConfig:
         metadata={"help": "keyword options of the optimizer, checked against its signature (e.g. pbfgs c, beta)"})
     data_seed: Optional[int] = field(
         default=None, metadata={"help": "data order of the subspace run (default: seed); θ0 stays seed's"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "run directory or URI whose trained weights (its model.pt, written by 'raysub sample') become this "
+                "run's θ0 — W0 of a UV reparametrisation; a head of another class count starts fresh"})
 
 
 @dataclass
@@ -457,10 +480,15 @@ def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     """``update`` over ``base``, section by section.
 
     A plug-in's options belong to the plug-in: when ``update`` names another plug-in (``train.optimizer``,
-    ``train.projection``) without giving its ``*_options``, the old plug-in's options are dropped; an explicit
-    empty mapping (``train.optimizer_options={}``) clears them; a non-empty one is merged key by key.
+    ``train.projection``, ``model.name``), the old plug-in's options (``*_options``, ``model.options``) are dropped
+    and only the update's apply; for the same plug-in an explicit empty mapping (``train.optimizer_options={}``)
+    clears them and a non-empty one is merged key by key.
     """
     out = dict(base)
+    for key, value in update.items():
+        options = "options" if key == "name" else f"{key}_options"
+        if isinstance(value, str) and isinstance(out.get(options), dict) and value != base.get(key):
+            out[options] = {}  # another plug-in: the old one's options would be unknown or wrong for it
     for key, value in update.items():
         if isinstance(value, dict) and not value and key.endswith("options"):
             out[key] = {}
@@ -597,6 +625,8 @@ def schema_problems(cfg: Config) -> List[str]:
             f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "
             "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
         )
+    if cfg.sgd.optimizer not in ("sgd", "adamw"):
+        problems.append(f"sgd.optimizer={cfg.sgd.optimizer!r}: choose sgd or adamw")
     if cfg.basis.gram not in ("auto", "posthoc"):
         problems.append(f"basis.gram={cfg.basis.gram!r}: choose auto or posthoc")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):

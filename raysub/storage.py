@@ -16,6 +16,7 @@ Layout::
     RUN/config.yaml            resolved config
     RUN/manifest.json          versions, git revision, device, world size, stage timings, layout, shards
     RUN/theta0.pt              initial state_dict (parameters and buffers) of the seeded model
+    RUN/model.pt               state_dict of the model when the SGD run ends ('train.init_from' of another run)
     RUN/trajectory/block_BBB/snap_SSSSS.arrow   rank B's slice of snapshot S (float32, column "v")
     RUN/trajectory/block_BBB/index.json         the block's snapshots with checksums (written by rank B)
     RUN/basis/block_BBB.arrow  U_b: one float32 column per component (rows = coordinates of block B)

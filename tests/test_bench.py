@@ -178,3 +178,46 @@ def test_basis_bench_floor_and_overhead_on_hand_figures():
     assert fig["stream_basis_over_floor"] == pytest.approx(1.5)
     assert fig["stream_basis_over_posthoc"] == pytest.approx(0.15)
     assert bench.overhead_ratio(0.1, 390, 51, 3.9) == pytest.approx(1.002)
+
+
+def test_vit_uv_figures_on_a_hand_made_record():
+    """jobs/bench/vit_uv.py's figures: the gap is full − Momentum† (points, not a fraction; not the reverse), the
+    step ratio is φ ÷ Momentum† (not its inverse), the fraction is UV-trainable ÷ the ViT's parameters (not ÷ the
+    UV model's, which counts U and V twice), and the step ratio is UV ÷ full."""
+    bench = load_job("vit_uv")
+
+    def summary(conv, acc, not_converged=0):
+        return {"summary": {"convergence_step": {"mean": conv, "std": 1.0}, "not_converged": not_converged,
+                            "test_acc": {"mean": acc, "std": 0.01}}, "lr": 0.1}
+
+    record = {"seeds": [1, 2, 3], "optimizers": {"l2o": {**summary(40.0, 0.90), "lr": None}, "psgd": summary(80.0, 0.91),
+                                                 "adam": summary(60.0, 0.92), "full": summary(100.0, 0.925, 1)}}
+    timing = {"uv": {"forward": 2.0, "backward": 3.0, "optimizer": 1.0, "step": 6.0},
+              "full": {"forward": 2.0, "backward": 4.0, "optimizer": 2.0, "step": 8.0}}
+    fig = bench.figures(record, timing, {"uv_trainable": 250, "vit_params": 1000})
+    assert fig["trainable_fraction"] == 0.25
+    assert fig["uv_acc_gap_pts"] == pytest.approx(1.5)
+    assert fig["l2o_over_momentum_steps_vit"] == 0.5 and fig["l2o_over_adam_steps_vit"] == pytest.approx(40 / 60)
+    assert fig["uv_step_over_full_step"] == 0.75
+    assert fig["l2o_over_momentum_steps_censored"] is False
+    assert fig["lrs"] == {"psgd": 0.1, "adam": 0.1, "full": 0.1} and fig["seeds"] == 3
+    assert fig["test_acc_full"] == {"mean": 92.5, "std": 1.0}
+
+
+def test_vit_uv_step_breakdown_times_each_phase(tmp_path):
+    """The timing harness runs every phase of a real step and keeps θ at θ0 (lr 0), on a tiny UV task."""
+    import torch
+
+    from raysub.engine.task import build_task
+
+    bench = load_job("vit_uv")
+    cfg = load_config(None, ["model.name=vit", "model.options={dim: 16, depth: 1, heads: 2}", "model.uv.rank=2",
+                             "train.projection=identity", f"run_dir={tmp_path}/r"])
+    task = build_task(cfg)
+    x, y = next(task.data.batches("train", [torch.arange(16)], augment=False, seed=0))
+    theta0 = task.theta0_N.clone()
+    out = bench.step_breakdown({"uv": task}, (x, y), steps=2, rounds=2)
+    assert set(out["uv"]) == {"forward", "backward", "optimizer", "step"}
+    assert all(v > 0 for v in out["uv"].values())
+    assert out["uv"]["step"] == pytest.approx(out["uv"]["forward"] + out["uv"]["backward"] + out["uv"]["optimizer"])
+    assert torch.equal(task.sub.flat.theta_N, theta0)

@@ -274,3 +274,16 @@ def test_empty_config_file_is_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing yet\n")
     assert load_config(str(path)) == Config()
+
+
+def test_another_model_drops_the_old_models_options():
+    """quickstart's mlp has hidden=[64]; `model.name=vit` must not hand it to the ViT (an unknown option), and
+    options given with the new name apply alone; the same name still merges key by key."""
+    from raysub.config import load_config
+
+    assert load_config("raysub/configs/quickstart.yaml").model.options  # the mlp's own
+    assert load_config("raysub/configs/quickstart.yaml", ["model.name=vit"]).model.options == {}
+    assert load_config("raysub/configs/quickstart.yaml",
+                       ["model.name=vit", "model.options={dim: 32}"]).model.options == {"dim": 32}
+    same = load_config("raysub/configs/vit_fashion_mnist_uv.yaml", ["model.options={dim: 32}"]).model.options
+    assert same == {"patch": 7, "dim": 32, "depth": 4, "heads": 4}

@@ -306,8 +306,8 @@ def test_failing_job_ends_failed_with_one_line_error(head, tmp_path):
     assert proc.returncode != 0 and info["status"] == "FAILED", (proc.returncode, info["status"])
     assert "exit code 2" in info["message"]
     errors = [line for line in info["logs"].splitlines() if line.startswith("raysub: error:")]
-    assert errors == ["raysub: error: unknown key 'sgd.nonsense': known keys here are epochs, lr, momentum, "
-                      "weight_decay, lr_milestones, lr_gamma"], info["logs"][-3000:]
+    assert errors == ["raysub: error: unknown key 'sgd.nonsense': known keys here are epochs, lr, optimizer, "
+                      "momentum, weight_decay, lr_milestones, lr_gamma"], info["logs"][-3000:]
     assert "Traceback" not in info["logs"]
     assert not run_dir.exists()
     print(f"\nfailing job: submit -> FAILED in {wall:.1f} s")

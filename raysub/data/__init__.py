@@ -2,8 +2,8 @@
 
 `base` holds the registry `DATASETS`, the `Dataset` interface, `InMemoryDataset` and the per-example hashing
 that keys augmentation; `digits`, `idx` (MNIST, Fashion-MNIST), `cifar` (CIFAR-10/100) and `imagenet` each
-register their datasets on import; `wrappers` holds `NoisyLabels` and `HoldOut`; `api` loads and checks
-datasets by name (`load_dataset`, `validate_dataset`, `default_root`) or from a run config (`open_dataset`,
+register their datasets on import; `wrappers` holds `ClassSubset`, `NoisyLabels` and `HoldOut`; `api` loads and
+checks datasets by name (`load_dataset`, `validate_dataset`, `default_root`) or from a run config (`open_dataset`,
 `dataset_kwargs`, `check_data_section`). Importing this package registers every dataset and re-exports all
 of these names. Nothing here downloads or writes files.
 """
@@ -22,7 +22,7 @@ from raysub.data.digits import Digits
 from raysub.data.idx import MNIST, FashionMNIST, IDXDataset, _find_idx, read_idx
 from raysub.data.cifar import CIFAR10, CIFAR100, CifarDataset
 from raysub.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNet
-from raysub.data.wrappers import HoldOut, NoisyLabels
+from raysub.data.wrappers import ClassSubset, HoldOut, NoisyLabels
 from raysub.data.api import (
     check_data_section,
     dataset_kwargs,
@@ -50,6 +50,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageNet",
+    "ClassSubset",
     "NoisyLabels",
     "HoldOut",
     "default_root",

@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from raysub.data.base import DATASETS, Dataset
-from raysub.data.wrappers import HoldOut, NoisyLabels
+from raysub.data.wrappers import ClassSubset, HoldOut, NoisyLabels, class_range_problem, classes_problems
 from raysub.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,9 +80,20 @@ def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
 
 
 def open_dataset(cfg: Config):
-    """The run's dataset, with label noise applied when ``data.label_noise`` > 0 and a validation split held
-    out of the training split when ``data.val_fraction`` > 0."""
+    """The run's dataset: only the ``data.classes`` (relabelled 0..k-1) when set, then label noise when
+    ``data.label_noise`` > 0, then a validation split held out of the training split when ``data.val_fraction``
+    > 0.
+
+    The subset comes first so that noisy labels are drawn among the k kept classes and val is held out of the
+    subset's training examples.
+
+    Raises:
+        ConfigError: a bad ``data.classes`` list.
+        DataError: missing or malformed files; a ``data.classes`` class the dataset lacks or has no examples of.
+    """
     data = load_dataset(cfg.data.name, cfg.data.root, **dataset_kwargs(cfg))
+    if cfg.data.classes is not None:
+        data = ClassSubset(data, cfg.data.classes)
     if cfg.data.label_noise > 0:
         seed = cfg.seed if cfg.data.label_noise_seed is None else cfg.data.label_noise_seed
         data = NoisyLabels(data, cfg.data.label_noise, seed)
@@ -94,7 +105,8 @@ def open_dataset(cfg: Config):
 def check_data_section(cfg: Config, check_data: bool = True) -> List[str]:
     """Problems of the ``data`` section of a config (empty list: fine); nothing is loaded.
 
-    Checks the dataset name, the batch sizes and loader processes, ``val_fraction`` and ``label_noise``, that
+    Checks the dataset name, the batch sizes and loader processes, ``val_fraction``, ``label_noise`` and
+    ``classes`` (a class beyond a registered dataset's fixed ``num_classes`` too), that
     ``data.batch_size`` and ``train.batch_size`` split evenly over ``cluster.num_workers``, and, when
     ``check_data``, that the dataset's files are where they should be (`validate_dataset`).
     """
@@ -115,6 +127,12 @@ def check_data_section(cfg: Config, check_data: bool = True) -> List[str]:
         problems.append(f"data.val_fraction={cfg.data.val_fraction}: the held-out fraction must be in [0, 1)")
     if not 0.0 <= cfg.data.label_noise <= 1.0:
         problems.append(f"data.label_noise={cfg.data.label_noise}: a fraction of the labels must be in [0, 1]")
+    if cfg.data.classes is not None:
+        problems.extend(classes_problems(cfg.data.classes))
+        # the registered class's num_classes when it is fixed (ImageNet counts its folders: checked at open)
+        known = getattr(DATASETS.get(cfg.data.name), "num_classes", 0) if cfg.data.name in DATASETS else 0
+        if known:
+            problems.extend(filter(None, [class_range_problem(cfg.data.classes, cfg.data.name, known)]))
     if cfg.cluster.num_workers and cfg.data.batch_size and cfg.data.batch_size % cfg.cluster.num_workers:
         problems.append(
             f"data.batch_size={cfg.data.batch_size} is not divisible by cluster.num_workers="

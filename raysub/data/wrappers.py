@@ -1,10 +1,93 @@
-"""Datasets wrapping another: label noise (`NoisyLabels`) and a held-out validation split (`HoldOut`)."""
+"""Datasets wrapping another: a class subset (`ClassSubset`), label noise (`NoisyLabels`) and a held-out
+validation split (`HoldOut`)."""
 from __future__ import annotations
+
+from typing import List, Sequence
 
 import torch
 
-from raysub.data.base import Dataset, _as_index
-from raysub.errors import DataError
+from raysub.data.base import SPLITS, Dataset, _as_index
+from raysub.errors import ConfigError, DataError
+
+
+def classes_problems(classes: Sequence[int]) -> List[str]:
+    """Problems of a ``data.classes`` list that need no dataset (empty list: fine): at least two classes, no
+    duplicates, none negative. Whether each class exists is known only from the dataset (`ClassSubset`)."""
+    problems = []
+    if len(classes) < 2:
+        problems.append(f"data.classes={list(classes)}: a subset needs at least 2 classes; list more, or unset "
+                        f"data.classes (null) for all classes")
+    dups = sorted({c for c in classes if list(classes).count(c) > 1})
+    if dups:
+        problems.append(f"data.classes={list(classes)} names class {dups[0]} twice: list each class once")
+    negative = [c for c in classes if c < 0]
+    if negative:
+        problems.append(f"data.classes={list(classes)} names class {negative[0]}: class numbers start at 0")
+    return problems
+
+
+def class_range_problem(classes: Sequence[int], name: str, num_classes: int) -> str:
+    """'' when every class of ``classes`` is below ``num_classes`` (dataset ``name``'s), else the one-line problem
+    naming the first that is not."""
+    over = [c for c in classes if c >= num_classes]
+    if not over:
+        return ""
+    return (f"data.classes={list(classes)} names class {over[0]}, but {name} has {num_classes} classes "
+            f"(0–{num_classes - 1}): pick classes in that range")
+
+
+class ClassSubset(Dataset):
+    """The examples of some classes only, in every split, relabelled ``classes[i]`` -> ``i`` (for transfer: a
+    base model on classes 0-4, fine-tuned on 5-9).
+
+    Index i of a split is the i-th kept example in the base split's order; batches map indices into the base
+    split, so an example's augmentation is the base's. Deterministic: no seed.
+
+    Args:
+        base: The dataset to subset (its splits are kept as they are; wrap this in `HoldOut` for a val split).
+        classes: Base class numbers to keep, in the order of their new labels 0..k-1.
+
+    Raises:
+        ConfigError: fewer than 2 classes, a duplicate or a negative class.
+        DataError: a class the base does not have, or one with no examples in a split.
+    """
+
+    def __init__(self, base: Dataset, classes: Sequence[int]):
+        problems = classes_problems(classes)
+        if problems:
+            raise ConfigError(problems)
+        self.base = base
+        self.classes = [int(c) for c in classes]
+        self.name, self.num_classes, self.input_shape = base.name, len(self.classes), base.input_shape
+        problem = class_range_problem(self.classes, base.name, base.num_classes)
+        if problem:
+            raise DataError(problem)
+        # base label -> new label, -1 for a class left out
+        self.relabel = torch.full((base.num_classes,), -1, dtype=torch.long)
+        self.relabel[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        self.index = {}
+        for split in SPLITS:
+            labels = base.labels(split)
+            counts = torch.bincount(labels, minlength=base.num_classes)
+            empty = [c for c in self.classes if counts[c] == 0]
+            if empty:
+                raise DataError(f"data.classes={self.classes}: class {empty[0]} has no examples in the {split} "
+                                f"split of {base.name}; leave it out of data.classes")
+            self.index[split] = (self.relabel[labels] >= 0).nonzero().squeeze(1)
+
+    def size(self, split: str) -> int:
+        self._check_split(split)
+        return len(self.index[split])
+
+    def labels(self, split: str) -> torch.Tensor:
+        self._check_split(split)
+        return self.relabel[self.base.labels(split)[self.index[split]]]
+
+    def batches(self, split, batch_indices, *, augment, seed, num_workers=0):
+        self._check_split(split)
+        mapped = [self.index[split][_as_index(idx)] for idx in batch_indices]
+        for x, y in self.base.batches(split, mapped, augment=augment, seed=seed, num_workers=num_workers):
+            yield x, self.relabel[y]
 
 
 class NoisyLabels(Dataset):

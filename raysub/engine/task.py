@@ -122,17 +122,18 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     full-parameter family (``identity``) gets d = N.
     """
     from raysub.data import open_dataset
-    from raysub.models import build_model
+    from raysub.models import model_for
     from raysub.projections import PROJECTIONS
     from raysub.storage import RunDir
 
     device = torch.device(device)
     run = run or RunDir(cfg.run_dir)
     data = data if data is not None else open_dataset(cfg)
+    has_theta0 = run.exists("theta0.pt")
     with torch.random.fork_rng(devices=[]):  # the seeded init must not move the caller's RNG
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
-    if run.exists("theta0.pt"):
+        model = model_for(cfg, data, init=not has_theta0)  # the run's θ0 holds train.init_from's weights already
+    if has_theta0:
         model.load_state_dict(run.read_theta0())
     model.to(device)
     theta0_N = flatten_params(model)

@@ -18,6 +18,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
     """All problems of a config that need neither the dataset loaded nor Ray (empty list: fine)."""
     from raysub.data import check_data_section
     from raysub.models import MODELS
+    from raysub.models.lowrank import uv_problems
     from raysub.optim import check_optimizer
     from raysub.pipeline.sample import check_sample_section
     from raysub.projections import FACTORY_ARGS, PROJECTIONS
@@ -27,6 +28,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
     if cfg.model.name not in MODELS:
         problems.append(f"model.name: unknown {MODELS.kind} {cfg.model.name!r}: choose one of "
                         f"{', '.join(MODELS.names())}")
+    problems += uv_problems(cfg.model.uv)
     problems += check_sample_section(cfg)
     problems += check_optimizer(cfg.train.optimizer, cfg.train.optimizer_options)
     name = cfg.train.projection
@@ -57,7 +59,8 @@ def plan(cfg: Config) -> Dict[str, Any]:
     """Validate ``cfg`` fully without starting Ray or writing anything.
 
     Returns:
-        {"num_params", "num_snapshots", "steps_per_epoch", "layout", "num_classes", "model"}.
+        {"num_params" (trainable), "num_params_total" (frozen too), "num_snapshots", "steps_per_epoch", "layout",
+        "num_classes", "model", and when used "init_from" (`load_init_from`'s record) and "uv" (`apply_uv`'s)}.
     Raises:
         ConfigError: every problem found, in one message.
     """
@@ -65,13 +68,14 @@ def plan(cfg: Config) -> Dict[str, Any]:
 
     from raysub.data import open_dataset
     from raysub.engine.flat import layout_to_json, param_layout
-    from raysub.models import build_model
+    from raysub.models import model_for
     from raysub.pipeline.sample import num_snapshots
 
     check(cfg)
     data = open_dataset(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    built: Dict[str, Any] = {}
+    model = model_for(cfg, data, report=built)  # train.init_from's weights, model.uv's reparametrisation
     layout = param_layout(model)
     n = sum(e.numel for e in layout)
     steps = data.size("train") // cfg.data.batch_size
@@ -90,4 +94,20 @@ def plan(cfg: Config) -> Dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return {"num_params": n, "num_snapshots": t, "steps_per_epoch": steps, "layout": layout_to_json(layout),
-            "num_classes": data.num_classes, "model": model}
+            "num_classes": data.num_classes, "model": model,
+            "num_params_total": sum(p.numel() for p in model.parameters()), **built}
+
+
+def describe_params(cfg: Config, info: Dict[str, Any]) -> str:
+    """"33,450 trainable of 139,210 parameters (UV rank 16 on 16 layers; θ0 from RUN)" — or "62,006 parameters"."""
+    n, total = info["num_params"], info.get("num_params_total", info["num_params"])
+    text = f"{n:,} parameters" if n == total else f"{n:,} trainable of {total:,} parameters"
+    notes = []
+    if info.get("uv"):
+        notes.append(f"UV rank {cfg.model.uv.rank} on {len(info['uv']['layers'])} layers")
+    if info.get("init_from"):
+        fresh = info["init_from"]["fresh"]
+        notes.append(f"θ0 from {info['init_from']['uri']}" + (f", a fresh {fresh[0].rsplit('.', 1)[0]} (another "
+                                                               f"class count)" if fresh else ""))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+

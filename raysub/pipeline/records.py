@@ -24,6 +24,8 @@ RESUME_SAFE = ("cluster.", "data.num_workers", "run_dir", "sweep.max_concurrent"
 # sections a resumed `raysub run`/`sample` (and `train CONFIG`) may change because their stages check them
 # themselves: a basis of another dim is rebuilt, and a training compares its own train.* settings
 STAGE_CHECKED = ("basis.", "train.")
+# keys never safe to change on resume, even inside a safe prefix: train.init_from made the run's θ0
+NEVER_SAFE = ("train.init_from",)
 
 # ---------------------------------------------------------------------------------------------------------
 # the run directory
@@ -67,7 +69,7 @@ def config_diff(old: Dict[str, Any], new: Dict[str, Any], safe: Sequence[str] = 
     """(dotted key, old, new) for every key whose value differs, except the ``safe`` ones (prefixes)."""
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not any(k == s or k.startswith(s) for s in safe)]
+            if a.get(k) != b.get(k) and (k in NEVER_SAFE or not any(k == s or k.startswith(s) for s in safe))]
 
 
 def diff_text(diffs: Sequence[Tuple[str, Any, Any]]) -> str:
@@ -156,7 +158,10 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
         "host": platform.node(),
         "world_size": cfg.cluster.num_workers,
         "device": "cuda" if cfg.cluster.use_gpu else "cpu",
-        "num_params": info["num_params"],
+        "num_params": info["num_params"],  # trainable: the flat vector every stage sees
+        "num_params_total": info.get("num_params_total", info["num_params"]),  # frozen ones (UV's W0) too
+        **({"init_from": info["init_from"]} if info.get("init_from") else {}),  # the base weights' run and sha256
+        **({"uv_layers": info["uv"]["layers"]} if info.get("uv") else {}),
         "layout": info["layout"],
         "blocks": [{"block": b, "start": s, "stop": e}
                    for b, (s, e) in enumerate(block_bounds(info["num_params"], cfg.cluster.num_workers))],

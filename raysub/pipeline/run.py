@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from raysub.config import Config, merge, parse_overrides
 from raysub.errors import ConfigError, DivergedError, StorageError
 from raysub.lock import run_lock
-from raysub.pipeline.plan import check, plan
+from raysub.pipeline.plan import check, describe_params, plan
 from raysub.pipeline.records import (STAGE_CHECKED, diff_text, existing_run, commit, config_diff, init_run,
                                      open_manifest, prepare_run_dir, stored_config)
 from raysub.storage import RunDir, sha256
@@ -61,7 +61,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
                 return manifest
         ensure_ray(cfg)
         manifest = init_run(cfg, info, resuming, overwrite)
-        say(f"[sample] {cfg.model.name} on {cfg.data.name}: {info['num_params']:,} parameters, "
+        say(f"[sample] {cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}, "
             f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
             f"SGD for {cfg.sgd.epochs} epochs")
         out = run_sample(cfg, run, lambda r: say(format_progress(r)), num_params=info["num_params"],
@@ -112,6 +112,10 @@ def _stage_config(run: RunDir, overrides: Sequence[str], stage: str) -> Config:
         raise ConfigError(f"raysub {stage} only takes {allowed} overrides, not {', '.join(bad)}: start a new run "
                           f"for other changes")
     cfg = Config.from_dict(merge(base, update))
+    if cfg.train.init_from != base.get("train", {}).get("init_from"):
+        raise ConfigError(f"train.init_from sets a run's θ0, and {run.uri} already has its own "
+                          f"({base.get('train', {}).get('init_from') or 'seeded'}): start a new run to train from "
+                          f"other weights")
     cfg.run_dir = run.uri
     check(cfg, check_data=(stage == "train"))
     return cfg
@@ -346,6 +350,8 @@ def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite:
         resuming = prepare_run_dir(run, resume, overwrite, cfg, resume_safe)
         check_train_projection(cfg, info["num_params"], run, own_basis=False)
         ensure_ray(cfg)
+        if not resuming:
+            say(f"{cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}")
         yield run, resuming, init_run(cfg, info, resuming, overwrite)
 
 

@@ -129,6 +129,32 @@ def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config
     return record
 
 
+def full_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of the full-parameter run (``sgd.optimizer``) over the model's trainable parameters.
+
+    Frozen parameters (``requires_grad`` False, e.g. the base weights of a low-rank reparametrised model) are
+    left out, so the optimizer can never step or decay them and its checkpointed state covers only what trains.
+    With every parameter trainable, SGD gets them in ``model.parameters()`` order, as before the option existed,
+    so such runs are bit-identical.
+
+    Args:
+        cfg: The run config (``sgd.optimizer``, ``sgd.lr``, ``sgd.momentum``, ``sgd.weight_decay``).
+        model: The model to train.
+
+    Returns:
+        torch.optim.SGD (heavy-ball momentum) or torch.optim.AdamW (betas (0.9, 0.999); momentum unused).
+
+    Raises:
+        ConfigError: an unknown ``sgd.optimizer`` (the schema check refuses it before a run starts).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.sgd.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.sgd.lr, momentum=cfg.sgd.momentum, weight_decay=cfg.sgd.weight_decay)
+    if cfg.sgd.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.sgd.lr, betas=(0.9, 0.999), weight_decay=cfg.sgd.weight_decay)
+    raise ConfigError(f"sgd.optimizer={cfg.sgd.optimizer!r}: choose sgd or adamw")
+
+
 def sample_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None,
     "stream_gram": whether to build the streaming Gram (the driver's budget decision), "basis_prefix"}."""
@@ -138,20 +164,19 @@ def sample_loop(config: Dict[str, Any]) -> None:
 
     from raysub.data import open_dataset
     from raysub.engine.compute import Compute
-    from raysub.models import build_model
+    from raysub.models import model_for
     from raysub.pipeline.stream_gram import StreamGram, close_window, stop_decision
 
     ctx = loop.worker_context(config)
     cfg, progress, rank, world, device, run = ctx.cfg, ctx.progress, ctx.rank, ctx.world, ctx.device, ctx.run
     data = open_dataset(cfg)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    model = model_for(cfg, data, init=False)  # θ0 (init_from's weights included) is loaded next
     model.load_state_dict(run.read_theta0())  # every rank starts from the same θ0 (verified)
     model.to(device)
     compute = Compute.of(cfg, device)  # bf16 autocast, channels_last (the snapshots stay in the logical order)
     compute.prepare_model(model)
     ddp = DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
-                          weight_decay=cfg.sgd.weight_decay)
+    opt = full_optimizer(cfg, model)
 
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bounds = block_bounds(n, world)
@@ -266,6 +291,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
         loop.publish_pid(epoch + 1, config.get("pid_dir"), config.get("pause_after_epoch"))
         if last:
             break
+    if rank == 0:  # the trained model, which `train.init_from` of another run reads (the driver commits it)
+        run.write_torch("model.pt", model.state_dict())
 
 
 def _decide(flag: bool, device) -> bool:
@@ -336,6 +363,8 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
                                                     f"lower sgd.lr (now {cfg.sgd.lr:g}) and rerun with --overwrite"))
     blocks, shards = collect_trajectory(run)
     from raysub.storage import sha256
+
+    shards["model.pt"] = sha256(run.read_bytes("model.pt"))
 
     from raysub.pipeline.stream_gram import GRAM_REL
 

@@ -1,9 +1,4 @@
-"""Models: one registry of factories ``factory(num_classes, input_shape, **options) -> nn.Module``.
-
-All models are plain modules with no dropout and no in-place ops on parameters, so they can be evaluated
-with ``torch.func.functional_call`` on parameters that live in a subspace. Construction only draws from
-torch's global RNG, so ``torch.manual_seed(s)`` before building gives bit-identical parameters.
-"""
+"""The convolutional and fully connected models: mlp, lenet5, the CIFAR ResNets (option A), ResNet-18."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -13,18 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysub.errors import ConfigError
-from raysub.registry import Registry
-
-MODELS: Registry = Registry("model")
-
-
-def _image_shape(name: str, input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
-    if len(input_shape) != 3:
-        raise ConfigError(
-            f"model {name!r} needs image inputs (channels, height, width), got input_shape {tuple(input_shape)}: "
-            "pick an image dataset or the mlp model"
-        )
-    return tuple(input_shape)
+from raysub.models.registry import MODELS, image_shape as _image_shape
 
 
 # ---------------------------------------------------------------------------------------------------- MLP
@@ -190,31 +174,3 @@ def resnet18(num_classes: int, input_shape: Tuple[int, ...]) -> nn.Module:
         model.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
-
-
-# ------------------------------------------------------------------------------------------------- API
-
-
-def build_model(name: str, num_classes: int, input_shape: Tuple[int, ...], **kwargs) -> nn.Module:
-    """Build a registered model with freshly initialized parameters (from torch's global RNG).
-
-    Args:
-        name: Registry name ("mlp", "lenet5", "resnet8", "resnet20", "resnet32", "resnet18").
-        num_classes: Output logits.
-        input_shape: Per-example input shape, e.g. ``Dataset.input_shape``.
-        **kwargs: Model options (e.g. hidden for mlp).
-
-    Returns:
-        The model, in training mode.
-
-    Raises:
-        ConfigError: unknown name or option, or an input shape the model cannot take.
-    """
-    factory = MODELS.get(name)
-    MODELS.check_options(name, kwargs, skip=2)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"model {name!r}: num_classes={num_classes!r} must be a positive integer")
-    input_shape = tuple(input_shape)
-    if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
-        raise ConfigError(f"model {name!r}: input_shape={input_shape} must be positive integers")
-    return factory(num_classes, input_shape, **kwargs)
