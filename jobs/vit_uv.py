@@ -6,8 +6,9 @@
    base run: W0 = the base's weights, W = W0 + U V on every attention projection (r = 16), only U, V and the head
    train — with Momentum† (psgd), Adam† (``train.optimizer=adam``) or the learned optimizer (``train.optimizer=l2o
    train.optimizer_options={weights: RUN}``) through the identity projection, on the same DDP workers.
-Overrides after the config names go to the UV run (``--base-set key=value``, repeatable, to the base run). Re-running continues:
-a complete base is reused, an interrupted one resumed; the UV run resumes too.
+Overrides after the config names go to the UV run (``--base-set key=value``, repeatable, to the base run).
+Re-running continues: a complete base with the same config is reused (another config is refused, as by --resume),
+an interrupted one resumed; the UV run resumes too.
 
 Time on 2 CPU cores: base 8 epochs ≈ 1.5 min (90.7% test accuracy on classes 0–4), UV 3 epochs ≈ 1 min.
 Last line of output: one JSON object (base and UV test accuracy, trainable and total parameters, run directories).
@@ -66,11 +67,8 @@ def main(argv=None) -> int:
             uv_over.append(f"train.init_from={base.uri}")
         uv_cfg = load_config(resolve_config(args.uv_config), uv_over)
         plan(base_cfg)  # the base's problems before anything runs (the UV plan needs the base's weights)
-        manifest = base.read_json("manifest.json") if base.exists("manifest.json") else {}
-        if not manifest.get("stages", {}).get("sample", {}).get("complete"):
-            pipeline.stage_sample(base_cfg, resume=True)
-        else:
-            print(f"[base] {base.uri} is complete; reusing it", flush=True)
+        # a complete base with this config is skipped; one started with another config is refused, not reused
+        pipeline.stage_sample(base_cfg, resume=True)
         result = pipeline.train_from_config(uv_cfg, resume=True)
     except ConfigError as exc:
         print(f"vit_uv: error: {'; '.join(exc.problems)}", file=sys.stderr)

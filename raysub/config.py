@@ -50,7 +50,8 @@ class UVConfig:
     trainable: List[str] = field(default_factory=lambda: ["head"], metadata={
         "help": "parameters that train besides U and V, by module-name prefix (the classification head)"})
     init_std: Optional[float] = field(default=None, metadata={
-        "help": "σ of U's N(0, σ²) entries (default 1/√rank: the first step on V moves W as full fine-tuning would)"})
+        "help": "σ of U's N(0, σ²) entries (default 1/√rank: E[U Uᵀ] = I, so the first step on V moves W as full "
+                "fine-tuning would, in expectation)"})
 
 
 @dataclass

@@ -190,8 +190,9 @@ def test_vit_uv_figures_on_a_hand_made_record():
         return {"summary": {"convergence_step": {"mean": conv, "std": 1.0}, "not_converged": not_converged,
                             "test_acc": {"mean": acc, "std": 0.01}}, "lr": 0.1}
 
-    record = {"seeds": [1, 2, 3], "optimizers": {"l2o": {**summary(40.0, 0.90), "lr": None}, "psgd": summary(80.0, 0.91),
-                                                 "adam": summary(60.0, 0.92), "full": summary(100.0, 0.925, 1)}}
+    record = {"seeds": [1, 2, 3], "optimizers": {"l2o": {**summary(40.0, 0.90), "lr": None},
+                                                 "psgd": summary(80.0, 0.91), "adam": summary(60.0, 0.92),
+                                                 "full": summary(100.0, 0.925, 1)}}
     timing = {"uv": {"forward": 2.0, "backward": 3.0, "optimizer": 1.0, "step": 6.0},
               "full": {"forward": 2.0, "backward": 4.0, "optimizer": 2.0, "step": 8.0}}
     fig = bench.figures(record, timing, {"uv_trainable": 250, "vit_params": 1000})

@@ -114,3 +114,40 @@ def test_resume_refuses_a_changed_optimizer_or_class_subset():
     legacy = Config().to_dict()
     del legacy["sgd"]["optimizer"], legacy["data"]["classes"]
     assert config_diff(Config.from_dict(legacy).to_dict(), old) == []
+
+
+def test_a_restart_after_an_adaptive_window_ended_the_stage_trains_no_more(tmp_path, monkeypatch):
+    """sample.stop=adaptive with sgd.epochs = sample.epochs: the window closing at epoch 1 ends the stage. A worker
+    group restarted from that last checkpoint (Ray's max_failures, or --resume after the driver died) trained one
+    more epoch before this was caught, and committed that model as model.pt; it must report nothing and write the
+    same model.pt. One process, Ray Train's calls replaced."""
+    from raysub.engine import loop
+    from raysub.pipeline import sample as S
+    from raysub.pipeline import stream_gram as SG
+    from raysub.pipeline.plan import plan
+    from raysub.pipeline.records import init_run
+    from raysub.storage import RunDir
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/r", "model.options={hidden: [16]}", "sgd.epochs=3", "sample.epochs=3",
+                             "sample.stop=adaptive", "sample.stream_gram=true", "sample.snapshots_per_epoch=4",
+                             "basis.dim=2", "cluster.num_workers=1", "sgd.lr_milestones=[]"])
+    init_run(cfg, plan(cfg), False, False)
+    run = RunDir(cfg.run_dir)
+    reports, state = [], {"ckpt": None}
+    monkeypatch.setattr(loop, "worker_context", lambda config: loop.WorkerContext(
+        cfg, None, 0, 1, torch.device("cpu"), run, "train"))
+    monkeypatch.setattr(loop, "load_checkpoint", lambda session="train": state["ckpt"])
+    monkeypatch.setattr(loop, "report", lambda metrics, ckpt, session="train": reports.append((metrics, ckpt)))
+    monkeypatch.setattr(SG, "stop_decision", lambda *a, **k: True)  # the window closes at the first check
+    monkeypatch.setattr(SG, "close_window", lambda *a, **k: None)
+    monkeypatch.setattr(S, "min_window_snapshots", lambda cfg: 0)
+    config = {"cfg": cfg.to_dict(), "progress": None, "stream_gram": True}
+    S.sample_loop(config)
+    first = run.read_torch("model.pt")
+    assert [m["epoch"] for m, _ in reports] == [1] and reports[-1][0]["window_epochs"] == 1
+    state["ckpt"] = reports[-1][1]
+    reports.clear()
+    S.sample_loop(config)
+    assert reports == []
+    second = run.read_torch("model.pt")
+    assert all(torch.equal(first[k], second[k]) for k in first)

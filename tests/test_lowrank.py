@@ -242,8 +242,11 @@ def test_init_from_a_head_of_another_class_count_starts_fresh(tmp_path):
     info = plan(cfg)
     model = info["model"]
     assert torch.equal(model[3].weight, net[3].weight)
-    torch.manual_seed(0)
-    assert not torch.equal(model[5].weight[:5], net[5].weight)
+    from raysub.models import build_model
+
+    torch.manual_seed(cfg.seed)  # the fresh head is the seeded model's (not zeros, not the base's rows)
+    seeded = build_model("mlp", 10, (64,), hidden=[32, 16])
+    assert torch.equal(model[5].weight, seeded[5].weight) and torch.equal(model[5].bias, seeded[5].bias)
     assert info["init_from"]["fresh"] == ["5.weight", "5.bias"]
     assert info["init_from"]["sha256"] == run.read_json("manifest.json")["shards"]["model.pt"]
     assert "fresh 5 (another class count)" in describe_params(cfg, info)
@@ -269,7 +272,8 @@ def test_init_from_a_uv_run_folds_its_u_v(tmp_path):
 @pytest.mark.parametrize("setup, fragment", [
     ("missing", "does not exist: pass the run directory of a finished 'raysub sample'"),
     ("not_run", "is not a raysub run directory (no manifest.json)"),
-    ("no_model", "holds no trained weights (model.pt, written when 'raysub sample' ends)"),
+    ("no_model", "holds no trained weights (model.pt): it was not made by 'raysub sample'"),
+    ("unfinished", "holds no trained weights (model.pt): its sampling is unfinished: finish it with raysub sample"),
     ("other_model", "is a 'lenet5' run, this run's model is 'mlp': init_from needs a run of the same architecture"),
     ("other_options", "is another mlp (hidden=[32, 8] there, [32, 16] here)"),
     ("other_shape", "1.weight is (32, 49) there and (32, 64) here (another input shape? data digits): not the same"),
@@ -282,10 +286,12 @@ def test_init_from_problems_are_one_line_errors(tmp_path, setup, fragment):
     base = tmp_path / "base"
     if setup == "not_run":
         base.mkdir()
-    elif setup == "no_model":
+    elif setup in ("no_model", "unfinished"):
         run = RunDir(str(base))
         run.makedirs()
-        run.write_json("manifest.json", {"shards": {}, "config": {"model": {"name": "mlp", "options": {}}}})
+        stages = {"sample": {"complete": False}} if setup == "unfinished" else {"train.psgd": {"complete": True}}
+        run.write_json("manifest.json", {"shards": {}, "stages": stages,
+                                         "config": {"model": {"name": "mlp", "options": {}}}})
     elif setup == "other_model":
         _base_run(tmp_path, model="lenet5", options={}, state={"x": torch.zeros(1)})
     elif setup == "other_options":
@@ -314,3 +320,29 @@ def test_resume_refuses_another_init_from(tmp_path):
     a = load_config(None, ["train.init_from=runs/a", "train.lr=0.1"]).to_dict()
     b = load_config(None, ["train.init_from=runs/b", "train.lr=0.2"]).to_dict()
     assert [k for k, _, _ in config_diff(a, b, STAGE_CHECKED)] == ["train.init_from"]
+
+
+def test_init_from_options_compare_as_yaml_writes_them(tmp_path):
+    """mlp's default hidden=(64,) is the [64] a YAML base config records, and vit's patch=None (derived: 7 on 28×28)
+    matches a base that wrote patch: 7 — the same architecture must not be refused."""
+    from raysub.pipeline.plan import plan
+
+    run, _ = _base_run(tmp_path, options={"hidden": [64]})
+    plan(load_config(None, [f"run_dir={tmp_path}/r", "model.name=mlp", "model.options={}",
+                            f"train.init_from={run.uri}"]))
+    from raysub.models.init import _resolved_options
+
+    assert _resolved_options("vit", {"patch": 7})["patch"] == 7 and _resolved_options("vit", {})["patch"] is None
+
+
+def test_a_stage_refuses_another_init_from_on_an_existing_run(tmp_path):
+    """`raysub train RUN train.init_from=…` cannot change the θ0 the run already holds: one line, not a silent no-op."""
+    from raysub.pipeline.run import _stage_config
+    from raysub.storage import RunDir
+
+    run = RunDir(str(tmp_path / "r"))
+    run.makedirs()
+    run.write_json("manifest.json", {"config": load_config(None, ["train.init_from=/a/base"]).to_dict()})
+    with pytest.raises(ConfigError, match=r"train.init_from sets a run's θ0, and .* already has its own \(/a/base\)"):
+        _stage_config(run, ["train.init_from=/b/base"], "train")
+    assert _stage_config(run, ["train.lr=0.5"], "train").train.init_from == "/a/base"

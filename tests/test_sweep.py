@@ -201,3 +201,16 @@ def test_trial_resources_exceeding_the_cluster(ray_session, tmp_path, capsys):
     assert rc == 2 and "needs sweep.workers_per_trial=3 × cluster.cpus_per_worker=2 = 6 CPUs" in err
     assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(f"{tmp_path}/sw")
+
+
+def test_the_baseline_trains_as_the_sgd_section_does():
+    """The full-training baseline of a sweep follows sgd.optimizer: momentum SGD at sgd.lr, but Adam at sgd.lr for
+    an AdamW config (a ViT's AdamW lr, 2e-3, would starve momentum SGD and lower every d_int's target)."""
+    from raysub.pipeline.sweep import BASELINE, trial_config
+
+    sgd = trial_config(load_config(None, ["sgd.lr=0.05"]).to_dict(), BASELINE, 100, 1)["train"]
+    adamw = trial_config(load_config(None, ["sgd.optimizer=adamw", "sgd.lr=0.002"]).to_dict(), BASELINE, 100, 1)
+    assert (sgd["optimizer"], sgd["lr"]) == ("psgd", 0.05)
+    assert (adamw["train"]["optimizer"], adamw["train"]["lr"]) == ("adam", 0.002)
+    dense = trial_config(load_config(None, ["sgd.optimizer=adamw"]).to_dict(), "dense", 100, 1)["train"]
+    assert dense["optimizer"] == "psgd"  # the subspace trials keep train.optimizer

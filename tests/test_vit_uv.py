@@ -82,7 +82,8 @@ def test_uv_run_from_the_base_trains_u_v_and_head_only(base, tmp_path):
 
 
 def test_job_reuses_the_base_and_uv_fine_tunes_with_adam_dagger(base, tmp_path, capsys):
-    """jobs/vit_uv.py on a finished base: the base is reused (not resampled: its manifest is unchanged), the UV run
+    """jobs/vit_uv.py on a finished base: the base is reused (not resampled: its manifest is unchanged; a base config
+    that differs would be refused by the resume check, not reused), the UV run
     gets init_from = the base, and Adam† on U, V and the head reaches a useful accuracy on the 5 new classes within
     2 epochs (a run whose U, V never moved would sit near the fresh head's accuracy)."""
     import importlib.util
@@ -97,14 +98,14 @@ def test_job_reuses_the_base_and_uv_fine_tunes_with_adam_dagger(base, tmp_path, 
         job = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(job)
         before = base.read_bytes("manifest.json").to_pybytes()
-        base_set = [a for o in BASE + [f"run_dir={base.uri}"] for a in ("--base-set", o)]
-        rc = job.main(["quickstart", "quickstart", *UV, f"run_dir={tmp_path}/uv", "train.optimizer=adam",
-                       "train.lr=0.003", *base_set])
+        rc = job.main([base.path("config.yaml"), "quickstart", *UV, f"run_dir={tmp_path}/uv", "train.optimizer=adam",
+                       "train.lr=0.003", "--base-set", f"run_dir={base.uri}"])
     finally:
         sys.path.remove(jobs)
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert f"[base] {base.uri} is complete; reusing it" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, captured.err
+    assert f"[sample] already complete in {base.uri}; skipping" in out
     assert base.read_bytes("manifest.json").to_pybytes() == before
     result = json.loads(out.strip().splitlines()[-1])
     assert result["base_run"] == base.uri and result["uv_optimizer"] == "adam"

@@ -24,9 +24,9 @@ What it measures
 Outputs under --out: base/ (the base run), l2o/ (meta-training run: φ, its history and plots), vit_uv.json (everything),
 loss_curves.png (smoothed training loss per optimizer), vit_uv.md (the table).
 
-How long it takes (2 CPU cores): base 2 min, meta-training ≈ 4 min, meta-test and full fine-tuning ≈ 10 min at the
-defaults (N = 100, H = 3, 3 seeds, 2 validation seeds, 4-point grids). --quick runs the same code on digits with a
-tiny ViT in about 2 minutes (a smoke test, not a result).
+How long it takes (2 CPU cores, load ≈ 1, measured): base 1.5 min, meta-training 3.4 min, meta-test and full
+fine-tuning 6.3 min at the defaults (N = 100, H = 3, 3 seeds, 2 validation seeds, 4-point grids): 11.5 min, 10 with
+--base. --quick runs the same code on digits with a tiny ViT in about a minute (a smoke test, not a result).
 
     python jobs/bench/vit_uv.py                              # the figures of the closing note
     python jobs/bench/vit_uv.py --base runs/vit_fashion_mnist_base --out runs/bench_vit_uv
@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 GRIDS = {"psgd": [0.01, 0.03, 0.1, 0.3], "adam": [3e-4, 1e-3, 3e-3, 1e-2]}
 FULL_GRID = [0.01, 0.03, 0.1, 0.3]
 QUICK_BASE = ["data.name=digits", "data.root=null", "data.classes=[0,1,2,3,4]", "data.batch_size=32",
-              "model.options={patch: null, dim: 32, depth: 2, heads: 2}", "sgd.lr=0.01", "sgd.epochs=6", "sgd.lr_milestones=[]",
+              "model.options={patch: null, dim: 32, depth: 2, heads: 2}", "sgd.lr=0.01", "sgd.epochs=6",
+              "sgd.lr_milestones=[]",
               "sample.epochs=1", "sample.snapshots_per_epoch=4", "basis.dim=2"]
 QUICK_UV = ["data.name=digits", "data.root=null", "data.classes=[5,6,7,8,9]", "data.batch_size=32",
             "data.val_fraction=0.2", "model.options={patch: null, dim: 32, depth: 2, heads: 2}", "model.uv.rank=4",
@@ -57,7 +58,8 @@ QUICK_UV = ["data.name=digits", "data.root=null", "data.classes=[5,6,7,8,9]", "d
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_vit_uv", help="output directory")
-    p.add_argument("--base", default=None, help="a finished base run (default: train vit_fashion_mnist_base in OUT/base)")
+    p.add_argument("--base", default=None,
+                   help="a finished base run (default: train vit_fashion_mnist_base in OUT/base)")
     p.add_argument("--steps", type=int, default=100, help="N: lr picks after N steps (and meta-training's horizon)")
     p.add_argument("--horizon", type=int, default=3, help="H: meta-test runs are H·N steps")
     p.add_argument("--seeds", type=int, default=3, help="meta-test optimizees (≥ 3 for mean ± std)")
@@ -159,7 +161,8 @@ def figures(record: Dict[str, Any], timing: Dict[str, Dict[str, float]], counts:
         "uv_step_over_full_step": timing["uv"]["step"] / timing["full"]["step"],
         "uv_step_ms": {k: round(v, 3) for k, v in timing["uv"].items()},
         "full_step_ms": {k: round(v, 3) for k, v in timing["full"].items()},
-        **{f"test_acc_{k}": {m: round(100 * v, 3) for m, v in o["summary"]["test_acc"].items()} for k, o in opt.items()},
+        **{f"test_acc_{k}": {m: round(100 * v, 3) for m, v in o["summary"]["test_acc"].items()}
+           for k, o in opt.items()},
         **{f"conv_step_{k}": {m: round(v, 2) for m, v in o["summary"]["convergence_step"].items()}
            for k, o in opt.items()},
         "lrs": {k: o["lr"] for k, o in opt.items() if o["lr"] is not None},
@@ -171,7 +174,8 @@ def table(record: Dict[str, Any], counts: Dict[str, int], timing: Dict[str, Dict
     from raysub.l2o.metatest import format_table
 
     lines = [format_table(record), "",
-             f"trainable: UV {counts['uv_trainable']:,} (U, V at r = {counts['rank']} on {counts['layers']} layers, and "
+             f"trainable: UV {counts['uv_trainable']:,} (U, V at r = {counts['rank']} on {counts['layers']} layers, "
+             f"and "
              f"the head) of the ViT's {counts['vit_params']:,}; full fine-tuning trains all {counts['vit_params']:,}",
              "step time (ms, median, 1 thread): " + "; ".join(
                  f"{name} forward {t['forward']:.2f}" + (f" (W0 + U V: {t['merge_in_forward']:.2f})"
@@ -204,7 +208,8 @@ def run(args) -> Dict[str, Any]:
 
     base_uri = args.base
     if base_uri is None:  # the base ViT: full-parameter AdamW with 'raysub sample' on Ray Train
-        base_cfg = load_config(_shipped("vit_fashion_mnist_base"), (QUICK_BASE if args.quick else []) + [f"run_dir={join_uri(out.uri, 'base')}"])
+        base_cfg = load_config(_shipped("vit_fashion_mnist_base"),
+                               (QUICK_BASE if args.quick else []) + [f"run_dir={join_uri(out.uri, 'base')}"])
         pipeline.stage_sample(base_cfg, resume=True, say=say)
         base_uri = base_cfg.run_dir
     base_acc = RunDir(base_uri).read_json("manifest.json")["summary"]["results"]["sgd"]["test_acc"]

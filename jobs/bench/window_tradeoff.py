@@ -327,12 +327,12 @@ def build_subspace_task(cfg, data, theta0_state, basis_DN: np.ndarray):
 
     from raysub.engine.flat import flatten_params
     from raysub.engine.task import Task
-    from raysub.models import build_model
+    from raysub.models import model_for
     from raysub.projections.base import MatrixProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+        model = model_for(cfg, data, init=False)  # the run's architecture (UV included); θ0 is loaded next
     model.load_state_dict(theta0_state)
     theta0_N = flatten_params(model)
     projection = MatrixProjection(torch.from_numpy(np.ascontiguousarray(basis_DN)).float())
@@ -428,12 +428,12 @@ def sgd_epoch_probe(cfg, data, theta0_state) -> float:
     import torch
 
     from raysub.engine import loop
-    from raysub.models import build_model
+    from raysub.models import model_for
+    from raysub.pipeline.sample import full_optimizer
 
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
+    model = model_for(cfg, data, init=False)
     model.load_state_dict(theta0_state)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd.lr, momentum=cfg.sgd.momentum,
-                          weight_decay=cfg.sgd.weight_decay)
+    opt = full_optimizer(cfg, model)  # the run's own (sgd.optimizer), over its trainable parameters
     t0 = time.perf_counter()
     model.train()
     batches = loop.epoch_batches(data.size("train"), cfg.data.batch_size, cfg.seed, 0, 0, 1)

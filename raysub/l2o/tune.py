@@ -346,6 +346,8 @@ def tune_l2o(cfg, resume: bool = False, overwrite: bool = False, say=print) -> D
     cfg.run_dir = run.uri
     if cfg.train.basis_run:  # trials run in other processes and directories: pass an absolute path or URI
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
+    if cfg.train.init_from:
+        cfg.train.init_from = RunDir(cfg.train.init_from).uri
     with run_lock(run, say=say):
         return _tune(cfg, info, run, resume, overwrite, say)
 

@@ -1,7 +1,7 @@
 """``train.init_from``: a trained run's weights as this run's θ0 (W0 of a UV reparametrisation).
 
 The weights are the base run's ``model.pt`` — the state dict 'raysub sample' writes when its SGD run ends — read
-with the sha256 its manifest commits. A base run that was itself UV-fine-tuned is folded first (W = W0 + U V,
+with the sha256 its manifest commits. A base run that sampled a UV model is folded first (W = W0 + U V,
 `raysub.models.lowrank.fold_uv`). The base must be the same architecture: the same registered model with the same
 options (defaults filled in) and the same parameter shapes — except the output layer, which starts fresh (the
 seeded one) when the class counts differ, as a new head for a new task.
@@ -17,11 +17,13 @@ from raysub.errors import ConfigError
 
 
 def _resolved_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """``options`` with the factory's defaults filled in (``{}`` and ``{dim: 64}`` are the same vit)."""
+    """``options`` with the factory's defaults filled in (``{}`` and ``{dim: 64}`` are the same vit), tuples as
+    lists (a default ``(64,)`` is the ``[64]`` a YAML file gives)."""
     from raysub.models.registry import MODELS
 
     params = list(inspect.signature(MODELS.get(name)).parameters.values())[2:]
-    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **options}
+    resolved = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **options}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
 def output_layer(model: nn.Module) -> str:
@@ -52,15 +54,25 @@ def load_init_from(model: nn.Module, cfg) -> Dict[str, Any]:
     manifest = run.read_json("manifest.json")
     checksum = manifest.get("shards", {}).get("model.pt")
     if checksum is None:
-        raise ConfigError(f"{key} holds no trained weights (model.pt, written when 'raysub sample' ends): finish "
-                          f"its sampling with raysub sample {run.arg('config.yaml')} --resume")
+        sample = manifest.get("stages", {}).get("sample")
+        if sample is None:
+            why = ("it was not made by 'raysub sample' (or 'raysub run'), the only stage that commits its trained "
+                   "weights: pass the run that trained the base model with full-parameter SGD/AdamW")
+        elif not sample.get("complete"):
+            why = f"its sampling is unfinished: finish it with raysub sample {run.arg('config.yaml')} --resume"
+        else:
+            why = (f"it was sampled before raysub wrote model.pt: resample it (raysub sample "
+                   f"{run.arg('config.yaml')} --overwrite)")
+        raise ConfigError(f"{key} holds no trained weights (model.pt): {why}")
     base = manifest.get("config", {}).get("model", {})
     if base.get("name") != cfg.model.name:
         raise ConfigError(f"{key} is a {base.get('name')!r} run, this run's model is {cfg.model.name!r}: init_from "
                           f"needs a run of the same architecture")
     ours = _resolved_options(cfg.model.name, dict(cfg.model.options))
     theirs = _resolved_options(base["name"], dict(base.get("options") or {}))
-    diff = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    # None is "derive it" (vit's patch from the input): the parameter shapes below decide those
+    diff = [k for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k) and ours.get(k) is not None and theirs.get(k) is not None]
     if diff:
         shown = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:4])
         raise ConfigError(f"{key} is another {cfg.model.name} ({shown}): set model.options as the base run's")

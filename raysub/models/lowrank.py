@@ -11,8 +11,10 @@ model computes the base model's logits exactly. Only U, V and the parameters und
 `raysub.engine.flat.param_layout` — holds exactly the trainable ones). So the ``identity`` projection, every
 † optimizer and the learned optimizer drive U, V and the head with no special case.
 
-σ defaults to 1/√r: then E[U Uᵀ] = I, and the first gradient step on V moves W by −lr·U Uᵀ ∂L/∂W ≈ −lr·∂L/∂W, the
-step full fine-tuning would take (the scale of U sets the effective learning rate of V).
+σ defaults to 1/√r: then E[U Uᵀ] = I, so the first gradient step on V, which moves W by −lr·U Uᵀ ∂L/∂W, is full
+fine-tuning's step −lr·∂L/∂W in expectation (one draw of U Uᵀ has rank r and eigenvalues near d1/r: the step is
+larger, about √((d1 + r + 1)/r)× in norm, and lies in a random r-dimensional subspace). The scale of U sets the
+effective learning rate of V; the optimizers' lrs are tuned with it.
 
 SL2O uses r = 16 and, following LoRA, reparametrises only the attention weights (q, k, v, out: `raysub.models.vit`).
 The merged weight W0 + U V is formed once per forward (d1·d2·r multiply-adds) and used in one GEMM: cheaper than
@@ -164,7 +166,8 @@ def apply_uv(model: nn.Module, rank: int, targets: Sequence[str] = ("q", "k", "v
 
 def fold_uv(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A UV model's state dict as its base architecture's: W = W0 + U V for every reparametrised layer, U and V
-    dropped (what ``train.init_from`` of a UV-fine-tuned run loads). A state without U/V comes back unchanged."""
+    dropped (what ``train.init_from`` loads from a UV model sampled with ``raysub sample``). A state without U/V
+    comes back unchanged."""
     out = dict(state)
     for key in [k for k in state if k.endswith(".U")]:
         prefix = key[: -len(".U")]

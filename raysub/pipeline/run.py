@@ -52,6 +52,8 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
     info = info or plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri  # workers run in other directories: pass an absolute path or URI
+    if cfg.train.init_from:  # stored absolute: a resume from another directory names the same base
+        cfg.train.init_from = RunDir(cfg.train.init_from).uri
     with run_lock(run, say=say):
         resuming = prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
         if resuming and run.exists("manifest.json"):
@@ -346,6 +348,8 @@ def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite:
     cfg.run_dir = run.uri
     if cfg.train.basis_run:
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
+    if cfg.train.init_from:
+        cfg.train.init_from = RunDir(cfg.train.init_from).uri
     with run_lock(run, say=say):
         resuming = prepare_run_dir(run, resume, overwrite, cfg, resume_safe)
         check_train_projection(cfg, info["num_params"], run, own_basis=False)
@@ -365,6 +369,8 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
     info = plan(cfg)
     run = RunDir(cfg.run_dir)
     cfg.run_dir = run.uri
+    if cfg.train.init_from:  # stored absolute: a resume from another directory names the same base
+        cfg.train.init_from = RunDir(cfg.train.init_from).uri
     with run_lock(run, say=say):
         prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)  # fail before starting Ray
         stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)

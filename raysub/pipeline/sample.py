@@ -217,7 +217,9 @@ def sample_loop(config: Dict[str, Any]) -> None:
 
     t_start = time.perf_counter() - elapsed
     loop.publish_pid(start_epoch, config.get("pid_dir"))  # testing hook (RAYSUB_PID_DIR): a kill -9 target
-    for epoch in range(start_epoch, cfg.sgd.epochs):
+    # a restart after the stage's last epoch (an adaptive window that ended it early included) trains no more
+    finished = state is not None and (start_epoch >= cfg.sgd.epochs or (window_epochs is not None and not baseline))
+    for epoch in range(start_epoch, cfg.sgd.epochs if not finished else start_epoch):
         in_window = window_epochs is None
         for group in opt.param_groups:
             group["lr"] = loop.lr_at(epoch, cfg.sgd.lr, cfg.sgd.lr_milestones, cfg.sgd.lr_gamma)

@@ -270,6 +270,8 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
     cfg.run_dir = run.uri
     if cfg.train.basis_run:  # trials run in Tune's own working directories: pass an absolute path or URI
         cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
+    if cfg.train.init_from:
+        cfg.train.init_from = RunDir(cfg.train.init_from).uri
     with run_lock(run, say=say):
         return _sweep(cfg, info, run, resume, overwrite, say)
 

@@ -135,7 +135,7 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
 
 def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict[str, Any]:
     """One trial's config (a plain dict, as Ray ships it): family, d and seed set; the baseline (identity)
-    trains with the ``sgd`` section's lr and momentum."""
+    trains as the ``sgd`` section does: momentum SGD at its lr, or Adam at its lr for ``sgd.optimizer=adamw``."""
     import copy
 
     cfg = copy.deepcopy(base)
@@ -145,8 +145,9 @@ def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict
     train.update(projection=family, dim=dim, label=f"{family}-d{dim}-s{seed}")
     train["projection_options"] = dict(cfg["sweep"]["family_options"].get(family, {}))
     if family == BASELINE:
-        train.update(optimizer="psgd", optimizer_options={}, lr=cfg["sgd"]["lr"], momentum=cfg["sgd"]["momentum"],
-                     weight_decay=0.0)
+        adam = cfg["sgd"].get("optimizer") == "adamw"  # an AdamW lr would starve momentum SGD
+        train.update(optimizer="adam" if adam else "psgd", optimizer_options={}, lr=cfg["sgd"]["lr"],
+                     momentum=cfg["sgd"]["momentum"], weight_decay=0.0)
     return cfg
 
 
