@@ -305,3 +305,17 @@ def test_bad_uv_input_through_the_cli(tmp_path, capsys, overrides, needle):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("raysub: error:"), err
     assert needle in err, err
     assert not run_dir.exists()
+
+
+def test_pbfgs_on_every_uv_parameter_is_refused_before_it_allocates(tmp_path, capsys):
+    """P-BFGS keeps a d×d matrix: on the identity projection of a UV model (d = tens of thousands) it would allocate
+    gigabytes; it is refused in one line naming d, the memory and the fix."""
+    from raysub.cli import main
+
+    run_dir = tmp_path / "run"
+    rc = main(["train", "quickstart", *UV_CLI, "model.options={dim: 128, depth: 1, heads: 2}", "model.uv.rank=32",
+               "train.optimizer=pbfgs", f"run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "train.optimizer=pbfgs keeps d×d matrices: d=34,058 needs 4.3 GiB for each (its limit is d ≤ 8,192)" in err  # 4·(128+128)·32 + 1,290
+    assert not run_dir.exists()

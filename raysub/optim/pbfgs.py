@@ -158,7 +158,8 @@ def _check(options: Dict[str, Any]) -> List[str]:
     return problems
 
 
-@OPTIMIZERS.register("pbfgs", check=_check)
+# B is a dense d×d matrix and its update makes ~3 more: at d = 8,192 that is ~1 GiB (float32); beyond, refuse
+@OPTIMIZERS.register("pbfgs", check=_check, max_dim=8192)
 def pbfgs(z, *, lr: float, momentum: float, weight_decay: float, c: float = 0.4, beta: float = 0.55,
           max_backtracks: int = 20, y_same_batch: bool = False, init_scale: str = "none"):
     """P-BFGS (DLDR Algorithm 2); train.lr, momentum and weight_decay are not used (the line search picks the

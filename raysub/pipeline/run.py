@@ -220,6 +220,14 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
     dim = subspace_dim(cfg, num_params)
     problems = check_projection(name, num_params, dim, cfg.train.projection_options,
                                 cfg.train.basis_run or (run.uri if own_basis else None))
+    from raysub.optim import OPTIMIZERS
+
+    max_dim = OPTIMIZERS.meta(cfg.train.optimizer).get("max_dim") if cfg.train.optimizer in OPTIMIZERS else None
+    if max_dim is not None and dim > max_dim:  # e.g. P-BFGS on every parameter of a UV model
+        problems.append(f"train.optimizer={cfg.train.optimizer} keeps d×d matrices: d={dim:,} needs "
+                        f"{4 * dim * dim / 2 ** 30:.1f} GiB for each (its limit is d ≤ {max_dim:,}): use it in a "
+                        f"DLDR subspace (train.projection=dldr, tens of coordinates) or pick a first-order optimizer "
+                        f"(psgd, adam)")
     if problems:
         raise ConfigError(problems)
 
