@@ -91,10 +91,12 @@ def warn_local_run_dir(run_dir: Optional[str]) -> None:
     """On a cluster, warn when ``run_dir`` is a relative path (it would land in the job's temporary copy)."""
     if not run_dir or not on_cluster() or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
         return
-    print(f"raysub job: warning: run_dir={run_dir} is relative: on a cluster it resolves to "
+    from raysub.credentials import mask
+
+    print(mask(f"raysub job: warning: run_dir={run_dir} is relative: on a cluster it resolves to "
           f"{os.path.abspath(run_dir)} (under `ray job submit`: inside the job's temporary copy of the working dir, "
           f"lost with it) and only this node sees it. "
-          f"Pass run_dir=/absolute/path (single node) or run_dir=s3://bucket/path (multi-node).",
+          f"Pass run_dir=/absolute/path (single node) or run_dir=s3://bucket/path (multi-node)."),
           file=sys.stderr, flush=True)
 
 
@@ -109,13 +111,14 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None, 
     """
     use_repo_raysub()
     from raysub.cli import main
+    from raysub.credentials import mask
 
     positionals, flags = split_flags(argv)
-    if job_server_address():
-        print(f"raysub job: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with "
-              f"`ray job submit --working-dir . -- python jobs/...` (set RAY_API_SERVER_ADDRESS for the job client "
-              f"instead), or unset RAY_ADDRESS to run here, or set it to the cluster's GCS address HEAD:6379",
-              file=sys.stderr, flush=True)
+    if job_server_address():  # its URL may carry a user and password
+        print(mask(f"raysub job: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with "
+                   f"`ray job submit --working-dir . -- python jobs/...` (set RAY_API_SERVER_ADDRESS for the job "
+                   f"client instead), or unset RAY_ADDRESS to run here, or set it to the cluster's GCS address "
+                   f"HEAD:6379"), file=sys.stderr, flush=True)
         return 2
     if config is not None:
         positionals = [config, *positionals]

@@ -288,9 +288,11 @@ def main(argv=None) -> int:
     from _launch import cluster_overrides, job_server_address, use_repo_raysub, warn_local_run_dir
 
     use_repo_raysub()
+    from raysub.credentials import mask
+
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     if job_server_address():
-        print(f"{PROG}: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with `ray job "
+        print(f"{PROG}: error: RAY_ADDRESS={mask(job_server_address())} is a job-server address: submit with `ray job "
               f"submit --working-dir . -- python jobs/{PROG}.py ...` or unset RAY_ADDRESS to run here",
               file=sys.stderr, flush=True)
         return 2

@@ -2,7 +2,8 @@
 
 The config's ``train`` section is the optimizee task (a DLDR basis through train.basis_run, or a random family),
 its ``l2o`` section the meta-training (see README "Learned optimizer"). Outputs RUN_DIR/l2o/{weights.pt,
-history.json, checkpoint.pt, curves.png}; --resume continues bit for bit.
+history.json, curves.png} (the first two copies of the committed state in RUN_DIR/l2o/ckpt/GEN/, with
+checkpoint.pt); --resume continues bit for bit, from any instant a kill left.
 
 Local:
 

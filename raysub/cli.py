@@ -12,7 +12,9 @@
     raysub l2o tune CONFIG [key=value ...] [--resume | --overwrite]  Ray Tune over the meta-hyperparameters
                                                                      (l2o_tune:): best config and weights
 
-With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline).
+With no CONFIG, ``run`` and ``sample`` use the embedded quickstart (scikit-learn digits, offline). Flags may
+stand anywhere among the arguments (``raysub run run_dir=x --overwrite sgd.epochs=2``). A run's own
+``RUN/config.yaml`` runs in the directory it is read from, wherever the run was moved or copied.
 
 Exit status and messages (always one line on stderr; ``--debug`` shows the full traceback instead):
 
@@ -56,7 +58,29 @@ def _split(args: List[str]):
     return config, args
 
 
+def _parse_anywhere(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with flags anywhere among the positionals, as users type them
+    (``raysub run run_dir=x --overwrite sgd.epochs=2``): argparse takes the positionals before the first flag and
+    leaves the ones after it over; they are the command's further ``key=value`` overrides, in order."""
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    target = "args" if hasattr(ns, "args") else "overrides"
+    if unknown or not hasattr(ns, target):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    setattr(ns, target, [*getattr(ns, target), *rest])
+    return ns
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from raysub import credentials
+    from raysub.errors import ConfigError
+
+    credentials.mask_output()  # every line printed from here on, Ray's forwarded worker logs included
+    try:  # credentials written into a URI go to the environment: argv, and all that echoes or stores it, is clean
+        argv = credentials.clean_args(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"raysub: error: {exc}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="raysub", description="Train neural networks in tiny subspaces on Ray.",
                                      allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
@@ -86,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mt = l2o_sub.add_parser("meta-train", help="meta-train φ on Ray actors (config section l2o)",
                             allow_abbrev=False)
     mt.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="YAML config (or shipped name), overrides")
-    mt.add_argument("--resume", action="store_true", help="continue from RUN/l2o/checkpoint.pt")
+    mt.add_argument("--resume", action="store_true", help="continue from the committed checkpoint (RUN/l2o/ckpt/GEN/)")
     mt.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     mt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     lt = l2o_sub.add_parser("tune", help="Ray Tune over l2o meta-hyperparameters (config section l2o_tune)",
@@ -98,13 +122,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     for p in sub.choices.values():  # --debug also after the command
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = parser.parse_args(argv)
+    ns = _parse_anywhere(parser, argv)
 
     from raysub.engine.cluster import unwrap_train_error
     from raysub.errors import EXIT_DIVERGED, ConfigError, DivergedError
+    from raysub.lock import lost_lock
 
     try:
-        return _dispatch(ns)
+        try:
+            return _dispatch(ns)
+        except (KeyboardInterrupt, Exception):
+            lost = lost_lock()  # the heartbeat interrupted it: another command took the run over; no log written
+            if lost is None or ns.debug:
+                raise
+            print(f"raysub: error: {lost}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         if ns.debug:
             raise
@@ -126,33 +158,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 def resume_command(argv: List[str]) -> str:
     """The command line that continues this one: the same arguments with ``--resume`` instead of ``--overwrite``
     (``raysub basis`` has no resume: it is rerun)."""
-    args = [a for a in argv if a not in ("--resume", "--overwrite", "--debug")]
+    from raysub.credentials import mask
+
+    args = [mask(a) for a in argv if a not in ("--resume", "--overwrite", "--debug")]
     return shlex.join(["raysub", *args, "--overwrite" if args and args[0] == "basis" else "--resume"])
 
 
 def describe_failure(exc: BaseException) -> str:
     """What failed, in a few words: the innermost error of a Ray Train worker, actor or task, or a storage error."""
-    from raysub.engine.cluster import innermost_error
+    from raysub.credentials import mask
+    from raysub.engine.cluster import failure_kind, innermost_error
+    from raysub.storage import TIMEOUT_ENV, StorageTimeout, storage_timeout, timed_out
 
-    what = "the command failed"
-    name = type(exc).__name__
-    if name == "TrainingFailedError" or hasattr(exc, "worker_failures"):
-        what = "a Ray Train worker failed"
-    elif "ActorDied" in name or "ActorError" in name or "ActorUnavailable" in name:
-        what = "a Ray actor died"
-    elif name in ("RaySystemError", "GetTimeoutError", "ObjectLostError", "OwnerDiedError", "NodeDiedError"):
-        what = "the Ray cluster failed"
     inner = innermost_error(exc)
-    if what == "the command failed" and (isinstance(inner, OSError) or "ArrowIOError" in type(inner).__name__):
-        what = "a storage operation failed"
+    what = failure_kind(exc, inner)  # by Ray's exception types
     first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-    return f"{what} ({type(inner).__name__}: {first[:300]})" if first else f"{what} ({type(inner).__name__})"
+    if timed_out(inner) and not isinstance(inner, StorageTimeout):  # pyarrow's own words bury it: say it first
+        what += f": the storage did not answer within {storage_timeout():g} s ({TIMEOUT_ENV}); check the endpoint"
+    text = f"{what} ({type(inner).__name__}: {first[:300]})" if first else f"{what} ({type(inner).__name__})"
+    return mask(text)
 
 
 def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
     """The traceback of ``exc`` in RUN_DIR/logs/error-TIME.log (a temporary file when there is no run directory
     or it cannot be written); returns where."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    from raysub.credentials import mask
+
+    text = mask("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if run_uri:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -306,12 +307,82 @@ class Config:
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 
 
+# Limits of what raysub reads as YAML. A config is a few levels deep (section, options, a list in an option) and
+# small; beyond these it is a mistake or an attack (an alias bomb expands exponentially, 100,000 nested brackets
+# exhaust Python's recursion), refused as invalid YAML before it costs memory or a traceback.
+MAX_DEPTH = 50
+MAX_TEXT = 4096  # characters of one string value (a path is at most PATH_MAX = 4096 bytes)
+MAX_NAME = 100  # characters of a string field that names a choice (every one but `TEXT_KEYS`)
+MAX_OVERRIDE = 65536  # characters of one override's value
+MAX_FILE = 2 ** 20  # bytes of a config file (the shipped ones are 1-3 KB)
+INT64 = 2 ** 63  # every integer must fit a signed 64-bit integer: torch, numpy and Arrow hold no larger
+SHOWN = 80  # characters of a user's value repeated in a message
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for a one-line message, cut to `SHOWN` characters (a 10 MB value is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 1]}…"
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that PyYAML reads but raysub refuses: an alias, a duplicated key, too deep, an integer too long.
+
+    ``problem`` says what and where, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats; numbers come back as `_SpelledInt`/`_SpelledFloat`."""
+    """SafeLoader with YAML 1.2 floats; numbers come back as `_SpelledInt`/`_SpelledFloat`. Refuses aliases, keys
+    given twice in one mapping and nesting deeper than `MAX_DEPTH` (`_Refused`)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"alias *{event.anchor} at {_at(event.start_mark)}: raysub reads no anchors and aliases",
+                           "write the value out where it is used (quote a text that starts with '*')")
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels at {_at(self.peek_event().start_mark)}",
+                           "a config is a few levels deep: check its brackets and indentation")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys: the first section's settings would be lost without a word
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: PyYAML's own error names it
+                continue
+            if first is not key_node:
+                raise _Refused(f"key {_show(_plain(key))} appears twice, lines {first.start_mark.line + 1} and "
+                               f"{key_node.start_mark.line + 1}", "keep one")
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes the strings `_Loader` would read as numbers."""
+    """SafeDumper that quotes the strings `_Loader` would read as numbers, and writes no aliases (it refuses them)."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 for _cls in (_Loader, _Dumper):  # the dumper must quote what the loader reads as a number
@@ -336,7 +407,11 @@ def _spelled(kind, construct):
     """A YAML constructor wrapping ``construct``: its number as a ``kind`` that remembers the scalar's text."""
 
     def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode):
-        number = kind(construct(loader, node))
+        try:
+            number = kind(construct(loader, node))
+        except ValueError:  # Python's limit on the digits of an int (4,300)
+            raise _Refused(f"a number of {len(node.value):,} characters at {_at(node.start_mark)}",
+                           f"integers fit in 64 bits (below 2**63)") from None
         number.text = node.value
         return number
 
@@ -348,8 +423,15 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _spelled(_SpelledFloat, yaml.
 
 
 def _parse(text: str) -> Any:
-    """YAML ``text`` with YAML 1.2 floats, numbers keeping their spelling (`_coerce` makes them plain)."""
-    return yaml.load(text, Loader=_Loader)
+    """YAML ``text`` with YAML 1.2 floats, numbers keeping their spelling (`_coerce` makes them plain).
+
+    Raises:
+        yaml.YAMLError: invalid YAML; `_Refused` for YAML raysub does not read (aliases, duplicated keys, depth).
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # the depth limit should come first; a backstop, never a traceback
+        raise _Refused("nested too deeply", "a config is a few levels deep: check its brackets") from None
 
 
 def _plain(value: Any) -> Any:
@@ -382,8 +464,9 @@ def _type_name(tp) -> str:
 
 def _coerce(value, tp, key: str, problems: List[str]):
     """Check `value` against the annotation `tp`; ints are accepted for floats, floats must be finite (every
-    float of the schema is a rate, a fraction or a size), and a string field given a number keeps its spelling.
-    Returns the value, with plain numbers."""
+    float of the schema is a rate, a fraction or a size), ints must fit 64 bits, strings `MAX_TEXT` characters
+    (also inside free-form mappings), and a string field given a number keeps its spelling. Returns the value,
+    with plain numbers."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
@@ -393,48 +476,98 @@ def _coerce(value, tp, key: str, problems: List[str]):
         return _coerce(value, inner[0], key, problems)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {value!r}")
+            problems.append(f"{key}: expected a list, got {_show(value)}")
             return value
         return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_show(value)}")
+        elif any(not isinstance(k, str) for k in value):  # option names (checkers sort them): `1:` or `true:`
+            bad = next(k for k in value if not isinstance(k, str))
+            problems.append(f"{key}: the key {_show(_plain(bad))} is not a name: quote it, or give names as keys")
+        _free_form_problems(value, key, problems)
         return _plain(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r}")
+            problems.append(f"{key}: expected a number, got {_show(value)}")
             return value
         if not math.isfinite(value):
             problems.append(f"{key}: expected a finite number, got {float(value)}")
         return float(value)
     if tp is int:
+        seed = SEEDS.get(re.sub(r"\[\d+\]$", "", key))
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
+            problems.append(f"{key}: expected an integer, got {_show(value)}")
+        elif seed is not None and not 0 <= value < seed[0]:
+            problems.append(f"{key}={_show(_plain(value))}: a seed must be an integer in [0, {seed[1]}) ({seed[2]})")
+        else:
+            _free_form_problems(value, key, problems)
         return _plain(value)
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{key}: expected true or false, got {value!r}")
+            problems.append(f"{key}: expected true or false, got {_show(value)}")
         return value
     if tp is str:
         if isinstance(value, _Spelled):
-            return value.text
+            value = value.text
         if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {value!r}")
+            problems.append(f"{key}: expected a string, got {_show(value)}")
+        elif len(value) > MAX_NAME and re.sub(r"\[\d+\]$", "", key) not in TEXT_KEYS:
+            problems.append(f"{key}: a name of {len(value):,} characters ({_show(value)}): at most {MAX_NAME}")
+        else:
+            _free_form_problems(value, key, problems)
         return value
     if tp is typing.Any:
+        _free_form_problems(value, key, problems)
         return value
     raise AssertionError(f"unsupported config annotation {tp}")
 
 
+# Every seed's range, checked with its type (a seed out of range is refused, never wrapped or overflowed later).
+# A run's seeds reach torch.manual_seed and torch.Generator.manual_seed, numpy's SeedSequence (projections) and
+# random.Random (Tune): below 2**32 they are valid for each, distinct seeds stay distinct (the projections keep a
+# seed's low 32 bits) and the epoch seeds derived from them (seed·100,003 + epoch) fit torch's 64-bit seeds.
+# l2o.seed is multiplied twice (optimizee seed l2o.seed·1,000,003 + serial, then its epoch seeds ·100,003).
+_RUN_SEED = (2 ** 32, "2**32", "what numpy, torch and the projections all accept as distinct seeds")
+SEEDS = {
+    "seed": _RUN_SEED, "data.label_noise_seed": _RUN_SEED, "data.val_seed": _RUN_SEED, "train.data_seed": _RUN_SEED,
+    "sweep.seeds": _RUN_SEED, "l2o_tune.seed": _RUN_SEED,
+    "l2o.seed": (10 ** 8, "10**8", "its optimizees' epoch seeds, l2o.seed·1,000,003·100,003, must fit 64 bits"),
+}
+
+
+# The string fields that hold paths, URIs or free text (`MAX_TEXT`); every other one names a registered plug-in, a
+# choice or a label (`MAX_NAME`), so no message echoing it is longer than a line. train.label has its own check.
+TEXT_KEYS = {"run_dir", "data.root", "cluster.address", "train.basis_run", "train.init_from", "train.label",
+             "tracking.mlflow_tracking_uri", "tracking.mlflow_experiment"}
+
+
+def _free_form_problems(value, key: str, problems: List[str]) -> None:
+    """Append a problem for every integer in ``value`` (at any depth) that does not fit 64 bits and every string
+    longer than `MAX_TEXT`: options reach torch, numpy and messages, where they would crash or flood."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        problems.append(f"{key}={_show(_plain(value))}: out of range: an integer here must fit 64 bits "
+                        f"(-2**63 ≤ value < 2**63)")
+    elif isinstance(value, str) and len(value) > MAX_TEXT:
+        problems.append(f"{key}: a string of {len(value):,} characters ({_show(value)}): at most {MAX_TEXT:,}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _free_form_problems(k, f"{key} (a key)", problems)
+            _free_form_problems(v, f"{key}.{k}" if isinstance(k, str) and len(k) <= SHOWN else key, problems)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _free_form_problems(v, f"{key}[{i}]", problems)
+
+
 def _build(cls, data, prefix: str, problems: List[str]):
     if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            problems.append(f"unknown key '{prefix}{key}': known keys here are {', '.join(names)}")
+            problems.append(f"unknown key {_show(f'{prefix}{key}')}: known keys here are {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -456,11 +589,17 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     problems = []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=0.5")
+            problems.append(f"override {_show(item)}: expected key=value, e.g. train.lr=0.5")
             continue
         key, raw = item.split("=", 1)
+        if len(raw) > MAX_OVERRIDE:  # refused before parsing (PyYAML reads about 2 MB a second)
+            problems.append(f"override {_show(key)}: a value of {len(raw):,} characters: at most {MAX_OVERRIDE:,}")
+            continue
         try:
             value = _parse(raw) if raw != "" else None
+        except _Refused as exc:  # an alias, a key twice, too deep: refused as in a file, never kept as text
+            problems.append(f"override {_show(key)}: the value is not valid YAML ({exc.problem}): {exc.fix}")
+            continue
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -468,7 +607,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"override {item!r}: {part} is not a section")
+                problems.append(f"override {_show(item)}: {part} is not a section")
                 break
         else:
             node[parts[-1]] = value
@@ -506,37 +645,74 @@ def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def shipped_configs() -> List[str]:
-    import os
-
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the quickstart defaults when ``path`` is None) and apply overrides.
+    """Read a YAML config (or the quickstart defaults when ``path`` is None) and apply overrides. A run's own
+    ``config.yaml`` (`run_of_config`) gives the run directory it was read from, whatever run_dir it names.
 
     Raises:
-        ConfigError: a file that is missing, unreadable, not UTF-8, not YAML or not a mapping; unknown keys,
-            wrong types (all at once).
+        ConfigError: a file that is missing, unreadable, larger than `MAX_FILE`, not UTF-8, not YAML (aliases,
+            duplicated keys and deep nesting included) or not a mapping; unknown keys, wrong types, integers
+            out of range (all at once); a run's own config.yaml given ``run_dir=`` another directory.
     """
     data: Dict[str, Any] = {}
     if path is not None:
         data = _read_config_file(path)
-    return Config.from_dict(merge(data, parse_overrides(overrides)))
+    update = parse_overrides(overrides)
+    own = run_of_config(path) if path is not None else None
+    if own is not None:  # a run's own config.yaml: that run, wherever it now is (moved, copied)
+        from raysub.storage import redact
+
+        asked = update.pop("run_dir", None)
+        if asked is not None and _normalise_dir(str(asked)) != own:
+            raise ConfigError(f"{redact(path)} is the config of the run in {redact(own)}: it runs there, not in "
+                              f"run_dir={_show(asked)}; to start another run from it, copy the file out of the run "
+                              f"directory first")
+        data["run_dir"] = own
+    return Config.from_dict(merge(data, update))
+
+
+def run_of_config(path: str) -> Optional[str]:
+    """The run directory (absolute path or URI) whose own ``config.yaml`` ``path`` is — the file is named
+    config.yaml and lies beside a ``manifest.json`` (a run, a sweep, a meta-training) or a ``tune/`` folder (an l2o
+    tuning, which has no manifest) — else None. A moved or copied run's config still names the old ``run_dir``;
+    the run is where the file was read from."""
+    from raysub.storage import RunDir, split_uri
+
+    parent, name = split_uri(path)
+    if name != "config.yaml":
+        return None
+    run = parent if "://" in parent else _normalise_dir(parent)
+    try:
+        return run if RunDir(run).exists("manifest.json") or RunDir(run).exists("tune") else None
+    except (OSError, ConfigError):  # unreachable storage or a malformed URI: not a run we can tell
+        return None
+
+
+def _normalise_dir(uri: str) -> str:
+    """A run directory as `RunDir` names it: local paths absolute, URIs as given (without a trailing slash)."""
+    if "://" in uri:
+        base, sep, query = uri.partition("?")
+        return base.rstrip("/") + sep + query
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def _read_config_file(path: str) -> Dict[str, Any]:
     """The mapping a config file holds (``{}`` for an empty file); every failure is a one-line ConfigError."""
     try:
         if "://" in path:  # a run directory's config.yaml on object storage (`RunDir.arg` hints name those)
-            import pyarrow.fs as pafs
+            from raysub.storage import open_uri  # its credentials adopted, S3 timeouts set
 
-            fs, rel = pafs.FileSystem.from_uri(path)
+            fs, rel = open_uri(path)
             with fs.open_input_stream(rel) as fh:
-                text = fh.read().decode("utf-8")
+                raw = fh.read(MAX_FILE + 1)
         else:
             with open(path, "rb") as fh:
-                text = fh.read().decode("utf-8")
+                raw = fh.read(MAX_FILE + 1)
+        text = raw.decode("utf-8") if len(raw) <= MAX_FILE else None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass a YAML file or a shipped config name "
                           f"({', '.join(shipped_configs())})") from None
@@ -551,14 +727,19 @@ def _read_config_file(path: str) -> Dict[str, Any]:
                           f"{exc.start}): save it as UTF-8") from None
     except ValueError as exc:  # a URI pyarrow cannot parse
         raise ConfigError(f"config file {path} cannot be read ({exc}): check the URI") from None
+    if text is None:  # refused before parsing (PyYAML reads about 2 MB a second)
+        raise ConfigError(f"config file {path} is larger than {MAX_FILE // 2 ** 20} MiB: a config is a few KB; pass "
+                          f"the YAML config, not a data file")
     try:
         data = _parse(text)
+    except _Refused as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc.problem}): {exc.fix}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(exc)}): fix its syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        kind = "a list" if isinstance(data, list) else f"the single value {data!r}"
+        kind = "a list" if isinstance(data, list) else f"the single value {_show(_plain(data))}"
         raise ConfigError(f"config file {path} holds {kind}, not a mapping of sections: write each section as "
                           f"a 'section:' line with indented 'key: value' lines, e.g. 'train:' then '  lr: 0.5'")
     return data
@@ -570,11 +751,17 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         return f"{exc.reason}: #x{exc.character:04x} at character {exc.position + 1}"
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}{where}"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem if len(problem) <= 2 * SHOWN else problem[:2 * SHOWN - 1] + '…'}{where}"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the schema's own value checks (each package checks its own section: see raysub.pipeline.plan)
+
+# A name that becomes a path component of the run directory (train.label: train/LABEL.pt, curves/LABEL.json,
+# checkpoints/train-LABEL): no '/', no '..', no hidden file, nothing a shell or object store reads specially.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
 
 def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> None:
     """Append ``key=value: must be > 0`` (``≥ 0`` with ``allow_zero``) unless ``value`` is a finite number that
@@ -604,8 +791,16 @@ def schema_problems(cfg: Config) -> List[str]:
         ("train.epochs", cfg.train.epochs),
         ("train.lr", cfg.train.lr),
         ("train.batch_size", cfg.train.batch_size),
+        ("cluster.num_cpus", cfg.cluster.num_cpus),
     ):
         positive(problems, key, value)
+    for key, milestones in (("sgd.lr_milestones", cfg.sgd.lr_milestones),
+                            ("train.lr_milestones", cfg.train.lr_milestones)):
+        if any(m < 0 for m in milestones):
+            problems.append(f"{key}={_show(milestones)}: epochs are ≥ 0")
+    if cfg.train.label is not None and not SAFE_NAME.fullmatch(cfg.train.label):
+        problems.append(f"train.label={_show(cfg.train.label)}: a label names files of the run (train/LABEL.pt, "
+                        f"curves/LABEL.json): use letters, digits, '.', '_' and '-', not first '.', at most 100")
     for key, value in (
         ("cluster.max_failures", cfg.cluster.max_failures),
         ("sgd.momentum", cfg.sgd.momentum),
@@ -627,11 +822,11 @@ def schema_problems(cfg: Config) -> List[str]:
             "the snapshot window is part of the SGD run; raise sgd.epochs or lower sample.epochs"
         )
     if cfg.sgd.optimizer not in ("sgd", "adamw"):
-        problems.append(f"sgd.optimizer={cfg.sgd.optimizer!r}: choose sgd or adamw")
+        problems.append(f"sgd.optimizer={_show(cfg.sgd.optimizer)}: choose sgd or adamw")
     if cfg.basis.gram not in ("auto", "posthoc"):
-        problems.append(f"basis.gram={cfg.basis.gram!r}: choose auto or posthoc")
+        problems.append(f"basis.gram={_show(cfg.basis.gram)}: choose auto or posthoc")
     if cfg.train.basis_dtype not in ("float32", "bfloat16"):
-        problems.append(f"train.basis_dtype={cfg.train.basis_dtype!r}: choose float32 or bfloat16")
+        problems.append(f"train.basis_dtype={_show(cfg.train.basis_dtype)}: choose float32 or bfloat16")
     from raysub.tracking import tracking_problems  # MLflow installed, and a store it can reach
 
     problems += tracking_problems(cfg)

@@ -12,6 +12,17 @@ record, wait ``settle_s``, read it back; whoever's token is there holds the lock
 the same last writer). On a local disk the first write is also an exclusive create, so a race is decided at once.
 
 Locks are re-entrant within a process: a stage called by ``raysub run`` runs under the run's lock.
+
+Fencing: a command whose lock was taken over (its process tree paused past ``stale_s``, e.g. a stopped VM) must
+never write into the directory again. The heartbeat reads the record before every refresh and writes only while
+the record still holds this command's token: a missing record (the new owner finished and released it) or a
+foreign one marks the lock *lost* — it is never re-created — and the main thread is interrupted (SIGINT), so the
+command stops and the CLI says so in one line. Every writer checks too, on storage, before it writes: the driver
+before each commit (`fence`, called by `raysub.pipeline.records.commit`), the Train workers before each snapshot,
+checkpoint and model file (`fence(run, token)` with the token the driver passed down, `token_of`). A lease whose
+own heartbeat is older than ``stale_s / 2`` (this process was paused) is renewed — or found lost — before any
+write. Without an atomic compare-and-swap on object storage a pause landing exactly between the heartbeat's read
+and its write remains possible; the renewal's age check makes that window microseconds wide.
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import getpass
 import json
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -29,10 +41,12 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pyarrow.fs as pafs
 
+from raysub import credentials
 from raysub.errors import ConfigError
 from raysub.storage import LOCK, RunDir
 
 _held: Dict[str, "RunLock"] = {}  # uri -> the lock this process holds on it
+_lost: Dict[str, str] = {}  # uri -> why this process's lock on it was lost (read by the CLI after the command)
 
 
 class RunLocked(ConfigError):
@@ -103,9 +117,12 @@ class RunLock:
         stale_s: Seconds without a heartbeat after which another host may take the lock over.
         settle_s: Seconds between writing the record and reading it back (None: 0.05 on a local disk, 1.0 on
             object storage).
+        interrupt: Interrupt the main thread (SIGINT) when the lock is found lost (`run_lock` sets it for a lock
+            taken on the main thread).
     """
 
-    def __init__(self, run: RunDir, command: str, stale_s: Optional[float] = None, settle_s: Optional[float] = None):
+    def __init__(self, run: RunDir, command: str, stale_s: Optional[float] = None, settle_s: Optional[float] = None,
+                 interrupt: bool = False):
         self.run = run
         self.command = command
         self.stale_s = float(os.environ.get("RAYSUB_LOCK_STALE_S", 60)) if stale_s is None else stale_s
@@ -114,7 +131,11 @@ class RunLock:
         self.exclusive_create = local
         self.token = uuid.uuid4().hex
         self.created_dir = False
+        self._created: list = []  # the directories acquire created, deepest first (removed again if left empty)
+        self.interrupt = interrupt
         self.lost: Optional[Dict[str, Any]] = None  # the record of whoever took the lock from us, if anyone did
+        self.renewed = 0.0  # when our record was last written (the lease's age)
+        self._mutex = threading.Lock()  # the heartbeat thread and a writer's `check` renew one at a time
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         pid = os.getpid()
@@ -140,6 +161,7 @@ class RunLock:
     def _write(self) -> None:
         self.record["heartbeat"] = _now()
         self.run.write_bytes(LOCK, json.dumps(self.record).encode())
+        self.renewed = self.record["heartbeat"]
 
     def _create_exclusive(self) -> bool:
         """Create the lock file only if absent (local disks): a complete temporary file hard-linked to the lock's
@@ -198,6 +220,7 @@ class RunLock:
         if info.type == pafs.FileType.File:
             raise ConfigError(f"run_dir={self.run.uri} is a file, not a directory: choose another run_dir")
         if info.type == pafs.FileType.NotFound:
+            self._created = self._missing_dirs()
             try:
                 self.run.makedirs()
             except OSError as exc:
@@ -223,38 +246,94 @@ class RunLock:
         winner = self._read()
         if winner is None or winner.get("token") != self.token:
             raise self._refuse(winner or {})
+        self.renewed = float(self.record["heartbeat"])
         self._thread = threading.Thread(target=self._heartbeat, name="raysub-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def _missing_dirs(self) -> list:
+        """The run directory and those of its parents that do not exist yet, deepest first: what ``makedirs``
+        creates, and a refused command removes again."""
+        missing, path = [], self.run.root
+        local = isinstance(self.run.fs, pafs.LocalFileSystem)
+        while path and self.run.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            if not local and "/" not in path.strip("/"):
+                break  # a bucket is never ours to remove
+            missing.append(path)
+            parent = os.path.dirname(path.rstrip("/"))
+            if parent == path:
+                break
+            path = parent
+        return missing
+
+    def _lose(self, record: Optional[Dict[str, Any]]) -> None:
+        """Mark the lock lost to ``record``'s owner (None: the record is gone — the new owner finished)."""
+        self.lost = record if record is not None else {}
+        _lost[self.run.uri] = lost_message(self.run, self.lost)
+
+    def _renew(self) -> None:
+        """One heartbeat: read the record and refresh it only while it still holds our token (a read, a compare,
+        then a write — never a blind write); a missing or foreign record marks the lock lost, never re-created."""
+        current = self._read()
+        if current is None or current.get("token") != self.token:
+            self._lose(current)
+            return
+        self._write()
+
+    def check(self) -> None:
+        """Before a write by this process: raise `RunLocked` unless the lock record on storage still holds our
+        token. A lease not renewed for ``stale_s / 2`` (this process was paused) is renewed first, or found lost."""
+        with self._mutex:
+            if self.lost is None:
+                if _now() - self.renewed > self.stale_s / 2:
+                    self._renew()
+                else:
+                    current = self._read()
+                    if current is None or current.get("token") != self.token:
+                        self._lose(current)
+        if self.lost is not None:
+            raise RunLocked(lost_message(self.run, self.lost))
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.stale_s / 4):
             try:
-                current = self._read()
-                if current is not None and current.get("token") != self.token:
-                    self.lost = current
-                    print(f"raysub: warning: the lock of {self.run.uri} was taken over by {describe(current)}; "
-                          f"this command's results may mix with it", file=sys.stderr, flush=True)
-                    return
-                self._write()
+                with self._mutex:
+                    if self.lost is None:
+                        self._renew()
             except Exception as exc:  # a storage hiccup: try again at the next beat
                 print(f"raysub: warning: could not refresh the lock of {self.run.uri} ({exc})", file=sys.stderr,
                       flush=True)
+                continue
+            if self.lost is not None:
+                if self.interrupt and not self._stop.is_set():
+                    # a real signal, so a blocking wait (ray.get, sleep) returns too; the CLI says why in one line
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                else:
+                    print(f"raysub: warning: {lost_message(self.run, self.lost)}", file=sys.stderr, flush=True)
+                return
 
     def release(self) -> None:
-        """Stop the heartbeat; remove the lock if it is still ours (and the directory, if this command created it
-        and left nothing else in it)."""
+        """Stop the heartbeat; remove the lock if it is still ours, and the directories acquire created (the run
+        directory and its parents) where nothing else was left in them. A lost lock touches nothing: the
+        directory is the new owner's."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.lost is not None:
+            return
         current = self._read()
         if current is not None and current.get("token") == self.token:
             self.run.delete(LOCK)
-        if self.created_dir and self.run.exists() and not self.run.listdir():
-            if isinstance(self.run.fs, pafs.LocalFileSystem):
-                with contextlib.suppress(OSError):  # not empty any more: someone else's now
-                    os.rmdir(self.run.root)
+        local = isinstance(self.run.fs, pafs.LocalFileSystem)
+        for path in self._created:
+            info = self.run.fs.get_file_info(path)
+            if info.type != pafs.FileType.Directory or self.run.fs.get_file_info(
+                    pafs.FileSelector(path, recursive=False)):
+                break  # not empty any more: someone else's now (and so are its parents)
+            if local:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
             else:
-                self.run.delete()  # object storage: a "directory" is only a prefix marker
+                self.run.fs.delete_dir(path)  # object storage: a "directory" is only a prefix marker
 
 
 @contextlib.contextmanager
@@ -263,7 +342,10 @@ def run_lock(run: RunDir, command: Optional[str] = None, say=print) -> Iterator[
     if run.uri in _held:
         yield _held[run.uri]
         return
-    lock = RunLock(run, command or _command())
+    lock = RunLock(run, command or _command(),
+                   interrupt=threading.current_thread() is threading.main_thread())
+    if not _held:
+        _lost.clear()  # a new command: an earlier one's loss (tests run several in one process) is not its own
     lock.acquire(say)
     _held[run.uri] = lock
     try:
@@ -277,19 +359,64 @@ def run_lock(run: RunDir, command: Optional[str] = None, say=print) -> Iterator[
                   f"over once it is stale", file=sys.stderr, flush=True)
 
 
+def lost_message(run: RunDir, record: Optional[Dict[str, Any]]) -> str:
+    """The one line of a command whose lock on ``run`` was taken over by ``record``'s owner (None or empty: the
+    record is gone, its new owner has finished and released it)."""
+    who = (f"by {describe(record)}" if record else
+           "by another command (it has finished and released the lock)")
+    return (f"the lock of {run.uri} was taken over {who} while this command ran: it stops without committing or "
+            f"writing more, so the two do not mix; rerun it once the other command has finished")
+
+
+def lost_lock() -> Optional[str]:
+    """Why a lock this process held was lost (`lost_message`), or None: the CLI's one line for a command that the
+    heartbeat interrupted. Reading it forgets it."""
+    lost = next(iter(_lost.values()), None)
+    _lost.clear()
+    return lost
+
+
+def token_of(run: RunDir) -> Optional[str]:
+    """The token of the lock this process holds on ``run`` (None: none held): pass it to the workers that write
+    into the run, for their `fence` calls."""
+    lock = _held.get(run.uri)
+    return lock.token if lock is not None else None
+
+
+def fence(run: RunDir, token: Optional[str] = None) -> None:
+    """Call before writing into ``run``: refuse unless the lock record on storage still holds this command's token
+    (one small read). In the driver ``token`` is the lock this process holds (no lock held: nothing to check); in
+    a worker, pass the token the driver handed down (`token_of`), since a remote worker shares no memory or
+    environment with the driver.
+
+    Raises:
+        RunLocked: the lock was taken over (its record is foreign) or is gone; the line names the new owner.
+    """
+    if token is None:
+        lock = _held.get(run.uri)
+        if lock is not None:
+            lock.check()
+        return
+    try:
+        record = json.loads(run.read_bytes(LOCK).to_pybytes())
+    except ConfigError:  # missing: the new owner has finished and released it
+        record = None
+    except ValueError:
+        record = {"command": "? (an unreadable lock file)"}
+    if not isinstance(record, dict) or record.get("token") != token:
+        raise RunLocked(lost_message(run, record if isinstance(record, dict) else None))
+
+
 def check_held(run: RunDir) -> None:
-    """Before a commit: refuse to write when another command took this process's lock over (a stalled heartbeat).
+    """Before a commit: `fence` with this process's lock (reads the record on storage).
 
     Raises:
         RunLocked: naming the new owner.
     """
-    lock = _held.get(run.uri)
-    if lock is not None and lock.lost is not None:
-        raise RunLocked(f"the lock of {run.uri} was taken over by {describe(lock.lost)} while this command ran: it "
-                        f"stops without committing, so the two do not mix")
+    fence(run)
 
 
 def _command() -> str:
     """This process's command line, as the user typed it."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    return " ".join(["raysub" if prog in ("raysub", "cli.py") else prog, *sys.argv[1:]])
+    return credentials.strip(" ".join(["raysub" if prog in ("raysub", "cli.py") else prog, *sys.argv[1:]]))

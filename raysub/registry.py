@@ -13,6 +13,13 @@ from typing import Any, Callable, Dict, Generic, List, Sequence, TypeVar
 
 from raysub.errors import ConfigError
 
+
+def _short(value, quote: bool = True) -> str:
+    """``repr(value)`` (``value`` itself when not ``quote``) cut to 80 characters for a one-line message."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
 T = TypeVar("T")
 
 
@@ -85,7 +92,7 @@ class Registry(Generic[T]):
         """
         if name not in self._entries:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}: choose one of {', '.join(sorted(self._entries))}"
+                f"unknown {self.kind} {_short(name)}: choose one of {', '.join(sorted(self._entries))}"
             )
         return self._entries[name]
 
@@ -115,12 +122,12 @@ class Registry(Generic[T]):
             if unknown:
                 options = f"its options are {', '.join(known)}" if known else "it takes no options"
                 problems.append(f"{self.kind} {name!r} got unexpected option(s) "
-                                f"{', '.join(repr(u) for u in unknown)}: {options}")
+                                f"{_short(', '.join(repr(u) for u in unknown), quote=False)}: {options}")
         for p in params:
             if p.name in kwargs and p.name not in internal:
                 want = type_problem(kwargs[p.name], hints.get(p.name, p.annotation))
                 if want:
-                    problems.append(f"{self.kind} {name!r} option {p.name}={kwargs[p.name]!r}: expected {want}")
+                    problems.append(f"{self.kind} {name!r} option {p.name}={_short(kwargs[p.name])}: expected {want}")
         if problems:
             raise ConfigError(problems)
 

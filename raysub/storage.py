@@ -4,9 +4,16 @@ A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) tha
 A URI follows pyarrow's conventions (``pyarrow.fs.FileSystem.from_uri``): the endpoint and region come from the
 environment (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``) or from the URI's query
 (``s3://bucket/run?endpoint_override=host:9000&scheme=http&region=us-east-1``); credentials from the AWS
-default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role). Paths inside a
-run are joined before the query (`join_uri`), and Ray Train/Tune get the filesystem object itself
-(``storage_filesystem``), never a concatenated string.
+default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role). Credentials written
+into a URI (``s3://KEY:SECRET@bucket/run``, ``?secret_key=``) are split off and exported to that chain
+(`raysub.credentials`): ``RunDir.uri`` never holds them, so nothing raysub prints or stores does. A run directory
+needs a bucket and a path inside it. Paths inside a run are joined before the query (`join_uri`), and Ray
+Train/Tune get the filesystem object itself (``storage_filesystem``), never a concatenated string.
+
+A stalled object store: every S3 request gives up after ``RAYSUB_STORAGE_TIMEOUT_S`` seconds without an answer
+(default 10; connecting: at most 5) and is tried 3 times, so a storage call fails within about a minute — inside
+the lock's stale time — instead of pyarrow's ~100 s of silent retries. A call still waiting after one timeout
+prints a line; one that gives up raises `StorageTimeout`, naming the storage, the operation and the timeout.
 
 Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's sha256
 goes into ``manifest.json``; readers verify it.
@@ -35,8 +42,10 @@ import json
 import math
 import os
 import posixpath
-import re
 import shlex
+import sys
+import threading
+import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
@@ -44,10 +53,64 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raysub import credentials
 from raysub.errors import StorageError
 
 
 LOCK = "raysub.lock"  # the lock file of a running command (raysub.lock); not part of a run's contents
+TIMEOUT_ENV = "RAYSUB_STORAGE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 10.0
+TRIES = 3
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")  # the URI's host part is a bucket
+
+
+class StorageTimeout(OSError):
+    """A storage request that got no answer within the timeout (`storage_timeout`), after every try."""
+
+
+def storage_timeout() -> float:
+    """Seconds an S3 request may go without an answer before it is retried (``RAYSUB_STORAGE_TIMEOUT_S``).
+
+    Raises:
+        StorageError: the variable is not a number of seconds > 0.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise StorageError(f"{TIMEOUT_ENV}={text}: must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S:g})")
+    return value
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a storage error is a request that got no answer in time (curl's timeout, as pyarrow reports it)."""
+    if isinstance(exc, StorageTimeout):
+        return True
+    text = str(exc)
+    return "curlCode: 28" in text or "Timeout was reached" in text
+
+
+def open_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` of a URI, like ``pyarrow.fs.FileSystem.from_uri``, with its credentials adopted
+    (`raysub.credentials`) and, for S3, the request timeouts and a bounded number of tries.
+
+    Raises:
+        OSError, ValueError: as ``FileSystem.from_uri`` (an unknown scheme, a malformed query).
+        StorageError: ``RAYSUB_STORAGE_TIMEOUT_S`` is not a number > 0.
+    """
+    fs, path = pafs.FileSystem.from_uri(credentials.clean(uri))
+    if isinstance(fs, pafs.S3FileSystem):
+        timeout = storage_timeout()
+        _, (options,) = fs.__reduce__()
+        # from_uri's default retries a stalled request for ~100 s in silence: longer than the lock's stale time
+        options.update(connect_timeout=min(timeout, 5.0), request_timeout=timeout,
+                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=TRIES))
+        fs = pafs.S3FileSystem(**options)
+    return fs, path
 
 
 def _first_line(exc: BaseException) -> str:
@@ -116,8 +179,12 @@ def split_uri(uri: str) -> Tuple[str, str]:
 
 
 def redact(uri: str) -> str:
-    """``uri`` for messages: credentials written into it (``s3://KEY:SECRET@bucket``) are replaced by ``***``."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@?]*@", r"\1***@", uri)
+    """``uri`` for messages: credentials written into it (``s3://KEY:SECRET@bucket``, ``?secret_key=...``) and
+    every registered secret are replaced by ``***``."""
+    return credentials.mask(uri)
+
+
+_watching = threading.local()  # a storage call in progress on this thread (nested calls are its own)
 
 
 class RunDir:
@@ -130,12 +197,19 @@ class RunDir:
     def __init__(self, uri: str):
         if "://" not in uri:
             uri = os.path.abspath(os.path.expanduser(uri))
+        else:
+            uri = credentials.clean(uri)
+            scheme, _, rest = uri.partition("://")
+            if scheme.lower() in _BUCKET_SCHEMES and not rest.split("?", 1)[0].split("/", 1)[0]:
+                raise StorageError(f"storage URI {uri} names no bucket: write {scheme}://BUCKET/PATH "
+                                   f"(e.g. run_dir={scheme}://my-bucket/runs/NAME)")
         self.uri = uri
         try:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            self.fs, self.root = open_uri(uri)
         except (OSError, ValueError) as exc:  # an unknown scheme, a malformed query, an unresolvable region
             raise StorageError(f"run directory {redact(uri)} cannot be opened: {_first_line(exc)}; check the URI "
                                f"(scheme://bucket/path[?endpoint_override=HOST:PORT&scheme=http&region=R])") from None
+        self._remote = not isinstance(self.fs, pafs.LocalFileSystem)
 
     def child(self, *parts: str) -> "RunDir":
         """The run directory ``parts`` below this one, on the same storage (its query kept)."""
@@ -150,21 +224,65 @@ class RunDir:
         allowed in, made before Ray starts.
 
         Raises:
-            StorageError: the endpoint is unreachable, the bucket is missing, or the credentials are refused.
+            StorageError: the URI is a bucket root (a run needs a directory of its own: the lock's cleanup and
+                ``--overwrite`` act on all of it), the endpoint is unreachable or does not answer in time, the
+                bucket is missing, or the credentials are refused.
         """
+        scheme = self.uri.partition("://")[0] if "://" in self.uri else ""
+        bucket, _, key = self.root.strip("/").partition("/")
+        if scheme.lower() in _BUCKET_SCHEMES and not key:
+            raise StorageError(f"run directory {redact(self.uri)} is a bucket root: a run needs a directory of its "
+                               f"own (its lock, --overwrite and cleanup act on all of it); write "
+                               f"{scheme}://{bucket}/NAME")
+        t0 = time.monotonic()
         try:
             return self.fs.get_file_info(self.root)
         except OSError as exc:
+            if timed_out(exc):
+                timeout = storage_timeout()
+                raise StorageError(f"run directory {redact(self.uri)} cannot be reached: the storage did not answer "
+                                   f"within {timeout:g} s ({TRIES} tries, gave up after {time.monotonic() - t0:.0f} "
+                                   f"s); check that the endpoint (AWS_ENDPOINT_URL_S3, or ?endpoint_override= in the "
+                                   f"URI) is up and reachable, or raise {TIMEOUT_ENV}") from None
             raise StorageError(f"run directory {redact(self.uri)} cannot be reached: {_first_line(exc)}; check the "
                                f"endpoint (AWS_ENDPOINT_URL_S3, or ?endpoint_override= in the URI), the bucket and "
                                f"the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
+
+    @contextlib.contextmanager
+    def _call(self, op: str, rel: str = ""):
+        """Watch one storage call on object storage: a line once it has waited one timeout, a `StorageTimeout`
+        naming the storage, the operation and the timeout when it gives up."""
+        if not self._remote or getattr(_watching, "active", False):
+            yield
+            return
+        timeout = storage_timeout()
+        what = f"{op} {rel}".strip()
+        t0 = time.monotonic()
+        timer = threading.Timer(timeout, lambda: print(
+            f"raysub: storage {redact(self.uri)} has not answered for {timeout:g} s ({what}); waiting (it gives up "
+            f"after {TRIES} tries; {TIMEOUT_ENV})", file=sys.stderr, flush=True))
+        timer.daemon = True
+        _watching.active = True
+        timer.start()
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, StorageTimeout) or not timed_out(exc):
+                raise
+            raise StorageTimeout(f"storage {redact(self.uri)} did not answer within {timeout:g} s ({what}: {TRIES} "
+                                 f"tries, gave up after {time.monotonic() - t0:.0f} s): check that the endpoint is up "
+                                 f"and reachable, or raise {TIMEOUT_ENV}") from exc
+        finally:
+            timer.cancel()
+            _watching.active = False
 
     # -- paths --------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        with self._call("exists", posixpath.join(*parts) if parts else ""):
+            return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def is_nonempty(self) -> bool:
         """Whether the directory holds anything besides a lock."""
@@ -177,20 +295,23 @@ class RunDir:
                 self.delete(name)
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts), recursive=True)
+        with self._call("makedirs", posixpath.join(*parts) if parts else ""):
+            self.fs.create_dir(self.path(*parts), recursive=True)
 
     def delete(self, *parts: str) -> None:
-        info = self.fs.get_file_info(self.path(*parts))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(*parts))
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self.path(*parts))
+        with self._call("delete", posixpath.join(*parts) if parts else ""):
+            info = self.fs.get_file_info(self.path(*parts))
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path(*parts))
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(self.path(*parts))
 
     def listdir(self, *parts: str):
-        if not self.exists(*parts):
-            return []
-        sel = pafs.FileSelector(self.path(*parts), recursive=False)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+        with self._call("list", posixpath.join(*parts) if parts else ""):
+            if not self.exists(*parts):
+                return []
+            sel = pafs.FileSelector(self.path(*parts), recursive=False)
+            return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
 
     def ray_storage(self, rel: str) -> Tuple[str, Optional[pafs.FileSystem]]:
         """``(storage_path, storage_filesystem)`` for a Ray Train/Tune RunConfig keeping its files under ``rel``:
@@ -204,11 +325,12 @@ class RunDir:
     def write_bytes(self, rel: str, data) -> str:
         """Atomically write ``data`` to ``rel``; returns its sha256."""
         target = self.path(rel)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, target)
+        with self._call("write", rel):
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, target)
         return sha256(data)
 
     @contextlib.contextmanager
@@ -235,16 +357,17 @@ class RunDir:
         Raises:
             StorageError: missing file or checksum mismatch.
         """
-        try:
-            # a random-access file knows its size: one read, not a loop of 256 KiB chunks
-            with self.fs.open_input_file(self.path(rel)) as src:
-                buf = src.read_buffer()
-        except FileNotFoundError as exc:  # missing when we looked (it may exist by now: a racing writer)
-            raise self._missing(rel) from exc
-        except OSError as exc:
-            if self.exists(rel):
-                raise
-            raise self._missing(rel) from exc
+        with self._call("read", rel):
+            try:
+                # a random-access file knows its size: one read, not a loop of 256 KiB chunks
+                with self.fs.open_input_file(self.path(rel)) as src:
+                    buf = src.read_buffer()
+            except FileNotFoundError as exc:  # missing when we looked (it may exist by now: a racing writer)
+                raise self._missing(rel) from exc
+            except OSError as exc:
+                if timed_out(exc) or self.exists(rel):
+                    raise
+                raise self._missing(rel) from exc
         return self._verified(rel, buf, checksum)
 
     def _missing(self, rel: str) -> StorageError:
@@ -271,7 +394,7 @@ class RunDir:
 
     def write_json(self, rel: str, obj: Any) -> str:
         """Write strict JSON (non-finite floats as null); returns its sha256."""
-        return self.write_bytes(rel, (json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n").encode())
+        return self.write_text(rel, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
     def read_json(self, rel: str, checksum: Optional[str] = None) -> Any:
         """Parse ``rel`` (verified against ``checksum`` when given).
@@ -289,7 +412,9 @@ class RunDir:
                                ) from None
 
     def write_text(self, rel: str, text: str) -> str:
-        return self.write_bytes(rel, text.encode())
+        """Write ``text`` atomically, every URI in it without credentials (configs and manifests name the run by
+        its clean URI); returns its sha256."""
+        return self.write_bytes(rel, credentials.strip(text).encode())
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).to_pybytes().decode()

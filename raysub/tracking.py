@@ -46,6 +46,15 @@ server, or a local path).
 MLflow ≥ 3.7 refuses a file store unless ``MLFLOW_ALLOW_FILE_STORE=true`` (it steers new users to a database):
 raysub's MLflow logger, aimed at one, sets it in the process that opens the store, unless the environment already
 says.
+
+Outages: every command probes a configured tracking server before anything starts (`tracking_probe_problems`: an
+HTTP GET of its ``/health`` within 3 s; a local store must be writable) and refuses one it cannot reach. During a
+run, MLflow's calls are bounded (`MLFLOW_HTTP_ENV`: MLflow's own defaults, a 120 s timeout and 7 retries with
+backoff, stalled a stage for minutes), and the first failure of one makes raysub's MLflow logger warn once and do
+nothing more, in a Tune experiment as in a `Tracker`, and the command's later stages skip that server: training
+waits on MLflow ~10 s at most, once.
+A Train stage's logger runs in the Train controller, whose output a quiet local run keeps off the console: its
+warning travels to the driver on the stage's progress queue (`raysub.engine.cluster.torch_trainer`).
 """
 from __future__ import annotations
 
@@ -54,14 +63,28 @@ import importlib.util
 import os
 import posixpath
 import shutil
+import socket
+import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional
 
 import pyarrow.fs as pafs
 
 TB_DIR = "tensorboard"  # RUN/tensorboard/STAGE
 MLFLOW_DIR = "mlruns"  # RUN/mlruns: the default MLflow file store
 INSTALL = "pip install 'raysub[tracking]'"
+PROBE_TIMEOUT_S = 3.0  # the tracking server's probe before anything starts
+# MLflow's HTTP client reads these at every call (mlflow.environment_variables); one immediate second try rides out
+# a dropped connection, and a server that is down or hangs costs a stage ~10 s at most, once, instead of minutes per
+# call (its defaults: 120 s timeouts, 7 retries with exponential backoff, and a 503's Retry-After obeyed)
+MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                   "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false"}
+WARNING_KEY = "raysub_warning"  # a progress-queue item that is a warning line, not an epoch's progress
+_DOWN = set()  # MLflow tracking URIs that failed in this command: its later stages do not try them again
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,6 +109,88 @@ def tracking_problems(cfg) -> List[str]:
         problems.append("tracking.mlflow_experiment is empty: give a name, or leave it unset for the run "
                         "directory's name")
     return problems
+
+
+def tracking_probe_problems(cfg, timeout: float = PROBE_TIMEOUT_S) -> List[str]:
+    """Whether ``tracking.mlflow_tracking_uri`` can be used, checked before anything starts (one line; empty: fine).
+
+    An ``http(s)://`` server must answer a GET of its ``/health`` within ``timeout`` seconds (any HTTP status counts:
+    it is there); a local path or ``file:`` URI must be a writable directory, or creatable. Nothing is written.
+    Other stores (``sqlite:``, ``databricks``) are left to MLflow. The default store, RUN/mlruns, is the run
+    directory's, which the run lock checks.
+    """
+    from raysub.storage import redact
+
+    t = cfg.tracking
+    if not t.mlflow or t.mlflow_tracking_uri is None:
+        return []
+    uri = t.mlflow_tracking_uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        why = _unreachable(parts, timeout)
+        return [f"tracking.mlflow_tracking_uri={redact(uri)} cannot be reached ({why}): start the server, fix the "
+                f"URI, or set tracking.mlflow=false"] if why else []
+    if parts.scheme in ("", "file") and not uri.startswith("databricks"):
+        path = urllib.parse.unquote(parts.path) if parts.scheme else os.path.expanduser(uri)
+        why = _unwritable(os.path.abspath(path))
+        return [f"tracking.mlflow_tracking_uri={uri} is not a writable directory ({why}): choose a writable path, "
+                f"or set tracking.mlflow=false"] if why else []
+    return []
+
+
+def _unreachable(parts: urllib.parse.SplitResult, timeout: float) -> Optional[str]:
+    """Why the server at ``parts`` does not answer within ``timeout`` seconds, or None when it answers."""
+    if not parts.hostname:
+        return "no host in it"
+    try:
+        port = parts.port
+    except ValueError:
+        return "its port is not a number"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    # credentials stay out of the probe: /health needs none, and any answer, a 401 too, says the server is there
+    url = urllib.parse.urlunsplit((parts.scheme, host + (f":{port}" if port else ""),
+                                   parts.path.rstrip("/") + "/health", "", ""))
+    box: Dict[str, Any] = {}
+
+    def get():
+        try:
+            with urllib.request.urlopen(url, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass
+        except Exception as exc:
+            box["error"] = getattr(exc, "reason", exc) if isinstance(exc, urllib.error.URLError) else exc
+        box["done"] = True
+
+    # a thread bounds the whole probe, name resolution included (urlopen's timeout covers each socket operation)
+    thread = threading.Thread(target=get, name="raysub-mlflow-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    err = box.get("error")
+    if "done" not in box or isinstance(err, (socket.timeout, TimeoutError)):
+        return f"no answer within {timeout:g} s"
+    if err is None:
+        return None
+    if isinstance(err, ConnectionRefusedError):
+        return f"connection refused within {timeout:g} s"
+    if isinstance(err, socket.gaierror):
+        return f"unknown host {parts.hostname}"
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why MLflow could not keep a file store at ``path`` (a directory, made when missing), or None."""
+    probe = path
+    while not os.path.exists(probe):  # the first existing ancestor is where the store's directories get made
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,22 +223,83 @@ def _mlflow_logger_class():
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowLogger(MLflowLoggerCallback):
-        """``MLflowLoggerCallback`` that, aimed at a file store, sets ``MLFLOW_ALLOW_FILE_STORE=true`` in the
-        process that opens it — the Train controller, the driver, a restored Tune experiment's — unless the
-        environment says otherwise (MLflow ≥ 3.7 refuses a file store without it)."""
+        """``MLflowLoggerCallback`` that survives an MLflow outage, in the process that talks to MLflow — the Train
+        controller, the driver, a restored Tune experiment's:
+
+        - aimed at a file store, it sets ``MLFLOW_ALLOW_FILE_STORE=true`` unless the environment says otherwise
+          (MLflow ≥ 3.7 refuses a file store without it);
+        - MLflow's HTTP calls are bounded (`MLFLOW_HTTP_ENV`, unless the environment sets them);
+        - the first call that fails warns once (``warn``, a callable taking the line and the URI; stderr by
+          default) and every later call does nothing: the stage it watches goes on, and never waits on MLflow again;
+          the command's later stages skip that server (`mlflow_down`).
+        """
+
+        warn: Optional[Callable[[str], None]] = None
+        stage = "this stage"
+        _failed = False
 
         def setup(self, *args, **kwargs):
             if str(self.tracking_uri).startswith("file:"):
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            super().setup(*args, **kwargs)
+            for key, value in MLFLOW_HTTP_ENV.items():
+                os.environ.setdefault(key, value)
+            self._guard(super().setup, *args, **kwargs)
+
+        def log_trial_start(self, trial):
+            self._guard(super().log_trial_start, trial)
+
+        def log_trial_result(self, iteration, trial, result):
+            self._guard(super().log_trial_result, iteration, trial, result)
+
+        def log_trial_end(self, trial, failed=False):
+            self._guard(super().log_trial_end, trial, failed=failed)
+
+        def _guard(self, call, *args, **kwargs):
+            if self._failed:
+                return
+            try:
+                call(*args, **kwargs)
+            except Exception as exc:
+                self._failed = True
+                _DOWN.add(str(self.tracking_uri))
+                from raysub.storage import redact
+
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                (self.warn or _stderr)(f"raysub: warning: tracking: MLflow at {redact(str(self.tracking_uri))} "
+                                       f"failed during {self.stage} ({type(exc).__name__}: {first}); MLflow tracking "
+                                       f"stops for this run, training goes on", str(self.tracking_uri))
 
     return MLflowLogger
 
 
-def _mlflow_callback(settings: Dict[str, Any], run, stage: str):
-    """Ray's MLflow logger for ``stage`` of ``run`` (every MLflow run tagged with both)."""
-    return _mlflow_logger_class()(tracking_uri=_mlflow_uri(settings, run), experiment_name=_experiment(settings, run),
-                                  tags={"raysub.run_dir": run.uri, "raysub.stage": stage})
+def _stderr(line: str, down: Optional[str] = None) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def show_warning(item: Any) -> bool:
+    """Print ``item`` on stderr if it is a warning a `Tracker` sent from the Train controller (and note the MLflow
+    server it gave up on, for the command's later stages); whether it was one."""
+    if not (isinstance(item, dict) and WARNING_KEY in item):
+        return False
+    if item.get("mlflow_down"):
+        _DOWN.add(item["mlflow_down"])
+    _stderr(item[WARNING_KEY])
+    return True
+
+
+def mlflow_down(settings: Dict[str, Any], run) -> bool:
+    """Whether MLflow is asked for and its server already failed in this command (warned about then)."""
+    return bool(settings["mlflow"]) and _mlflow_uri(settings, run) in _DOWN
+
+
+def _mlflow_callback(settings: Dict[str, Any], run, stage: str, warn: Optional[Callable[[str], None]] = None):
+    """Ray's MLflow logger for ``stage`` of ``run`` (every MLflow run tagged with both); ``warn`` takes its one
+    warning line should MLflow fail (stderr by default)."""
+    logger = _mlflow_logger_class()(tracking_uri=_mlflow_uri(settings, run),
+                                    experiment_name=_experiment(settings, run),
+                                    tags={"raysub.run_dir": run.uri, "raysub.stage": stage})
+    logger.stage, logger.warn = stage, warn
+    return logger
 
 
 def _settings(cfg) -> Dict[str, Any]:
@@ -147,7 +313,8 @@ def tune_callbacks(cfg, run, stage: str) -> List[Any]:
     """Callbacks for a Ray Tune experiment's ``RunConfig(callbacks=...)``: Ray's ``MLflowLoggerCallback`` with
     ``tracking.mlflow`` (one MLflow run per trial), else none. TensorBoard needs nothing: Tune's default loggers
     write every trial's event files."""
-    return [_mlflow_callback(_settings(cfg), run, stage)] if cfg.tracking.mlflow else []
+    settings = _settings(cfg)
+    return [_mlflow_callback(settings, run, stage)] if cfg.tracking.mlflow and not mlflow_down(settings, run) else []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,9 +352,12 @@ class Tracker:
     def __init__(self, cfg, run, stage: str):
         self.settings = _settings(cfg)
         self.run, self.stage, self.config = run, stage, cfg.to_dict()
+        if mlflow_down(self.settings, run):
+            self.settings["mlflow"] = False
         self._callbacks: Optional[List[Any]] = None
         self._trial: Optional[_Trial] = None
         self._staging: Optional[str] = None
+        self.warnings = None  # a queue that carries warning lines to the driver (set by torch_trainer), else stderr
 
     @property
     def enabled(self) -> bool:
@@ -210,7 +380,7 @@ class Tracker:
         if self.settings["tensorboard"]:
             callbacks.append(TBXLoggerCallback())
         if self.settings["mlflow"]:
-            mlflow = _mlflow_callback(self.settings, self.run, self.stage)
+            mlflow = _mlflow_callback(self.settings, self.run, self.stage, warn=self.warn)
             mlflow.setup()
             callbacks.append(mlflow)
         self._trial = _Trial(self.stage, self.config, local)
@@ -251,13 +421,23 @@ class Tracker:
             self._staging = None
         self._callbacks = None
 
+    def warn(self, line: str, mlflow_down: Optional[str] = None) -> None:
+        """Print a warning line where the user sees it: on the driver's stderr, through ``warnings`` (a
+        ``ray.util.queue.Queue`` the driver relays: `raysub.engine.cluster.fit_with_progress`) when set, with the
+        MLflow server it gave up on (``mlflow_down``), if any."""
+        if self.warnings is not None:
+            try:
+                self.warnings.put({WARNING_KEY: line, "mlflow_down": mlflow_down}, timeout=5)
+                return
+            except Exception:  # the queue's actor is gone: stderr (Ray's logs) is all there is
+                pass
+        _stderr(line)
+
     def _give_up(self, exc: BaseException) -> None:
         """Tracking stops for the rest of the stage, with one warning; the stage itself goes on."""
-        import sys
-
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"raysub: warning: experiment tracking of {self.stage} stopped ({type(exc).__name__}: {first}); the "
-              f"stage continues and its results are still recorded in the run directory", file=sys.stderr, flush=True)
+        self.warn(f"raysub: warning: experiment tracking of {self.stage} stopped ({type(exc).__name__}: {first}); the "
+                  f"stage continues and its results are still recorded in the run directory")
         self.settings = {**self.settings, "tensorboard": False, "mlflow": False}  # `enabled` is now False
         self._callbacks = None
         if self._staging is not None:
@@ -286,6 +466,10 @@ def _train_report_tracking():
 
         def __init__(self, tracker: Tracker, max_failures: int):
             self.tracker, self.max_failures, self.failures = tracker, max_failures, 0
+
+        def relay_warnings(self, queue) -> None:
+            """Send the tracker's warnings to the driver on ``queue`` (the stage's progress queue)."""
+            self.tracker.warnings = queue
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]

@@ -1,6 +1,8 @@
 """Meta-training of the learned optimizer (raysub.l2o.train): the learner's averaging/clipping/NaN guard, the
 replacement of finished optimizees, config one-liners, and a tiny end-to-end meta-train on Ray."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -208,9 +210,14 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
     import json
     assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][2]["meta_step"] == 4
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    for rel in ("l2o/weights.pt", "l2o/checkpoint.pt", "l2o/history.json"):  # committed with their checksums
+    gen = manifest["stages"]["l2o"]["dir"]
+    for name in ("weights.pt", "checkpoint.pt", "history.json"):  # committed with their checksums, in GEN
+        rel = f"{gen}/{name}"
         assert manifest["shards"][rel] == hashlib.sha256((tmp_path / "run" / rel).read_bytes()).hexdigest()
-    assert manifest["stages"]["l2o"] == {"meta_step": 4, "complete": True}
+    for rel in ("l2o/weights.pt", "l2o/history.json"):  # the copies, for people and tools
+        assert (tmp_path / "run" / rel).read_bytes() == (tmp_path / "run" / gen / rel.split("/")[-1]).read_bytes()
+    assert manifest["stages"]["l2o"] == {"meta_step": 4, "complete": True, "dir": gen}
+    assert gen.startswith("l2o/ckpt/") and os.listdir(tmp_path / "run" / "l2o" / "ckpt") == [gen.split("/")[-1]]
     assert (tmp_path / "run" / "l2o" / "curves.png").stat().st_size > 1000
     cfg2 = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=2", "l2o.actors=2",
                     "l2o.meta_steps=6", "l2o.validate_every=2", "l2o.validation_optimizees=2",
@@ -258,8 +265,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, ray_session):
     meta_train(mk("b", 4), resume=True, say=say)
     _, pa = load_learned_optimizer(str(tmp_path / "a"))
     _, pb = load_learned_optimizer(str(tmp_path / "b"))
-    ca = torch.load(tmp_path / "a" / "l2o" / "checkpoint.pt", weights_only=False)
-    cb = torch.load(tmp_path / "b" / "l2o" / "checkpoint.pt", weights_only=False)
+    ca, cb = (torch.load(tmp_path / d / json.loads((tmp_path / d / "manifest.json").read_text())["stages"]["l2o"]["dir"]
+                         / "checkpoint.pt", weights_only=False) for d in "ab")
     for k in pa:
         assert torch.equal(pa[k], pb[k]) and torch.equal(ca["phi"][k], cb["phi"][k]), k
     nowall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731

@@ -91,6 +91,12 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(resolve_config(args.config), [*TASK, f"train.basis_run={args.basis_run}",
                                                          f"run_dir={out.uri}", *l2o, *args.overrides])
+        if args.weights:  # verified before anything is written
+            from raysub.l2o.weights import weights_problems
+
+            problems = [f"--weights: {p}" for p in weights_problems(args.weights)]
+            if problems:
+                raise ConfigError(problems)
         out.makedirs()
         weights = args.weights
         if weights is None:

@@ -67,8 +67,87 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
             ray.init(**kwargs)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        if starts_local(cfg):
+            start_reaper()
     check_resources(cfg)
     check_run_dir_shared(cfg.run_dir)
+
+
+def start_reaper() -> None:
+    """Start a process that, once this driver is gone (an exit, or a ``kill -9``), kills what is left of the local
+    Ray cluster it started: the node's own processes and everything under them (the raylet's dashboard and
+    runtime-env agents, workers). Ray's kernel fate-sharing kills the node's processes with the driver, but the two
+    agents, the raylet's children, only notice the raylet's death and then wait ~60 s on the dead GCS to report it
+    before they exit. Linux only (it reads /proc); elsewhere nothing is started."""
+    import subprocess
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not os.path.isdir("/proc/self"):
+        return
+    roots = [info.process.pid for infos in node.all_processes.values() for info in infos
+             if info.process is not None and info.process.poll() is None]
+    # noted here, not only by the reaper: a driver killed before the reaper's first look still has them reaped
+    known = _descendants({pid: _started(pid) for pid in roots})
+    args = [f"{pid}:{start}" for pid, start in {os.getpid(): _started(os.getpid()), **known}.items() if start]
+    code = "import sys; from raysub.engine.cluster import _reap; _reap(sys.argv[1:])"
+    # a session of its own: a terminal's Ctrl-C, or a kill of the driver's process group, must not end it first
+    subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def _proc_stat(pid: int):
+    """(parent pid, start time in clock ticks since boot) of a running process; None once it is gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
+
+
+def _started(pid: int):
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _descendants(known: Dict[int, Any]) -> Dict[int, Any]:
+    """``known`` ({pid: start time}) with every running process under its running ones added."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None:
+                table[int(entry)] = stat
+    known = dict(known)
+    frontier = [pid for pid, start in known.items() if pid in table and table[pid][1] == start]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start) in table.items():
+            if ppid == parent and pid not in known:
+                known[pid] = start
+                frontier.append(pid)
+    return known
+
+
+def _reap(args: List[str], interval: float = 1.0) -> None:
+    """`start_reaper`'s process. ``args``: "PID:START" of the driver, then of the node's processes. Every
+    ``interval`` seconds it notes the processes under the node's; once the driver is gone, it SIGKILLs every noted
+    one still running (a pid is matched with its start time, so a reused pid is never hit)."""
+    import signal
+
+    (driver, born), *nodes = [tuple(int(x) for x in a.split(":")) for a in args]
+    known = dict(nodes)
+    while _started(driver) == born:
+        known = _descendants(known)
+        time.sleep(interval)
+    for pid, start in known.items():
+        if _started(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def starts_local(cfg: Config) -> bool:
@@ -212,12 +291,19 @@ def make_progress_queue():
 
 
 def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], None]):
-    """Run ``trainer.fit()`` in a thread, printing each progress dict rank 0 sends; return the Result.
+    """Run ``trainer.fit()`` in a thread, printing each progress dict rank 0 sends (and on stderr each warning line
+    a callback sends, `raysub.tracking.show_warning`); return the Result.
 
     Raises:
         whatever fit raised (a worker's error surfaces as Ray Train's TrainingFailedError).
     """
+    from raysub.tracking import show_warning
+
     box: Dict[str, Any] = {}
+
+    def show(item):
+        if not show_warning(item):  # a callback's warning from the Train controller goes to stderr
+            printer(item)
 
     def target():
         try:
@@ -234,9 +320,9 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
             # one blocking get (the queue actor waits, not the driver polling it every 0.2 s: the polls' RPCs took
             # ~3.5% of a core from the workers, measured by jobs/bench/ddp_overhead.py), then what else is there
             if relay and alive:
-                printer(progress.get(block=True, timeout=0.5))
+                show(progress.get(block=True, timeout=0.5))
             while relay:
-                printer(progress.get_nowait())
+                show(progress.get_nowait())
         except pyqueue.Empty:
             pass
         except Exception as exc:  # the queue's actor died (a lost node): training goes on, say so once
@@ -274,6 +360,11 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
         logging_config=LoggingConfig(log_level="WARNING"),  # raysub prints its own progress lines
         callbacks=callbacks,
     )
+    for cb in callbacks or []:
+        # raysub's callbacks run in the Train controller, whose output a quiet local cluster keeps off the console:
+        # their warnings travel on the progress queue, which fit_with_progress relays
+        if hasattr(cb, "relay_warnings") and loop_config.get("progress") is not None:
+            cb.relay_warnings(loop_config["progress"])
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -284,11 +375,15 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
 
 
 def _wrapped(e: BaseException, context: bool = True) -> List[BaseException]:
-    """The errors a Ray failure wraps: a task's original exception (``cause``) alone, else every Train worker's
-    (``worker_failures``), the explicit cause and (with ``context``) the one being handled when it was raised."""
-    cause = getattr(e, "cause", None)  # RayTaskError: the original exception
-    if isinstance(cause, BaseException):
-        return [cause]
+    """The errors a Ray failure wraps: a task's original exception (``cause``) or the Train controller's
+    (``controller_failure``) alone, else every Train worker's (``worker_failures``), the explicit cause and (with
+    ``context``) the one being handled when it was raised."""
+    # RayTaskError: the original exception; Ray Train's ControllerError: the controller's, whose message is only
+    # in the wrapper's second line and whose __cause__ is lost on the way to the driver
+    for attr in ("cause", "controller_failure"):
+        cause = getattr(e, attr, None)
+        if isinstance(cause, BaseException):
+            return [cause]
     failures = getattr(e, "worker_failures", None)
     out = [v for v in failures.values() if isinstance(v, BaseException)] if isinstance(failures, dict) else []
     for attr in ("__cause__", "__context__") if context else ("__cause__",):
@@ -314,11 +409,46 @@ def unwrap_train_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def failure_kind(exc: BaseException, inner: BaseException) -> str:
+    """What failed, in a few words, from the types of a command's error ``exc`` and of the error behind Ray's
+    wrappers, ``inner`` (`innermost_error`): a Ray Train worker, the Ray Train controller, a Ray Tune experiment, a
+    Ray actor, the Ray cluster, a storage operation, else "the command failed". Ray's types are only looked up when
+    Ray is loaded: an error raised before Ray started is none of them."""
+    storage = isinstance(inner, OSError)  # pyarrow's ArrowIOError is OSError, and so is a timeout
+    if "ray" in sys.modules:
+        import ray.exceptions as rex
+        from ray.tune.error import TuneError
+
+        storage = storage and not isinstance(inner, rex.RayError)  # Ray's GetTimeoutError is a TimeoutError
+
+        try:
+            from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError
+        except ImportError:  # a Ray without Train V2
+            ControllerError = TrainingFailedError = ()
+        if isinstance(exc, ControllerError):
+            return "a storage operation of the Ray Train controller failed" if storage else \
+                "the Ray Train controller failed"
+        if isinstance(exc, TrainingFailedError):
+            return "a Ray Train worker failed"
+        if isinstance(exc, TuneError):
+            return "a storage operation of the Ray Tune experiment failed" if storage else \
+                "the Ray Tune experiment failed"
+        if isinstance(exc, rex.RayActorError):
+            return "a Ray actor died"
+        if isinstance(exc, (rex.RaySystemError, rex.GetTimeoutError, rex.ObjectLostError, rex.NodeDiedError)):
+            return "the Ray cluster failed"
+    if isinstance(getattr(exc, "worker_failures", None), dict):  # Ray Train V1's TrainingFailedError carries them too
+        return "a Ray Train worker failed"
+    return "a storage operation failed" if storage else "the command failed"
+
+
 def innermost_error(exc: BaseException) -> BaseException:
     """The original error behind Ray's wrappers, following the first wrapped one (the first failed worker's)."""
+    tune_error = sys.modules.get("ray.tune.error")
     seen = {id(exc)}
     while True:
-        inner = _wrapped(exc, context=False)
+        # Tune wraps a failure of its own loop as TuneError(traceback text), raised while handling the failure
+        inner = _wrapped(exc, context=tune_error is not None and isinstance(exc, tune_error.TuneError))
         if not inner or id(inner[0]) in seen:
             return exc
         exc = inner[0]

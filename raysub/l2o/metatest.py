@@ -402,12 +402,14 @@ def task_label(task: Dict[str, Any]) -> str:
 
 
 def meta_training_run(weights: str) -> str:
-    """The directory of the meta-training run φ comes from: ``weights`` = RUN, RUN/l2o/weights.pt or
-    RUN/weights.pt (local paths)."""
+    """The directory of the meta-training run φ comes from: ``weights`` = RUN, RUN/l2o/weights.pt,
+    RUN/l2o/ckpt/GEN/weights.pt or RUN/weights.pt (local paths)."""
     import os
 
     path = os.path.abspath(os.path.expanduser(weights))
     run = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.basename(os.path.dirname(run)) == "ckpt":  # a generation's own file
+        run = os.path.dirname(os.path.dirname(run))
     return os.path.dirname(run) if os.path.basename(run) == "l2o" else run
 
 

@@ -15,19 +15,30 @@
   the test split is never read). The best φ (highest mean val accuracy, ties → smaller mean convergence step)
   is RUN/l2o/weights.pt.
 
-Files under RUN/l2o/: ``weights.pt`` (best φ + config), ``history.json`` (per meta-step losses, validations,
-best), ``curves.png`` (meta-training loss and meta-validation curves; live ones in RUN/tensorboard/l2o and MLflow,
-`raysub.tracking`), ``checkpoint.pt`` (φ, Adam state, meta-step, history, best φ, the optimizees in flight). All
-but the figure are committed in ``manifest.json``
-(θ0.pt, the config and the checksums, as `raysub.pipeline.run` does) at every meta-validation.
-``--resume`` continues from ``checkpoint.pt``: φ, Adam, the meta-step, the history and the optimizees in flight
-(z, the learned optimizer's state, steps done, data cursor) go on, so a resumed run reproduces the uninterrupted
-one bit for bit (checkpoints are taken at meta-validations: the meta-steps after the last one are redone).
+The meta-training state is a generation ``RUN/l2o/ckpt/GEN/``: ``checkpoint.pt`` (φ, Adam state, meta-step,
+history, best φ, the optimizees in flight), ``weights.pt`` (best φ + config) and ``history.json`` (per meta-step
+losses, validations, best). Each meta-validation writes a new generation beside the current one, then commits it
+in ``manifest.json`` (θ0.pt, the config and the checksums, as `raysub.pipeline.run` does; ``stages.l2o.dir`` names
+the generation), then deletes the older ones — as the basis stage does with ``basis/GEN/`` — so a kill at any
+instant leaves the old state or the new one, and ``--resume`` works (`state_files`, `save_state`).
+``RUN/l2o/weights.pt`` and ``RUN/l2o/history.json`` are copies of the committed generation's, for people and
+tools (`settle_state`; weights readers resolve through the manifest, `raysub.l2o.weights`); runs written
+before generations keep their state flat in ``RUN/l2o/`` and are read as they are. ``RUN/l2o/curves.png`` is the
+meta-training loss and meta-validation curves (live ones in RUN/tensorboard/l2o and MLflow, `raysub.tracking`).
+``--resume`` continues from the committed ``checkpoint.pt``: φ, Adam, the meta-step, the history and the
+optimizees in flight (z, the learned optimizer's state, steps done, data cursor) go on, so a resumed run
+reproduces the uninterrupted one bit for bit (checkpoints are taken at meta-validations: the meta-steps after the
+last one are redone).
+
+θ0: with a projection that reads ``train.basis_run`` (DLDR), every optimizee starts from the basis run's θ0 — the
+point its basis was computed around — whatever ``seed`` says (`raysub.pipeline.run.new_subspace_run`), as
+``raysub sweep`` does.
 """
 from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,8 +49,11 @@ from raysub.l2o.meta import start, unroll_meta_grad
 
 SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
 VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
-# may change on --resume: a longer budget, another split of the optimizees over the actors
+# the flat layout of runs written before generations; WEIGHTS and HISTORY stay as copies of the committed state
 CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
+GENERATIONS = "l2o/ckpt"  # the meta-training state's generations: l2o/ckpt/GEN/{checkpoint.pt,weights.pt,history.json}
+STATE_FILES = ("checkpoint.pt", "weights.pt", "history.json")
+# may change on --resume: a longer budget, another split of the optimizees over the actors
 DIVERGED_FACTOR = 10.0  # an optimizee whose loss exceeds 10× its loss at z0 has diverged (dropped, replaced)
 RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")  # optimizee states are kept by slot
 
@@ -371,6 +385,79 @@ def checked_plan(cfg, problems: List[str]) -> Dict[str, Any]:
     return info
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the meta-training state's generations in the run directory
+
+def state_files(manifest: Dict[str, Any]) -> Dict[str, str]:
+    """The committed meta-training state's files that the manifest holds, by name (``checkpoint.pt``,
+    ``weights.pt``, ``history.json``) → path in the run: in the generation ``stages.l2o.dir``, or flat in ``l2o/``
+    for a run written before generations. Empty when nothing is committed."""
+    base = manifest.get("stages", {}).get("l2o", {}).get("dir") or "l2o"
+    shards = manifest.get("shards", {})
+    return {name: f"{base}/{name}" for name in STATE_FILES if f"{base}/{name}" in shards}
+
+
+def _is_state(rel: str) -> bool:
+    return rel.startswith(f"{GENERATIONS}/") or rel in (CHECKPOINT, WEIGHTS, HISTORY)
+
+
+def save_state(run, manifest: Dict[str, Any], checkpoint: Dict[str, Any], history: Dict[str, Any],
+               config: LearnedOptimizerConfig, best_phi: Optional[Dict[str, torch.Tensor]],
+               stage: Dict[str, Any]) -> str:
+    """Write the meta-training state into a new generation ``l2o/ckpt/GEN/``, commit it (``stage`` as
+    ``stages.l2o``), then delete every other generation and refresh the copies; returns GEN's path.
+
+    Until the commit the manifest names the previous generation, whose files nothing touches: a kill at any
+    instant leaves one complete, verified state for ``--resume``.
+
+    Raises:
+        RunLocked: another command took the run's lock over: nothing is committed.
+    """
+    from raysub.l2o.weights import save_learned_optimizer
+    from raysub.lock import fence
+    from raysub.pipeline.records import commit
+    from raysub.storage import join_uri
+
+    gen = f"{GENERATIONS}/{uuid.uuid4().hex[:12]}"
+    shards = {k: v for k, v in manifest["shards"].items() if not _is_state(k)}
+    shards[f"{gen}/checkpoint.pt"] = run.write_torch(f"{gen}/checkpoint.pt", checkpoint)
+    if best_phi is not None:
+        shards[f"{gen}/weights.pt"] = save_learned_optimizer(join_uri(run.uri, gen, "weights.pt"), config, best_phi)
+    shards[f"{gen}/history.json"] = run.write_json(f"{gen}/history.json", history)
+    manifest["shards"] = shards
+    manifest["stages"]["l2o"] = {**stage, "dir": gen}
+    fence(run)  # the lock still ours on storage: a command that took it over is not overwritten
+    commit(run, manifest)
+    settle_state(run, manifest)
+    return gen
+
+
+def settle_state(run, manifest: Dict[str, Any]) -> None:
+    """Tidy the meta-training state after ``manifest``'s commit (and on ``--resume``, for a save killed half-way):
+    delete the generations it does not name (older ones, a killed save's) and a superseded flat checkpoint, and
+    make ``l2o/weights.pt`` and ``l2o/history.json`` copies of the committed generation's. Copies, not records:
+    readers of the weights resolve through the manifest (`raysub.l2o.weights`). Call under the run's lock."""
+    from raysub.storage import sha256
+
+    gen = manifest.get("stages", {}).get("l2o", {}).get("dir")
+    if not gen:
+        return  # nothing committed, or the flat layout: its files are the records themselves
+    if run.exists(GENERATIONS):
+        for name in run.listdir(GENERATIONS):
+            if f"{GENERATIONS}/{name}" != gen:
+                run.delete(GENERATIONS, name)
+    if run.exists(CHECKPOINT):  # a run from before generations: its flat checkpoint is superseded
+        run.delete(CHECKPOINT)
+    files = state_files(manifest)
+    for name, copy in (("weights.pt", WEIGHTS), ("history.json", HISTORY)):
+        if name not in files:
+            continue
+        want = manifest["shards"][files[name]]
+        if run.exists(copy) and sha256(run.read_bytes(copy)) == want:
+            continue
+        run.write_bytes(copy, run.read_bytes(files[name], want))
+
+
 def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                on_validation: Optional[Callable[[Dict[str, Any], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """``raysub l2o meta-train``: meta-train φ on Ray under the run directory's lock; returns the history.
@@ -383,15 +470,12 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
     """
     import ray
 
-    from raysub.l2o.weights import save_learned_optimizer
-    from raysub.pipeline.records import commit
     from raysub.pipeline.run import new_subspace_run
-    from raysub.storage import join_uri
     from raysub.tracking import Tracker
 
     info = checked_plan(cfg, l2o_problems(cfg))
     lc = cfg.l2o
-    # θ0.pt (every optimizee's), config, manifest; an optimizee task reading a basis needs train.basis_run
+    # θ0.pt (every optimizee's: the basis run's for a projection that reads train.basis_run), config, manifest
     with new_subspace_run(cfg, info, resume, overwrite, RESUME_SAFE, say) as (run, resuming, manifest):
         manifest["config"] = cfg.to_dict()  # a resumed run records the budget it now runs to
         config = opt_config(cfg)
@@ -400,9 +484,12 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
         meta_step, history, best, best_phi = 0, {"meta": [], "validation": [], "best": None}, None, None
         phis: Dict[int, Dict[str, torch.Tensor]] = {}  # every validated φ, by meta-step (a later best can be any)
         states: Dict[int, Dict[str, Any]] = {}
-        ck_sum = manifest["shards"].get(CHECKPOINT)
-        if resuming and ck_sum:
-            ck = run.read_torch(CHECKPOINT, ck_sum)
+        committed = state_files(manifest)
+        if resuming:
+            settle_state(run, manifest)
+        if resuming and "checkpoint.pt" in committed:
+            rel = committed["checkpoint.pt"]
+            ck = run.read_torch(rel, manifest["shards"][rel])
             with torch.no_grad():
                 for k in phi:
                     phi[k].copy_(ck["phi"][k])
@@ -414,24 +501,19 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
         run.makedirs("l2o")
         tracker = Tracker(cfg, run, "l2o")  # live curves: RUN/tensorboard/l2o, MLflow (raysub.tracking)
 
-        def checkpoint(weights: bool) -> None:
-            """Write φ, Adam, history (and the best weights), then commit their checksums in the manifest."""
-            shards = manifest["shards"]
-            shards[CHECKPOINT] = run.write_torch(CHECKPOINT, {
-                "phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
-                "meta_step": meta_step, "history": history, "best_phi": best_phi, "phis": phis,
-                "optimizees": {k: v for st in ray.get([a.states.remote() for a in actors]) for k, v in st.items()}})
-            if weights:
-                shards[WEIGHTS] = save_learned_optimizer(
-                    join_uri(run.uri, WEIGHTS), config, best_phi)
-            shards[HISTORY] = run.write_json(HISTORY, history)
+        def checkpoint() -> None:
+            """Save φ, Adam, history and the best weights as a new generation, committed (`save_state`)."""
+            state = {"phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
+                     "meta_step": meta_step, "history": history, "best_phi": best_phi, "phis": phis,
+                     "optimizees": {k: v for st in ray.get([a.states.remote() for a in actors])
+                                    for k, v in st.items()}}
+            manifest["summary"]["l2o"] = {"best": history["best"], "meta_steps": meta_step}
+            save_state(run, manifest, state, history, config, best_phi,
+                       {"meta_step": meta_step, "complete": meta_step >= lc.meta_steps})
             if history["validation"]:
                 from raysub.plots import plot_l2o
 
                 plot_l2o(run, history)  # a figure, not a record: not in the manifest
-            manifest["stages"]["l2o"] = {"meta_step": meta_step, "complete": meta_step >= lc.meta_steps}
-            manifest["summary"]["l2o"] = {"best": history["best"], "meta_steps": meta_step}
-            commit(run, manifest)
 
         Actor = _actor_class(lc.cpus_per_actor)
         slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]
@@ -458,7 +540,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss {'-' if loss is None else f'{loss:.4f}'}"
                 f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
                 f"  best: meta-step {best['meta_step']}  {row['wall_s']:.1f}s")
-            checkpoint(improved)
+            checkpoint()
             tracker.log({k: v for k, v in row.items() if k != "wall_s"} | {"best_val_acc": best["val_acc"]},
                         meta_step)
             if on_validation is not None:
@@ -491,7 +573,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                 if meta_step % lc.validate_every == 0 or meta_step == lc.meta_steps:
                     validate_and_checkpoint()
             if not history["validation"] or history["validation"][-1]["meta_step"] != meta_step:
-                checkpoint(False)  # a resume of a finished run: nothing ran, the commit records it anyway
+                checkpoint()  # a resume of a finished run: nothing ran, the commit records it anyway
             failed = False
         finally:
             tracker.end(failed=failed)

@@ -25,10 +25,12 @@ are candidates too (their best φ was validated like any other). Every trial has
 
 Outputs: ``RUN/l2o_tune/results.json`` (every trial: its point, best val acc and convergence step, meta-steps done,
 whether ASHA stopped it, meta-training seconds), ``RUN/l2o_tune/best_config.yaml`` (the best trial's full config,
-runnable by ``raysub l2o meta-train``; its run_dir is the trial's own), ``RUN/l2o/weights.pt`` (its φ, so
+runnable by ``raysub l2o meta-train``; its run_dir is the trial's own, and its header's resume line names the
+trial relative to the tuning's directory, `best_config_header`), ``RUN/l2o/weights.pt`` (its φ, verified against
+the trial's manifest when copied and against ``results.json``'s ``weights_sha256`` when read, so
 ``train.optimizer_options.weights=RUN`` meta-tests it), the table on the console. The Tune experiment is
 ``RUN/tune/l2o``; ``--resume`` restores it (`Tuner.restore`): finished trials stay, an unfinished one restarts and
-its meta-training goes on from its own ``l2o/checkpoint.pt`` (`meta_train` with resume). Ctrl-C stops Tune
+its meta-training goes on from its own committed checkpoint (`meta_train` with resume). Ctrl-C stops Tune
 gracefully (`raysub.pipeline.sweep._fit`) and the CLI prints the ``--resume`` command.
 """
 from __future__ import annotations
@@ -272,7 +274,7 @@ def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dic
 
 def _trial_row(result, cfg, run) -> Dict[str, Any]:
     """One trial's row, from its Tune result (error or not) and its own run directory (history, weights)."""
-    from raysub.l2o.train import HISTORY
+    from raysub.l2o.train import state_files
     from raysub.storage import RunDir
 
     name = os.path.basename(result.path.rstrip("/"))
@@ -280,10 +282,12 @@ def _trial_row(result, cfg, run) -> Dict[str, Any]:
     row: Dict[str, Any] = {"trial": name, "run_dir": trial_run.uri,
                            "point": result.config["point"] if result.config else None}
     history = None
-    if trial_run.exists("manifest.json") and trial_run.exists(HISTORY):
-        history = trial_run.read_json(HISTORY, trial_run.manifest_checksum(HISTORY))
+    manifest = trial_run.read_json("manifest.json") if trial_run.exists("manifest.json") else None
+    rel = state_files(manifest).get("history.json") if manifest else None
+    if rel is not None:  # the committed history (a trial killed mid-save has its previous one)
+        history = trial_run.read_json(rel, manifest["shards"][rel])
         if row["point"] is None:  # a trial whose result has no config: its run's own
-            config = trial_run.read_json("manifest.json")["config"]["l2o"]
+            config = manifest["config"]["l2o"]
             row["point"] = {k: config[k] for k in SPACE_KEYS if k in cfg.l2o_tune.space}
     if result.error is not None:
         row["error"] = str(result.error).strip().splitlines()[-1]
@@ -295,6 +299,35 @@ def _trial_row(result, cfg, run) -> Dict[str, Any]:
                    stopped_early=("error" not in row and done < cfg.l2o.meta_steps),
                    meta_train_s=meta_train_seconds(history))
     return row
+
+
+def best_weights(trial_run) -> bytes:
+    """The committed best φ of a trial's meta-training (``weights.pt`` of the generation its manifest names),
+    verified against the manifest.
+
+    Raises:
+        StorageError: the trial has no committed weights, or they are corrupted.
+    """
+    from raysub.errors import StorageError
+    from raysub.l2o.train import state_files
+
+    manifest = trial_run.read_json("manifest.json") if trial_run.exists("manifest.json") else {}
+    rel = state_files(manifest).get("weights.pt")
+    if rel is None:
+        raise StorageError(f"{trial_run.uri} has no committed learned-optimizer weights: continue the tuning with "
+                           f"--resume")
+    return trial_run.read_bytes(rel, manifest["shards"][rel]).to_pybytes()
+
+
+def best_config_header(trial: str, best: Dict[str, Any]) -> str:
+    """``best_config.yaml``'s header. Its resume line names the config and the trial relative to the tuning's
+    directory, so it holds wherever that directory is moved or copied; the ``run_dir`` in the file is where the
+    trial was when the file was written, which the line's ``run_dir=`` replaces."""
+    return (f"# best trial {trial} of this `raysub l2o tune`: val acc {best['val_acc']:.4f}, conv step "
+            f"{best['convergence_step']}, at meta-step {best['meta_step']}\n"
+            f"# its meta-training is the run directory trials/{trial} beside l2o_tune/; continue it (e.g. with more "
+            f"l2o.meta_steps) from the tuning's directory:\n"
+            f"#   raysub l2o meta-train {BEST_CONFIG} run_dir=trials/{trial} --resume\n")
 
 
 def results_table(summary: Dict[str, Any]) -> str:
@@ -412,15 +445,11 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     assert best is not None  # every trial has a validated φ (no failed ones)
     from raysub.storage import RunDir
 
-    trial_run = RunDir(best["run_dir"])
-    weights = trial_run.read_bytes(BEST_WEIGHTS, trial_run.manifest_checksum(BEST_WEIGHTS))
+    weights = best_weights(RunDir(best["run_dir"]))
     checksum = run.write_bytes(BEST_WEIGHTS, weights)
     best_cfg = Config.from_dict(trial_config(cfg.to_dict(), best["point"], best["run_dir"]))
     b = best["best"]
-    run.write_text(BEST_CONFIG, best_cfg.to_yaml(
-        f"# best trial {best['trial']} of `raysub l2o tune {run.arg('config.yaml')}`: val acc {b['val_acc']:.4f}, "
-        f"conv step {b['convergence_step']}, at meta-step {b['meta_step']}\n# its meta-training is run_dir; "
-        f"continue it (e.g. with more l2o.meta_steps): raysub l2o meta-train {run.arg(BEST_CONFIG)} --resume\n"))
+    run.write_text(BEST_CONFIG, best_cfg.to_yaml(best_config_header(best["trial"], b)))
     summary = {"space": tc.space, "space_keys": [k for k in SPACE_KEYS if k in tc.space], "samples": len(points),
                "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,

@@ -1,11 +1,17 @@
-"""φ on disk: ``weights.pt`` = {"config": LearnedOptimizerConfig.to_dict(), "params": {name: tensor}}, read and
-written through the run-directory storage (`raysub.storage.RunDir`), so a local path and a URI work alike.
+"""φ on disk: ``weights.pt`` = {"config": LearnedOptimizerConfig.to_dict(), "params": {name: tensor}, "sha256":
+`content_digest` of the two}, read and written through the run-directory storage (`raysub.storage.RunDir`), so a
+local path and a URI work alike.
 
-``uri`` names the file itself, or a directory holding ``weights.pt`` or ``l2o/weights.pt`` (a meta-training run
-directory). Every failure is one `ConfigError` line naming the input and what to do.
+``uri`` names the file itself, or a directory holding ``weights.pt`` or ``l2o/weights.pt``. Every read is
+verified: against the meta-training run's manifest (``raysub l2o meta-train``: the committed generation's
+weights, `raysub.l2o.train.state_files`, which ``RUN`` and ``RUN/l2o/weights.pt`` both resolve to), against
+``l2o_tune/results.json`` (``raysub l2o tune``'s best φ), and always against the digest stored in the file (a copy
+anywhere else is checked too). Every failure is one `ConfigError` line naming the input and what to do.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,10 +22,45 @@ from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_pr
 
 WEIGHTS = "weights.pt"
 HOW = "give the weights.pt that `raysub l2o meta-train` writes (RUN/l2o/weights.pt), or a path/URI to it"
+TUNE_RESULTS = "l2o_tune/results.json"  # `raysub l2o tune`: records the sha256 of its RUN/l2o/weights.pt
+
+
+def content_digest(config: Dict, params: Dict[str, torch.Tensor]) -> str:
+    """sha256 of φ's config and tensors (names, dtypes, shapes, bytes): stored in the file, so a copy of
+    ``weights.pt`` anywhere verifies on its own."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(params):
+        t = params[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _recorded(run, rel: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """(the file to read, its recorded sha256, the record) for ``rel`` in ``run`` when a record there names it;
+    (``rel``, None, None) otherwise. A meta-training run's ``l2o/weights.pt`` (and its directory) is its committed generation's."""
+    from raysub.storage import StorageError
+
+    try:
+        if run.exists("manifest.json"):
+            from raysub.l2o.train import WEIGHTS as RUN_WEIGHTS, state_files
+
+            manifest = run.read_json("manifest.json")
+            shards = manifest.get("shards", {}) if isinstance(manifest, dict) else {}
+            if rel == RUN_WEIGHTS:
+                rel = state_files(manifest).get(WEIGHTS, rel)
+            return rel, shards.get(rel), run.path("manifest.json")
+        if run.exists(TUNE_RESULTS) and rel == f"l2o/{WEIGHTS}":
+            best = run.read_json(TUNE_RESULTS).get("best") or {}
+            return rel, best.get("weights_sha256"), run.path(TUNE_RESULTS)
+    except StorageError as exc:
+        raise ConfigError(f"learned-optimizer weights in {run.uri}: its record cannot be read ({exc})") from None
+    return rel, None, None
 
 
 def _locate(uri: str):
-    """(RunDir, relative name) of the weights file ``uri`` names; raises ConfigError when there is none."""
+    """(RunDir, relative name, recorded sha256 or None, the record) of the weights file ``uri`` names; raises
+    ConfigError when there is none."""
     import pyarrow.fs as pafs
 
     from raysub.storage import RunDir, split_uri
@@ -30,15 +71,28 @@ def _locate(uri: str):
     except Exception as exc:  # an unknown scheme, unreachable storage
         raise ConfigError(f"learned-optimizer weights {uri!r} cannot be opened ({type(exc).__name__}: {exc}): "
                           f"{HOW}") from None
-    if kind == pafs.FileType.File:
-        parent, _ = split_uri(run.uri)
-        return RunDir(parent), posixpath.basename(run.root)
     if kind == pafs.FileType.Directory:
         for rel in (WEIGHTS, f"l2o/{WEIGHTS}"):
-            if run.exists(rel):
-                return run, rel
+            found, checksum, record = _recorded(run, rel)
+            if run.exists(found):
+                return run, found, checksum, record
         raise ConfigError(f"learned-optimizer weights {uri!r}: the directory holds neither {WEIGHTS} nor "
                           f"l2o/{WEIGHTS}: {HOW}")
+    # a file: its record is the run it lies in (RUN/l2o/weights.pt, RUN/l2o/ckpt/GEN/weights.pt)
+    parent, name = split_uri(run.uri)
+    parts = [name]
+    for _ in range(3):
+        parent, last = split_uri(parent)
+        parts.insert(0, last)
+        if last == "l2o":
+            owner = RunDir(parent)
+            found, checksum, record = _recorded(owner, "/".join(parts))
+            if checksum is not None and owner.exists(found):
+                return owner, found, checksum, record
+            break
+    if kind == pafs.FileType.File:
+        parent, _ = split_uri(run.uri)
+        return RunDir(parent), posixpath.basename(run.root), None, None
     raise ConfigError(f"learned-optimizer weights {uri!r}: no such file or directory: {HOW}")
 
 
@@ -53,8 +107,9 @@ def save_learned_optimizer(uri: str, config: LearnedOptimizerConfig, params: Dic
     problems = check_params(config, params)
     assert not problems, problems  # our own φ: a bad one is a bug, not a user error
     parent, name = split_uri(uri)
-    return RunDir(parent).write_torch(name, {"config": config.to_dict(),
-                                             "params": {k: v.detach().cpu().clone() for k, v in params.items()}})
+    params = {k: v.detach().cpu().clone() for k, v in params.items()}
+    return RunDir(parent).write_torch(name, {"config": config.to_dict(), "params": params,
+                                             "sha256": content_digest(config.to_dict(), params)})
 
 
 def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
@@ -67,20 +122,35 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
         hidden_size, features: The caller's expectation (None: any).
 
     Raises:
-        ConfigError: one line — no weights there, not a weights file, or a config that differs from the
-            expectation.
+        ConfigError: one line — no weights there, bytes that differ from their record (the run's manifest, the
+            tuning's results.json, the digest stored in the file), not a weights file, or a config that differs
+            from the expectation.
     """
-    run, rel = _locate(uri)
+    import io
+
+    from raysub.storage import sha256
+
+    run, rel, checksum, record = _locate(uri)
     try:
-        blob = run.read_torch(rel)
-    except ConfigError:
-        raise
+        data = run.read_bytes(rel).to_pybytes()
+    except ConfigError as exc:  # gone since it was located
+        raise ConfigError(f"learned-optimizer weights {uri!r}: {exc.problems[0]}") from None
+    if checksum is not None and sha256(data) != checksum:
+        raise ConfigError(f"learned-optimizer weights {uri!r} are corrupted: {run.path(rel)} does not match the "
+                          f"sha256 in {record}: restore the run directory, or meta-train again")
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, or one with objects weights_only refuses
         raise ConfigError(f"learned-optimizer weights {uri!r} cannot be read ({type(exc).__name__}): {HOW}"
                           ) from None
     if not (isinstance(blob, dict) and isinstance(blob.get("config"), dict) and isinstance(blob.get("params"), dict)):
         raise ConfigError(f"learned-optimizer weights {uri!r} is not a weights file (expected a mapping with "
                           f"'config' and 'params'): {HOW}")
+    stored = blob.get("sha256")  # absent in files written before it was stored (their run's record checks them)
+    tensors = all(isinstance(v, torch.Tensor) for v in blob["params"].values())  # else check_params says so
+    if stored is not None and tensors and stored != content_digest(blob["config"], blob["params"]):
+        raise ConfigError(f"learned-optimizer weights {uri!r} are corrupted (their content does not match the "
+                          f"sha256 stored with them): meta-train them again, or use an intact copy")
     try:
         config = LearnedOptimizerConfig.from_dict(blob["config"])
     except (ConfigError, TypeError) as exc:

@@ -49,7 +49,10 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
 
 def check(cfg: Config, *, check_data: bool = True) -> Config:
     """Raise ConfigError with every problem of ``cfg``; return it unchanged when fine."""
+    from raysub.tracking import tracking_probe_problems
+
     problems = validate(cfg, check_data=check_data)
+    problems += tracking_probe_problems(cfg)  # the network: here, not in validate, which needs nothing outside
     if problems:
         raise ConfigError(problems)
     return cfg

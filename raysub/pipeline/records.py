@@ -3,15 +3,16 @@ stored one), the manifest — the run's one commit record — and its copies, an
 
 ``manifest.json`` holds the checksums of every file (θ0, shards, indices, the basis, trained z's), the stages
 done, the resolved config and the summary; ``config.yaml`` and ``summary.json`` are copies written right after
-each commit (and re-synced by the next command if a kill came between). A stage writes its files first and
-commits them by rewriting the manifest (an atomic rename), so a kill at any point leaves the old state or the
-new one, never a mix.
+each commit (and re-synced by the next command that gets past its checks if a kill came between: a refused
+command writes nothing). A stage writes its files first and commits them by rewriting the manifest (an atomic
+rename), so a kill at any point leaves the old state or the new one, never a mix.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import re
 import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -161,6 +162,7 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
         "num_params": info["num_params"],  # trainable: the flat vector every stage sees
         "num_params_total": info.get("num_params_total", info["num_params"]),  # frozen ones (UV's W0) too
         **({"init_from": info["init_from"]} if info.get("init_from") else {}),  # the base weights' run and sha256
+        **({"theta0_from": info["theta0_from"]} if info.get("theta0_from") else {}),  # the basis run's θ0
         **({"uv_layers": info["uv"]["layers"]} if info.get("uv") else {}),
         "layout": info["layout"],
         "blocks": [{"block": b, "start": s, "stop": e}
@@ -173,26 +175,31 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _config_text(run: RunDir, config: Dict[str, Any]) -> str:
-    return Config.from_dict(config).to_yaml(f"# resolved config of this run; rerun: raysub run {run.arg('config.yaml')} "
-                                            f"--overwrite\n")
+    """``config.yaml``'s text. Its run_dir is the directory the file is written in, the same one its header's
+    rerun line names: a moved or copied run's copy never points at the run it came from."""
+    cfg = Config.from_dict(config)
+    cfg.run_dir = run.uri
+    return cfg.to_yaml(f"# resolved config of this run; rerun: raysub run {run.arg('config.yaml')} --overwrite\n")
 
 
 def commit(run: RunDir, manifest: Dict[str, Any]) -> None:
     """Commit ``manifest`` (one atomic rename), then write its copies ``config.yaml`` and ``summary.json``.
 
     Raises:
-        RunLocked: another command took this one's lock over: nothing is committed.
+        RunLocked: another command took this one's lock over, or the lock's record is gone (read from storage,
+            not only this process's memory: a paused process learns it here first): nothing is committed.
     """
-    from raysub.lock import check_held
+    from raysub.lock import fence
 
-    check_held(run)
+    fence(run)
     run.write_json("manifest.json", manifest)
     sync_copies(run, manifest)
 
 
 def sync_copies(run: RunDir, manifest: Dict[str, Any]) -> None:
     """Make ``config.yaml`` and ``summary.json`` copies of the committed manifest's (a kill between a commit and
-    its copies leaves them one commit behind; the next command calls this)."""
+    its copies leaves them one commit behind: the next command that gets past its checks calls `settle`).
+    A copy already equal to what it would be written as is left alone."""
     import json
 
     from raysub.storage import strict_json
@@ -212,7 +219,8 @@ def sync_copies(run: RunDir, manifest: Dict[str, Any]) -> None:
 
 
 def open_manifest(run: RunDir) -> Dict[str, Any]:
-    """The committed manifest (its copies re-synced); raises StorageError when there is none."""
+    """The committed manifest; raises StorageError when there is none. Writes nothing: a command refused after
+    reading it leaves the run as it was (`settle` re-syncs the copies once the command is past its checks)."""
     if not run.exists("manifest.json"):
         raise StorageError(f"{run.uri} is not a raysub run directory (no manifest.json): run 'raysub sample' first")
     manifest = run.read_json("manifest.json")
@@ -223,8 +231,39 @@ def open_manifest(run: RunDir) -> Dict[str, Any]:
         manifest.setdefault("config", stored_config(run))
         manifest.setdefault("summary", run.read_json("summary.json") if run.exists("summary.json")
                             else {"results": {}, "timings": {}})
-    sync_copies(run, manifest)
     return manifest
+
+
+# what `RunDir.write_bytes`/`open_writer` leave of a write killed before its rename
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")
+
+
+def remove_temporaries(run: RunDir) -> List[str]:
+    """Delete the temporary files killed writes left anywhere in the run (``NAME.tmp-XXXXXXXX``); returns their
+    paths relative to the run. One recursive listing, so object storage is asked once. Call under the run's
+    lock: a running command's own writes are in flight under such names (and so may be another command's
+    attempt to take the lock, whose temporaries are left alone)."""
+    import pyarrow.fs as pafs
+
+    from raysub.storage import LOCK
+
+    if not run.exists():
+        return []
+    root = run.path().rstrip("/") + "/"
+    found = [info.path for info in run.fs.get_file_info(pafs.FileSelector(run.path(), recursive=True))
+             if info.type == pafs.FileType.File and _TEMPORARY.search(info.path)
+             and not info.path.startswith(root + LOCK)]
+    for path in found:
+        run.fs.delete_file(path)
+    return [p[len(root):] if p.startswith(root) else p for p in found]
+
+
+def settle(run: RunDir, manifest: Dict[str, Any]) -> None:
+    """What a command does to the run once it is past its checks, before its own work: re-sync ``config.yaml``
+    and ``summary.json`` with the committed ``manifest`` and remove the temporary files of killed writes. A
+    refused command never gets here, so it writes nothing."""
+    sync_copies(run, manifest)
+    remove_temporaries(run)
 
 def read_summary(run: RunDir) -> Dict[str, Any]:
     """The run's committed summary (the manifest's), ``summary.json`` for a run without one, or an empty one."""
@@ -252,6 +291,7 @@ def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool)
     if resuming and run.exists("manifest.json"):
         manifest = open_manifest(run)
         run.read_theta0()  # verified: a resumed run goes on from its own θ0
+        settle(run, manifest)
         return manifest
     if resuming:  # a run killed before its first commit: only its own uncommitted files may be there
         others = [n for n in run.listdir() if n not in _UNCOMMITTED and ".tmp-" not in n and n != "raysub.lock"]
@@ -267,3 +307,49 @@ def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool)
     manifest["theta0_norm"] = float(flatten_params(model).norm())
     commit(run, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# θ0 of a training in another run's basis
+
+def basis_run_theta0(cfg: Config, model: Any = None) -> Optional[Dict[str, Any]]:
+    """The θ0 a training in another run's basis starts from: ``train.basis_run``'s ``theta0.pt``, verified
+    against that run's manifest, when ``train.projection`` reads a basis run (None otherwise). The basis spans
+    the directions the trajectory took from that θ0, so a training around any other point is another model:
+    `raysub train CONFIG`, ``raysub l2o meta-train`` and ``l2o tune`` use it as their θ0, as ``raysub sweep``
+    does, whatever their ``seed``.
+
+    With ``model`` (the planned model): the state must be one of that model (same keys and shapes) and, where
+    ``train.init_from`` set the model's weights, equal to them; it is then loaded into ``model``, so the run
+    writes it as its own ``theta0.pt``.
+
+    Raises:
+        StorageError: the basis run's theta0.pt is missing, has no checksum in its manifest, or is corrupted.
+        ConfigError: it is another model's θ0, or train.init_from names other weights.
+    """
+    from raysub.projections import PROJECTIONS
+
+    name, uri = cfg.train.projection, cfg.train.basis_run
+    if not uri or name not in PROJECTIONS or not PROJECTIONS.meta(name).get("needs_basis_run"):
+        return None
+    source = RunDir(uri)
+    state = source.read_theta0()
+    if model is None:
+        return state
+    mine = model.state_dict()
+    if set(mine) != set(state) or any(tuple(mine[k].shape) != tuple(state[k].shape) for k in mine):
+        raise ConfigError(f"train.basis_run={uri} holds the θ0 of another model ({source.path('theta0.pt')}): use "
+                          f"the model and data of that run, or sample a new run for this model")
+    if cfg.train.init_from and not same_state(mine, state):
+        raise ConfigError(f"train.init_from={cfg.train.init_from} sets θ0 to other weights than the θ0 the basis of "
+                          f"train.basis_run={uri} was sampled from: drop train.init_from (the training then starts "
+                          f"from that run's θ0), or build the basis from a run sampled with this train.init_from")
+    model.load_state_dict(state)
+    return state
+
+
+def same_state(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two state_dicts hold the same tensors."""
+    import torch
+
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,10 +15,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from raysub.config import Config, merge, parse_overrides
 from raysub.errors import ConfigError, DivergedError, StorageError
-from raysub.lock import run_lock
+from raysub.lock import RunLocked, run_lock
 from raysub.pipeline.plan import check, describe_params, plan
-from raysub.pipeline.records import (STAGE_CHECKED, diff_text, existing_run, commit, config_diff, init_run,
-                                     open_manifest, prepare_run_dir, stored_config)
+from raysub.pipeline.records import (STAGE_CHECKED, basis_run_theta0, diff_text, existing_run, commit, config_diff,
+                                     init_run, open_manifest, prepare_run_dir, same_state, settle, stored_config)
 from raysub.storage import RunDir, sha256
 
 Printer = Callable[[str], None]
@@ -59,6 +59,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
         if resuming and run.exists("manifest.json"):
             manifest = open_manifest(run)
             if manifest["stages"].get("sample", {}).get("complete"):
+                settle(run, manifest)
                 say(f"[sample] already complete in {run.uri}; skipping")
                 return manifest
         ensure_ray(cfg)
@@ -142,10 +143,16 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         if not 0 < cfg.basis.dim < t:
             raise ConfigError(f"basis.dim={cfg.basis.dim} must be in [1, {t - 1}] for the {t} snapshots of "
                               f"{run.uri}: lower it, or sample more")
-        if basis_dir(run) is not None and not overwrite:
-            raise ConfigError(f"{run.path('basis')} already holds a basis: pass --overwrite to rebuild it")
-        blocks, _ = collect_trajectory(run, manifest["shards"])
+        committed = basis_dir(run)
+        if committed is not None and not overwrite:
+            if not run.exists(committed):  # e.g. deleted by hand: the manifest still commits it
+                raise ConfigError(f"{run.path(committed)}, the basis the manifest commits, is missing: pass "
+                                  f"--overwrite to rebuild it")
+            raise ConfigError(f"{run.path(committed)} already holds a basis: pass --overwrite to rebuild it")
+        # the blocks the manifest lists, every one present, before anything is written or dropped
+        blocks, _ = collect_trajectory(run, manifest["shards"], manifest.get("blocks"))
         streamed = read_streamed_gram(run, manifest) if cfg.basis.gram == "auto" else None
+        settle(run, manifest)
         ensure_ray(cfg)
         how = "the sampler's streamed Gram, one read" if streamed is not None else "a Gram pass and a write pass"
         say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}: {how}")
@@ -241,7 +248,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     """
     from raysub.engine.cluster import ensure_ray
     from raysub.engine.task import subspace_dim
-    from raysub.pipeline.train import divergence_line, run_subspace
+    from raysub.pipeline.train import divergence_line, read_trained, run_subspace
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: pick one")
@@ -264,6 +271,8 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 _check_train_resume(run, cfg, stage)
                 if results.get(label, {}).get("diverged"):
                     raise DivergedError(divergence_line(cfg, results[label]["diverged"]))
+                read_trained(run, label)  # "complete" only while its z is the one committed
+                settle(run, manifest)
                 say(f"[{label}] already complete; skipping")
                 return results[label]
         ckpt_dir = run.child("checkpoints")
@@ -274,6 +283,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         resumed = resume and bool(stage)
         if resumed:
             _check_train_resume(run, cfg, stage)
+        settle(run, manifest)
         ensure_ray(cfg)
         if not resumed:  # a fresh training must not pick up an old one's checkpoints or result
             if ckpt_dir.exists(ckpt_name):
@@ -288,8 +298,9 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else ""))
         try:
             out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
-        except ConfigError:
-            if not resumed:  # a bad input found by the workers: nothing of this new training is kept
+        except ConfigError as exc:
+            # a bad input found by the workers: nothing of this new training is kept (a lost lock: nothing touched)
+            if not resumed and not isinstance(exc, RunLocked):
                 if ckpt_dir.exists(ckpt_name):
                     ckpt_dir.delete(ckpt_name)
                 manifest["stages"].pop(stage_key, None)
@@ -304,7 +315,11 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         else:
             record.update(test_acc=hist[-1]["test_acc"], epochs=hist[-1]["epoch"], wall_s=hist[-1]["elapsed_s"],
                           allreduce_floats_per_step=hist[-1]["allreduce_floats_per_step"])
-            manifest["shards"][f"train/{label}.pt"] = sha256(run.read_bytes(f"train/{label}.pt"))
+            trained = out.get("written", {}).get(f"train/{label}.pt")  # rank 0's digest of its write, not a re-read
+            if trained is None:
+                raise StorageError(f"the training reported no checksum for {run.path(f'train/{label}.pt')}: retrain "
+                                   f"'{label}' with --overwrite")
+            manifest["shards"][f"train/{label}.pt"] = trained
         summary = manifest["summary"]
         summary["results"][label] = record
         summary["timings"]["train_s"] = record["wall_s"]
@@ -345,7 +360,9 @@ def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite:
     """Open a run directory whose training reads no trajectory of its own (``raysub train CONFIG``, ``raysub l2o
     meta-train``) under its lock: normalise run_dir and train.basis_run to URIs, check resume/overwrite against
     the stored config (``resume_safe``: the keys that may change), check that a family reading a basis has
-    ``train.basis_run`` (before Ray starts), start or join Ray, write θ0, the config and the manifest.
+    ``train.basis_run`` (before Ray starts), start or join Ray, write θ0 — the basis run's for such a family
+    (`basis_run_theta0`; ``info["model"]`` is loaded with it), else the seeded model's — the config and the
+    manifest.
 
     Yields:
         (the RunDir, whether this resumes, the manifest of `init_run`).
@@ -361,6 +378,13 @@ def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite:
     with run_lock(run, say=say):
         resuming = prepare_run_dir(run, resume, overwrite, cfg, resume_safe)
         check_train_projection(cfg, info["num_params"], run, own_basis=False)
+        theta0 = basis_run_theta0(cfg, info["model"])  # the basis run's θ0, not one seeded here
+        if theta0 is not None:
+            info["theta0_from"] = {"run": cfg.train.basis_run,
+                                   "sha256": RunDir(cfg.train.basis_run).manifest_checksum("theta0.pt")}
+            if resuming and run.exists("manifest.json") and not same_state(run.read_theta0(), theta0):
+                raise ConfigError(f"{run.path('theta0.pt')} is not the θ0 of train.basis_run={cfg.train.basis_run} "
+                                  f"(the run was started around another point): start it again with --overwrite")
         ensure_ray(cfg)
         if not resuming:
             say(f"{cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}")

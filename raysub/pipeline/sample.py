@@ -91,8 +91,9 @@ def min_window_snapshots(cfg: Config) -> int:
 
 
 def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
-                   index: List[Dict[str, Any]]) -> None:
-    """Write block ``block`` of the flat vector as snapshot ``snap`` and rewrite the block's index.
+                   index: List[Dict[str, Any]]) -> str:
+    """Write block ``block`` of the flat vector as snapshot ``snap`` and rewrite the block's index; returns the
+    index's sha256.
 
     ``index`` is this block's snapshot list; entries from ``snap`` on are replaced (a resumed run rewrites them).
     """
@@ -102,7 +103,13 @@ def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: 
     checksum = run.write_bytes(rel, encode_vector(values, {"snapshot": snap, "step": step, "block": block}))
     del index[snap:]
     index.append({"snapshot": snap, "step": step, "epoch": epoch, "path": rel, "sha256": checksum})
-    run.write_json(block_index_rel(block), {"block": block, "start": start, "stop": stop, "snapshots": index})
+    return write_index(run, block, bounds, index)
+
+
+def write_index(run: RunDir, block: int, bounds, index: List[Dict[str, Any]]) -> str:
+    """Write block ``block``'s index of snapshots; returns its sha256 (which the driver commits)."""
+    start, stop = bounds[block]
+    return run.write_json(block_index_rel(block), {"block": block, "start": start, "stop": stop, "snapshots": index})
 
 
 def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config) -> Dict[str, Any]:
@@ -157,8 +164,14 @@ def full_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
 def sample_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train). ``config``: {"cfg": Config dict, "progress": Queue or None,
-    "stream_gram": whether to build the streaming Gram (the driver's budget decision), "basis_prefix"}."""
+    "stream_gram": whether to build the streaming Gram (the driver's budget decision), "basis_prefix",
+    "lock_token": the driver's lock token (`raysub.lock.fence` before every write into the run)}.
+
+    The last report carries ``written``: {path: sha256} of every index, ``model.pt``, the streamed Gram and
+    spectrum, as their writers computed them."""
     from torch.nn.parallel import DistributedDataParallel
+
+    from raysub.lock import fence
 
     from raysub.engine.flat import flatten_params
 
@@ -188,9 +201,13 @@ def sample_loop(config: Dict[str, Any]) -> None:
     stream = (StreamGram(num_snapshots(cfg, steps_per_epoch), hi - lo, device, loop.all_reduce_sum_)
               if config.get("stream_gram") else None)
     signals: List[Dict[str, Any]] = []
+    token = config.get("lock_token")
+    own_index = block_index_rel(rank)
+    written: Dict[str, str] = {}  # {path: sha256} of this rank's latest writes (rank 0's are checkpointed)
 
     def take_snapshot(flat_N, snap, step, epoch):
-        write_snapshot(run, flat_N, rank, bounds, snap, step, epoch, index)
+        fence(run, token)  # one small read per snapshot: a command whose lock was taken over writes nothing more
+        written[own_index] = write_snapshot(run, flat_N, rank, bounds, snap, step, epoch, index)
         if stream is not None:
             stream.add(flat_N[lo:hi])
 
@@ -208,7 +225,10 @@ def sample_loop(config: Dict[str, Any]) -> None:
         window_s, step_losses = state["window_s"], state["step_losses"]
         window_epochs = state.get("window_epochs", cfg.sample.epochs if start_epoch >= cfg.sample.epochs else None)
         signals = state.get("signals", [])
-        index = run.read_json(block_index_rel(rank))["snapshots"][: state["num_snapshots"]]
+        index = run.read_json(own_index)["snapshots"][: state["num_snapshots"]]
+        written.update(state.get("written") or {})
+        fence(run, token)
+        written[own_index] = write_index(run, rank, bounds, index)  # its digest from its writer, this process
         if stream is not None:  # the Gram from the checkpoint; this rank's block reread from its verified shards
             stream.load_state_dict(state["stream"], (decode_vector(run.read_buffer(s["path"], s["sha256"]))
                                                      for s in index))
@@ -264,7 +284,8 @@ def sample_loop(config: Dict[str, Any]) -> None:
                 if signal is not None:
                     signal["stop"] = True
                 if stream is not None:
-                    close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix"))
+                    fence(run, token)
+                    written.update(close_window(run, stream, rank, bounds, cfg, config.get("basis_prefix")) or {})
         loop.broadcast_buffers_(model)  # every rank evaluates (and rank 0 checkpoints) rank 0's BatchNorm statistics
         model.eval()
         test = loop.evaluate(compute.forward_fn(model), data, "test", cfg.data.eval_batch_size, device,
@@ -279,22 +300,40 @@ def sample_loop(config: Dict[str, Any]) -> None:
         if signal is not None:
             record["stop_signal"] = signal
         history.append(record)
+        if last:
+            if rank == 0:  # the trained model, which `train.init_from` of another run reads (the driver commits it)
+                fence(run, token)
+                written["model.pt"] = run.write_torch("model.pt", model.state_dict())
+            reported = {**written, **_gather({own_index: written[own_index]})}
         ckpt_state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
                       "history": history, "elapsed": now, "window_s": window_s, "num_snapshots": len(index),
                       "step_losses": step_losses, "window_epochs": window_epochs, "signals": signals,
-                      "stream": stream.state_dict() if stream is not None else None}
+                      "stream": stream.state_dict() if stream is not None else None, "written": dict(written)}
         # the whole history only in the last report (what fit() returns), not in every epoch's
         metrics = {**record, "window_s": window_s, "window_epochs": window_epochs,
-                   **({"history": history, "step_losses": step_losses, "signals": signals} if last else {})}
+                   **({"history": history, "step_losses": step_losses, "signals": signals, "written": reported}
+                      if last else {})}
         if rank == 0 and progress is not None:
             progress.put(record)
+        if rank == 0:
+            fence(run, token)  # the checkpoint lands in RUN/checkpoints
         loop.report(metrics, ckpt_state if rank == 0 else None)
         loop.maybe_inject_failure(run, epoch + 1, config.get("fail_after_epoch"))
         loop.publish_pid(epoch + 1, config.get("pid_dir"), config.get("pause_after_epoch"))
         if last:
             break
-    if rank == 0:  # the trained model, which `train.init_from` of another run reads (the driver commits it)
-        run.write_torch("model.pt", model.state_dict())
+
+
+def _gather(mine: Dict[str, str]) -> Dict[str, str]:
+    """Every rank's ``mine`` merged (one all_gather of a few strings, at the end): each block's index digest
+    reaches the driver through rank 0's report."""
+    from raysub.engine.loop import dist_ready
+
+    if not dist_ready() or torch.distributed.get_world_size() == 1:
+        return dict(mine)
+    every: List[Optional[Dict[str, str]]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in (d or {}).items()}
 
 
 def _decide(flag: bool, device) -> bool:
@@ -340,13 +379,14 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
         DivergedError: the SGD loss or parameters became non-finite (no non-finite snapshot was written).
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.lock import fence, token_of
     from raysub.tracking import train_callbacks
 
     off = stream_plan(cfg, num_params, num_snaps) if num_params is not None else "sample.stream_gram=false"
     if off is not None and cfg.sample.stream_gram:
         printer(f"[sample] {off}: falling back to the post-hoc Gram in the basis stage")
     progress = make_progress_queue()
-    loop_config = {"cfg": cfg.to_dict(), "progress": progress, "stream_gram": off is None,
+    loop_config = {"cfg": cfg.to_dict(), "progress": progress, "stream_gram": off is None, "lock_token": token_of(run),
                    "basis_prefix": basis_prefix if off is None and cfg.sample.write_basis else None,
                    "fail_after_epoch": os.environ.get("RAYSUB_FAIL_AFTER_EPOCH"),
                    "pid_dir": os.environ.get("RAYSUB_PID_DIR"),  # testing hooks for real kills (loop.publish_pid)
@@ -363,22 +403,24 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
     if metrics.get("diverged"):
         raise DivergedError(loop.divergence_message("SGD sampling", metrics["diverged"],
                                                     f"lower sgd.lr (now {cfg.sgd.lr:g}) and rerun with --overwrite"))
-    blocks, shards = collect_trajectory(run)
-    from raysub.storage import sha256
-
-    shards["model.pt"] = sha256(run.read_bytes("model.pt"))
+    fence(run)  # a command whose lock was taken over while the workers ran reads and writes nothing more
+    # the writers' own digests, never a re-read's (another command's file would be committed as this one's); every
+    # index is verified against its writer's digest before its snapshots' checksums are taken from it
+    written = metrics.get("written") or {}
+    blocks, shards = collect_trajectory(run, {k: v for k, v in written.items() if k.endswith("/index.json")})
+    shards["model.pt"] = _reported(run, written, "model.pt")
 
     from raysub.pipeline.stream_gram import GRAM_REL
 
     gram = None
     if off is None:
-        gram = {"path": GRAM_REL, "sha256": sha256(run.read_bytes(GRAM_REL))}
+        gram = {"path": GRAM_REL, "sha256": _reported(run, written, GRAM_REL)}
         shards[GRAM_REL] = gram["sha256"]
     basis = None
     prefix = loop_config["basis_prefix"]
-    if prefix and run.exists(f"{prefix}/spectrum.json"):
-        record = run.read_json(f"{prefix}/spectrum.json")
-        record["sha256"] = sha256(run.read_bytes(f"{prefix}/spectrum.json"))
+    if prefix and f"{prefix}/spectrum.json" in written:
+        record = run.read_json(f"{prefix}/spectrum.json", written[f"{prefix}/spectrum.json"])
+        record["sha256"] = written[f"{prefix}/spectrum.json"]
         basis = (prefix, record)
     return {"history": metrics["history"], "step_losses": metrics["step_losses"], "window_s": metrics["window_s"],
             "window_epochs": metrics.get("window_epochs") or cfg.sample.epochs, "wall_s": wall,
@@ -386,23 +428,51 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
             "stream_gram": gram, "stream_off": off, "signals": metrics.get("signals", []), "basis": basis}
 
 
-def collect_trajectory(run: RunDir, shards=None):
+def _reported(run: RunDir, written: Dict[str, str], rel: str) -> str:
+    """The sha256 of ``rel`` as the worker that wrote it reported it."""
+    from raysub.errors import StorageError
+
+    if rel not in written:
+        raise StorageError(f"the sampler reported no checksum for {run.path(rel)} (a checkpoint of an older raysub): "
+                           f"resample with --overwrite")
+    return written[rel]
+
+
+def collect_trajectory(run: RunDir, shards=None, layout=None):
     """Read every block's index (verified against ``shards``, the manifest's checksums, when given); check all
     blocks hold the same snapshots. Returns (blocks, {path: sha256} of every snapshot and index).
 
+    With ``shards`` the blocks are those the manifest lists — ``layout`` (its ``blocks``: block, start, stop)
+    and its ``trajectory/block_BBB/index.json`` entries — never just the directories that happen to exist: each
+    must be there with every snapshot its index names (checked by listing, before a snapshot is read), a
+    directory the manifest does not list is refused, and the blocks must be the layout's (without one: cover
+    the parameter vector from 0 without a gap). Without ``shards`` the blocks are the directories (the
+    sampler, right after writing them).
+
     Raises:
-        StorageError: an index missing from the manifest, corrupted, not valid JSON or not a block index; blocks
-            that disagree.
+        StorageError: a listed block or snapshot missing; an index missing from the manifest, corrupted, not
+            valid JSON or not a block index; blocks that disagree, leave a gap or differ from the layout.
     """
+    import re
+
     from raysub.errors import StorageError
     from raysub.storage import sha256
 
-    names = [d for d in run.listdir("trajectory") if d.startswith("block_")]
+    resample = f"resample with 'raysub sample {run.arg('config.yaml')} --overwrite'"
+    present = [d for d in run.listdir("trajectory") if d.startswith("block_")]
+    names = present
+    if shards is not None:  # an unlisted directory among them is refused below: its index has no checksum
+        listed = {rel.split("/")[1] for rel in shards if re.fullmatch(r"trajectory/block_\d+/index\.json", rel)}
+        listed |= {f"block_{b['block']:03d}" for b in layout or ()}
+        names = sorted(listed | set(present))
     if not names:
         raise StorageError(f"{run.path('trajectory')} holds no trajectory blocks: run 'raysub sample' (or resample "
                            f"with --overwrite)")
     blocks, sums = [], {}
     for d in names:
+        if d not in present:
+            raise StorageError(f"{run.path('trajectory', d)} is missing, one of the {len(names)} trajectory blocks "
+                               f"the manifest lists: restore it, or {resample}")
         rel = f"trajectory/{d}/index.json"
         if shards is not None and rel not in shards:
             raise StorageError(f"{run.path(rel)} has no checksum in the manifest: resample with --overwrite")
@@ -411,11 +481,28 @@ def collect_trajectory(run: RunDir, shards=None):
                 and all(k in index for k in ("block", "start", "stop"))):
             raise StorageError(f"{run.path(rel)} is not a trajectory block index (block, start, stop, snapshots): "
                                f"resample with --overwrite")
+        if shards is not None:
+            files = {f"trajectory/{d}/{name}" for name in run.listdir("trajectory", d)}
+            gone = [s["path"] for s in index["snapshots"] if s["path"] not in files]
+            if gone:
+                raise StorageError(f"{run.path(gone[0])} is missing ({len(gone)} of the {len(index['snapshots'])} "
+                                   f"snapshots of {d}): restore it, or {resample}")
         sums[rel] = shards[rel] if shards is not None else sha256(run.read_bytes(rel))
         blocks.append(index)
     counts = {len(b["snapshots"]) for b in blocks}
     if len(counts) != 1:
         raise StorageError(f"trajectory blocks in {run.path('trajectory')} disagree on the number of snapshots "
                            f"{sorted(counts)}: resample with --overwrite")
+    if shards is not None:
+        edge = 0
+        for i, b in enumerate(sorted(blocks, key=lambda b: b["block"])):
+            want = layout[i] if layout is not None and i < len(layout) else {"block": i, "start": edge}
+            if any(b[k] != v for k, v in want.items() if k in ("block", "start", "stop")):
+                raise StorageError(f"the trajectory blocks the manifest of {run.uri} lists do not cover the parameter "
+                                   f"vector as its layout does (block {i}, from coordinate {edge}): {resample}")
+            edge = b["stop"]
+        if layout is not None and len(blocks) != len(layout):
+            raise StorageError(f"the manifest of {run.uri} lays the parameters out in {len(layout)} blocks but lists "
+                               f"{len(blocks)} trajectory blocks: {resample}")
     sums.update({s["path"]: s["sha256"] for b in blocks for s in b["snapshots"]})
     return blocks, sums

@@ -275,21 +275,26 @@ def basis_tile(coef_DT, W_Tn):
     return coef_DT @ (W_Tn[1:] - W_Tn[:-1])
 
 
-def close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> None:
+def close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> Dict[str, str]:
     """The window's end: rank 0 writes ``trajectory/gram.pt``; with ``sample.write_basis`` every rank writes its
-    block of the basis (`write_stream_basis`)."""
+    block of the basis (`write_stream_basis`). Returns {path: sha256} of the records this rank wrote (the writer's
+    digests, which the driver commits: it never hashes them by re-reading)."""
+    written = {}
     if rank == 0:
-        run.write_bytes(GRAM_REL, gram_bytes(stream.gram))
+        written[GRAM_REL] = run.write_bytes(GRAM_REL, gram_bytes(stream.gram))
     if basis_prefix:
-        write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
+        spectrum = write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
+        if spectrum is not None:
+            written[f"{basis_prefix}/spectrum.json"] = spectrum
+    return written
 
 
-def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, prefix: str) -> None:
+def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, prefix: str) -> Optional[str]:
     """Every rank writes its block U_b = D_bᵀ C V_D Σ_D⁻¹ of the basis from the block it holds (no read of the
     trajectory); rank 0 writes ``PREFIX/spectrum.json``, which the driver commits as the basis stage.
 
     V and Σ come from rank 0's eigh of the (identical) centred Gram, sent to every rank. A window whose rank is
-    below ``basis.dim`` writes nothing: the basis stage then reports it.
+    below ``basis.dim`` writes nothing: the basis stage then reports it. Returns rank 0's spectrum.json sha256.
     """
     import torch
     import torch.distributed as dist
@@ -313,7 +318,7 @@ def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, pref
             pass
     loop.all_reduce_sum_(ok)
     if ok.item() < 0.5:
-        return
+        return None
     loop.all_reduce_sum_(proj)  # rank 0's, on every rank
     coef_DT = increment_coefficients(proj)
     W = stream.W_TN[:T]
@@ -334,7 +339,9 @@ def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, pref
         blocks = [{"start": bounds[b["block"]][0], "stop": bounds[b["block"]][1], **b} for b in every]
         timings = {"load_s": 0.0, "gram_s": 0.0, "write_s": max(b["write_s"] for b in every),
                    "total_s": time.perf_counter() - t0}
-        run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings, "sampler"))
+        return run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings,
+                                                                         "sampler"))
+    return None
 
 
 def read_streamed_gram(run, manifest: Dict[str, Any]) -> Optional[np.ndarray]:

@@ -276,40 +276,59 @@ def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=pr
         return _sweep(cfg, info, run, resume, overwrite, say)
 
 
-def _write_theta0(cfg: Config, info: Dict[str, Any], run: RunDir) -> None:
-    """The sweep's θ0 — the basis run's when a family reads one (every family starts where the trajectory basis
-    was sampled), else the seeded model's — and the manifest that records its sha256."""
+def _sweep_theta0(cfg: Config, info: Dict[str, Any]):
+    """The bytes of the sweep's θ0: the basis run's ``theta0.pt`` when a family reads one (every family starts
+    where the trajectory basis was sampled; verified against that run's manifest), else the seeded model's."""
+    import io
+
+    import torch
+
+    from raysub.errors import StorageError
     from raysub.projections import PROJECTIONS
 
     if any(PROJECTIONS.meta(f).get("needs_basis_run") for f in cfg.sweep.families):
         source = RunDir(cfg.train.basis_run)
-        data = source.read_bytes("theta0.pt", source.manifest_checksum("theta0.pt"))
-        checksum = run.write_bytes("theta0.pt", data)
-    else:
-        checksum = run.write_torch("theta0.pt", info["model"].state_dict())
-    run.write_json("manifest.json", {"kind": "sweep", "num_params": info["num_params"], "stages": {},
+        checksum = source.manifest_checksum("theta0.pt")
+        if checksum is None:
+            raise StorageError(f"{source.path('theta0.pt')} has no checksum in {source.path('manifest.json')} "
+                               f"(train.basis_run): rerun that run with --overwrite, or pick another basis run")
+        return source.read_bytes("theta0.pt", checksum)
+    bio = io.BytesIO()
+    torch.save(info["model"].state_dict(), bio)
+    return bio.getvalue()
+
+
+def _write_theta0(run: RunDir, theta0, num_params: int) -> None:
+    """Write the sweep's θ0 (its bytes) and the manifest that records its sha256."""
+    checksum = run.write_bytes("theta0.pt", theta0)
+    run.write_json("manifest.json", {"kind": "sweep", "num_params": num_params, "stages": {},
                                      "shards": {"theta0.pt": checksum}})
 
 
 def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwrite: bool, say) -> Dict[str, Any]:
     from raysub.engine.cluster import ensure_ray
     from raysub.pipeline import prepare_run_dir
+    from raysub.pipeline.records import remove_temporaries
     from raysub.plots import plot_sweep
 
     resuming = prepare_run_dir(run, resume, overwrite, cfg)
     probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
     ensure_ray(probe, grow=False)
     max_concurrent = concurrency(cfg)  # raises before anything is written
+    own = resuming and run.exists("manifest.json")
+    # read (and verified) before anything is written: a resumed sweep goes on from its own θ0
+    theta0 = run.read_theta0() if own else _sweep_theta0(cfg, info)
     t0 = time.perf_counter()
     if not resuming:
         run.clear()
+    else:
+        remove_temporaries(run)  # what writes killed in the interrupted sweep left
     run.makedirs()
+    # run_dir is where this file is, the directory its rerun line names (a moved sweep's is rewritten)
     run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
                                               f"{run.arg('config.yaml')} --overwrite\n"))
-    if resuming and run.exists("manifest.json"):
-        run.read_theta0()  # verified: a resumed sweep goes on from its own θ0
-    else:
-        _write_theta0(cfg, info, run)
+    if not own:
+        _write_theta0(run, theta0, info["num_params"])
     n, seeds = info["num_params"], cfg.sweep.seeds
     say(f"[sweep] {cfg.model.name} on {cfg.data.name}: {n:,} parameters; families {', '.join(cfg.sweep.families)}; "
         f"seeds {seeds}; {cfg.train.epochs} epochs per trial; validation {cfg.data.val_fraction:.0%} of train")

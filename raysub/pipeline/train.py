@@ -34,6 +34,28 @@ from raysub.config import Config
 from raysub.storage import RunDir
 
 
+def trained_rel(label: str) -> str:
+    """Where a subspace training puts its trained z: ``train/LABEL.pt``."""
+    return f"train/{label}.pt"
+
+
+def read_trained(run: RunDir, label: str) -> Dict[str, Any]:
+    """The trained z of ``label`` ({"z", "dim", "projection", "projection_options", "buffers"}), verified
+    against the run's manifest.
+
+    Raises:
+        StorageError: no checksum in the manifest (not committed, or diverged), missing, or corrupted.
+    """
+    from raysub.errors import StorageError
+
+    rel = trained_rel(label)
+    checksum = run.manifest_checksum(rel)
+    if checksum is None:
+        raise StorageError(f"{run.path(rel)} has no checksum in {run.path('manifest.json')}: train '{label}' "
+                           f"(or retrain it with --overwrite)")
+    return run.read_torch(rel, checksum)
+
+
 def _restore(session: str, task: Task, z_D: torch.Tensor, opt) -> Dict[str, Any]:
     """The loop's state from the latest checkpoint Ray hands this run (z, optimizer and buffers restored in
     place; a divergence report as it is), or a fresh start."""
@@ -89,7 +111,10 @@ def _report_divergence(ctx, record: Dict[str, Any], history, step_losses, now: f
 
 def subspace_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train worker or Tune trial). ``config``: {"cfg": Config dict, "progress": Queue or
-    None, "session", "sweep", "fail_after_epoch"}."""
+    None, "session", "sweep", "fail_after_epoch", "lock_token" (`raysub.lock.fence` before rank 0's writes)}.
+
+    The last report carries ``written``: {``train/LABEL.pt``: its sha256, as rank 0 wrote it}."""
+    from raysub.lock import fence
     from raysub.optim import build_optimizer
 
     ctx = loop.worker_context(config)
@@ -126,36 +151,42 @@ def subspace_loop(config: Dict[str, Any]) -> None:
             record["step_stats"] = step_stats
         history.append(record)
         last = epoch + 1 == cfg.train.epochs and not config.get("sweep")  # Tune keeps every epoch's row
+        written = {}
+        if last and ctx.rank == 0:  # the trained model is θ0 + P z with these buffers
+            fence(ctx.run, config.get("lock_token"))
+            written[trained_rel(cfg.train_label)] = ctx.run.write_torch(trained_rel(cfg.train_label), {
+                "z": z_D.detach().cpu(), "dim": task.dim, "projection": cfg.train.projection,
+                "projection_options": dict(cfg.train.projection_options),  # z's coordinates (dldr scale)
+                "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}})
         metrics = {**record, "z_norm": float(z_D.norm()),
-                   **({"history": history, "step_losses": step_losses} if last else {})}
+                   **({"history": history, "step_losses": step_losses, "written": written} if last else {})}
         if ctx.rank == 0 and ctx.progress is not None:
             ctx.progress.put(record)
         ckpt = {"z": z_D.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history,
                 "step_losses": step_losses, "elapsed": now,
                 "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}}
+        if ctx.rank == 0:
+            fence(ctx.run, config.get("lock_token"))  # the checkpoint lands in RUN/checkpoints
         loop.report(metrics, ckpt if ctx.rank == 0 else None, ctx.session)
         loop.maybe_inject_failure(ctx.run, epoch + 1, config.get("fail_after_epoch"))
-    if ctx.rank == 0 and not config.get("sweep"):
-        # the trained model is θ0 + P z with these buffers
-        ctx.run.write_torch(f"train/{cfg.train_label}.pt", {
-            "z": z_D.detach().cpu(), "dim": task.dim, "projection": cfg.train.projection,
-            "projection_options": dict(cfg.train.projection_options),  # z's coordinates (dldr scale)
-            "buffers": {k: v.detach().cpu() for k, v in task.model.named_buffers()}})
 
 
 def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
     """Driver side: run `subspace_loop` on Ray Train.
 
     Returns:
-        {"history", "step_losses", "wall_s", "diverged"}: the completed epochs' records and global step
+        {"history", "step_losses", "wall_s", "diverged", "written"}: the completed epochs' records and global step
         losses (all finite); ``diverged`` is None, or the record of the epoch that diverged ({"stage", "epoch",
-        "step", "loss", "reason"}, see `divergence_line`), in which case no ``train/LABEL.pt`` was written.
+        "step", "loss", "reason"}, see `divergence_line`), in which case no ``train/LABEL.pt`` was written;
+        ``written``: {``train/LABEL.pt``: sha256} as rank 0 wrote it.
     """
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.lock import fence, token_of
     from raysub.tracking import train_callbacks
 
     progress = make_progress_queue()
-    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress}, cfg,
+    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress, "lock_token": token_of(run)},
+                            cfg,
                             f"train-{cfg.train_label}", run.ray_storage("checkpoints"),
                             callbacks=train_callbacks(cfg, run, f"train-{cfg.train_label}"))  # raysub.tracking
     t0 = time.perf_counter()
@@ -163,5 +194,7 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         result = fit_with_progress(trainer, progress, printer)
     except Exception as exc:
         raise unwrap_train_error(exc)
+    fence(run)  # a command whose lock was taken over while the workers ran writes nothing more
     return {"history": result.metrics["history"], "step_losses": result.metrics["step_losses"],
-            "wall_s": time.perf_counter() - t0, "diverged": result.metrics.get("diverged")}
+            "wall_s": time.perf_counter() - t0, "diverged": result.metrics.get("diverged"),
+            "written": result.metrics.get("written") or {}}
