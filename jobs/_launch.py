@@ -75,7 +75,7 @@ def run_dir_of(command: str, positionals: Sequence[str]) -> Optional[str]:
     """The run directory a command will use (None when the config does not load: the CLI reports that)."""
     from raysub.cli import QUICKSTART, resolve_config
     from raysub.config import load_config
-    from raysub.errors import ConfigError
+    from raysub.errors import RaysubError
 
     if command in ("basis", "train"):
         return positionals[0] if positionals else None
@@ -83,7 +83,7 @@ def run_dir_of(command: str, positionals: Sequence[str]) -> Optional[str]:
     config = resolve_config(positionals[0]) if has_config else QUICKSTART
     try:
         return load_config(config, positionals[1:] if has_config else positionals).run_dir
-    except ConfigError:
+    except RaysubError:
         return None
 
 

@@ -183,21 +183,6 @@ def table(rows: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(format_table(lines))
 
 
-def smooth(values: Sequence[Optional[float]], window: int) -> List[Optional[float]]:
-    """Trailing moving average over the last ``window`` finite values (non-finite stays None)."""
-    out: List[Optional[float]] = []
-    buf: List[float] = []
-    for v in values:
-        if v is None or not math.isfinite(v):
-            out.append(None)
-            continue
-        buf.append(v)
-        if len(buf) > window:
-            buf.pop(0)
-        out.append(sum(buf) / len(buf))
-    return out
-
-
 def plot(run, summary: Dict[str, Any], arms: Sequence[str]) -> None:
     """plots/cgqn_vs_sgd.png: training loss per step (faint: raw; line: trailing mean) from curves/LABEL.json,
     and test accuracy per epoch from summary.json's history."""
@@ -209,6 +194,8 @@ def plot(run, summary: Dict[str, Any], arms: Sequence[str]) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    from raysub.metrics import smoothed
+
     colors = {"sgd": "tab:blue", "cgqn": "tab:red", "cgqn_undamped": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     epochs = max(1, max(summary["results"][a]["epochs"] for a in arms))
@@ -218,7 +205,7 @@ def plot(run, summary: Dict[str, Any], arms: Sequence[str]) -> None:
         finite = [(i + 1, v) for i, v in enumerate(losses) if v is not None and math.isfinite(v)]
         window = max(1, len(losses) // (20 * epochs))
         windows.add(window)
-        sm = [(i + 1, v) for i, v in enumerate(smooth(losses, window)) if v is not None]
+        sm = [(i + 1, v) for i, v in enumerate(smoothed(losses, window, skip_nonfinite=True)) if v is not None]
         if finite:
             ax1.plot(*zip(*finite), color=colors.get(arm), alpha=0.15, lw=0.6)
         label = arm + ("" if len(finite) == len(losses) else f" ({len(losses) - len(finite)} non-finite steps)")
@@ -300,7 +287,7 @@ def main(argv=None) -> int:
     from raysub.cli import resolve_config
     from raysub.config import load_config
     from raysub.engine.cluster import unwrap_train_error
-    from raysub.errors import ConfigError
+    from raysub.errors import RaysubError
 
     positionals = list(ns.args)
     config = DEFAULT_CONFIG
@@ -317,7 +304,7 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:
         err = unwrap_train_error(exc)
-        if not isinstance(err, ConfigError):
+        if not isinstance(err, RaysubError):
             raise
         print(f"{PROG}: error: {'; '.join(err.problems)}", file=sys.stderr, flush=True)
         return 2

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     from raysub.cli import resolve_config
     from raysub.config import load_config
-    from raysub.errors import ConfigError
+    from raysub.errors import ConfigError, RaysubError
     from raysub.l2o import metatest
     from raysub.plots import plot_meta_test
     from raysub.storage import RunDir, strict_json
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         record = metatest.meta_test(cfg, weights, steps, horizons, ns.seeds, ns.val_seeds, grids, ns.z0_std,
                                     say=lambda s: print(s, flush=True), progress_every=ns.progress_every)
-    except ValueError as exc:  # ConfigError is one; so is a bad number in --horizons
-        problems = exc.problems if isinstance(exc, ConfigError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
+    except (RaysubError, ValueError) as exc:  # ours, or a bad number in --horizons
+        problems = exc.problems if isinstance(exc, RaysubError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
         print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
                                                f"{out.arg('config.yaml')} --weights ... --out {out.uri} --overwrite\n"))
     out.write_json("meta_test.json", record)
     plot_meta_test(out, record)
-    print(metatest.format_table(record), flush=True)
+    print(metatest.meta_test_table(record), flush=True)
     print(f"{PROG}: {out.arg('meta_test.json')}, {out.arg('loss_curves.png')}", flush=True)
     print(json.dumps(strict_json(headline(record))), flush=True)
     return 0

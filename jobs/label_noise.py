@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from raysub.pipeline.basis import basis_dir
     from raysub.cli import resolve_config
     from raysub.config import load_config
-    from raysub.errors import ConfigError
+    from raysub.errors import ConfigError, RaysubError
     from raysub.storage import RunDir, join_uri
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             rows.append({"c": c, **{f"psgd_d{d}": res[f"psgd_d{d}"]["test_acc"] for d in dims},
                          "sgd_final": res["sgd"]["test_acc"],
                          "sgd_best": max(h["test_acc"] for h in res["sgd"]["history"])})
-    except ConfigError as exc:
+    except RaysubError as exc:
         print(f"label_noise: error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
     methods = [f"psgd_d{d}" for d in dims] + ["sgd_final", "sgd_best"]

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from raysub import pipeline
     from raysub.cli import resolve_config
     from raysub.config import load_config
-    from raysub.errors import ConfigError
+    from raysub.errors import RaysubError
     from raysub.pipeline.plan import plan
     from raysub.storage import RunDir
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         # a complete base with this config is skipped; one started with another config is refused, not reused
         pipeline.stage_sample(base_cfg, resume=True)
         result = pipeline.train_from_config(uv_cfg, resume=True)
-    except ConfigError as exc:
+    except RaysubError as exc:
         print(f"vit_uv: error: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
     base_acc = pipeline.read_summary(base)["results"]["sgd"]["test_acc"]

@@ -80,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = credentials.clean_args(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as exc:
         print(f"raysub: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     parser = argparse.ArgumentParser(prog="raysub", description="Train neural networks in tiny subspaces on Ray.",
                                      allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
@@ -125,8 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ns = _parse_anywhere(parser, argv)
 
     from raysub.engine.cluster import unwrap_train_error
-    from raysub.errors import EXIT_DIVERGED, ConfigError, DivergedError
-    from raysub.lock import lost_lock
+    from raysub.errors import RaysubError
+    from raysub.lock import RunLocked, lost_lock
 
     try:
         try:
@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if lost is None or ns.debug:
                 raise
             print(f"raysub: error: {lost}", file=sys.stderr)
-            return 2
+            return RunLocked.exit_code
     except KeyboardInterrupt:
         if ns.debug:
             raise
@@ -146,9 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         err = unwrap_train_error(exc)
         if ns.debug:
             raise
-        if isinstance(err, ConfigError):
+        if isinstance(err, RaysubError):  # each type carries its exit code: no special cases here
             print(f"raysub: error: {'; '.join(err.problems)}", file=sys.stderr)
-            return EXIT_DIVERGED if isinstance(err, DivergedError) else 2
+            return err.exit_code
         log = _write_log(getattr(ns, "run_uri", None), exc)
         print(f"raysub: error: {describe_failure(exc)}; full traceback in {log} (or rerun with --debug); fix the "
               f"cause and continue with: {resume_command(argv)}", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, StorageError
 
 
 @dataclass
@@ -411,7 +411,7 @@ def _spelled(kind, construct):
             number = kind(construct(loader, node))
         except ValueError:  # Python's limit on the digits of an int (4,300)
             raise _Refused(f"a number of {len(node.value):,} characters at {_at(node.start_mark)}",
-                           f"integers fit in 64 bits (below 2**63)") from None
+                           "integers fit in 64 bits (below 2**63)") from None
         number.text = node.value
         return number
 
@@ -688,7 +688,7 @@ def run_of_config(path: str) -> Optional[str]:
     run = parent if "://" in parent else _normalise_dir(parent)
     try:
         return run if RunDir(run).exists("manifest.json") or RunDir(run).exists("tune") else None
-    except (OSError, ConfigError):  # unreachable storage or a malformed URI: not a run we can tell
+    except (OSError, ConfigError, StorageError):  # unreachable storage or a malformed URI: not a run we can tell
         return None
 
 

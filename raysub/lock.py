@@ -42,15 +42,15 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import pyarrow.fs as pafs
 
 from raysub import credentials
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, RaysubError, StorageError
 from raysub.storage import LOCK, RunDir
 
 _held: Dict[str, "RunLock"] = {}  # uri -> the lock this process holds on it
 _lost: Dict[str, str] = {}  # uri -> why this process's lock on it was lost (read by the CLI after the command)
 
 
-class RunLocked(ConfigError):
-    """The run directory is in use by another command."""
+class RunLocked(RaysubError):
+    """The run directory is in use by another command (exit 2, as a bad input: choose another or wait)."""
 
 
 def _now() -> float:
@@ -149,7 +149,7 @@ class RunLock:
             record = json.loads(self.run.read_bytes(LOCK).to_pybytes())
             if isinstance(record, dict):
                 return record
-        except ConfigError:  # missing
+        except StorageError:  # missing (read_bytes says so with a StorageError)
             return None
         except ValueError:
             pass
@@ -399,7 +399,7 @@ def fence(run: RunDir, token: Optional[str] = None) -> None:
         return
     try:
         record = json.loads(run.read_bytes(LOCK).to_pybytes())
-    except ConfigError:  # missing: the new owner has finished and released it
+    except StorageError:  # missing: the new owner has finished and released it
         record = None
     except ValueError:
         record = {"command": "? (an unreadable lock file)"}

@@ -131,7 +131,7 @@ def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from raysub.l2o.metatest import smoothed
+    from raysub.metrics import smoothed
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, o in record["optimizers"].items():

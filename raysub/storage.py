@@ -485,8 +485,8 @@ class ColumnWriter:
         self.schema = pa.schema([(f"u{k}", pa.from_numpy_dtype(self.dtype)) for k in range(num_columns)])
         self.writer = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), self.schema)
 
-    def write(self, tile_DK: np.ndarray) -> None:
-        arrays = [pa.array(np.ascontiguousarray(row, dtype=self.dtype)) for row in tile_DK]
+    def write(self, tile_Dn: np.ndarray) -> None:  # D rows, a tile of n of the N coordinates
+        arrays = [pa.array(np.ascontiguousarray(row, dtype=self.dtype)) for row in tile_Dn]
         self.writer.write_batch(pa.record_batch(arrays, schema=self.schema))
 
     def close(self) -> None:

@@ -1,6 +1,19 @@
-"""Shared fixtures. Ray integration tests share one session-scoped local Ray cluster (4 logical CPUs, so two
-Train workers, the Train controller and the basis actors fit on a 2-core machine)."""
+"""Shared fixtures and the test tiers.
+
+Ray integration tests share one session-scoped local Ray cluster (4 logical CPUs, so two Train workers, the Train
+controller and the basis actors fit on a 2-core machine).
+
+Every test lands in exactly one tier (markers registered in pyproject.toml), decided at collection:
+- ``system``: marked by hand (``pytestmark`` or a decorator) on tests that start their own cluster, server or process;
+- ``integration``: tests that use the shared ``ray_session`` fixture, directly or through another fixture;
+- ``unit``: everything else. A guard makes a unit test fail loudly if it starts Ray, a subprocess or a server, so the
+  tier stays cheap (``python -m pytest -q -m unit``).
+Each tier has its own per-test timeout (pytest-timeout), unless a test sets one itself.
+"""
 import os
+import subprocess
+import socket
+import threading
 
 import pytest
 
@@ -11,6 +24,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysub-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raysub-test")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+TIERS = ("unit", "integration", "system")
+# Seconds per test, fixture set-up included (a module fixture's run counts against its first test). Generous: a
+# timeout is there to end a hung test with a traceback, not to time the healthy ones (--durations does that).
+TIMEOUT_S = {"unit": 120, "integration": 600, "system": 900}
+SLOW_TIMEOUT_S = 1800  # `slow` and `gpu` tests run for minutes by design
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +54,97 @@ def has_gpu() -> bool:
         return False
 
 
+def tier_of(item) -> str:
+    """The one tier of a collected test: explicit ``system`` wins, then the shared Ray session, else ``unit``."""
+    if item.get_closest_marker("system"):
+        return "system"
+    if "ray_session" in item.fixturenames or item.get_closest_marker("integration"):
+        return "integration"
+    return "unit"
+
+
 def pytest_collection_modifyitems(config, items):
-    if has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = None if has_gpu() else pytest.mark.skip(reason="needs a CUDA GPU")
+    timeouts = config.pluginmanager.hasplugin("timeout")  # pytest-timeout, from the `test` extra
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        tier = tier_of(item)
+        if tier != "system":  # system is marked by hand already
+            item.add_marker(getattr(pytest.mark, tier))
+        if timeouts and not item.get_closest_marker("timeout"):
+            long = item.get_closest_marker("slow") or item.get_closest_marker("gpu")
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S if long else TIMEOUT_S[tier]))
+        if skip_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+# --- the unit-tier guard ----------------------------------------------------------------------------------------
+# Installed once for the session and armed only while a `unit` test runs (its fixtures' set-up and tear-down
+# included, so a module fixture that starts a server is caught too). In the test's own thread it fails at once; a
+# server started in a helper thread (moto's) is let run, so that nothing hangs waiting for it, and the test is
+# failed when it ends.
+_unit_test_running = False
+_violations: list[str] = []
+
+
+def _refuse(what: str) -> None:
+    if not _unit_test_running:
+        return
+    message = (f"a unit test {what}: mark it integration (use ray_session) or system (pytestmark), "
+               "see tests/conftest.py")
+    _violations.append(message)
+    if threading.current_thread() is threading.main_thread():
+        # pytest.fail raises a BaseException: an `except Exception` in the code under test cannot swallow it
+        pytest.fail(message)
+
+
+def _guard(owner, name: str, what: str, allow=lambda *args: False) -> None:
+    original = getattr(owner, name)
+
+    def guarded(*args, **kwargs):
+        if not allow(*args):
+            _refuse(what)
+        return original(*args, **kwargs)
+
+    guarded.__wrapped__ = original
+    setattr(owner, name, guarded)
+
+
+# Commands that libraries run for a millisecond to probe the machine, no process a test starts: `git` (a new
+# manifest records the code revision), `uname -p` (platform.processor(), on importing mlflow), `ldconfig -p`
+# (ctypes.util.find_library).
+PROBES = {"git", "uname", "ldconfig"}
+
+
+def _is_probe(popen, args, *rest) -> bool:
+    argv0 = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+    return os.path.basename(os.fsdecode(argv0)) in PROBES
+
+
+def pytest_configure(config):
+    import ray  # the guard wraps ray.init; every Ray call that starts a cluster (auto-init included) goes through it
+
+    _guard(ray, "init", "started Ray")
+    _guard(subprocess.Popen, "_execute_child", "started a subprocess", allow=_is_probe)  # every Popen, run, ...
+    _guard(socket.socket, "listen", "started a server")  # any listening socket: HTTP, moto, a fake endpoint
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _unit_test_running
+    _unit_test_running = item.get_closest_marker("unit") is not None
+    _violations.clear()
+    try:
+        yield
+    finally:
+        _unit_test_running = False
+        _violations.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _violations and report.passed:  # caught in another thread only: the test itself did not fail
+        report.outcome = "failed"
+        report.longrepr = _violations[0]
+    _violations.clear()  # reported once, in the phase (set-up, call, tear-down) where it happened

@@ -89,7 +89,7 @@ def test_time_to_accuracy_figures_on_a_hand_made_record(tta):
     at epoch 2 (elapsed 8 s; epoch 3 is better but later); the window took 12 s and the ranks wrote the basis
     (its 0.5 s inside the window): pipeline 20 s, 0.40 of full SGD and 0.667 of SGD to target. Catches the
     rank-written basis counted twice, the best epoch instead of the first reaching, and swapped denominators."""
-    hist = lambda accs, dt: [{"epoch": i + 1, "test_acc": a, "elapsed_s": dt * (i + 1)}  # noqa: E731
+    hist = lambda accs, dt: [{"epoch": i + 1, "test_acc": a, "elapsed_s": dt * (i + 1)}
                              for i, a in enumerate(accs)]
     ref = {"results": {"sgd": {"test_acc": 0.90, "epochs": 5, "wall_s": 50.0,
                                "history": hist([0.8, 0.85, 0.896, 0.89, 0.90], 10.0)}}}

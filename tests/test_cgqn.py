@@ -247,7 +247,7 @@ def test_orthonormal_mode_is_newton_in_the_span_and_sgd_outside():
 
     # orthogonal class gradients: both modes are eq. 15
     ortho, _ = torch.linalg.qr(torch.randn(D, C, dtype=torch.float64))
-    opt.m_KD.copy_(ortho.T * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)[:, None])
+    opt.m_CD.copy_(ortho.T * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)[:, None])
     ortho_step = opt.direction(g)
     opt.mode = "paper"
     torch.testing.assert_close(opt.direction(g), ortho_step, rtol=1e-9, atol=1e-12)
@@ -277,14 +277,14 @@ def test_ema_bias_correction_at_t1_gives_the_batch_values_and_absent_classes_kee
     step_at(task, z, opt, x, y)
     torch.testing.assert_close(opt.lambdas()[:3], lam_hand[:3], rtol=1e-12, atol=0)
     torch.testing.assert_close(opt.class_gradients()[:3], c_hand[:3], rtol=1e-10, atol=1e-13)
-    assert opt.t_K.tolist() == [1, 1, 1, 0]
+    assert opt.t_C.tolist() == [1, 1, 1, 0]
     assert float(opt.lambdas()[3]) == 1.0 and torch.count_nonzero(opt.class_gradients()[3]) == 0  # λ^(0), c^(0)
 
     # a batch without class 0: its EMA (and its count) stay as they were
-    m0, s0 = opt.m_KD[0].clone(), opt.s_K[0].clone()
+    m0, s0 = opt.m_CD[0].clone(), opt.s_C[0].clone()
     step_at(task, z, opt, *batch(9, dtype=torch.float64, seed=2, labels=[1, 2, 3, 1, 2, 3, 1, 2, 3]))
-    assert opt.t_K.tolist() == [1, 2, 2, 1]
-    assert torch.equal(opt.m_KD[0], m0) and torch.equal(opt.s_K[0], s0)
+    assert opt.t_C.tolist() == [1, 2, 2, 1]
+    assert torch.equal(opt.m_CD[0], m0) and torch.equal(opt.s_C[0], s0)
     # t = 2 for class 1: (1-γ)/(1-γ²) (γ λ_1² + λ_2²) under the root
     assert float(opt.lambdas()[1]) > 0
 

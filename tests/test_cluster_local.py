@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROBE = """
 import json, os
 import ray
@@ -52,6 +54,7 @@ def test_is_loopback_helper():
     assert [is_loopback(ip) for ip in ("0.0.0.0", "::", "192.0.2.2", "fd00::2", "::ffff:192.0.2.2")] == [False] * 5
 
 
+@pytest.mark.system  # a fresh Ray cluster in a subprocess
 def test_local_cluster_listens_on_loopback_only():
     """Catches a local cluster reachable from the network: ensure_ray without a loopback node IP (Ray's default
     binds gRPC to ``::`` and the agents/metrics to 0.0.0.0 and the machine's IP), or passing

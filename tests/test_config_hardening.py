@@ -341,6 +341,7 @@ def test_dumped_config_has_no_aliases_and_reads_back():
     assert Config.from_dict(load_yaml(cfg.to_yaml())) == cfg
 
 
+@pytest.mark.system  # moto's S3 server
 def test_a_moved_runs_config_on_object_storage(fake_run):
     """The same on S3 (moto's loopback server): the run is where config.yaml was read, its URI query kept."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] runs the S3 server")

@@ -263,6 +263,7 @@ case "$*" in *install*) [ "$CI_APT_RC" = 0 ] && touch "$CI_DATA"; exit "$CI_APT_
 
 @pytest.mark.parametrize("installed, apt_rc, rc", [(True, 100, 0), (False, 0, 0), (False, 100, 1)],
                          ids=["installed", "installs", "install-fails"])
+@pytest.mark.system  # runs .ci/run in bash
 def test_ci_script_requires_fashion_mnist(tmp_path, installed, apt_rc, rc):
     """.ci/run with python3 and apt-get stubbed: with the data present (or installed by apt-get) it runs pytest
     with RAYSUB_REQUIRE_FASHION_MNIST=1 and apt-get only when needed; a failed install stops CI with a non-zero

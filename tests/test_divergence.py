@@ -82,7 +82,7 @@ def test_a_diverged_seed_fails_its_point_and_is_named_under_the_table():
                "target": 0.485, "seeds": [0, 1, 2, 3], "wall_s": 1.0, "trials": rows,
                "families": {"fastjl": {"d_int": 100, "val_acc": 0.6, "test_acc": 0.6, "trials": 8, "train_s": 8.0,
                                        "max_dim": 100}}}
-    assert sweep.results_table(summary).splitlines()[-1] == "diverged, so failing their d: fastjl d=10 seed 3 (epoch 2)"
+    assert sweep.sweep_table(summary).splitlines()[-1] == "diverged, so failing their d: fastjl d=10 seed 3 (epoch 2)"
     rows_csv = list(csv.DictReader(io.StringIO(sweep._csv(rows))))
     assert [r["diverged"] for r in rows_csv] == ["", "", "", "2", "", "", "", ""]
 

@@ -2,7 +2,6 @@
 form, the closure of same-batch re-evaluations, the data order of a subspace run, and the progress relay."""
 import math
 
-import pytest
 import torch
 
 from raysub.config import load_config

@@ -57,6 +57,7 @@ def colour_root(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.system  # ImageNet end to end
 def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_root, tmp_path, monkeypatch, capsys):
     """`python jobs/imagenet_resnet18.py --recipe pbfgs` (the paper's recipe: 3 snapshots per epoch, d-dim basis,
     then P-BFGS), shrunk: 32² crops, 2 gloo workers with channels_last, 2 SGD epochs of 3 steps (7 snapshots),

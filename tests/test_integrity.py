@@ -232,6 +232,7 @@ def test_lock_records_its_owner_and_refuses_a_second_command(tmp_path):
     assert not (tmp_path / "run").exists()  # created by the lock, left empty: removed
 
 
+@pytest.mark.system  # a second process holds or held the lock
 def test_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
     """A killed command (same host, pid gone) must not block `--resume` until a timeout."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -318,6 +319,7 @@ def test_lock_is_reentrant_and_overwrite_keeps_it(tmp_path):
     assert not (tmp_path / LOCK).exists()
 
 
+@pytest.mark.system  # a second process holds or held the lock
 def test_second_cli_command_is_refused_while_another_process_holds_the_lock(tmp_path):
     """Real processes: a holder, then `raysub run --overwrite` (which used to kill the first with a traceback):
     exit 2, one line naming the holder's pid, the holder's directory untouched. Then the holder is SIGKILLed and

@@ -33,7 +33,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray")
-pytestmark = pytest.mark.skipif(RAY is None, reason="the `ray` CLI is not on PATH (pip install 'ray[default]')")
+pytestmark = [pytest.mark.system,  # its own `ray start --head` cluster and job-submission subprocesses
+              pytest.mark.skipif(RAY is None, reason="the `ray` CLI is not on PATH (pip install 'ray[default]')")]
 
 # The quickstart cut to 3 sampled epochs (7 snapshots with θ0), a 3-dim basis and 2 P-SGD epochs.
 SMALL = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshots_per_epoch=2", "basis.dim=3", "train.epochs=2",

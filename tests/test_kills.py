@@ -29,7 +29,11 @@ from raysub import pipeline
 from raysub.config import load_config
 from raysub.pipeline.basis import load_basis
 from raysub.pipeline.sample import collect_trajectory
-from raysub.storage import RunDir, decode_vector
+from raysub.storage import RunDir
+
+from helpers import trajectory  # tests/helpers.py
+
+pytestmark = pytest.mark.system  # real kill -9s of workers, actors and drivers; a multi-node cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "basis.dim=5", "data.batch_size=64",
@@ -38,17 +42,6 @@ BASE = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "bas
 
 def quiet(_line):
     pass
-
-
-def trajectory(run_dir) -> np.ndarray:
-    """The T×N trajectory from the blocks' indexes, checking every snapshot is there exactly once, in order."""
-    run = RunDir(run_dir)
-    blocks, _ = collect_trajectory(run)
-    for b in blocks:
-        index = run.read_json(f"trajectory/block_{b['block']:03d}/index.json")["snapshots"]
-        assert [s["snapshot"] for s in index] == list(range(len(index))), [s["snapshot"] for s in index]
-    return np.stack([np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"]))
-                                     for b in blocks]) for s in range(len(blocks[0]["snapshots"]))])
 
 
 @pytest.fixture(scope="module")

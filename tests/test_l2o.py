@@ -18,7 +18,6 @@ from raysub.l2o import (
     LearnedOptimizerConfig, adam_like_params, features, init_params, init_state, load_learned_optimizer, moments,
     save_learned_optimizer, unroll_meta_grad, update,
 )
-from raysub.l2o.optimizer import LearnedOptimizer
 from raysub.optim import build_optimizer, check_optimizer
 from raysub.projections import MatrixProjection
 

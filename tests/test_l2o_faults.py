@@ -104,7 +104,6 @@ def kill_at(monkeypatch, k):
     """From the ``k``-th write, rename or delete into a run on, every one fails: the process is dead. The lock
     file is left out (in this process a dead owner's lock would be a live one's; `test_lock.py` covers
     takeovers). Returns the counter: ``calls[0]`` writes happened."""
-    import pyarrow.fs as pafs
 
     calls = [0]
     real_write, real_delete = RunDir.write_bytes, RunDir.delete

@@ -269,7 +269,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, ray_session):
                          / "checkpoint.pt", weights_only=False) for d in "ab")
     for k in pa:
         assert torch.equal(pa[k], pb[k]) and torch.equal(ca["phi"][k], cb["phi"][k]), k
-    nowall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    nowall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
     assert nowall(ca["history"]["meta"]) == nowall(cb["history"]["meta"])
     assert cb["optimizees"][0]["step"] == ca["optimizees"][0]["step"] == 2  # 4 unrolls of 2 = 6 + 2
 

@@ -12,7 +12,8 @@ import torch
 from raysub.cli import QUICKSTART
 from raysub.config import load_config
 from raysub.l2o import metatest
-from raysub.l2o.metatest import mean_std, pick_lr, smoothed, speedup, steps_to_reach, summarize
+from raysub.l2o.metatest import mean_std, pick_lr, speedup, steps_to_reach, summarize
+from raysub.metrics import smoothed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=10", "data.augment=false",

@@ -338,6 +338,7 @@ def test_a_refused_run_keeps_the_parents_that_were_there(tmp_path, monkeypatch, 
     assert sorted(os.listdir(tmp_path)) == ["keep", "runs"] and os.listdir(tmp_path / "keep") == []
 
 
+@pytest.mark.system  # a real command in a subprocess
 def test_the_heartbeat_stops_a_command_whose_lock_was_taken_over_with_one_line(tmp_path):
     """A real process: its lock record disappears (the new owner finished and released it) while it runs. Catches a
     command that runs on to exit 0 (the heartbeat re-created the lock), one that writes an error log into the

@@ -8,7 +8,7 @@ from torch import nn
 
 from raysub.config import load_config
 from raysub.engine.flat import param_layout
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, StorageError
 from raysub.models.lowrank import LowRankLinear, apply_uv, fold_uv, uv_problems
 
 
@@ -156,6 +156,20 @@ def test_uv_problems_of_the_config_section():
     problems = uv_problems(cfg.model.uv)
     assert len(problems) == 3 and "model.uv.rank=0" in problems[0]
     assert uv_problems(load_config(None).model.uv) == []  # unset: no reparametrisation
+
+
+def test_the_config_and_a_direct_call_check_uv_settings_with_one_copy():
+    """`uv_problems` (the plan) and `apply_uv` (a direct call) said different things about the same settings:
+    σ = 0 got two messages, and a direct call stopped at the first problem. Now one list, the same lines."""
+    cfg = load_config(None, ["model.uv.rank=0", "model.uv.init_std=0", "model.uv.targets=[]"])
+    problems = uv_problems(cfg.model.uv)
+    assert problems == ["model.uv.rank=0: must be a positive integer ≤ min(d1, d2) of the layers (SL2O uses 16); "
+                        "leave it unset for no UV reparametrisation",
+                        "model.uv.targets is empty: name the linear layers to reparametrise, e.g. [q, k, v, out]",
+                        f"model.uv.init_std={cfg.model.uv.init_std!r}: must be a finite number > 0 (default 1/√rank)"]
+    with pytest.raises(ConfigError) as err:
+        apply_uv(tiny(), 0, targets=(), init_std=cfg.model.uv.init_std)
+    assert err.value.problems == problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +321,7 @@ def test_init_from_problems_are_one_line_errors(tmp_path, setup, fragment):
         open(base / "model.pt", "wb").write(bytes(data))
     cfg = load_config(None, [f"run_dir={tmp_path}/r", "model.name=mlp", "model.options.hidden=[32,16]",
                              f"train.init_from={base}"])
-    with pytest.raises(ConfigError) as err:  # StorageError is one too
+    with pytest.raises((ConfigError, StorageError)) as err:  # a corrupted model.pt is a StorageError
         plan(cfg)
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "r").exists()

@@ -1,5 +1,6 @@
 """`convergence_step` against hand-computed cases of SL2O §4.1: training converged at step t if
 std(L_{t−19}, …, L_t) < 0.1 and L_t < L* + 0.1, L* the globally minimal training loss; steps count from 1."""
+import math
 import numpy as np
 import pytest
 
@@ -44,3 +45,19 @@ def test_convergence_step_on_a_decaying_curve():
     L = np.array(losses)
     expect = next(i + 1 for i in range(19, len(L)) if L[i - 19 : i + 1].std() < 0.1 and L[i] < L.min() + 0.1)
     assert convergence_step(losses) == expect
+
+
+def test_smoothed_is_one_implementation_with_two_nonfinite_policies():
+    """One trailing mean for every curve (meta-testing's `smoothed` and the class-gradient QN plot's `smooth`
+    were two, differing in NaN handling): by default a non-finite value makes every later entry non-finite; with
+    skip_nonfinite it gives None and the windows hold the last finite values."""
+    from raysub import metrics
+    from raysub.l2o import metatest
+
+    assert metatest.smoothed is metrics.smoothed
+    nan = float("nan")
+    assert metrics.smoothed([4, 2, 6, 0, 8], window=2) == [4, 3, 4, 3, 4]
+    out = metrics.smoothed([4, nan, 2, 6], window=2)
+    assert out[0] == 4 and all(math.isnan(v) for v in out[1:])  # a diverged run stays diverged
+    assert metrics.smoothed([4, nan, 2, None, float("inf"), 6], window=2, skip_nonfinite=True) == \
+        [4, None, 3, None, None, 4]

@@ -221,9 +221,9 @@ def test_pbfgs_y_same_batch_takes_y_from_one_batch(same):
                for a, m in ((0.5, 0.0), (1.0, 1.0))]
     z = torch.tensor([1.0], dtype=torch.float64)
     opt = build_optimizer("pbfgs", z, TrainConfig(optimizer="pbfgs", optimizer_options={"y_same_batch": same}))
-    B = lambda: float(opt.B)  # noqa: E731
+    B = lambda: float(opt.B)
     # the batch's g̃ and loss not via f.grad, which counts the optimizer's calls
-    step = lambda f: opt.step(z, f.g(z), f.f(z), f)  # noqa: E731
+    step = lambda f: opt.step(z, f.g(z), f.f(z), f)
     assert step(batches[0]) == {"alpha": 1.0, "backtracks": 0, "failed": 0}
     assert float(z) == 0.5
     assert B() == (2.0 if same else 1.0)
@@ -475,3 +475,25 @@ def test_pbfgs_loads_a_checkpoint_from_before_init_scale(has_pair):
     new2 = PBFGS(z, init_scale="first_pair")
     new2.load_state_dict({**state, "scaled": not has_pair})
     assert new2.scaled == (not has_pair)
+
+
+def test_pbfgs_refuses_a_bad_init_scale_in_one_line_without_the_config():
+    """Direct use (no config check before it) gets a ConfigError naming the option, not an assert (which
+    ``python -O`` strips)."""
+    with pytest.raises(ConfigError, match=r"pbfgs init_scale='yes': choose one of none, first_pair"):
+        PBFGS(torch.zeros(3), init_scale="yes")
+
+
+@pytest.mark.parametrize("name", ["sgd", "pbfgs", "cgqn"])
+def test_a_set_momentum_that_the_optimizer_ignores_is_warned_in_one_line(name, recwarn):
+    """train.momentum was silently ignored by sgd, pbfgs and cgqn. The default (0.9) and 0 ("off") are not
+    warned; psgd uses momentum and is never warned."""
+    build_optimizer(name, torch.zeros(3), TrainConfig(optimizer=name, momentum=0.5))
+    lines = [str(w.message) for w in recwarn]
+    assert lines == [f"train.momentum=0.5 is ignored by the {name} optimizer (it has no momentum): leave it unset "
+                     f"or choose an optimizer that uses it"]
+    recwarn.clear()
+    for momentum in (0.9, 0.0):
+        build_optimizer(name, torch.zeros(3), TrainConfig(optimizer=name, momentum=momentum))
+    build_optimizer("psgd", torch.zeros(3), TrainConfig(optimizer="psgd", momentum=0.5))
+    assert not [w for w in recwarn if "ignored" in str(w.message)]

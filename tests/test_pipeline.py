@@ -12,8 +12,9 @@ from raysub import pipeline
 from raysub.pipeline.basis import basis_dir, load_basis, read_spectrum
 from raysub.config import load_config
 from raysub.errors import ConfigError
-from raysub.pipeline.sample import collect_trajectory
-from raysub.storage import RunDir, decode_vector
+from raysub.storage import RunDir
+
+from helpers import trajectory  # tests/helpers.py
 
 BASE = ["sgd.epochs=2", "sample.epochs=2", "sample.snapshot_every_steps=4", "basis.dim=5", "train.epochs=1",
         "train.lr_milestones=[]", "data.batch_size=64", "sgd.lr_milestones=[]"]
@@ -21,17 +22,6 @@ BASE = ["sgd.epochs=2", "sample.epochs=2", "sample.snapshot_every_steps=4", "bas
 
 def quiet(_line):
     pass
-
-
-def trajectory(run_dir) -> np.ndarray:
-    """The T×N trajectory reassembled from its blocks."""
-    run = RunDir(run_dir)
-    blocks, shards = collect_trajectory(run)
-    rows = []
-    for s in range(len(blocks[0]["snapshots"])):
-        parts = [decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"])) for b in blocks]
-        rows.append(np.concatenate(parts))
-    return np.stack(rows)
 
 
 @pytest.fixture(scope="module")

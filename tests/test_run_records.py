@@ -298,3 +298,18 @@ def test_a_resumed_command_removes_the_temporaries_of_killed_writes(tmp_path, ca
     after = tree(tmp_path / "run")
     assert not any(rel in after for rel in leftovers)
     assert after == {**before, "notes.tmp-draft": after["notes.tmp-draft"]}
+
+
+def test_training_a_run_in_another_runs_basis_needs_the_same_theta0(tmp_path, monkeypatch, capsys):
+    """`raysub train RUN7 train.basis_run=RUN0` trained RUN7's seed-7 θ0 in RUN0's basis (sampled around seed 0's
+    θ0) without a word; refused in one line with nothing written — and accepted when the θ0 are the same."""
+    base = sampled_run(tmp_path, "run0", trained=False)
+    other = sampled_run(tmp_path, "run7", seed=7, trained=False)
+    before = tree(tmp_path)
+    refused(["train", other.uri, f"train.basis_run={base.uri}", "train.label=in0"], capsys,
+            "was sampled from another θ0 than")
+    assert tree(tmp_path) == before
+    twin = sampled_run(tmp_path, "twin", seed=0, trained=False)
+    _fake_training(monkeypatch)
+    assert cli.main(["train", twin.uri, f"train.basis_run={base.uri}", "train.label=in0"]) == 0, \
+        capsys.readouterr().err

@@ -20,6 +20,8 @@ import pytest
 
 from raysub.storage import RunDir, join_uri, redact, split_uri
 
+from helpers import trajectory  # tests/helpers.py
+
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (pip install -e .[test]) runs the S3 server")
 
 BUCKET = "raysub-test"
@@ -124,6 +126,7 @@ def test_unreachable_endpoint_is_one_line_before_ray(no_ray, capsys):
     assert "cannot be reached" in err and "endpoint" in err and "AWS_ACCESS_KEY_ID" in err
 
 
+@pytest.mark.system  # moto's S3 server
 def test_missing_bucket_and_refused_credentials_are_one_line_before_ray(s3, no_ray, capsys):
     from moto import settings
 
@@ -140,15 +143,6 @@ def test_missing_bucket_and_refused_credentials_are_one_line_before_ray(s3, no_r
     finally:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = before
     assert "cannot be reached" in err and ("403" in err or "denied" in err.lower() or "Forbidden" in err), err
-
-
-def _trajectory(run: RunDir) -> np.ndarray:
-    from raysub.pipeline.sample import collect_trajectory
-    from raysub.storage import decode_vector
-
-    blocks, _ = collect_trajectory(run)
-    return np.stack([np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"]))
-                                     for b in blocks]) for s in range(len(blocks[0]["snapshots"]))])
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +171,13 @@ def s3_run(ray_session, s3, tmp_path_factory):
     return {"local": local, "uri": uri, "failed": failed, "resumed": resumed}
 
 
+@pytest.mark.system  # moto's S3 server
 def test_quickstart_on_s3_killed_and_resumed_equals_the_local_run(s3_run, s3, capsys):
     from raysub.pipeline.basis import load_basis
 
     assert s3_run["failed"] == 1 and s3_run["resumed"] == 0
     local, remote = RunDir(s3_run["local"]), RunDir(s3_run["uri"])
-    np.testing.assert_array_equal(_trajectory(remote), _trajectory(local))
+    np.testing.assert_array_equal(trajectory(remote), trajectory(local))
     np.testing.assert_array_equal(load_basis(remote), load_basis(local))
     a, b = local.read_json("summary.json"), remote.read_json("summary.json")
     for method in ("sgd", "psgd"):
@@ -202,6 +197,7 @@ def test_quickstart_on_s3_killed_and_resumed_equals_the_local_run(s3_run, s3, ca
     assert capsys.readouterr().out.count("skipping") >= 2
 
 
+@pytest.mark.system  # moto's S3 server
 def test_a_corrupted_object_on_s3_is_refused_by_checksum(s3_run, s3, capsys):
     from raysub.cli import main
 
@@ -221,6 +217,7 @@ def test_a_corrupted_object_on_s3_is_refused_by_checksum(s3_run, s3, capsys):
     assert RunDir(s3_run["uri"]).read_json("summary.json")["dim"] == 3  # the committed basis stayed in force
 
 
+@pytest.mark.system  # moto's S3 server
 def test_sweep_on_s3_keeps_tune_and_train_storage_in_the_bucket(ray_session, s3, capsys):
     """A sweep whose trials are TorchTrainers inside Tune: both Tune's experiment and each trial's Ray Train run
     keep their files in the bucket (a concatenated storage_path string would send them to AWS, or fail)."""

@@ -98,6 +98,7 @@ def test_the_lock_records_the_command_without_credentials(monkeypatch):
 # -- bad input: no bucket, a bucket root, a secret in the one-line error -----------------------------------
 @pytest.mark.parametrize("uri, says", [("s3://", "names no bucket"), ("s3:///run", "names no bucket"),
                                        ("s3://BUCKET", "is a bucket root")])
+@pytest.mark.system  # moto's S3 server
 def test_a_uri_without_bucket_or_path_is_a_bad_input(uri, says, s3, no_ray, capsys):
     from raysub.cli import main
 
@@ -109,6 +110,7 @@ def test_a_uri_without_bucket_or_path_is_a_bad_input(uri, says, s3, no_ray, caps
     assert bucket_bytes(s3) == before and error_logs() == logs
 
 
+@pytest.mark.system  # moto's S3 server
 def test_a_secret_in_the_query_is_masked_in_the_one_line_error(s3, no_ray, capsys):
     from raysub.cli import main
 
@@ -119,6 +121,7 @@ def test_a_secret_in_the_query_is_masked_in_the_one_line_error(s3, no_ray, capsy
     assert "not found" in one_line(capsys)
 
 
+@pytest.mark.system  # moto's S3 server
 def test_credentials_given_only_in_the_uri_authenticate_and_a_clean_uri_reuses_them(s3, monkeypatch):
     """With the server checking signatures, a URI's credentials reach the filesystem (through the environment),
     and a clean URI of the same command (a worker's, a --resume's) authenticates with them."""
@@ -167,6 +170,7 @@ def silent_endpoint():
         c.close()
 
 
+@pytest.mark.system  # a listening endpoint that never answers
 def test_a_stalled_endpoint_fails_the_probe_within_the_timeout_in_one_line(silent_endpoint, no_ray, capsys,
                                                                           monkeypatch):
     from raysub.cli import main
@@ -183,6 +187,7 @@ def test_a_stalled_endpoint_fails_the_probe_within_the_timeout_in_one_line(silen
     assert "did not answer within 1 s" in err and "RAYSUB_STORAGE_TIMEOUT_S" in err, err
 
 
+@pytest.mark.system  # a listening endpoint that never answers
 def test_a_stalled_call_prints_a_line_then_names_the_storage_and_the_timeout(silent_endpoint, capsys,
                                                                             monkeypatch):
     from raysub.storage import StorageTimeout
@@ -202,7 +207,7 @@ def test_a_bad_storage_timeout_is_one_line(no_ray, capsys, monkeypatch):
     from raysub.cli import main
 
     monkeypatch.setenv("RAYSUB_STORAGE_TIMEOUT_S", "soon")
-    assert main(["run", f"run_dir=s3://b/run?endpoint_override=127.0.0.1:9&scheme=http"]) == 2
+    assert main(["run", "run_dir=s3://b/run?endpoint_override=127.0.0.1:9&scheme=http"]) == 2
     assert "RAYSUB_STORAGE_TIMEOUT_S=soon: must be a number of seconds > 0" in one_line(capsys)
 
 
@@ -222,6 +227,7 @@ def _written_since(t0: float, roots) -> dict:
     return out
 
 
+@pytest.mark.system  # moto's S3 server
 def test_a_run_with_credentials_in_its_uri_prints_and_stores_none_of_them(ray_session, s3, capsys, tmp_path):
     """``raysub run`` with the credentials in the userinfo, resumed with them in the query, then with the clean
     URI alone (the environment supplies them): every object in the bucket, every local file raysub and this

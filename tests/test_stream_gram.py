@@ -6,7 +6,7 @@ import torch
 from raysub.pipeline.stream_gram import (StreamGram, budget_refusal, centre_gram, gram_bytes, outside_fraction,
                                          reach_residual, stop_decision, subspace_drift)
 
-NOOP = lambda t: t  # noqa: E731  (one rank: the all-reduce is the identity)
+NOOP = lambda t: t  # one rank: the all-reduce is the identity
 
 
 def stream_of(rows, reduce=NOOP):
@@ -114,7 +114,7 @@ def test_stop_decision_needs_patience_and_min_snapshots():
     """On the reach residual's relative fall: catches an off-by-one in the patience window, ≤ for < at the
     threshold, a rise (negative fall) not counting as levelled off, and a stop before min_snapshots or on a
     missing signal."""
-    sig = lambda *r: [{"residual_drop": x} for x in r]  # noqa: E731
+    sig = lambda *r: [{"residual_drop": x} for x in r]
     assert stop_decision(sig(0.2, 0.01), 0.05, 1, 10, 10)
     assert not stop_decision(sig(0.2, 0.01), 0.05, 2, 10, 10)
     assert stop_decision(sig(0.2, 0.01, -0.02), 0.05, 2, 10, 10)
@@ -150,6 +150,7 @@ def test_stored_gram_is_verified(tmp_path):
     assert read_streamed_gram(run, {"stages": {"sample": {}}}) is None
 
 
+@pytest.mark.system  # a fresh interpreter, to see what it imports
 def test_the_basis_actors_modules_do_not_import_torch():
     """The basis stage's block actors import `raysub.pipeline.basis` and, for the streamed path, this module's
     `basis_tile`: a top-level `import torch` in either costs every actor ~1 s of CPU — on the benchmark's small

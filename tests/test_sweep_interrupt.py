@@ -74,6 +74,7 @@ def _first_result(tune_dir: str, timeout: float) -> None:
     raise AssertionError(f"no trial reported within {timeout}s")
 
 
+@pytest.mark.system  # a real CLI sweep in a subprocess, interrupted
 def test_ctrl_c_during_a_sweep_exits_130_with_the_resume_command_and_resume_finishes(tmp_path):
     """SIGINT once the first of two trials (one at a time) has reported: the second never started. Before the
     fix the sweep crashed with "TypeError: 'NoneType' object is not subscriptable" (exit 1); catches treating

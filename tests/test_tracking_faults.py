@@ -156,6 +156,7 @@ def timed(call, limit: float):
 # -- the probe before anything starts ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("server", ["refused", "silent"])
+@pytest.mark.system  # a loopback server of its own
 def test_unreachable_tracking_server_is_refused_in_one_line_before_anything_starts(
         tmp_path, capsys, monkeypatch, closed_port, silent_port, server):
     """``raysub run`` with a tracking server that refuses connections, or accepts and never answers: exit 2 within
@@ -180,6 +181,7 @@ def test_unreachable_tracking_server_is_refused_in_one_line_before_anything_star
     assert tree_digest(tmp_path) == before and not (tmp_path / "r").exists()
 
 
+@pytest.mark.system  # a loopback server of its own
 def test_probe_passes_a_server_that_answers_and_checks_a_local_store(tmp_path, fake_mlflow):
     """A server that answers (any status) passes; a file-store path under a regular file is refused, a missing
     directory that can be made passes, and nothing is created. Mistakes caught: a probe that refuses a live
@@ -211,6 +213,7 @@ def _tracker(uri, tmp_path):
 
 
 @pytest.mark.parametrize("outage", ["dead", "hang"])
+@pytest.mark.system  # a loopback server of its own
 def test_an_mlflow_outage_mid_stage_warns_once_and_later_calls_return_at_once(
         tmp_path, capsys, mlflow_env, fake_mlflow, outage):
     """The server logs epoch 1, then dies (connections refused) or hangs (never answers): the next epoch's log
@@ -236,6 +239,7 @@ def test_an_mlflow_outage_mid_stage_warns_once_and_later_calls_return_at_once(
     assert err[0].endswith("MLflow tracking stops for this run, training goes on")
 
 
+@pytest.mark.system  # a loopback server of its own
 def test_a_sweeps_mlflow_callback_survives_an_outage(tmp_path, capsys, mlflow_env, fake_mlflow):
     """The MLflow logger Ray Tune runs in the driver for a sweep: the server dies after a trial started, the next
     result returns within seconds with one warning, the rest at once. Mistake caught: the outage guard only in
@@ -384,6 +388,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+@pytest.mark.system  # real processes, killed
 def test_reaper_kills_what_the_node_leaves_once_the_driver_is_gone():
     """A fake node: a root process (the raylet) with a child in a session of its own (an agent, which outlives
     the root); the driver and the root are killed together (Ray's fate-sharing). The reaper kills the agent within
@@ -432,6 +437,7 @@ time.sleep(120)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+@pytest.mark.system  # real processes, killed
 def test_kill9_of_the_driver_leaves_no_ray_process_behind(tmp_path):
     """A driver that started its local Ray cluster is killed with SIGKILL: within 10 s no process of that cluster
     is left. Mistake caught: the old code left the dashboard and runtime-env agents alive ~60 s (they wait on the

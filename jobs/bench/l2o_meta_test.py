@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from raysub.cli import resolve_config
     from raysub.config import load_config
-    from raysub.errors import ConfigError
+    from raysub.errors import ConfigError, RaysubError
     from raysub.l2o import metatest
     from raysub.l2o.lstm import adam_like_params
     from raysub.l2o.train import opt_config
@@ -106,14 +106,14 @@ def main(argv=None) -> int:
             print("warning: no --weights: the hand-built Adam-like φ (not meta-trained)", flush=True)
         record = metatest.meta_test(cfg, weights, steps, (1, 2, 5), args.seeds, args.val_seeds,
                                     say=lambda s: print(s, flush=True))
-    except ConfigError as exc:
+    except RaysubError as exc:
         print(f"l2o_meta_test bench: error: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
         return 2
     wall = time.perf_counter() - t0
     record["trained_on"] = metatest.trained_on(args.weights) if args.weights else "adam_like (hand-built)"
     out.write_json("meta_test.json", record)
     plot_meta_test(out, record)
-    print(metatest.format_table(record), flush=True)
+    print(metatest.meta_test_table(record), flush=True)
     load1 = os.getloadavg()[0]
     print(f"wall {wall:.0f} s; load average {load0:.2f} at start, {load1:.2f} at end; {out.arg('meta_test.json')}",
           flush=True)

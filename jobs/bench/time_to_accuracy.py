@@ -126,7 +126,7 @@ def check_out(cfg, resume: bool, overwrite: bool) -> None:
 
 def main(argv=None) -> int:
     from raysub import pipeline
-    from raysub.errors import ConfigError
+    from raysub.errors import RaysubError
     from raysub.storage import RunDir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         cfg, ref_cfg = configs(args.config, args.out, args.overrides, args.sgd_epochs)
         for c in (cfg, ref_cfg):
             check_out(c, args.resume, args.overwrite)
-    except ConfigError as err:
+    except RaysubError as err:
         print(f"time_to_accuracy: error: {'; '.join(err.problems)}", file=sys.stderr)
         return 2
     loads = {"start": loadavg()}

@@ -40,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -171,9 +171,9 @@ def figures(record: Dict[str, Any], timing: Dict[str, Dict[str, float]], counts:
 
 
 def table(record: Dict[str, Any], counts: Dict[str, int], timing: Dict[str, Dict[str, float]]) -> str:
-    from raysub.l2o.metatest import format_table
+    from raysub.l2o.metatest import meta_test_table
 
-    lines = [format_table(record), "",
+    lines = [meta_test_table(record), "",
              f"trainable: UV {counts['uv_trainable']:,} (U, V at r = {counts['rank']} on {counts['layers']} layers, "
              f"and "
              f"the head) of the ViT's {counts['vit_params']:,}; full fine-tuning trains all {counts['vit_params']:,}",
@@ -280,12 +280,12 @@ def _shipped(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    from raysub.errors import ConfigError
+    from raysub.errors import RaysubError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         fig = run(args)
-    except ConfigError as exc:
+    except RaysubError as exc:
         print(f"vit_uv: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(fig), flush=True)

@@ -470,7 +470,7 @@ def best_windows(rows: Sequence[Dict[str, Any]], key: str = "end_to_end_over_sgd
     return out
 
 
-def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+def tradeoff_table(rows: Sequence[Dict[str, Any]]) -> str:
     def pct(v):
         return "   -  " if v is None else f"{100 * v:6.2f}"
 
@@ -739,7 +739,7 @@ def main(argv=None) -> int:
         json.dump(strict_json(record), fh, indent=1, allow_nan=False)
     plot(os.path.join(out, "tradeoff.png"), rows, signal, ref, dims, adaptive, extra)
     say("")
-    say(format_table(rows))
+    say(tradeoff_table(rows))
     say(f"[window] load average at start: {load_start}; at end: {load_end}; wall {time.perf_counter() - t0:.0f}s")
     last = {"windows": windows, "adaptive_window": adaptive, "adaptive_rule": rule,
             "adaptive_rows": [{k: r[k] for k in ("optimizer", "dim", "window", "final_acc", "end_to_end_over_sgd",

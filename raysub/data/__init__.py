@@ -13,13 +13,10 @@ from raysub.data.base import (
     Batch,
     Dataset,
     InMemoryDataset,
-    _as_index,
-    _missing_root,
-    _splitmix64,
     example_hashes,
 )
 from raysub.data.digits import Digits
-from raysub.data.idx import MNIST, FashionMNIST, IDXDataset, _find_idx, read_idx
+from raysub.data.idx import MNIST, FashionMNIST, IDXDataset, read_idx
 from raysub.data.cifar import CIFAR10, CIFAR100, CifarDataset
 from raysub.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNet
 from raysub.data.wrappers import ClassSubset, HoldOut, NoisyLabels

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 from raysub.config import Config
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, RaysubError
 
 
 def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
@@ -394,7 +394,7 @@ def _wrapped(e: BaseException, context: bool = True) -> List[BaseException]:
 
 
 def unwrap_train_error(exc: BaseException) -> BaseException:
-    """Our ConfigError inside a Ray failure (a task, actor or Train worker error), if there is one; else ``exc``."""
+    """Our RaysubError inside a Ray failure (a task, actor or Train worker error), if there is one; else ``exc``."""
     seen = set()
     stack = [exc]
     while stack:
@@ -403,7 +403,7 @@ def unwrap_train_error(exc: BaseException) -> BaseException:
             continue
         seen.add(id(e))
         # a RayTaskError subclasses its cause's type: the cause, not the wrapper, is the error
-        if isinstance(e, ConfigError) and not isinstance(getattr(e, "cause", None), BaseException):
+        if isinstance(e, RaysubError) and not isinstance(getattr(e, "cause", None), BaseException):
             return e
         stack.extend(_wrapped(e))
     return exc

@@ -1,7 +1,8 @@
 """The flat trainable-parameter vector of a model and its layout.
 
 Shape suffixes used in numeric code across raysub: N = number of trainable parameters, D = subspace
-dimension, T = number of trajectory snapshots, B = batch.
+dimension, T = number of trajectory snapshots, B = batch, C = classes. A module using others says so in its
+docstring. (K names the snapshots' Gram matrix, never a dimension.)
 """
 from __future__ import annotations
 

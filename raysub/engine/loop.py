@@ -137,7 +137,7 @@ def global_step_losses(losses: List[torch.Tensor]) -> List[float]:
     """This epoch's per-step training losses, averaged over ranks (one all-reduce per epoch)."""
     if not losses:
         return []
-    t = torch.stack([l.detach().double() for l in losses])
+    t = torch.stack([loss.detach().double() for loss in losses])
     _, world = rank_world()
     all_reduce_sum_(t)
     return (t / world).tolist()

@@ -30,6 +30,7 @@ from raysub.engine import loop
 from raysub.engine.compute import Compute
 from raysub.engine.flat import FlatParams, flatten_params
 from raysub.optim.base import BatchClosure, SubspaceOptimizer
+import raysub.plugins  # noqa: F401  every plug-in registered: the Ray workers that train import this module
 
 
 class SubspaceModel:
@@ -191,9 +192,9 @@ class StepClosure(BatchClosure):
                 Σ_μ Pᵀ(p^μ − y^μ)·∇z^μ = |B|·g.
             extras: (2C+2,) float64 — [class counts (C), Σ_{μ∈B_k} p_k(1−p_k) (C), |B|, Σ_μ loss^μ].
         """
-        G_KD, extras = _class_sums_local(self.task, z_D, self.x, self.y)
-        k, d = G_KD.shape
-        packed = _all_reduce_sum_(self.task, torch.cat([G_KD.reshape(-1), extras.to(G_KD.dtype)]))
+        G_CD, extras = _class_sums_local(self.task, z_D, self.x, self.y)
+        k, d = G_CD.shape
+        packed = _all_reduce_sum_(self.task, torch.cat([G_CD.reshape(-1), extras.to(G_CD.dtype)]))
         return packed[: k * d].view(k, d), packed[k * d :].double()
 
 
@@ -235,16 +236,16 @@ def _class_sums_local(task: Task, z_D: torch.Tensor, x: torch.Tensor, y: torch.T
             cot = torch.zeros(C + 1, b, C, device=logits.device, dtype=logits.dtype)
             cot[y, torch.arange(b, device=y.device), y] = 1.0
             cot[C] = probs - onehot
-        (G_KN,) = torch.autograd.grad(logits, theta_N, cot, is_grads_batched=True)
+        (G_CN,) = torch.autograd.grad(logits, theta_N, cot, is_grads_batched=True)
     with torch.no_grad():
-        G_KD = torch.stack([sub.projection.project(row) for row in G_KN])
+        G_CD = torch.stack([sub.projection.project(row) for row in G_CN])
         extras = torch.cat([
             onehot.sum(0),
             (onehot * probs * (1 - probs)).sum(0),
             torch.tensor([float(b)], dtype=probs.dtype, device=probs.device),
             F.cross_entropy(logits.detach(), y, reduction="sum").reshape(1).to(probs.dtype),
         ])
-    return G_KD, extras.double()
+    return G_CD, extras.double()
 
 
 def train_step(task: Task, z_D: torch.Tensor, opt: SubspaceOptimizer, x: torch.Tensor, y: torch.Tensor

@@ -21,7 +21,7 @@ The protocol (`meta_test`):
 - **Metrics**: SL2O §4.1's convergence step (`raysub.metrics.convergence_step`) over the full run, and VeLO's
   speedup (`speedup`) of φ over Momentum† at each horizon, per optimizee, then mean ± std over optimizees.
 
-Pure helpers: `smoothed` (trailing mean of the last 20 losses), `steps_to_reach`, `speedup`, `pick_lr`,
+Pure helpers (the smoothing is `raysub.metrics.smoothed`, a trailing mean of the last 20 losses): `steps_to_reach`, `speedup`, `pick_lr`,
 `summarize`, `mean_std`.
 """
 from __future__ import annotations
@@ -33,12 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from raysub.errors import ConfigError
-from raysub.l2o.train import VALIDATION_SERIAL, optimizee_seed
-from raysub.metrics import convergence_step
+from raysub.errors import ConfigError, StorageError
+from raysub.l2o.seeds import VALIDATION_SERIAL, optimizee_seed
+from raysub.metrics import SMOOTH_WINDOW, convergence_step, smoothed
 
 METATEST_SERIAL = 900_000  # meta-test optimizees: serials from here on (training: 0…, validation: 500 000…)
-SMOOTH_WINDOW = 20  # the smoothing of `smoothed`: the window of SL2O's convergence-step criterion
 LABELS = {"l2o": "L2O", "psgd": "Momentum†", "adam": "Adam†", "sgd": "SGD†", "rmsprop": "RMSprop†"}
 # grids around each baseline's usual lr on a DLDR subspace (DLDR's P-SGD: lr 1, momentum 0.9)
 DEFAULT_GRIDS: Dict[str, List[float]] = {"psgd": [0.1, 0.3, 1.0, 3.0], "sgd": [0.3, 1.0, 3.0, 10.0],
@@ -47,18 +46,6 @@ DEFAULT_GRIDS: Dict[str, List[float]] = {"psgd": [0.1, 0.3, 1.0, 3.0], "sgd": [0
 
 # ---------------------------------------------------------------------------------------------------------
 # pure helpers
-
-def smoothed(losses: Sequence[float], window: int = SMOOTH_WINDOW) -> List[float]:
-    """Trailing mean: entry t is the mean of losses[max(0, t−window+1) .. t] (the first window−1 entries average
-    the losses so far). Non-finite losses propagate into the windows that hold them."""
-    out, acc = [], 0.0
-    for t, v in enumerate(losses):
-        acc += v
-        if t >= window:
-            acc -= losses[t - window]
-        out.append(acc / min(t + 1, window))
-    return out
-
 
 def steps_to_reach(curve: Sequence[float], target: float) -> Optional[int]:
     """The first step t (1-based) with curve[t−1] ≤ target; None when the curve never gets there."""
@@ -421,7 +408,7 @@ def meta_training_config(weights: str):
 
     try:
         return load_config(os.path.join(meta_training_run(weights), "config.yaml"))
-    except (ConfigError, OSError):
+    except (ConfigError, StorageError, OSError):  # no config there, or storage that cannot serve it
         return None
 
 
@@ -433,7 +420,7 @@ def same_theta0(task, weights: str) -> Optional[bool]:
     run = RunDir(meta_training_run(weights))
     try:
         ref = run.read_theta0() if run.exists("theta0.pt") else None
-    except ConfigError:  # an unverifiable θ0 (no manifest entry): unknown
+    except StorageError:  # an unverifiable θ0 (no manifest entry): unknown
         ref = None
     if ref is None:
         return None
@@ -455,7 +442,7 @@ def _pm(ms: Dict[str, float], scale: float = 1.0, fmt: str = ".1f") -> str:
     return f"{scale * ms['mean']:{fmt}} ± {scale * ms['std']:{fmt}}"
 
 
-def format_table(record: Dict[str, Any]) -> str:
+def meta_test_table(record: Dict[str, Any]) -> str:
     """The console table of a `meta_test` record: per optimizer its lr, convergence step and test accuracy
     (mean ± std over the meta-test optimizees; ≥: some never converged, counted at the run's length), and φ's
     speedups over Momentum† at each horizon (≥: a lower bound)."""

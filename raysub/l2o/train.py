@@ -43,16 +43,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, StorageError
 from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params, init_params, init_state, update
 from raysub.l2o.meta import start, unroll_meta_grad
+# the run's state files and the optimizees' seeds live below this module (the weights reader and meta-test need them
+# too); the names stay importable from here
+from raysub.l2o.layout import CHECKPOINT, GENERATIONS, HISTORY, STATE_FILES, WEIGHTS, state_files  # noqa: F401
+from raysub.l2o.seeds import SEED_STRIDE, VALIDATION_SERIAL, optimizee_seed  # noqa: F401
 
-SEED_STRIDE = 1_000_003  # optimizee seed = l2o.seed · stride + serial
-VALIDATION_SERIAL = 500_000  # validation optimizees: serials from here on, never trained on
-# the flat layout of runs written before generations; WEIGHTS and HISTORY stay as copies of the committed state
-CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
-GENERATIONS = "l2o/ckpt"  # the meta-training state's generations: l2o/ckpt/GEN/{checkpoint.pt,weights.pt,history.json}
-STATE_FILES = ("checkpoint.pt", "weights.pt", "history.json")
 # may change on --resume: a longer budget, another split of the optimizees over the actors
 DIVERGED_FACTOR = 10.0  # an optimizee whose loss exceeds 10× its loss at z0 has diverged (dropped, replaced)
 RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")  # optimizee states are kept by slot
@@ -131,10 +129,6 @@ def initial_phi(cfg) -> Dict[str, torch.Tensor]:
     phi["lstm.weight_ih"][rows] = INIT_NOISE * rand["lstm.weight_ih"][rows]
     phi["out.weight"][others] = INIT_NOISE * rand["out.weight"][others]
     return phi
-
-
-def optimizee_seed(cfg, serial: int) -> int:
-    return cfg.l2o.seed * SEED_STRIDE + serial
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,7 +372,7 @@ def checked_plan(cfg, problems: List[str]) -> Dict[str, Any]:
 
     try:
         info = plan(cfg)
-    except ConfigError as exc:
+    except (ConfigError, StorageError) as exc:  # init_from's run is read too
         raise ConfigError(list(exc.problems) + problems) from None
     if problems:
         raise ConfigError(problems)
@@ -387,15 +381,6 @@ def checked_plan(cfg, problems: List[str]) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------
 # the meta-training state's generations in the run directory
-
-def state_files(manifest: Dict[str, Any]) -> Dict[str, str]:
-    """The committed meta-training state's files that the manifest holds, by name (``checkpoint.pt``,
-    ``weights.pt``, ``history.json``) → path in the run: in the generation ``stages.l2o.dir``, or flat in ``l2o/``
-    for a run written before generations. Empty when nothing is committed."""
-    base = manifest.get("stages", {}).get("l2o", {}).get("dir") or "l2o"
-    shards = manifest.get("shards", {})
-    return {name: f"{base}/{name}" for name in STATE_FILES if f"{base}/{name}" in shards}
-
 
 def _is_state(rel: str) -> bool:
     return rel.startswith(f"{GENERATIONS}/") or rel in (CHECKPOINT, WEIGHTS, HISTORY)

@@ -43,7 +43,8 @@ import random
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, StorageError
+from raysub.l2o.layout import state_files
 
 SPACE_KEYS = ("hidden_size", "meta_lr", "unroll", "step_scale", "optimizees", "features")
 _SHORT = {"hidden_size": "h", "meta_lr": "lr", "unroll": "T", "step_scale": "s", "optimizees": "n", "features": "f"}
@@ -274,7 +275,6 @@ def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dic
 
 def _trial_row(result, cfg, run) -> Dict[str, Any]:
     """One trial's row, from its Tune result (error or not) and its own run directory (history, weights)."""
-    from raysub.l2o.train import state_files
     from raysub.storage import RunDir
 
     name = os.path.basename(result.path.rstrip("/"))
@@ -308,9 +308,6 @@ def best_weights(trial_run) -> bytes:
     Raises:
         StorageError: the trial has no committed weights, or they are corrupted.
     """
-    from raysub.errors import StorageError
-    from raysub.l2o.train import state_files
-
     manifest = trial_run.read_json("manifest.json") if trial_run.exists("manifest.json") else {}
     rel = state_files(manifest).get("weights.pt")
     if rel is None:
@@ -330,7 +327,7 @@ def best_config_header(trial: str, best: Dict[str, Any]) -> str:
             f"#   raysub l2o meta-train {BEST_CONFIG} run_dir=trials/{trial} --resume\n")
 
 
-def results_table(summary: Dict[str, Any]) -> str:
+def tune_table(summary: Dict[str, Any]) -> str:
     """The console table: one row per trial (its point, best φ's val acc and convergence step, meta-steps done,
     ASHA's stop), the best marked ``*``."""
     from raysub.pipeline import format_table
@@ -461,7 +458,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
                                         **b, "weights_sha256": checksum},
                "wall_s": time.perf_counter() - t0}
     run.write_json(RESULTS, summary)
-    say(results_table(summary))
+    say(tune_table(summary))
     say(f"best: {best['trial']} (val acc {100 * b['val_acc']:.2f}%); weights {run.arg(BEST_WEIGHTS)} "
         f"(train.optimizer_options.weights={run.uri}), config {run.arg(BEST_CONFIG)}, results {run.arg(RESULTS)}")
     say(f"[l2o tune] wall time {summary['wall_s']:.1f}s")

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from raysub.errors import ConfigError
+from raysub.errors import ConfigError, StorageError
+from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
 from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
 
 WEIGHTS = "weights.pt"
@@ -39,12 +40,8 @@ def content_digest(config: Dict, params: Dict[str, torch.Tensor]) -> str:
 def _recorded(run, rel: str) -> Tuple[str, Optional[str], Optional[str]]:
     """(the file to read, its recorded sha256, the record) for ``rel`` in ``run`` when a record there names it;
     (``rel``, None, None) otherwise. A meta-training run's ``l2o/weights.pt`` (and its directory) is its committed generation's."""
-    from raysub.storage import StorageError
-
     try:
         if run.exists("manifest.json"):
-            from raysub.l2o.train import WEIGHTS as RUN_WEIGHTS, state_files
-
             manifest = run.read_json("manifest.json")
             shards = manifest.get("shards", {}) if isinstance(manifest, dict) else {}
             if rel == RUN_WEIGHTS:
@@ -133,7 +130,7 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
     run, rel, checksum, record = _locate(uri)
     try:
         data = run.read_bytes(rel).to_pybytes()
-    except ConfigError as exc:  # gone since it was located
+    except StorageError as exc:  # gone since it was located
         raise ConfigError(f"learned-optimizer weights {uri!r}: {exc.problems[0]}") from None
     if checksum is not None and sha256(data) != checksum:
         raise ConfigError(f"learned-optimizer weights {uri!r} are corrupted: {run.path(rel)} does not match the "

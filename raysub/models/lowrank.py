@@ -67,16 +67,20 @@ class LowRankLinear(nn.Module):
 def uv_problems(uv) -> List[str]:
     """Problems of a ``model.uv`` section that need no model (the rank against each layer's shape, and the
     targets against its names, are `apply_uv`'s). Empty: fine, or no reparametrisation."""
-    if uv.rank is None:
-        return []
+    return [] if uv.rank is None else _setting_problems(uv.rank, uv.targets, uv.init_std)
+
+
+def _setting_problems(rank, targets: Sequence[str], init_std) -> List[str]:
+    """The checks of rank, targets and σ that need no model: one copy, for the config (`uv_problems`) and for a
+    direct call (`apply_uv`)."""
     problems = []
-    if uv.rank <= 0:
-        problems.append(f"model.uv.rank={uv.rank}: must be a positive integer ≤ min(d1, d2) of the layers (SL2O uses "
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        problems.append(f"model.uv.rank={rank!r}: must be a positive integer ≤ min(d1, d2) of the layers (SL2O uses "
                         f"16); leave it unset for no UV reparametrisation")
-    if not uv.targets:
+    if not targets:
         problems.append("model.uv.targets is empty: name the linear layers to reparametrise, e.g. [q, k, v, out]")
-    if uv.init_std is not None and not uv.init_std > 0:
-        problems.append(f"model.uv.init_std={uv.init_std}: must be > 0 (default 1/√rank)")
+    if init_std is not None and not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        problems.append(f"model.uv.init_std={init_std!r}: must be a finite number > 0 (default 1/√rank)")
     return problems
 
 
@@ -113,15 +117,10 @@ def apply_uv(model: nn.Module, rank: int, targets: Sequence[str] = ("q", "k", "v
         ConfigError: a rank ≤ 0 or above min(d1, d2) of a matched layer, a target matching no module or a module
             that is not linear, a trainable prefix matching no parameter — every problem at once, one line each.
     """
-    problems: List[str] = []
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ConfigError(f"model.uv.rank={rank!r}: must be a positive integer ≤ min(d1, d2) of the layers "
-                          f"(SL2O uses 16); leave it unset for no UV reparametrisation")
+    problems = _setting_problems(rank, targets, init_std)
+    if problems:  # nothing below can be checked without a valid rank and targets
+        raise ConfigError(problems)
     std = 1.0 / math.sqrt(rank) if init_std is None else float(init_std)
-    if not (math.isfinite(std) and std > 0):
-        raise ConfigError(f"model.uv.init_std={init_std!r}: must be a finite number > 0 (default 1/√rank)")
-    if not targets:
-        raise ConfigError("model.uv.targets is empty: name the linear layers to reparametrise, e.g. [q, k, v, out]")
     modules = dict(model.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     chosen: List[str] = []

@@ -7,7 +7,9 @@
 - `cgqn`        — class-gradient quasi-Newton (Tuddenham et al.), its class gradients from the step's closure;
                   over the full parameters with the ``identity`` projection, the paper's setting;
 - `raysub.l2o.optimizer` — ``l2o``, the learned optimizer (SL2O), in its own package with meta-training.
-Importing this package registers them all.
+Importing this package registers its own optimizers; ``l2o`` is registered by `raysub.plugins` (which imports every
+plug-in: look names up after importing it), since ``raysub.l2o`` builds on `base` and importing it here would
+make the two packages import each other.
 """
 from raysub.optim.base import (  # noqa: F401
     COMMON_ARGS,
@@ -19,4 +21,3 @@ from raysub.optim.base import (  # noqa: F401
 )
 from raysub.optim import cgqn, first_order, pbfgs  # noqa: F401,E402
 from raysub.optim.pbfgs import PBFGS  # noqa: F401,E402
-from raysub.l2o import optimizer as _l2o  # noqa: F401,E402  (registers l2o)

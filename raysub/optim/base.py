@@ -17,11 +17,15 @@ A factory is registered with ``@OPTIMIZERS.register(name)`` and has the signatur
 ``train`` section (every optimizer receives them, and documents which it uses); the rest are the optimizer's own
 options, given as ``train.optimizer_options`` and checked against the signature (names and types) before
 anything starts. An optional ``check`` hook registered with the factory (``check=fn``, ``fn(options) -> [problem]``)
-checks option values.
+checks option values. Shape suffixes follow `raysub.engine.flat`'s legend (``z_D``: D floats).
+``ignores=("momentum",)`` names the ``train`` options the factory does not use: one set in
+the config gets a one-line warning when the optimizer is built (`ignored_options`).
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -92,6 +96,21 @@ def check_optimizer(name: str, options: Dict[str, Any]) -> List[str]:
     return [f"train.optimizer_options.{p}" for p in hook(options)] if hook else []
 
 
+def ignored_options(name: str, train) -> List[str]:
+    """One-line warnings for the ``train`` options that optimizer ``name`` does not use (its registered
+    ``ignores``) but ``train`` sets: a value other than the option's default and other than 0 (0 is "off", what
+    the optimizer does anyway). The config does not record which keys the YAML or an override gave, so the default
+    given explicitly (``train.momentum=0.9``) is not told apart from no value and gets no warning."""
+    defaults = {f.name: f.default for f in dataclasses.fields(train)} if dataclasses.is_dataclass(train) else {}
+    lines = []
+    for key in OPTIMIZERS.meta(name).get("ignores", ()):
+        value = getattr(train, key)
+        if value != 0 and value != defaults.get(key):
+            lines.append(f"train.{key}={value} is ignored by the {name} optimizer (it has no {key}): leave it "
+                         f"unset or choose an optimizer that uses it")
+    return lines
+
+
 def build_optimizer(name: str, z_D: torch.Tensor, train) -> SubspaceOptimizer:
     """The optimizer ``name`` over ``z_D`` with the ``train`` section's lr, momentum, weight decay and options.
 
@@ -101,5 +120,7 @@ def build_optimizer(name: str, z_D: torch.Tensor, train) -> SubspaceOptimizer:
     problems = check_optimizer(name, train.optimizer_options)
     if problems:
         raise ConfigError(problems)
+    for line in ignored_options(name, train):
+        warnings.warn(line, stacklevel=2)
     return OPTIMIZERS.get(name)(z_D, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
                                 **train.optimizer_options)

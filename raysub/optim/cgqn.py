@@ -70,6 +70,9 @@ scale of λ_k^(0)) avoids the blow-up; the shipped config (raysub/configs/fashio
 
 BatchNorm buffers are not moved by the class sums (they run on copies); the loop's own forward updates them as
 for every optimizer, and broadcasts them from rank 0 at the end of each epoch.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_D`` the subspace dimension, ``_N`` the parameters, ``_C`` the
+classes (C of them; the class sums have C + 1 rows, the last the summed loss's), e.g. ``m_CD`` is C×D.
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ MODES = ("orthonormal", "paper", "sgd")
 class ClassGradientQN(SubspaceOptimizer):
     """Class-gradient quasi-Newton (eq. 15–17) over z (see the module docstring).
 
-    The statistics — ``m_KD`` (EMA of c_k, not bias-corrected, C×D), ``s_K`` and ``t_K`` — are allocated at the
+    The statistics — ``m_CD`` (EMA of c_k, not bias-corrected, C×D), ``s_C`` and ``t_C`` — are allocated at the
     first step, when the closure's class sums tell C; a checkpoint restores them into a freshly built optimizer.
 
     Args:
@@ -112,64 +115,64 @@ class ClassGradientQN(SubspaceOptimizer):
         self.bias_correction = bool(bias_correction)
         self.D, self.dtype, self.device = z_D.numel(), z_D.dtype, z_D.device
         self.C: Optional[int] = None
-        self.m_KD: Optional[torch.Tensor] = None  # EMA of c_k (not bias-corrected)
+        self.m_CD: Optional[torch.Tensor] = None  # EMA of c_k (not bias-corrected)
         # (1-γ) Σ_{i≤t} γ^{t-i} (λ_k^(i))²: the EMA of λ_k² without its initial value's share γ^t (λ_k^(0))² = γ^t
-        self.s_K: Optional[torch.Tensor] = None
-        self.t_K: Optional[torch.Tensor] = None  # batches that contained class k
+        self.s_C: Optional[torch.Tensor] = None
+        self.t_C: Optional[torch.Tensor] = None  # batches that contained class k
         self.steps = 0
         self.last: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ statistics
     def _allocate(self, C: int) -> None:
         self.C = int(C)
-        self.m_KD = torch.zeros(self.C, self.D, device=self.device, dtype=self.dtype)
-        self.s_K = torch.zeros(self.C, device=self.device, dtype=torch.float64)
-        self.t_K = torch.zeros(self.C, device=self.device, dtype=torch.long)
+        self.m_CD = torch.zeros(self.C, self.D, device=self.device, dtype=self.dtype)
+        self.s_C = torch.zeros(self.C, device=self.device, dtype=torch.float64)
+        self.t_C = torch.zeros(self.C, device=self.device, dtype=torch.long)
 
     @torch.no_grad()
-    def _stats_update(self, G_KD: torch.Tensor, extras: torch.Tensor) -> None:
+    def _stats_update(self, G_CD: torch.Tensor, extras: torch.Tensor) -> None:
         """Eq. 16–17: update the EMAs of the classes present in the global batch."""
         C, gamma = self.C, self.gamma
         counts, curv, b = extras[:C], extras[C : 2 * C], extras[2 * C]
         present = counts > 0
-        G = G_KD[:C].to(self.m_KD.dtype)
-        cB_KD = G / counts.clamp(min=1).to(G.dtype)[:, None]  # absent rows are 0 / 1 = 0
-        lamB_K = curv / b * cB_KD.double().pow(2).sum(1)  # eq. 17, batch value
-        w = (1 - gamma) * present.to(self.m_KD.dtype)
-        self.m_KD.lerp_(cB_KD, w[:, None])  # weight 0: an absent class keeps its EMA
-        self.s_K = torch.where(present, gamma * self.s_K + (1 - gamma) * lamB_K.pow(2), self.s_K)
-        self.t_K += present.long()
-        self.last.update(lambda_batch=lamB_K, present=present)
+        G = G_CD[:C].to(self.m_CD.dtype)
+        cB_CD = G / counts.clamp(min=1).to(G.dtype)[:, None]  # absent rows are 0 / 1 = 0
+        lamB_C = curv / b * cB_CD.double().pow(2).sum(1)  # eq. 17, batch value
+        w = (1 - gamma) * present.to(self.m_CD.dtype)
+        self.m_CD.lerp_(cB_CD, w[:, None])  # weight 0: an absent class keeps its EMA
+        self.s_C = torch.where(present, gamma * self.s_C + (1 - gamma) * lamB_C.pow(2), self.s_C)
+        self.t_C += present.long()
+        self.last.update(lambda_batch=lamB_C, present=present)
 
     def lambdas(self) -> torch.Tensor:
         """λ̄_k (float64): bias-corrected RMS-EMA of the batch eigenvalues; λ_k^(0) = 1 for unseen classes."""
-        assert self.t_K is not None, "no statistics before the first step"
-        g_t = self.gamma ** self.t_K.double()
+        assert self.t_C is not None, "no statistics before the first step"
+        g_t = self.gamma ** self.t_C.double()
         if not self.bias_correction:  # plain EMA started at λ_k^(0) = 1: γ^t·1 + (1-γ) Σ γ^{t-i} λ_i²
-            return (g_t + self.s_K).sqrt()
+            return (g_t + self.s_C).sqrt()
         corr = (1 - g_t).clamp(min=1e-300)  # eq. 17
-        return torch.where(self.t_K > 0, (self.s_K / corr).sqrt(), torch.ones_like(self.s_K))
+        return torch.where(self.t_C > 0, (self.s_C / corr).sqrt(), torch.ones_like(self.s_C))
 
     def class_gradients(self) -> torch.Tensor:
         """c̄_k (C, D): bias-corrected EMA of the class gradients; zero rows for unseen classes."""
-        assert self.t_K is not None, "no statistics before the first step"
-        corr = (1 - self.gamma ** self.t_K.double()).clamp(min=1e-300)
-        return torch.where((self.t_K > 0)[:, None], self.m_KD / corr.to(self.m_KD.dtype)[:, None],
-                           torch.zeros_like(self.m_KD))
+        assert self.t_C is not None, "no statistics before the first step"
+        corr = (1 - self.gamma ** self.t_C.double()).clamp(min=1e-300)
+        return torch.where((self.t_C > 0)[:, None], self.m_CD / corr.to(self.m_CD.dtype)[:, None],
+                           torch.zeros_like(self.m_CD))
 
     @torch.no_grad()
     def direction(self, g_D: torch.Tensor) -> torch.Tensor:
         """The step Δ with z' = z − Δ, for the current statistics and gradient g (eq. 15; g includes any decay)."""
         lr = self.lr
-        if self.mode == "sgd" or self.m_KD is None:
+        if self.mode == "sgd" or self.m_CD is None:
             return lr * g_D
-        g_D = g_D.to(self.m_KD.dtype)
+        g_D = g_D.to(self.m_CD.dtype)
         shift = self.weight_decay + self.damping
         lam = self.lambdas()
-        norms = self.m_KD.double().norm(dim=1)
-        valid = (self.t_K > 0) & (norms > 0)
+        norms = self.m_CD.double().norm(dim=1)
+        valid = (self.t_C > 0) & (norms > 0)
         safe = torch.where(valid, norms, torch.ones_like(norms))
-        h = (self.m_KD @ g_D).double()  # m_k·g
+        h = (self.m_CD @ g_D).double()  # m_k·g
         if self.mode == "paper":
             # (1/λ_k − η)(v_k·g) v_k with v_k = m_k/|m_k|: coefficient of m_k is (1/λ_k − η)(m_k·g)/|m_k|².
             coef = torch.where(valid, (1.0 / (lam + shift) - lr) * h / safe.pow(2), torch.zeros_like(h))
@@ -178,7 +181,7 @@ class ClassGradientQN(SubspaceOptimizer):
             # H = Σ λ_k v_k v_kᵀ = SᵀS, S = diag(a) M, a_k = √λ_k/|m_k|; eigh(S Sᵀ) = W diag(σ) Wᵀ; e_j = Sᵀw_j/√σ_j.
             # Σ_j (1/σ_j − η)(e_j·g) e_j = Mᵀ diag(a) W diag((1/σ_j − η)/σ_j) Wᵀ diag(a) M g.
             a = torch.where(valid, lam.sqrt() / safe, torch.zeros_like(lam))
-            m64 = self.m_KD.double()
+            m64 = self.m_CD.double()
             gram = (m64 @ m64.T) * a[:, None] * a[None, :]
             if not bool(torch.isfinite(gram).all()):  # diverged: propagate NaN instead of failing inside eigh
                 self.last.update(sigma=torch.full_like(a, float("nan")), kept=0)
@@ -190,7 +193,7 @@ class ClassGradientQN(SubspaceOptimizer):
             f = torch.where(keep, (1.0 / (safe_sigma + shift) - lr) / safe_sigma, torch.zeros_like(sigma))
             coef = a * (W @ (f * (W.T @ (a * h))))
             self.last.update(sigma=sigma, kept=int(keep.sum()))
-        return lr * g_D + coef.to(self.m_KD.dtype) @ self.m_KD
+        return lr * g_D + coef.to(self.m_CD.dtype) @ self.m_CD
 
     # ---------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -209,14 +212,14 @@ class ClassGradientQN(SubspaceOptimizer):
         stats: Dict[str, float] = {}
         if self.mode != "sgd":
             assert closure is not None, "class-gradient QN takes its class gradients from the step's closure"
-            G_KD, extras = closure.class_sums(z_D.detach().clone())
+            G_CD, extras = closure.class_sums(z_D.detach().clone())
             C = (extras.numel() - 2) // 2
-            assert G_KD.shape == (C + 1, self.D) and extras.numel() == 2 * C + 2, \
-                f"class sums of shape {tuple(G_KD.shape)} with {extras.numel()} extras for D={self.D}"
-            if self.m_KD is None:
+            assert G_CD.shape == (C + 1, self.D) and extras.numel() == 2 * C + 2, \
+                f"class sums of shape {tuple(G_CD.shape)} with {extras.numel()} extras for D={self.D}"
+            if self.m_CD is None:
                 self._allocate(C)
             assert C == self.C, f"the closure reports {C} classes, the statistics hold {self.C}"
-            self._stats_update(G_KD.to(self.device), extras.to(self.device).double())
+            self._stats_update(G_CD.to(self.device), extras.to(self.device).double())
         z_D.sub_(self.direction(g).to(z_D.dtype))
         self.steps += 1
         if self.mode != "sgd":
@@ -232,7 +235,7 @@ class ClassGradientQN(SubspaceOptimizer):
     @torch.no_grad()
     def diagnostics(self) -> Dict[str, Any]:
         """λ̄_k, |c̄_k|, pairwise cosines of the class gradients and (orthonormal mode) the Newton eigenvalues."""
-        if self.m_KD is None:
+        if self.m_CD is None:
             return {"steps": self.steps}
         lam = self.lambdas()
         c = self.class_gradients().double()
@@ -241,7 +244,7 @@ class ClassGradientQN(SubspaceOptimizer):
         u = c[seen] / norms[seen][:, None]
         cos = u @ u.T
         off = cos[~torch.eye(len(u), dtype=torch.bool)] if len(u) > 1 else torch.zeros(1, dtype=torch.float64)
-        out = {"lambda": lam.tolist(), "c_norm": norms.tolist(), "seen_batches": self.t_K.tolist(),
+        out = {"lambda": lam.tolist(), "c_norm": norms.tolist(), "seen_batches": self.t_C.tolist(),
                "cos_abs_mean": float(off.abs().mean()), "cos_abs_max": float(off.abs().max()),
                "steps": self.steps}
         if "sigma" in self.last:
@@ -250,19 +253,20 @@ class ClassGradientQN(SubspaceOptimizer):
         return out
 
     def state_dict(self) -> Dict[str, Any]:
+        # the keys keep the names checkpoints were first written with (the class suffix was K then)
         clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
-        return {"C": self.C, "m_KD": clone(self.m_KD), "s_K": clone(self.s_K), "t_K": clone(self.t_K),
+        return {"C": self.C, "m_KD": clone(self.m_CD), "s_K": clone(self.s_C), "t_K": clone(self.t_C),
                 "steps": self.steps}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         if state["m_KD"] is None:  # saved before the first step
-            self.C = self.m_KD = self.s_K = self.t_K = None
+            self.C = self.m_CD = self.s_C = self.t_C = None
             return
         self._allocate(int(state["C"]))
-        self.m_KD.copy_(state["m_KD"])
-        self.s_K.copy_(state["s_K"])
-        self.t_K.copy_(state["t_K"])
+        self.m_CD.copy_(state["m_KD"])
+        self.s_C.copy_(state["s_K"])
+        self.t_C.copy_(state["t_K"])
 
 
 def _check(options: Dict[str, Any]) -> List[str]:
@@ -280,7 +284,7 @@ def _check(options: Dict[str, Any]) -> List[str]:
     return problems
 
 
-@OPTIMIZERS.register("cgqn", check=_check)
+@OPTIMIZERS.register("cgqn", check=_check, ignores=("momentum",))
 def cgqn(z, *, lr: float, momentum: float, weight_decay: float, gamma: float = 0.9, mode: str = "orthonormal",
          damping: float = 0.0, rcond: float = 1e-6, bias_correction: bool = True):
     """Class-gradient quasi-Newton (Tuddenham et al.; raysub.optim.cgqn): train.lr is η, train.weight_decay is

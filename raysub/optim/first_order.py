@@ -1,5 +1,7 @@
 """The first-order optimizers of z — SGD†, Momentum† (P-SGD), Adam†, RMSprop† of the SL2O tables: torch's own
-optimizers over the single tensor z, so momentum and adaptive statistics live in D dimensions."""
+optimizers over the single tensor z, so momentum and adaptive statistics live in D dimensions.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_D`` the subspace dimension (``z_D``, ``g_D``)."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -44,7 +46,7 @@ def psgd(z, *, lr: float, momentum: float, weight_decay: float, nesterov: bool =
                                                        nesterov=nesterov))
 
 
-@OPTIMIZERS.register("sgd")
+@OPTIMIZERS.register("sgd", ignores=("momentum",))
 def sgd(z, *, lr: float, momentum: float, weight_decay: float):
     """Plain SGD on z (SGD†): no momentum, whatever train.momentum says."""
     return TorchOptimizer(z, lambda p: torch.optim.SGD(p, lr=lr, momentum=0.0, weight_decay=weight_decay))

@@ -1,10 +1,14 @@
-"""P-BFGS (DLDR Algorithm 2): BFGS on z with a backtracking Armijo line search on the same mini-batch."""
+"""P-BFGS (DLDR Algorithm 2): BFGS on z with a backtracking Armijo line search on the same mini-batch.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_D`` the subspace dimension (``z_D``, ``g_D``; B is D×D).
+"""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from raysub.errors import ConfigError
 from raysub.optim.base import OPTIMIZERS, BatchClosure, SubspaceOptimizer
 
 COUNTERS = ("steps", "backtracks", "failed", "skipped", "resets")
@@ -51,7 +55,8 @@ class PBFGS(SubspaceOptimizer):
                  eps: float = 1e-10, y_same_batch: bool = False, init_scale: str = "none"):
         self.c, self.beta, self.max_backtracks = float(c), float(beta), int(max_backtracks)
         self.eps, self.y_same_batch = float(eps), bool(y_same_batch)
-        assert init_scale in INIT_SCALES, init_scale
+        if init_scale not in INIT_SCALES:  # a user option: checked even without the config (and under python -O)
+            raise ConfigError(f"pbfgs init_scale={init_scale!r}: choose one of {', '.join(INIT_SCALES)}")
         self.init_scale = init_scale
         self.B = torch.eye(len(z_D), dtype=z_D.dtype, device=z_D.device)
         self.scaled = False  # B0 = γ I already applied since the start or the last reset
@@ -159,7 +164,7 @@ def _check(options: Dict[str, Any]) -> List[str]:
 
 
 # B is a dense d×d matrix and its update makes ~3 more: at d = 8,192 that is ~1 GiB (float32); beyond, refuse
-@OPTIMIZERS.register("pbfgs", check=_check, max_dim=8192)
+@OPTIMIZERS.register("pbfgs", check=_check, max_dim=8192, ignores=("momentum",))
 def pbfgs(z, *, lr: float, momentum: float, weight_decay: float, c: float = 0.4, beta: float = 0.55,
           max_backtracks: int = 20, y_same_batch: bool = False, init_scale: str = "none"):
     """P-BFGS (DLDR Algorithm 2); train.lr, momentum and weight_decay are not used (the line search picks the

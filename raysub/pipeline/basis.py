@@ -13,6 +13,9 @@ checksums) into one T×N_b float32 array and keeps it for both passes; the arith
 
 Sign convention: each component is signed so that the largest-magnitude entry of its right singular vector
 v_k (its coefficients over the T snapshots) is positive. Explained-variance ratio: λ_k / Σ_j λ_j.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_TN`` snapshots × parameters, ``_TT`` the Gram, ``_TD`` /
+``_DT`` snapshots × basis components, ``_D`` one per component.
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from raysub.errors import ConfigError, StorageError
-from raysub.storage import ColumnWriter, RunDir, basis_rel, decode_columns, decode_vector
+from raysub.errors import StorageError
+# the Gram-space algebra and the stored basis's reading live below the stages (the sampler needs them too);
+# the names stay importable from here
+from raysub.linalg import (basis_dir, basis_tile, centre_gram, increment_coefficients, load_basis,  # noqa: F401
+                            read_spectrum, solve_spectrum, spectrum_record)
+from raysub.storage import ColumnWriter, RunDir, basis_rel, decode_vector
 
 TILE = 1 << 16  # columns per float64 tile: T·TILE·8 bytes (52 MB at T=100)
 ACTOR_RESTARTS = 3  # restarts of a block actor whose process or node died (each rereads its block)
@@ -130,8 +137,6 @@ class BlockGram:
     def write_basis_streamed(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis"
                              ) -> Dict[str, Any]:
         """U_b from a streamed Gram: one read of the block, then per tile one GEMM (`stream_gram.basis_tile`)."""
-        from raysub.pipeline.stream_gram import basis_tile, increment_coefficients
-
         load_s = self.load() if self.W_TN is None else 0.0
         t0 = time.perf_counter()
         coef_DT = increment_coefficients(proj_TD)
@@ -171,33 +176,6 @@ class BlockGram:
                 "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes, "node": _node_id()}
 
 
-def solve_spectrum(gram_TT: np.ndarray, dim: int) -> Dict[str, Any]:
-    """eigh of the summed Gram; the top ``dim`` components with the sign convention applied.
-
-    Raises:
-        ConfigError: ``dim`` ≥ T, or ``dim`` exceeds the numerical rank of the trajectory.
-    """
-    T = gram_TT.shape[0]
-    if not 0 < dim < T:
-        raise ConfigError(f"basis.dim={dim} must be in [1, {T - 1}] for {T} snapshots (the centred trajectory has "
-                          f"rank ≤ {T - 1}): lower basis.dim or sample more snapshots")
-    evals, evecs = np.linalg.eigh(gram_TT)
-    order = np.argsort(evals)[::-1]
-    evals, evecs = np.clip(evals[order], 0.0, None), evecs[:, order]
-    tol = evals[0] * T * np.finfo(np.float64).eps * 10 if evals[0] > 0 else 1.0
-    rank = int((evals > tol).sum())
-    if dim > rank:
-        raise ConfigError(f"basis.dim={dim} exceeds the numerical rank {rank} of the trajectory (snapshots are "
-                          f"linearly dependent): lower basis.dim to ≤ {rank}")
-    V_TD = evecs[:, :dim].copy()
-    pivot = np.abs(V_TD).argmax(axis=0)
-    V_TD *= np.sign(V_TD[pivot, np.arange(dim)])
-    sigma = np.sqrt(evals)
-    total = evals.sum()
-    return {"eigenvalues": evals, "singular_values": sigma, "V": V_TD,
-            "explained_variance_ratio": evals / total if total > 0 else np.zeros_like(evals), "rank": rank}
-
-
 def write_streamed_block(run_uri: str, block: int, shards: List[Tuple[str, str]], num_coords: int,
                          proj_TD: np.ndarray, dtype: str, prefix: str) -> Dict[str, Any]:
     """One block of the basis from a streamed Gram (a Ray task): read it once, write U_b (`BlockGram`)."""
@@ -234,8 +212,6 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
             entries.append((s["path"], shards[s["path"]]))
         entries_of.append(entries)
     if streamed_gram is not None:
-        from raysub.pipeline.stream_gram import centre_gram
-
         spec = solve_spectrum(centre_gram(streamed_gram), dim)
         proj_TD = spec["V"] / spec["singular_values"][:dim]
         task = ray.remote(write_streamed_block).options(num_cpus=min(1.0, cpus))
@@ -273,69 +249,3 @@ def block_actor_class(num_cpus: float):
 
     return ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_restarts=ACTOR_RESTARTS,
                       max_task_retries=ACTOR_RESTARTS)(BlockGram)
-
-
-def spectrum_record(spec: Dict[str, Any], dim: int, dtype: str, blocks: List[Dict[str, Any]],
-                    timings: Dict[str, float], gram_source: str) -> Dict[str, Any]:
-    """``spectrum.json``'s contents: the solved spectrum, the basis shards (``blocks``: block, start, stop, path,
-    sha256, ...), the timings and where the Gram came from ("posthoc" or "stream")."""
-    return {
-        "dim": dim,
-        "num_snapshots": int(len(spec["eigenvalues"])),
-        "rank": spec["rank"],
-        "dtype": dtype,
-        "eigenvalues": spec["eigenvalues"].tolist(),
-        "singular_values": spec["singular_values"].tolist(),
-        "explained_variance_ratio": spec["explained_variance_ratio"].tolist(),
-        "explained_variance_top_dim": float(spec["explained_variance_ratio"][:dim].sum()),
-        "right_singular_vectors": spec["V"].tolist(),
-        "blocks": blocks,
-        "gram_source": gram_source,
-        "timings": timings,
-    }
-
-
-def basis_dir(run: RunDir) -> Optional[str]:
-    """The directory of the run's committed basis, or None when it has none.
-
-    ``raysub basis`` writes each basis into a new directory ``basis/GEN/`` and commits it by naming it in the
-    manifest (``stages.basis.dir``), so a rebuild killed half-way leaves the previous basis in force. Runs written
-    before generations keep theirs in ``basis/``.
-    """
-    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
-    stage = manifest.get("stages", {}).get("basis", {})
-    if stage.get("complete") and stage.get("dir"):
-        return stage["dir"]
-    return "basis" if run.exists("basis/spectrum.json") else None
-
-
-def read_spectrum(run: RunDir) -> Optional[Dict[str, Any]]:
-    """The committed basis's spectrum record (verified against the manifest), or None when there is no basis."""
-    where = basis_dir(run)
-    if where is None:
-        return None
-    shards = run.read_json("manifest.json").get("shards", {}) if run.exists("manifest.json") else {}
-    return run.read_json(f"{where}/spectrum.json", shards.get(f"{where}/spectrum.json"))
-
-
-def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
-    """The D×N basis (leading ``dim`` components) of a run, checked against the manifest's checksums.
-
-    Raises:
-        ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
-    """
-    run = RunDir(run_uri) if isinstance(run_uri, str) else run_uri
-    spec = read_spectrum(run)
-    if spec is None:
-        raise StorageError(f"{run.uri} has no basis: run 'raysub basis {run.uri}' first")
-    dim = spec["dim"] if dim is None else dim
-    if dim > spec["dim"]:
-        raise ConfigError(f"train.dim={dim} exceeds the {spec['dim']} components stored in {run.path('basis')}: "
-                          f"rebuild with 'raysub basis {run.uri} basis.dim={dim} --overwrite'")
-    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
-    sums = manifest.get("shards", {})
-    parts = []
-    for b in spec["blocks"]:
-        buf = run.read_bytes(b["path"], sums.get(b["path"], b["sha256"]))
-        parts.append(decode_columns(buf, dim))
-    return np.concatenate(parts, axis=1)

@@ -16,6 +16,7 @@ from raysub.errors import ConfigError
 
 def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
     """All problems of a config that need neither the dataset loaded nor Ray (empty list: fine)."""
+    import raysub.plugins  # noqa: F401  every plug-in registered before its name is checked (l2o too)
     from raysub.data import check_data_section
     from raysub.models import MODELS
     from raysub.models.lowrank import uv_problems

@@ -14,12 +14,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from raysub.config import Config, merge, parse_overrides
-from raysub.errors import ConfigError, DivergedError, StorageError
+from raysub.errors import ConfigError, DivergedError, RaysubError, StorageError
 from raysub.lock import RunLocked, run_lock
 from raysub.pipeline.plan import check, describe_params, plan
 from raysub.pipeline.records import (STAGE_CHECKED, basis_run_theta0, diff_text, existing_run, commit, config_diff,
                                      init_run, open_manifest, prepare_run_dir, same_state, settle, stored_config)
-from raysub.storage import RunDir, sha256
+from raysub.storage import RunDir
 
 Printer = Callable[[str], None]
 
@@ -227,7 +227,7 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
     dim = subspace_dim(cfg, num_params)
     problems = check_projection(name, num_params, dim, cfg.train.projection_options,
                                 cfg.train.basis_run or (run.uri if own_basis else None))
-    from raysub.optim import OPTIMIZERS
+    from raysub.plugins import OPTIMIZERS  # l2o included
 
     max_dim = OPTIMIZERS.meta(cfg.train.optimizer).get("max_dim") if cfg.train.optimizer in OPTIMIZERS else None
     if max_dim is not None and dim > max_dim:  # e.g. P-BFGS on every parameter of a UV model
@@ -237,6 +237,22 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
                         f"(psgd, adam)")
     if problems:
         raise ConfigError(problems)
+
+
+def _check_foreign_basis_theta0(cfg: Config, run: RunDir) -> None:
+    """A training in another run's basis (``train.basis_run``) starts from this run's θ0, so the two θ0 must be
+    the same: the basis spans the directions that run's trajectory took from its own θ0.
+
+    Raises:
+        ConfigError: they differ (another seed, model or ``train.init_from``).
+    """
+    if not cfg.train.basis_run or RunDir(cfg.train.basis_run).uri == run.uri:
+        return
+    theirs = basis_run_theta0(cfg)
+    if theirs is not None and not same_state(run.read_theta0(), theirs):
+        raise ConfigError(f"train.basis_run={cfg.train.basis_run} was sampled from another θ0 than {run.uri} (another "
+                          f"seed, model or train.init_from): a training in its basis must start from its θ0; start a "
+                          f"new run that takes it (raysub train CONFIG train.basis_run=...), or drop train.basis_run")
 
 
 def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, resume: bool = False,
@@ -258,6 +274,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         manifest = open_manifest(run)
         num_params = manifest["num_params"]
         check_train_projection(cfg, num_params, run)
+        _check_foreign_basis_theta0(cfg, run)
         dim = subspace_dim(cfg, num_params)
         label = cfg.train_label
         stage_key = f"train.{label}"
@@ -298,8 +315,8 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else ""))
         try:
             out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
-        except ConfigError as exc:
-            # a bad input found by the workers: nothing of this new training is kept (a lost lock: nothing touched)
+        except RaysubError as exc:
+            # a bad input (or storage, divergence) found by the workers: nothing of this new training is kept (a lost lock: nothing touched)
             if not resumed and not isinstance(exc, RunLocked):
                 if ckpt_dir.exists(ckpt_name):
                     ckpt_dir.delete(ckpt_name)

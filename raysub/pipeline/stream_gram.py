@@ -28,6 +28,10 @@ levels off once it does not; the window ends when it has fallen by less than ``s
 (`jobs/bench/window_tradeoff.py`). Rejected: the share of the last epoch's displacement outside the subspace
 (`outside_fraction`) rises 0.83 → 0.95 on that run — each epoch's own movement is mostly SGD noise — and the
 principal angles between successive top-d subspaces stay near 90° for the same reason (both still recorded).
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_TT`` T×T over the snapshots (``K_TT``: K, the Gram, is a name,
+not a dimension), ``_TN`` the snapshots × a block's parameters, ``_DT`` basis components × snapshots, ``_Td`` the
+snapshots × the top d components.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import numpy as np
+
+# the Gram-space algebra the basis stage shares (torch-free); the names stay importable from here
+from raysub.linalg import basis_tile, centre_gram, increment_coefficients, solve_spectrum, spectrum_record  # noqa: F401
 
 # torch is imported where it is used: the basis stage's block workers import this module for `basis_tile` alone, and
 # importing torch in each of them cost ~1 s of CPU per worker — more than the streamed basis stage's whole work at
@@ -144,12 +151,6 @@ def centring(T: int) -> np.ndarray:
     return np.eye(T) - np.full((T, T), 1.0 / T)
 
 
-def centre_gram(K_TT: np.ndarray) -> np.ndarray:
-    """C K C: the Gram of the mean-centred snapshots, from the Gram of any common offset (here θ0)."""
-    row = K_TT.mean(axis=0, keepdims=True)
-    return K_TT - row - row.T + K_TT.mean()
-
-
 def top_subspace(K_TT: np.ndarray, dim: int):
     """(V_Td, σ_d) of the centred snapshots' top ``dim`` components (fewer when the rank is lower)."""
     G = centre_gram(K_TT)
@@ -241,40 +242,6 @@ def stop_decision(signals, threshold: float, patience: int, min_snapshots: int, 
 # ---------------------------------------------------------------------------------------------------------
 # the window's end and the basis stage: U_b = D_bᵀ C V Σ⁻¹ from the block a rank (or a basis actor) holds
 
-def _is_tensor(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def increment_coefficients(proj_TD):
-    """Q (D×(T−1), float32, numpy or torch like ``proj_TD``): U_b = Σ_s Q[:, s−1] Δ_s with Δ_s = θ_s − θ_{s−1}.
-
-    The Gram was taken relative to θ0, so the centring moves into the projection: W̃ = C W = C X with
-    X_t = θ_t − θ0, hence U_b = X_bᵀ P, P = C V_D Σ_D⁻¹. Writing X_t = Σ_{s≤t} Δ_s turns this into
-    U_b = Σ_s q_s Δ_s with q_s = Σ_{t≥s} p_t (a reverse cumulative sum, s = 1..T−1; X_0 = 0 drops out).
-    Summing increments instead of positions is what makes a float32 GEMM accurate here: the positions of an SGD
-    trajectory are strongly correlated, so Σ_t p_t X_t of a small-σ component cancels terms ~σ_1/σ_d times its
-    size, while the increments are close to uncorrelated and barely cancel. Measured against a float64 GEMM
-    (digits MLP, T = 21, d = 15; the benchmark's planted trajectory, T = 100, d = 40): largest principal angle
-    6.6e-6° and 1.4e-5° (float32 GEMM of positions: 8.9e-5° and 4.6e-5°), each basis vector within 1.3e-7 and
-    2.5e-7 — the rounding of the stored float32 basis itself. It runs ~5× faster than the float64 GEMM it
-    replaces (`jobs/bench/basis.py`).
-    """
-    if _is_tensor(proj_TD):
-        P = proj_TD.double() - proj_TD.double().mean(dim=0, keepdim=True)
-        Q = P.flip(0).cumsum(0).flip(0)[1:]
-        return Q.t().contiguous().float()
-    P = np.asarray(proj_TD, dtype=np.float64)
-    P = P - P.mean(axis=0, keepdims=True)
-    Q = np.cumsum(P[::-1], axis=0)[::-1][1:]
-    return np.ascontiguousarray(Q.T, dtype=np.float32)
-
-
-def basis_tile(coef_DT, W_Tn):
-    """Columns of U_b for one tile of snapshots W_Tn (T×n, float32): Q (W_Tn[1:] − W_Tn[:−1]), float32
-    throughout (`increment_coefficients`)."""
-    return coef_DT @ (W_Tn[1:] - W_Tn[:-1])
-
-
 def close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_prefix) -> Dict[str, str]:
     """The window's end: rank 0 writes ``trajectory/gram.pt``; with ``sample.write_basis`` every rank writes its
     block of the basis (`write_stream_basis`). Returns {path: sha256} of the records this rank wrote (the writer's
@@ -301,7 +268,6 @@ def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, pref
 
     from raysub.engine import loop
     from raysub.errors import ConfigError
-    from raysub.pipeline.basis import solve_spectrum, spectrum_record
     from raysub.storage import ColumnWriter, basis_rel
 
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Intrinsic-dimension sweeps on Ray Tune: projection family × dimension d × seed (Li et al., 2018).
 
 What a trial trains, how finished trials are scored and how d_int is found (`plan_sweep`, `points`,
-`intrinsic_dim`, `refinement`, `results_table`) live in `raysub.pipeline.sweep_plan` — pure logic, no Ray —
+`intrinsic_dim`, `refinement`, `sweep_table`) live in `raysub.pipeline.sweep_plan` — pure logic, no Ray —
 and are re-exported here. This module runs the search's two phases as Ray Tune experiments (the coarse grid
 plus the baseline, then the refinement) and writes the results.
 
@@ -39,7 +39,7 @@ from raysub.pipeline.sweep_plan import (  # noqa: F401
     plan_sweep,
     points,
     refinement,
-    results_table,
+    sweep_table,
     trial_config,
 )
 from raysub.storage import RunDir, join_uri
@@ -373,6 +373,6 @@ def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwri
     run.write_text("trials.csv", _csv(rows))
     plot_sweep(run, pts, baseline["val_acc"], target, cfg.sweep.threshold,
                title=f"intrinsic dimension: {cfg.model.name} ({n:,} parameters) on {cfg.data.name}")
-    say(results_table(summary))
+    say(sweep_table(summary))
     say(f"sweep directory: {run.uri} (results.json, trials.csv, plots/accuracy_vs_dim.png)")
     return summary

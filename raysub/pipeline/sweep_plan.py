@@ -16,7 +16,7 @@ d_int (d_int90 for threshold 0.9) of a family = the smallest swept d whose mean 
 
 Here: `plan_sweep` (every check before Ray starts or anything is written) and `family_grid`, `trial_config`
 (one trial's config), and the scoring of finished trials — `points`, `intrinsic_dim`, `refinement` — with
-the console table (`results_table`) and ``trials.csv`` (`_csv`).
+the console table (`sweep_table`) and ``trials.csv`` (`_csv`).
 """
 from __future__ import annotations
 
@@ -193,7 +193,8 @@ def refinement(pts: Sequence[Dict[str, Any]], family: str, target: float, k: int
     return [d for d in new if lo < d < hi]
 
 
-def results_table(summary: Dict[str, Any]) -> str:
+def sweep_table(summary: Dict[str, Any]) -> str:
+    """The console table of a sweep: per family its intrinsic dimension, accuracies, trials and time."""
     rows = [("family", "d_int", "val acc", "test acc", "trials", "trial s")]
     b = summary["baseline"]
     if b.get("trials"):

@@ -16,7 +16,7 @@ registers them all.
 | dldr     | trajectory PCA basis (DLDR)               | N·D (stored run)  | N·D                      |
 | identity | I (D = N): full-parameter training        | none              | N                        |
 """
-from raysub.projections.base import (  # noqa: F401
+from raysub.projections.base import (  # noqa: F401 — the package's API, re-exported
     FACTORY_ARGS, PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks,
 )
-from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401,E402
+from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401 — each registers itself

@@ -50,7 +50,7 @@ def check_projection(name: str, num_params: int, dim: int, options: Optional[Dic
     full-training family); and the family's own ``check`` hook (``dldr``: ``basis_run`` has a basis of this
     model with at least D components).
     """
-    from raysub.errors import ConfigError
+    from raysub.errors import ConfigError, StorageError
     from raysub.projections._common import dim_problems
 
     try:
@@ -67,7 +67,7 @@ def check_projection(name: str, num_params: int, dim: int, options: Optional[Dic
     hook = meta.get("check") or no_checks
     try:
         problems += hook(num_params, dim, options, basis_run)
-    except ConfigError as exc:  # e.g. an unreadable run directory
+    except (ConfigError, StorageError) as exc:  # e.g. an unreadable run directory
         problems += exc.problems
     return problems
 

@@ -20,9 +20,11 @@ from typing import Any, List, Mapping, Optional
 import numpy as np
 import torch
 
+from raysub import linalg  # the stored basis and its spectrum, read through the module (tests patch it)
 from raysub.errors import ConfigError
 from raysub.projections.base import PROJECTIONS, MatrixProjection
 from raysub.projections._common import check_dim
+from raysub.storage import RunDir
 
 NO_RUN = ("projection 'dldr' needs a sampled run with a basis: set train.basis_run=RUN_DIR (made by 'raysub run' "
           "or 'raysub sample' + 'raysub basis')")
@@ -56,17 +58,13 @@ def coordinate_scales(spectrum: Mapping[str, Any], dim: int, scale: str) -> np.n
 def basis_run_problems(num_params: int, dim: int, options: Mapping[str, Any], basis_run: Optional[str]) -> List[str]:
     """The family's ``check``: ``scale`` is known, ``basis_run`` is given, has a basis (basis/spectrum.json), is a
     run of a ``num_params``-parameter model, and stores at least ``dim`` components."""
-    from raysub.storage import RunDir
-
     bad_scale = scale_problems(options)
     if bad_scale:
         return bad_scale
     if not basis_run:
         return [NO_RUN]
-    from raysub.pipeline.basis import read_spectrum
-
     run = RunDir(basis_run)
-    spec = read_spectrum(run)
+    spec = linalg.read_spectrum(run)
     if spec is None:
         return [f"train.basis_run={basis_run} has no basis (no basis/spectrum.json): run 'raysub basis "
                 f"{basis_run}' first"]
@@ -92,19 +90,16 @@ def dldr_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, d
         ConfigError: D outside (0, N], no run directory, an unknown ``scale``, or its basis is of a model with
             another number of parameters (a basis run of another model).
     """
-    from raysub.pipeline.basis import load_basis, read_spectrum
-    from raysub.storage import RunDir
-
     check_dim("dldr", num_params, dim)
     if run_dir is None:
         raise ConfigError(NO_RUN)
     if scale_problems({"scale": scale}):
         raise ConfigError([f"train.projection_options.{p}" for p in scale_problems({"scale": scale})])
-    basis_DN = load_basis(run_dir, dim)
+    basis_DN = linalg.load_basis(run_dir, dim)
     if basis_DN.shape[1] != num_params:
         raise ConfigError(other_model(getattr(run_dir, "uri", run_dir), basis_DN.shape[1], num_params))
     if scale != "none":
         run = RunDir(run_dir) if isinstance(run_dir, str) else run_dir
-        s_D = coordinate_scales(read_spectrum(run), dim, scale)
+        s_D = coordinate_scales(linalg.read_spectrum(run), dim, scale)
         basis_DN = basis_DN * s_D[:, None].astype(basis_DN.dtype)
     return MatrixProjection(torch.from_numpy(basis_DN).to(device), dtype=dtype)

@@ -1,0 +1,20 @@
+"""Helpers shared by several test modules (imported as ``from helpers import ...``: pytest puts tests/ on the path).
+"""
+from typing import Union
+
+import numpy as np
+
+from raysub.pipeline.sample import collect_trajectory
+from raysub.storage import RunDir, decode_vector
+
+
+def trajectory(run: Union[str, RunDir]) -> np.ndarray:
+    """The T×N trajectory of a run (a path, URI or `RunDir`) reassembled from its blocks, every snapshot read
+    against its checksum; asserts that each block's index lists its snapshots exactly once, in order."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    blocks, _ = collect_trajectory(run)
+    for b in blocks:
+        index = run.read_json(f"trajectory/block_{b['block']:03d}/index.json")["snapshots"]
+        assert [s["snapshot"] for s in index] == list(range(len(index))), [s["snapshot"] for s in index]
+    return np.stack([np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"]))
+                                     for b in blocks]) for s in range(len(blocks[0]["snapshots"]))])
