@@ -1,7 +1,7 @@
 """The learned optimizer (SL2O): meta-train φ on Ray — optimizee actors, the learner, meta-validation on val.
 
 The config's ``train`` section is the optimizee task (a DLDR basis through train.basis_run, or a random family),
-its ``l2o`` section the meta-training (see README "Learned optimizer"). Outputs RUN_DIR/l2o/{weights.pt,
+its ``l2o`` section the meta-training (see docs/learned-optimizer.md). Outputs RUN_DIR/l2o/{weights.pt,
 history.json, curves.png} (the first two copies of the committed state in RUN_DIR/l2o/ckpt/GEN/, with
 checkpoint.pt); --resume continues bit for bit, from any instant a kill left.
 
