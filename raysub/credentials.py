@@ -119,6 +119,18 @@ def strip(text: str) -> str:
     return _mask_known(text)
 
 
+def strip_values(obj):
+    """``obj`` (a config's dict) with `strip` applied to every string in it, keys kept: what raysub hands to a
+    tracker as parameters (a URI written into a YAML file — a weights path, a basis run — may carry credentials)."""
+    if isinstance(obj, str):
+        return strip(obj)
+    if isinstance(obj, dict):
+        return {k: strip_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(strip_values(v) for v in obj)
+    return obj
+
+
 def mask(text: str) -> str:
     """``text`` to be shown: URI credentials (userinfo, secret query keys) and registered secrets as ``***``."""
     if "://" in text:

@@ -74,6 +74,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pyarrow.fs as pafs
 
+from raysub import credentials
+
 TB_DIR = "tensorboard"  # RUN/tensorboard/STAGE
 MLFLOW_DIR = "mlruns"  # RUN/mlruns: the default MLflow file store
 INSTALL = "pip install 'raysub[tracking]'"
@@ -351,7 +353,8 @@ class Tracker:
 
     def __init__(self, cfg, run, stage: str):
         self.settings = _settings(cfg)
-        self.run, self.stage, self.config = run, stage, cfg.to_dict()
+        # MLflow's params: no credential of a URI written into the config (a weights path, a basis run)
+        self.run, self.stage, self.config = run, stage, credentials.strip_values(cfg.to_dict())
         if mlflow_down(self.settings, run):
             self.settings["mlflow"] = False
         self._callbacks: Optional[List[Any]] = None

@@ -285,3 +285,17 @@ def test_failure_lines_logs_and_the_job_launcher_mask_secrets(capsys, monkeypatc
     monkeypatch.setenv("RAY_ADDRESS", f"http://{KEY}:{SECRET}@head:8265")
     assert _launch.run_cli("run", []) == 2
     assert "RAY_ADDRESS=http://***@head:8265" in one_line(capsys)
+
+
+def test_tracking_params_carry_no_credential_of_a_uri_in_the_config(tmp_path):
+    """A URI written into a YAML file (here the learned optimizer's weights) kept its credentials in the config
+    dict that MLflow logs as the stage's params; the Tracker's params are stripped (the URI itself stays)."""
+    from raysub.config import load_config
+    from raysub.tracking import Tracker
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", "tracking.tensorboard=false"])
+    cfg.train.optimizer_options = {"weights": "s3://AKIATRACKKEY:TrAcKsEcReT@bucket/w?secret_key=QsEcReTq&x=1"}
+    tracker = Tracker(cfg, RunDir(cfg.run_dir), "train-psgd")
+    text = repr(tracker.config)
+    assert "TrAcKsEcReT" not in text and "AKIATRACKKEY" not in text and "QsEcReTq" not in text
+    assert tracker.config["train"]["optimizer_options"]["weights"] == "s3://bucket/w?x=1"
