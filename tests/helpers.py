@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``: pytest puts tests/ on the path).
 """
-from typing import Union
+import hashlib
+import os
+from typing import Dict, Union
 
 import numpy as np
 
@@ -18,3 +20,16 @@ def trajectory(run: Union[str, RunDir]) -> np.ndarray:
         assert [s["snapshot"] for s in index] == list(range(len(index))), [s["snapshot"] for s in index]
     return np.stack([np.concatenate([decode_vector(run.read_bytes(b["snapshots"][s]["path"], b["snapshots"][s]["sha256"]))
                                      for b in blocks]) for s in range(len(blocks[0]["snapshots"]))])
+
+
+def tree(root) -> Dict[str, str]:
+    """What is under ``root``, to compare before and after a command: {relative path: sha256} of every file and
+    {relative path + "/": ""} of every directory (an empty folder left behind counts); {} when ``root`` is missing."""
+    out: Dict[str, str] = {}
+    for dirpath, _, files in os.walk(root):
+        out[os.path.relpath(dirpath, root) + "/"] = ""
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out

@@ -5,7 +5,6 @@ become paths, and a run's own config.yaml that was moved or copied.
 Every refused input must end as exit 2 and one line, with no traceback and nothing written. No test here may
 start Ray: `no_ray` makes a start a failure (exit 1), so an input the old code accepted fails fast instead of
 running a pipeline."""
-import hashlib
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ import yaml
 from raysub.cli import QUICKSTART, main
 from raysub.config import load_config
 from raysub.errors import ConfigError
+from helpers import tree as tree_hash
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +28,6 @@ def no_ray(monkeypatch, tmp_path):
 
     monkeypatch.setattr(raysub.engine.cluster, "ensure_ray", refuse)
     monkeypatch.chdir(tmp_path)
-
-
-def tree_hash(root) -> str:
-    """Names and bytes of everything under ``root`` (directories too: an empty folder left behind counts)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
-        dirnames.sort()
-        h.update(os.path.relpath(dirpath, root).encode() + b"/\0")
-        for name in sorted(filenames):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(dirpath, name), "rb") as f:
-                h.update(f.read() + b"\0")
-    return h.hexdigest()
 
 
 def refused(capsys, tmp_path, args, needle, max_len=400):

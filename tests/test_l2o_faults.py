@@ -4,7 +4,6 @@ bytes changed on disk, θ0 under another run's basis, and ``l2o tune``'s best_co
 Meta-training runs in-process here: `FakeRay` stands in for Ray (actors are plain objects), so a save can be
 killed at every one of its writes in turn within seconds; `test_l2o_meta.py` runs the same code on real Ray.
 """
-import hashlib
 import importlib.util
 import io
 import json
@@ -17,6 +16,7 @@ import torch
 
 from raysub.cli import QUICKSTART, main
 from raysub.storage import LOCK, RunDir
+from helpers import tree as tree_digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=8", "l2o.hidden_size=4", "data.augment=false",
@@ -67,16 +67,6 @@ def _patch_ray(mp):
 def fake_ray(monkeypatch):
     """`meta_train` without a Ray cluster: object refs are the objects, actors live in this process."""
     _patch_ray(monkeypatch)
-
-
-def tree_digest(root) -> dict:
-    """Every file under ``root`` (relative path → sha256)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def meta_args(run, *extra):

@@ -6,7 +6,6 @@ Unit tier (no Ray): the heartbeat, `fence`, `records.commit`, the sampler's and 
 Ray Train calls replaced), the CLI. One subprocess test: the heartbeat's interrupt of a real command, through the
 CLI's one line.
 """
-import hashlib
 import json
 import os
 import subprocess
@@ -25,16 +24,7 @@ from raysub.errors import StorageError
 from raysub.lock import LOCK, RunLock, RunLocked, run_lock
 from raysub.pipeline import records
 from raysub.storage import RunDir
-
-def tree_hash(path) -> dict:
-    """{relative path: sha256} of every file under ``path`` (the lock file included)."""
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+from helpers import tree as tree_hash
 
 
 def wait_for(cond, timeout=10.0):

@@ -8,7 +8,6 @@ the test instead of running a stage.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
@@ -22,6 +21,7 @@ from raysub.config import load_config
 from raysub.lock import run_lock
 from raysub.pipeline import records
 from raysub.storage import ColumnWriter, RunDir, basis_rel, block_index_rel, encode_vector, snapshot_rel
+from helpers import tree
 
 T = 5  # snapshots of the fake trajectory
 
@@ -29,17 +29,6 @@ T = 5  # snapshots of the fake trajectory
 def same(a, b) -> bool:
     """Whether two state_dicts hold the same tensors."""
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def tree(root) -> dict:
-    """{relative path: sha256} of every file under ``root`` (the run's bytes)."""
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ Tune failures whose cause must reach the one-line error; what a kill -9 of the d
 Loopback servers only: a closed port (connection refused), a listening socket that never answers, and a small fake
 of MLflow's REST API that can be switched to "dead" (closed) or "hung" (reads the request, never answers).
 """
-import hashlib
 import json
 import os
 import pickle
@@ -24,23 +23,9 @@ from raysub import cli
 from raysub.config import load_config
 from raysub.errors import ConfigError
 from raysub.storage import RunDir
+from helpers import tree as tree_digest
 
 CODE = os.path.dirname(os.path.dirname(os.path.abspath(raysub.__file__)))  # the raysub under test, for subprocesses
-
-
-def tree_digest(path) -> str:
-    """A hash of every file's name and bytes under ``path`` ("" when it does not exist)."""
-    if not os.path.exists(path):
-        return ""
-    h = hashlib.sha256()
-    for dirpath, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            h.update(os.path.relpath(full, path).encode())
-            with open(full, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
 
 
 @pytest.fixture
