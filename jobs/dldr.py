@@ -10,7 +10,7 @@ Local (starts a throwaway Ray cluster on this machine):
     python jobs/dldr.py raysub/configs/fashion_mnist_lenet.yaml cluster.num_workers=2
 
 On a running cluster (the driver joins it: the job supervisor sets RAY_ADDRESS for the driver, so the job adds
-cluster.address=auto, see jobs/_launch.py; use an absolute run_dir on one node, an s3:// or gs:// URI across nodes):
+cluster.address=auto, see raysub/launch.py; use an absolute run_dir on one node, an s3:// or gs:// URI across nodes):
 
     export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265   # the head's job server (dashboard port)
     export RAY_AUTH_MODE=token     # token-auth clusters (on by default once a token exists), see cluster/local.md;
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import sys
 
+from raysub.launch import run_cli
+
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     return run_cli("run", sys.argv[1:] if argv is None else argv)
 
 

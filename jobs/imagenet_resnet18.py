@@ -19,7 +19,7 @@ Local (one machine with 8 GPUs; or fewer: cluster.num_workers=4, batch 256 split
     python jobs/imagenet_resnet18.py cluster.num_workers=4 data.root=/mnt/imagenet --resume
     python jobs/imagenet_resnet18.py --recipe pbfgs run_dir=/scratch/imagenet_pbfgs compute.bf16=true
 
-On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; run_dir must be a URI or a
+On a running cluster (joins it via cluster.address=auto, see raysub/launch.py; run_dir must be a URI or a
 shared filesystem path every node sees):
 
     export RAY_API_SERVER_ADDRESS=http://HEAD:8265 RAY_AUTH_MODE=token         # token auth: see cluster/local.md
@@ -35,6 +35,8 @@ from __future__ import annotations
 import os
 import sys
 from typing import List, Optional, Sequence, Tuple
+
+from raysub.launch import run_cli
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raysub", "configs")
 RECIPES = {"psgd": "imagenet_resnet18.yaml", "pbfgs": "imagenet_resnet18_pbfgs.yaml"}
@@ -59,8 +61,6 @@ def split_recipe(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
 
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     recipe, rest = split_recipe(sys.argv[1:] if argv is None else argv)
     if recipe not in RECIPES:
         given = f"--recipe {recipe}" if recipe else "--recipe needs a value"

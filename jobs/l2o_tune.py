@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 
+from raysub.launch import run_cli
+
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     return run_cli("l2o", sys.argv[1:] if argv is None else argv, subcommand="tune")
 
 

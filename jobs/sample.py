@@ -8,7 +8,7 @@ Local:
     python jobs/sample.py run_dir=/tmp/quickstart --overwrite
     python jobs/sample.py raysub/configs/fashion_mnist_lenet.yaml run_dir=/tmp/fm --resume
 
-On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; run_dir absolute or a URI):
+On a running cluster (joins it via cluster.address=auto, see raysub/launch.py; run_dir absolute or a URI):
 
     export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/sample.py raysub/configs/cifar10_resnet20.yaml \
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import sys
 
+from raysub.launch import run_cli
+
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     return run_cli("sample", sys.argv[1:] if argv is None else argv)
 
 

@@ -8,7 +8,7 @@ sweep_fashion_mnist_lenet):
     python jobs/sweep.py sweep_fashion_mnist_lenet sweep.seeds=[0,1,2] sweep.refine=3
     python jobs/sweep.py runs/sweep_digits/config.yaml --resume          # after an interrupt
 
-On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; run_dir absolute or a URI). With
+On a running cluster (joins it via cluster.address=auto, see raysub/launch.py; run_dir absolute or a URI). With
 GPUs, one trial per GPU; sweep.workers_per_trial=N makes every trial an N-worker DDP run (Ray Train inside Tune):
 
     export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 
+from raysub.launch import run_cli
+
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     return run_cli("sweep", sys.argv[1:] if argv is None else argv)
 
 

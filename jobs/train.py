@@ -9,7 +9,7 @@ Local:
     python jobs/train.py /tmp/quickstart
     python jobs/train.py /tmp/quickstart train.dim=5 train.label=psgd_d5
 
-On a running cluster (joins it via cluster.address=auto, see jobs/_launch.py; RUN_DIR absolute or a URI):
+On a running cluster (joins it via cluster.address=auto, see raysub/launch.py; RUN_DIR absolute or a URI):
 
     export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token    # token auth: see cluster/local.md
     ray job submit --working-dir . -- python jobs/train.py s3://BUCKET/raysub/cifar10_resnet20 \
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 
+from raysub.launch import run_cli
+
 
 def main(argv=None) -> int:
-    from _launch import run_cli
-
     return run_cli("train", sys.argv[1:] if argv is None else argv)
 
 

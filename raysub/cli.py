@@ -37,6 +37,10 @@ import shlex
 import sys
 import traceback
 from typing import List, Optional
+import tempfile
+from raysub import credentials
+from raysub.errors import ConfigError, RaysubError
+from raysub.credentials import mask
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 QUICKSTART = os.path.join(CONFIG_DIR, "quickstart.yaml")
@@ -72,8 +76,6 @@ def _parse_anywhere(parser: argparse.ArgumentParser, argv: List[str]) -> argpars
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from raysub import credentials
-    from raysub.errors import ConfigError
 
     credentials.mask_output()  # every line printed from here on, Ray's forwarded worker logs included
     try:  # credentials written into a URI go to the environment: argv, and all that echoes or stores it, is clean
@@ -124,8 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parse_anywhere(parser, argv)
 
+    # lazy: pyarrow loads only for this command, not for `raysub --help` or a config check
     from raysub.engine.cluster import unwrap_train_error
-    from raysub.errors import RaysubError
     from raysub.lock import RunLocked, lost_lock
 
     try:
@@ -158,7 +160,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 def resume_command(argv: List[str]) -> str:
     """The command line that continues this one: the same arguments with ``--resume`` instead of ``--overwrite``
     (``raysub basis`` has no resume: it is rerun)."""
-    from raysub.credentials import mask
 
     args = [mask(a) for a in argv if a not in ("--resume", "--overwrite", "--debug")]
     return shlex.join(["raysub", *args, "--overwrite" if args and args[0] == "basis" else "--resume"])
@@ -166,7 +167,7 @@ def resume_command(argv: List[str]) -> str:
 
 def describe_failure(exc: BaseException) -> str:
     """What failed, in a few words: the innermost error of a Ray Train worker, actor or task, or a storage error."""
-    from raysub.credentials import mask
+    # lazy: pyarrow loads only for this command, not for `raysub --help` or a config check
     from raysub.engine.cluster import failure_kind, innermost_error
     from raysub.storage import TIMEOUT_ENV, StorageTimeout, storage_timeout, timed_out
 
@@ -182,12 +183,12 @@ def describe_failure(exc: BaseException) -> str:
 def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
     """The traceback of ``exc`` in RUN_DIR/logs/error-TIME.log (a temporary file when there is no run directory
     or it cannot be written); returns where."""
-    from raysub.credentials import mask
 
     text = mask("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if run_uri:
         try:
+            # lazy: pyarrow loads only for this command, not for `raysub --help` or a config check
             from raysub.storage import RunDir, join_uri, redact
 
             run = RunDir(run_uri)
@@ -196,7 +197,6 @@ def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
                 return join_uri(redact(run.uri), "logs", f"error-{stamp}.log")
         except Exception:
             pass
-    import tempfile
 
     fd, path = tempfile.mkstemp(prefix=f"raysub-error-{stamp}-", suffix=".log")
     with os.fdopen(fd, "w") as f:
@@ -206,9 +206,9 @@ def _write_log(run_uri: Optional[str], exc: BaseException) -> str:
 
 def _dispatch(ns) -> int:
     """Run the command; ``ns.run_uri`` is set to its run directory as soon as it is known (for the error log)."""
+    # lazy: pyarrow loads only for this command, not for `raysub --help` or a config check
     from raysub import pipeline
     from raysub.config import load_config
-    from raysub.errors import ConfigError
 
     ns.run_uri = None
     if ns.command in ("run", "sample"):
@@ -220,6 +220,7 @@ def _dispatch(ns) -> int:
         else:
             pipeline.stage_sample(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "sweep":
+        # lazy: torch, pyarrow load only for this command, not for `raysub --help` or a config check
         from raysub.pipeline.sweep import run_sweep
 
         config, overrides = _split(ns.args)
@@ -230,7 +231,8 @@ def _dispatch(ns) -> int:
         ns.run_uri = cfg.run_dir
         run_sweep(cfg, resume=ns.resume, overwrite=ns.overwrite)
     elif ns.command == "l2o":
-        from raysub.l2o.train import meta_train
+        # lazy: torch, pyarrow load only for this command, not for `raysub --help` or a config check
+        from raysub.l2o.meta_train import meta_train
         from raysub.l2o.tune import tune_l2o
 
         config, overrides = _split(ns.args)

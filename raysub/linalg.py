@@ -1,11 +1,10 @@
 """Torch-free linear algebra of the DLDR basis — what the basis stage (`raysub.pipeline.basis`) and the sampler's
-streamed Gram (`raysub.pipeline.stream_gram`) both need — and the read side of a stored basis.
+streamed Gram (`raysub.pipeline.stream_gram`) both need.
 
 - Gram space: `centre_gram` (C K C), `solve_spectrum` (eigh, the top components, the sign convention);
 - the basis from the Gram: `increment_coefficients` and `basis_tile` (U_b = Σ_s q_s Δ_s, float32 GEMMs);
-- the record and its reading: `spectrum_record` (``spectrum.json``), `basis_dir`, `read_spectrum`, `load_basis`
-  (`raysub.projections.dldr` reads its basis here, not through a pipeline stage; the run-directory service of
-  issue 24 §2 takes the reading over).
+- the record: `spectrum_record` (``spectrum.json``); a stored basis is read through the run-directory service
+  (`raysub.runs.basis`).
 
 Shape suffixes: ``_TT`` T×T over the snapshots, ``_TD`` / ``_DT`` snapshots × basis components, ``_Tn`` a tile of
 n coordinates, ``_DN`` the basis over all N parameters. The math is in `raysub.pipeline.basis` and
@@ -16,12 +15,11 @@ CPU per actor (`increment_coefficients` and `basis_tile` take torch tensors too,
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 
-from raysub.errors import ConfigError, StorageError
-from raysub.storage import RunDir, decode_columns
+from raysub.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------
 # Gram space
@@ -118,49 +116,3 @@ def spectrum_record(spec: Dict[str, Any], dim: int, dtype: str, blocks: List[Dic
         "gram_source": gram_source,
         "timings": timings,
     }
-
-
-def basis_dir(run: RunDir) -> Optional[str]:
-    """The directory of the run's committed basis, or None when it has none.
-
-    ``raysub basis`` writes each basis into a new directory ``basis/GEN/`` and commits it by naming it in the
-    manifest (``stages.basis.dir``), so a rebuild killed half-way leaves the previous basis in force. Runs written
-    before generations keep theirs in ``basis/``.
-    """
-    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
-    stage = manifest.get("stages", {}).get("basis", {})
-    if stage.get("complete") and stage.get("dir"):
-        return stage["dir"]
-    return "basis" if run.exists("basis/spectrum.json") else None
-
-
-def read_spectrum(run: RunDir) -> Optional[Dict[str, Any]]:
-    """The committed basis's spectrum record (verified against the manifest), or None when there is no basis."""
-    where = basis_dir(run)
-    if where is None:
-        return None
-    shards = run.read_json("manifest.json").get("shards", {}) if run.exists("manifest.json") else {}
-    return run.read_json(f"{where}/spectrum.json", shards.get(f"{where}/spectrum.json"))
-
-
-def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
-    """The D×N basis (leading ``dim`` components) of a run, checked against the manifest's checksums.
-
-    Raises:
-        ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
-    """
-    run = RunDir(run_uri) if isinstance(run_uri, str) else run_uri
-    spec = read_spectrum(run)
-    if spec is None:
-        raise StorageError(f"{run.uri} has no basis: run 'raysub basis {run.uri}' first")
-    dim = spec["dim"] if dim is None else dim
-    if dim > spec["dim"]:
-        raise ConfigError(f"train.dim={dim} exceeds the {spec['dim']} components stored in {run.path('basis')}: "
-                          f"rebuild with 'raysub basis {run.uri} basis.dim={dim} --overwrite'")
-    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
-    sums = manifest.get("shards", {})
-    parts = []
-    for b in spec["blocks"]:
-        buf = run.read_bytes(b["path"], sums.get(b["path"], b["sha256"]))
-        parts.append(decode_columns(buf, dim))
-    return np.concatenate(parts, axis=1)

@@ -18,7 +18,7 @@ never write into the directory again. The heartbeat reads the record before ever
 the record still holds this command's token: a missing record (the new owner finished and released it) or a
 foreign one marks the lock *lost* — it is never re-created — and the main thread is interrupted (SIGINT), so the
 command stops and the CLI says so in one line. Every writer checks too, on storage, before it writes: the driver
-before each commit (`fence`, called by `raysub.pipeline.records.commit`), the Train workers before each snapshot,
+before each commit (`fence`, called by `raysub.runs.records.commit`), the Train workers before each snapshot,
 checkpoint and model file (`fence(run, token)` with the token the driver passed down, `token_of`). A lease whose
 own heartbeat is older than ``stale_s / 2`` (this process was paused) is renewed — or found lost — before any
 write. Without an atomic compare-and-swap on object storage a pause landing exactly between the heartbeat's read

@@ -1,8 +1,13 @@
-"""Curve metrics: the trailing-mean smoothing every curve uses, and SL2O's convergence step."""
+"""Curve metrics: pure functions of loss curves and per-run records (no torch, no Ray).
+
+- `smoothed` — the trailing mean every curve uses; `convergence_step` — SL2O §4.1's convergence step;
+- `steps_to_reach`, `speedup` (VeLO's speedup of one curve over another at a horizon), `final_loss`;
+- `mean_std`, `summarize` — mean ± std over optimizees of meta-test runs (`raysub.l2o.metatest`).
+"""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -49,3 +54,65 @@ def convergence_step(losses: Sequence[float], window: int = 20, std_tol: float =
     ok = (windows.std(axis=1) < std_tol) & (L[window - 1 :] < best + gap)
     hits = np.flatnonzero(ok)
     return int(hits[0] + window) if len(hits) else None
+
+
+def steps_to_reach(curve: Sequence[float], target: float) -> Optional[int]:
+    """The first step t (1-based) with curve[t−1] ≤ target; None when the curve never gets there."""
+    for t, v in enumerate(curve, start=1):
+        if v <= target:
+            return t
+    return None
+
+
+def speedup(l2o_losses: Sequence[float], momentum_losses: Sequence[float], n: int,
+            window: int = SMOOTH_WINDOW) -> Dict[str, Any]:
+    """VeLO's speedup at horizon n: the steps Momentum† needs to reach the smoothed training loss φ reaches after
+    n steps, divided by n (both curves `smoothed`).
+
+    Returns:
+        {"value", "lower_bound", "target", "momentum_steps"}: when Momentum† never reaches the target within its
+        run, value = len(momentum_losses) / n and lower_bound = True (the speedup is at least that). When φ's run
+        diverged by step n (its run is shorter than n, or its smoothed loss at n is not finite), value = 0.0 and
+        target = None.
+    """
+    target = smoothed(l2o_losses[:n], window)[n - 1] if len(l2o_losses) >= n else math.nan
+    if not math.isfinite(target):
+        return {"value": 0.0, "lower_bound": False, "target": None, "momentum_steps": None}
+    t = steps_to_reach(smoothed(momentum_losses, window), target)
+    if t is None:
+        return {"value": len(momentum_losses) / n, "lower_bound": True, "target": target, "momentum_steps": None}
+    return {"value": t / n, "lower_bound": False, "target": target, "momentum_steps": t}
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """{"mean", "std"} with the sample std (ddof = 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def final_loss(losses: Sequence[float], window: int = SMOOTH_WINDOW) -> float:
+    """The smoothed training loss at the end of a run (inf for an empty or non-finite one)."""
+    if not losses:
+        return math.inf
+    v = smoothed(losses, window)[-1]
+    return v if math.isfinite(v) else math.inf
+
+
+def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean ± std over optimizees of one optimizer's meta-test runs.
+
+    A run that never converged (or diverged) counts its convergence step as its length (a lower bound);
+    ``not_converged`` says how many did. Test accuracy is the one after the full run (0 for a diverged run).
+
+    Returns:
+        {"convergence_step": {"mean", "std"}, "not_converged", "test_acc": {"mean", "std"},
+        "val_acc": {"mean", "std"}, "diverged"}.
+    """
+    steps = [r["convergence_step"] if r["convergence_step"] is not None else r["steps"] for r in runs]
+    return {"convergence_step": mean_std(steps),
+            "not_converged": sum(r["convergence_step"] is None for r in runs),
+            "test_acc": mean_std([r["test_acc"] for r in runs]),
+            "val_acc": mean_std([r["val_acc"] for r in runs]),
+            "diverged": sum(bool(r["diverged"]) for r in runs)}

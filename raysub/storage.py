@@ -1,19 +1,7 @@
 """Run directories on any `pyarrow.fs` filesystem: atomic writes, Arrow shards with checksums, the manifest.
 
-A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) that every node can reach.
-A URI follows pyarrow's conventions (``pyarrow.fs.FileSystem.from_uri``): the endpoint and region come from the
-environment (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``) or from the URI's query
-(``s3://bucket/run?endpoint_override=host:9000&scheme=http&region=us-east-1``); credentials from the AWS
-default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role). Credentials written
-into a URI (``s3://KEY:SECRET@bucket/run``, ``?secret_key=``) are split off and exported to that chain
-(`raysub.credentials`): ``RunDir.uri`` never holds them, so nothing raysub prints or stores does. A run directory
-needs a bucket and a path inside it. Paths inside a run are joined before the query (`join_uri`), and Ray
-Train/Tune get the filesystem object itself (``storage_filesystem``), never a concatenated string.
-
-A stalled object store: every S3 request gives up after ``RAYSUB_STORAGE_TIMEOUT_S`` seconds without an answer
-(default 10; connecting: at most 5) and is tried 3 times, so a storage call fails within about a minute — inside
-the lock's stale time — instead of pyarrow's ~100 s of silent retries. A call still waiting after one timeout
-prints a line; one that gives up raises `StorageTimeout`, naming the storage, the operation and the timeout.
+A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) that every node can reach; how a URI
+is read — endpoint, credentials, timeouts — is `raysub.uri`'s. A run directory needs a bucket and a path inside it.
 
 Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's sha256
 goes into ``manifest.json``; readers verify it.
@@ -55,69 +43,24 @@ import pyarrow.fs as pafs
 
 from raysub import credentials
 from raysub.errors import StorageError
+# re-exported: ~30 importers take the URI helpers from here, beside RunDir
+from raysub.uri import (  # noqa: F401  re-exported: the URI helpers' old home
+    BUCKET_SCHEMES,
+    DEFAULT_TIMEOUT_S,
+    TIMEOUT_ENV,
+    TRIES,
+    StorageTimeout,
+    first_line,
+    join_uri,
+    open_uri,
+    redact,
+    split_uri,
+    storage_timeout,
+    timed_out,
+)
 
 
 LOCK = "raysub.lock"  # the lock file of a running command (raysub.lock); not part of a run's contents
-TIMEOUT_ENV = "RAYSUB_STORAGE_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 10.0
-TRIES = 3
-_BUCKET_SCHEMES = ("s3", "gs", "gcs")  # the URI's host part is a bucket
-
-
-class StorageTimeout(OSError):
-    """A storage request that got no answer within the timeout (`storage_timeout`), after every try."""
-
-
-def storage_timeout() -> float:
-    """Seconds an S3 request may go without an answer before it is retried (``RAYSUB_STORAGE_TIMEOUT_S``).
-
-    Raises:
-        StorageError: the variable is not a number of seconds > 0.
-    """
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise StorageError(f"{TIMEOUT_ENV}={text}: must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S:g})")
-    return value
-
-
-def timed_out(exc: BaseException) -> bool:
-    """Whether a storage error is a request that got no answer in time (curl's timeout, as pyarrow reports it)."""
-    if isinstance(exc, StorageTimeout):
-        return True
-    text = str(exc)
-    return "curlCode: 28" in text or "Timeout was reached" in text
-
-
-def open_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` of a URI, like ``pyarrow.fs.FileSystem.from_uri``, with its credentials adopted
-    (`raysub.credentials`) and, for S3, the request timeouts and a bounded number of tries.
-
-    Raises:
-        OSError, ValueError: as ``FileSystem.from_uri`` (an unknown scheme, a malformed query).
-        StorageError: ``RAYSUB_STORAGE_TIMEOUT_S`` is not a number > 0.
-    """
-    fs, path = pafs.FileSystem.from_uri(credentials.clean(uri))
-    if isinstance(fs, pafs.S3FileSystem):
-        timeout = storage_timeout()
-        _, (options,) = fs.__reduce__()
-        # from_uri's default retries a stalled request for ~100 s in silence: longer than the lock's stale time
-        options.update(connect_timeout=min(timeout, 5.0), request_timeout=timeout,
-                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=TRIES))
-        fs = pafs.S3FileSystem(**options)
-    return fs, path
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 def strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by None, so it serialises as strict JSON."""
     if isinstance(obj, float):
@@ -160,30 +103,6 @@ class _HashingSink:
         self.closed = True
 
 
-def join_uri(uri: str, *parts: str) -> str:
-    """``uri/parts...``: a local path joined as paths are; a URI's ``?query`` (endpoint, region) stays at the end."""
-    if "://" not in uri:
-        return os.path.join(uri, *parts)
-    base, sep, query = uri.partition("?")
-    return posixpath.join(base.rstrip("/"), *parts) + sep + query
-
-
-def split_uri(uri: str) -> Tuple[str, str]:
-    """(parent, name) of a path or URI, the inverse of `join_uri` for one part (the query stays with the parent)."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-        return os.path.dirname(uri), os.path.basename(uri)
-    base, sep, query = uri.partition("?")
-    parent, name = base.rstrip("/").rsplit("/", 1)
-    return parent + sep + query, name
-
-
-def redact(uri: str) -> str:
-    """``uri`` for messages: credentials written into it (``s3://KEY:SECRET@bucket``, ``?secret_key=...``) and
-    every registered secret are replaced by ``***``."""
-    return credentials.mask(uri)
-
-
 _watching = threading.local()  # a storage call in progress on this thread (nested calls are its own)
 
 
@@ -200,14 +119,14 @@ class RunDir:
         else:
             uri = credentials.clean(uri)
             scheme, _, rest = uri.partition("://")
-            if scheme.lower() in _BUCKET_SCHEMES and not rest.split("?", 1)[0].split("/", 1)[0]:
+            if scheme.lower() in BUCKET_SCHEMES and not rest.split("?", 1)[0].split("/", 1)[0]:
                 raise StorageError(f"storage URI {uri} names no bucket: write {scheme}://BUCKET/PATH "
                                    f"(e.g. run_dir={scheme}://my-bucket/runs/NAME)")
         self.uri = uri
         try:
             self.fs, self.root = open_uri(uri)
         except (OSError, ValueError) as exc:  # an unknown scheme, a malformed query, an unresolvable region
-            raise StorageError(f"run directory {redact(uri)} cannot be opened: {_first_line(exc)}; check the URI "
+            raise StorageError(f"run directory {redact(uri)} cannot be opened: {first_line(exc)}; check the URI "
                                f"(scheme://bucket/path[?endpoint_override=HOST:PORT&scheme=http&region=R])") from None
         self._remote = not isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -230,7 +149,7 @@ class RunDir:
         """
         scheme = self.uri.partition("://")[0] if "://" in self.uri else ""
         bucket, _, key = self.root.strip("/").partition("/")
-        if scheme.lower() in _BUCKET_SCHEMES and not key:
+        if scheme.lower() in BUCKET_SCHEMES and not key:
             raise StorageError(f"run directory {redact(self.uri)} is a bucket root: a run needs a directory of its "
                                f"own (its lock, --overwrite and cleanup act on all of it); write "
                                f"{scheme}://{bucket}/NAME")
@@ -244,7 +163,7 @@ class RunDir:
                                    f"within {timeout:g} s ({TRIES} tries, gave up after {time.monotonic() - t0:.0f} "
                                    f"s); check that the endpoint (AWS_ENDPOINT_URL_S3, or ?endpoint_override= in the "
                                    f"URI) is up and reachable, or raise {TIMEOUT_ENV}") from None
-            raise StorageError(f"run directory {redact(self.uri)} cannot be reached: {_first_line(exc)}; check the "
+            raise StorageError(f"run directory {redact(self.uri)} cannot be reached: {first_line(exc)}; check the "
                                f"endpoint (AWS_ENDPOINT_URL_S3, or ?endpoint_override= in the URI), the bucket and "
                                f"the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
 
@@ -421,6 +340,7 @@ class RunDir:
 
     # -- torch state --------------------------------------------------------------------------------------
     def write_torch(self, rel: str, obj: Any) -> str:
+        # heavy: torch loads here, not when this module is imported
         import torch
 
         bio = io.BytesIO()
@@ -428,6 +348,7 @@ class RunDir:
         return self.write_bytes(rel, bio.getvalue())
 
     def read_torch(self, rel: str, checksum: Optional[str] = None) -> Any:
+        # heavy: torch loads here, not when this module is imported
         import torch
 
         buf = self.read_bytes(rel, checksum)

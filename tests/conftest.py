@@ -45,6 +45,32 @@ def ray_session():
     ray.shutdown()
 
 
+# The quickstart shortened for the tests: 3 SGD epochs, 2 sampled, a 3-dim basis, 2 P-SGD epochs (~25 s on 2 cores).
+QUICKSTART_SMALL = ["sgd.epochs=3", "sample.epochs=2", "sgd.lr_milestones=[]", "basis.dim=3", "train.epochs=2",
+                    "train.lr_milestones=[1]"]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(ray_session, tmp_path_factory):
+    """``raysub run`` of ``QUICKSTART_SMALL`` on a local disk, once per session: its run directory, exit status,
+    what it printed and its wall time. One run serves tests/test_pipeline.py (the CLI's output and files) and
+    tests/test_s3.py (the local run the same run on s3 must equal), saving two Ray Train fits; they only read it
+    (or ``--resume`` it, which skips every stage)."""
+    import contextlib
+    import io
+    import time
+
+    from raysub.cli import main
+
+    run_dir = tmp_path_factory.mktemp("quickstart") / "q"
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # what capsys would have read
+        rc = main(["run", *QUICKSTART_SMALL, f"run_dir={run_dir}"])
+    return {"run_dir": run_dir, "rc": rc, "out": out.getvalue(), "err": err.getvalue(),
+            "wall_s": time.perf_counter() - t0}
+
+
 def has_gpu() -> bool:
     try:
         import torch

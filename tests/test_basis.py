@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from raysub.bench.basis_costs import MeasuredBlockGram
+from raysub.bench.harness import peak_rss_bytes, reset_peak_rss, rss_bytes
 from raysub.pipeline import basis as basis_mod
-from raysub.pipeline.basis import (BlockGram, build_basis, load_basis, peak_rss_bytes, reset_peak_rss,
-                                   solve_spectrum)
+from raysub.pipeline.basis import BlockGram, build_basis, load_basis, solve_spectrum
 from raysub.errors import ConfigError, StorageError
 from raysub.pipeline.sample import collect_trajectory, write_snapshot
 from raysub.storage import RunDir, block_bounds, decode_columns
@@ -112,9 +113,9 @@ def test_peak_rss_is_the_kernels_high_water_mark():
     allocated and freed still counts though the current RSS no longer holds it (a sampled RSS would miss it)."""
     source = reset_peak_rss()
     assert source in ("vmhwm_since_reset", "vmhwm_lifetime", "ru_maxrss_lifetime")
-    before = basis_mod._rss_bytes()
+    before = rss_bytes()
     _touch(200 * MB)
-    now = basis_mod._rss_bytes()
+    now = rss_bytes()
     assert peak_rss_bytes() >= before + 190 * MB
     assert now < before + 100 * MB  # freed: the current RSS would not show it
 
@@ -136,12 +137,12 @@ def test_block_actor_peak_counts_a_transient_buffer(tmp_path, trajectory, monkey
         return decode(buf, out=out)
 
     monkeypatch.setattr(basis_mod, "decode_vector", decode_with_temporary)
-    actor = BlockGram(run.uri, 0, entries, N)
+    actor = MeasuredBlockGram(run.uri, 0, entries, N)  # the benchmark's BlockGram (the stage measures no memory)
     spec = solve_spectrum(actor.gram()["gram"], 3)
     written = actor.write_basis(spec["V"] / spec["singular_values"][:3])
     assert written["peak_rss_source"] in ("vmhwm_since_reset", "vmhwm_lifetime", "ru_maxrss_lifetime")
     assert written["peak_rss"] >= written["start_rss"] + 190 * MB
-    assert basis_mod._rss_bytes() < written["start_rss"] + 100 * MB
+    assert rss_bytes() < written["start_rss"] + 100 * MB
 
 
 def test_corrupted_shard_is_refused(ray_session, tmp_path, trajectory):

@@ -5,13 +5,17 @@ import os
 
 import pytest
 
+import raysub.bench.basis
+import raysub.bench.vit_uv
 from raysub.config import load_config
 from raysub.errors import ConfigError
+from raysub.runs.manifest import Manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_job(name):
+    # only jobs/bench/time_to_accuracy.py is still loaded from its path (it is not in raysub.bench yet)
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(REPO, "jobs", "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -96,14 +100,14 @@ def test_time_to_accuracy_figures_on_a_hand_made_record(tta):
     summary = {"results": {"sgd": {"test_acc": 0.88}, "pbfgs": {"test_acc": 0.899, "wall_s": 12.0,
                                                                 "history": hist([0.88, 0.897, 0.899], 4.0)}},
                "timings": {"sample_s": 12.0, "basis_s": 0.5}}
-    manifest = {"stages": {"basis": {"gram_source": "sampler"},
-                           "sample": {"window_epochs": 4, "num_snapshots": 90, "stop_signal": []}}}
+    manifest = Manifest(stages={"basis": {"gram_source": "sampler"},
+                                "sample": {"window_epochs": 4, "num_snapshots": 90, "stop_signal": []}})
     f = tta.figures(summary, ref, manifest, 0.005)
     assert f["pipeline_s"] == pytest.approx(20.0) and f["pbfgs_epochs_to_target"] == 2
     assert f["pipeline_over_sgd"] == pytest.approx(0.40)
     assert f["pipeline_over_sgd_to_target"] == pytest.approx(20.0 / 30.0)
     assert f["window_epochs"] == 4 and f["sgd_epochs_to_target"] == 3
-    manifest["stages"]["basis"]["gram_source"] = "stream"  # a separate basis stage: its time counts
+    manifest.stages["basis"]["gram_source"] = "stream"  # a separate basis stage: its time counts
     assert tta.figures(summary, ref, manifest, 0.005)["pipeline_s"] == pytest.approx(20.5)
 
 
@@ -114,7 +118,7 @@ def block(peak, start=100, nbytes=1000):
 def test_basis_bench_compares_the_reference_with_all_block_actors():
     """Issue 11 (basis bench, reference_over_raysub_ram): every block actor holds its block at once, so the
     reference's peak RSS is compared with the sum of the actors' peaks, not with one actor's."""
-    bench = load_job("basis")
+    bench = raysub.bench.basis
     mem = bench.raysub_memory([block(1500), block(1300), block(1200, start=200), block(1400)])
     assert mem["raysub_peak_rss_sum_bytes"] == 5400
     assert mem["raysub_actor_peak_rss_bytes_all"] == [1500, 1300, 1200, 1400]
@@ -136,7 +140,7 @@ def test_basis_bench_streamed_gram_is_the_samplers_gram(tmp_path):
     from raysub.pipeline.stream_gram import StreamGram
     from raysub.storage import RunDir, decode_vector
 
-    bench = load_job("basis")
+    bench = raysub.bench.basis
     run = RunDir(str(tmp_path / "traj"))
     bench.write_trajectory(run, n=301, t=6, num_blocks=3, rank=4, decay=0.8, scale=0.5, noise=1e-3, seed=1)
     blocks, _ = collect_trajectory(run)
@@ -158,7 +162,7 @@ def test_basis_bench_angle_is_taken_from_its_sine():
     largest."""
     import numpy as np
 
-    bench = load_job("basis")
+    bench = raysub.bench.basis
     for angle in (0.3, 1e-4, 1e-9):
         B = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
         P = np.array([[2.0, 0, 0, 0], [0, np.cos(angle), np.sin(angle), 0]])  # row 0 is B's row 0, scaled
@@ -172,7 +176,7 @@ def test_basis_bench_floor_and_overhead_on_hand_figures():
     by the post-hoc stage; the overhead of 3.9 s of adds over 50 snapshot intervals of 390 steps at 0.1 s is
     1 + 3.9/1950 = 1.002 — θ0 comes before the first step, so 51 snapshots are 50 intervals. Catches a floor
     missing a term, swapped denominators, and counting θ0 as an interval."""
-    bench = load_job("basis")
+    bench = raysub.bench.basis
     fig = bench.floor_figures(read_s=0.5, write_s=1.0, gemm_s=0.5, stream_basis_s=3.0, basis_s=20.0)
     assert fig["floor_s"] == pytest.approx(2.0)
     assert fig["stream_basis_over_floor"] == pytest.approx(1.5)
@@ -184,7 +188,7 @@ def test_vit_uv_figures_on_a_hand_made_record():
     """jobs/bench/vit_uv.py's figures: the gap is full − Momentum† (points, not a fraction; not the reverse), the
     step ratio is φ ÷ Momentum† (not its inverse), the fraction is UV-trainable ÷ the ViT's parameters (not ÷ the
     UV model's, which counts U and V twice), and the step ratio is UV ÷ full."""
-    bench = load_job("vit_uv")
+    bench = raysub.bench.vit_uv
 
     def summary(conv, acc, not_converged=0):
         return {"summary": {"convergence_step": {"mean": conv, "std": 1.0}, "not_converged": not_converged,
@@ -211,7 +215,7 @@ def test_vit_uv_step_breakdown_times_each_phase(tmp_path):
 
     from raysub.engine.task import build_task
 
-    bench = load_job("vit_uv")
+    bench = raysub.bench.vit_uv
     cfg = load_config(None, ["model.name=vit", "model.options={dim: 16, depth: 1, heads: 2}", "model.uv.rank=2",
                              "train.projection=identity", f"run_dir={tmp_path}/r"])
     task = build_task(cfg)

@@ -454,14 +454,9 @@ def test_two_ranks_take_the_single_process_step():
     (["--arms", "cgqn,adam"], "--arms"),
 ])
 def test_job_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys, monkeypatch):
-    import importlib.util
+    from raysub.bench import cgqn as job
 
-    jobs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
-    monkeypatch.syspath_prepend(jobs)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    spec = importlib.util.spec_from_file_location("class_gradient_qn_job", os.path.join(jobs, "class_gradient_qn.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     out = tmp_path / "out"
     try:
         rc = job.main([*argv, f"run_dir={out}"])

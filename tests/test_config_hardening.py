@@ -190,7 +190,7 @@ def test_every_seed_in_range_gives_seeds_torch_accepts():
 
     from raysub.engine.loop import mix_seed
     from raysub.l2o.metatest import METATEST_SERIAL
-    from raysub.l2o.train import optimizee_seed
+    from raysub.l2o.seeds import optimizee_seed
     from raysub.projections._common import generator
 
     cfg = load_config(None, [f"seed={2 ** 32 - 1}", f"l2o.seed={10 ** 8 - 1}", f"train.data_seed={2 ** 32 - 1}",
@@ -268,7 +268,7 @@ def test_a_safe_label_passes(label):
 def fake_run(tmp_path):
     """A run directory as `raysub sample` starts it (θ0, manifest, config.yaml), made without Ray."""
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
     from raysub.storage import RunDir
 
     cfg = load_config(QUICKSTART, [f"run_dir={tmp_path / 'orig'}"])

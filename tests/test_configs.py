@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ast
 import glob
-import importlib.util
+import importlib
 import os
 import sys
 
@@ -64,13 +64,13 @@ def test_job_import_has_no_side_effects(path, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(raysub.cli, "main", lambda *a, **k: calls.append(a) or 0)
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
+    monkeypatch.syspath_prepend(REPO)  # jobs/ by its module name, wherever pytest was started
+    name = f"jobs.{os.path.basename(path)[:-3]}"
+    monkeypatch.delitem(sys.modules, name, raising=False)  # run the module's top level again
     ray_imported = "ray" in sys.modules
     ray_was_initialized = ray_imported and sys.modules["ray"].is_initialized()
     path_before, environ_before = list(sys.path), dict(os.environ)
-    spec = importlib.util.spec_from_file_location(f"_job_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(name)
     assert calls == []
     assert capsys.readouterr() == ("", "")
     assert sys.path == path_before and dict(os.environ) == environ_before
@@ -97,11 +97,8 @@ def ray_state(monkeypatch):
 
 
 def _load_job(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    spec = importlib.util.spec_from_file_location(f"_job_{name}", os.path.join(REPO, "jobs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(REPO)  # jobs/ by its module name, wherever pytest was started
+    return importlib.import_module(f"jobs.{name}")
 
 
 @pytest.mark.parametrize(

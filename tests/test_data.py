@@ -146,6 +146,24 @@ def test_digits_fixed_split():
     assert data.validate_dataset("digits", None) == []
 
 
+def test_digits_read_from_the_shipped_csv_equal_scikit_learns(monkeypatch):
+    """The digits are read from scikit-learn's own CSV without importing scikit-learn (its import costs every Train
+    worker ~1.7 s): the arrays must be load_digits' exactly — a dropped or shifted column, the label read as a
+    pixel, or another dtype fails here; and where the CSV is missing the fallback gives the same arrays."""
+    import sklearn.datasets
+
+    from raysub.data import digits
+
+    want = sklearn.datasets.load_digits()
+    x, y = digits.load_digits_arrays()
+    assert x.shape == (1797, 64) and x.dtype == want.data.dtype and np.array_equal(x, want.data)
+    assert y.dtype == want.target.dtype and np.array_equal(y, want.target)
+    assert (x[0, :4].tolist(), y[:5].tolist()) == ([0.0, 0.0, 5.0, 13.0], [0, 1, 2, 3, 4])  # the file's first row
+    monkeypatch.setattr(digits.os.path, "exists", lambda path: False)  # a release that keeps the CSV elsewhere
+    x2, y2 = digits.load_digits_arrays()
+    assert np.array_equal(x2, want.data) and np.array_equal(y2, want.target)
+
+
 # --------------------------------------------------------------------------------------------- MNIST / IDX
 
 

@@ -2,7 +2,6 @@
 both sides (raysub's Ray Train sampler on the shared Ray session, a 2-process torch DDP loop)."""
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     # imported by its package name (not from its path) so that torch.multiprocessing's spawned ranks can import it
-    return importlib.import_module("jobs.bench.ddp_overhead")
+    return importlib.import_module("raysub.bench.ddp_overhead")
 
 
 def test_ratio_is_raysub_over_torch(bench):

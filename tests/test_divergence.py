@@ -130,7 +130,7 @@ def test_diverged_subspace_training_writes_no_z(ray_session, tmp_path):
     step losses that include the diverged epoch."""
     from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
     from raysub.pipeline.train import divergence_line, run_subspace
 
     cfg = load_config(None, ["train.epochs=3", "train.lr_milestones=[]", "train.projection=dense", "train.dim=20",

@@ -91,7 +91,10 @@ def test_frozen_parameters_are_left_out(name, kind):
 
 
 def test_unknown_optimizer_is_a_config_error():
-    cfg = load_config(None, ["sgd.optimizer=adam"])
+    with pytest.raises(ConfigError, match="sgd.optimizer='adam': choose sgd or adamw"):
+        load_config(None, ["sgd.optimizer=adam"])  # a Literal field: refused as the config is read
+    cfg = Config()
+    cfg.sgd.optimizer = "adam"  # built in code, past the reader: the plan and the stage still refuse it
     assert "sgd.optimizer='adam': choose sgd or adamw" in validate(cfg)
     with pytest.raises(ConfigError):
         check(cfg)
@@ -105,7 +108,7 @@ def test_unknown_optimizer_is_a_config_error():
 def test_resume_refuses_a_changed_optimizer_or_class_subset():
     """sgd.* and data.classes change results: a resume with another value is refused (neither is resume-safe
     nor stage-checked); a stored config from before these keys existed reads back with their defaults."""
-    from raysub.pipeline.records import RESUME_SAFE, STAGE_CHECKED, config_diff
+    from raysub.runs.records import RESUME_SAFE, STAGE_CHECKED, config_diff
 
     old = Config().to_dict()
     for override, key in (("sgd.optimizer=adamw", "sgd.optimizer"), ("data.classes=[5,6]", "data.classes")):
@@ -125,7 +128,7 @@ def test_a_restart_after_an_adaptive_window_ended_the_stage_trains_no_more(tmp_p
     from raysub.pipeline import sample as S
     from raysub.pipeline import stream_gram as SG
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
     from raysub.storage import RunDir
 
     cfg = load_config(None, [f"run_dir={tmp_path}/r", "model.options={hidden: [16]}", "sgd.epochs=3", "sample.epochs=3",

@@ -40,12 +40,8 @@ def make_colour_imagefolder(root, train_per_class=16, val_per_class=8, size=40, 
 
 
 def load_job(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(REPO, "jobs"))
-    spec = importlib.util.spec_from_file_location("_job_imagenet_resnet18", os.path.join(REPO, "jobs",
-                                                                                          "imagenet_resnet18.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(REPO)  # jobs/ by its module name, wherever pytest was started
+    return importlib.import_module("jobs.imagenet_resnet18")
 
 
 @pytest.fixture(scope="module")

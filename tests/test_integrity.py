@@ -19,7 +19,8 @@ from raysub import cli, pipeline
 from raysub.config import load_config
 from raysub.errors import ConfigError, DivergedError, StorageError
 from raysub.lock import LOCK, RunLock, RunLocked, run_lock
-from raysub.pipeline import records
+from raysub.runs import records
+from raysub.runs.manifest import Manifest
 from raysub.pipeline import run as runmod
 from raysub.pipeline.basis import basis_dir, load_basis, read_spectrum
 from raysub.storage import RunDir, encode_vector
@@ -478,16 +479,17 @@ def test_a_new_basis_drops_the_trainings_done_in_the_old_one():
     """A training in the run's own basis (dldr, no basis_run) is another model once the basis is rebuilt: its
     result must not be reported as complete (it was, against a basis of another dim). Trainings in a random
     family or in another run's basis stay."""
-    manifest = {"stages": {"sample": {"complete": True},
-                           "train.psgd": {"complete": True, "train": {"projection": "dldr", "basis_run": None}},
-                           "train.dense": {"complete": True, "train": {"projection": "dense", "basis_run": None}},
-                           "train.other": {"complete": True, "train": {"projection": "dldr", "basis_run": "/a"}}},
-                "summary": {"results": {"psgd": {}, "dense": {}, "other": {}, "sgd": {}}},
-                "shards": {"train/psgd.pt": "x", "train/dense.pt": "y"}}
+    manifest = Manifest.from_json(
+        {"stages": {"sample": {"complete": True},
+                    "train.psgd": {"complete": True, "train": {"projection": "dldr", "basis_run": None}},
+                    "train.dense": {"complete": True, "train": {"projection": "dense", "basis_run": None}},
+                    "train.other": {"complete": True, "train": {"projection": "dldr", "basis_run": "/a"}}},
+         "summary": {"results": {"psgd": {}, "dense": {}, "other": {}, "sgd": {}}},
+         "shards": {"train/psgd.pt": "x", "train/dense.pt": "y"}})
     assert runmod._drop_own_basis_trainings(manifest) == ["psgd"]
-    assert sorted(manifest["stages"]) == ["sample", "train.dense", "train.other"]
-    assert sorted(manifest["summary"]["results"]) == ["dense", "other", "sgd"]
-    assert manifest["shards"] == {"train/dense.pt": "y"}
+    assert sorted(manifest.stages) == ["sample", "train.dense", "train.other"]
+    assert sorted(manifest.summary["results"]) == ["dense", "other", "sgd"]
+    assert manifest.shards == {"train/dense.pt": "y"}
 
 
 def test_resume_allows_a_moved_run_and_refuses_resharding_an_unfinished_sampling(tmp_path):
@@ -528,7 +530,7 @@ def test_a_manifest_from_before_commits_is_migrated(tmp_path):
     manifest.pop("config")
     run.write_json("manifest.json", manifest)
     opened = records.open_manifest(run)
-    assert opened["summary"] == summary and opened["config"]["basis"]["dim"] == 4
+    assert opened.summary == summary and opened.config["basis"]["dim"] == 4
 
 
 def test_unreadable_or_foreign_lock_files(tmp_path, monkeypatch):
@@ -573,7 +575,7 @@ def test_a_command_whose_lock_was_taken_over_does_not_commit(tmp_path):
     with run_lock(run, "raysub run") as lock:
         lock.lost = {"command": "raysub run --resume", "pid": 7, "host": "elsewhere"}
         with pytest.raises(RunLocked, match="taken over by 'raysub run --resume' .*stops without committing"):
-            records.commit(run, run.read_json("manifest.json"))
+            records.commit(run, Manifest.read(run))
         with pytest.raises(RunLocked):
             check_held(run)
 

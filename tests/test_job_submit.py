@@ -272,7 +272,7 @@ def test_dldr_job_submission_round_trip(head, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = manifest["stages"]
     assert {k: v.get("complete") for k, v in stages.items()} == {"sample": True, "basis": True, "train.psgd": True}
-    assert manifest["config"]["cluster"]["address"] == "auto"  # the job joined the head (jobs/_launch.py)
+    assert manifest["config"]["cluster"]["address"] == "auto"  # the job joined the head (raysub/launch.py)
     assert manifest["config"]["run_dir"] == str(run_dir)
     assert manifest["num_snapshots"] == 7 and manifest["world_size"] == 2
     basis = run_dir / stages["basis"]["dir"]

@@ -1,7 +1,7 @@
 """Real process kills (``kill -9`` of a Ray Train worker during sampling, of a basis actor, of a sweep's driver),
 and several nodes (``ray.cluster_utils.Cluster``, in a subprocess: tests/multinode_cluster.py).
 
-The sampler's workers publish their pids (the ``RAYSUB_PID_DIR`` testing hook, `raysub.engine.loop.publish_pid`)
+The sampler's workers publish their pids (the ``RAYSUB_PID_DIR`` testing hook, `raysub.faults`)
 and wait after epoch 1 (``RAYSUB_PAUSE_AFTER_EPOCH``), so the kill lands mid-run at a known point. What each test
 would catch:
 
@@ -197,7 +197,9 @@ def test_multinode_sampling_and_basis_spread_over_nodes_and_a_blind_node_is_refu
 
 
 # -- the driver of a sweep -----------------------------------------------------------------------------------
-EPOCHS = 20  # ~5 s a trial on 2 cores: the kill lands while the next trial runs
+# ~3 s a trial on 2 cores, start-up included; polling every 0.05 s, the test kills the driver while the next
+# trial starts or runs (more epochs would only stretch each trial)
+EPOCHS = 10
 SWEEP = ["sweep", "sweep_digits", f"train.epochs={EPOCHS}", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
          "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,50,300]", "sweep.max_concurrent=1",
          "cluster.num_cpus=2"]

@@ -54,13 +54,14 @@ def _patch_ray(mp):
     import ray
 
     import raysub.engine.cluster as cluster
-    import raysub.l2o.train as train
+    import raysub.l2o.meta_train as train
+    from raysub.l2o.optimizee import OptimizeeWorker
 
     mp.setattr(cluster, "ensure_ray", lambda *a, **k: None)
     mp.setattr(ray, "put", lambda obj: obj)
     mp.setattr(ray, "get", lambda refs: refs)
     mp.setattr(ray, "kill", lambda actor: None)
-    mp.setattr(train, "_actor_class", lambda cpus: _ActorClass(train.OptimizeeWorker))
+    mp.setattr(train, "_actor_class", lambda cpus: _ActorClass(OptimizeeWorker))
 
 
 @pytest.fixture
@@ -164,7 +165,7 @@ def test_resume_of_a_run_with_the_flat_layout(tmp_path, fake_ray, capsys):
     """A run written before generations (l2o/checkpoint.pt, weights.pt, history.json committed flat) resumes,
     and its weights read through the run directory before and after. Mutation caught: old runs unreadable."""
     from raysub.l2o import load_learned_optimizer
-    from raysub.l2o.train import CHECKPOINT, HISTORY, WEIGHTS
+    from raysub.l2o.layout import CHECKPOINT, HISTORY, WEIGHTS
 
     run = tmp_path / "old"
     assert main(meta_args(run, "l2o.meta_steps=2")) == 0
@@ -283,13 +284,15 @@ def test_meta_test_jobs_refuse_flipped_weights(tmp_path, meta_run, capsys):
     flip_param_byte(committed_weights(run))
     before = tree_digest(run)
     out = tmp_path / "out"
-    rc = _job(("jobs", "l2o_meta_test.py"), "mt_job").main(
+    from raysub.bench import meta_test_job
+
+    rc = meta_test_job.main(
         ["quickstart", "data.val_fraction=0.2", "train.projection=dense", "train.dim=8", "--weights", str(run),
          "--steps", "4", "--horizons", "1", "--seeds", "1", "--val-seeds", "1", "--lr-grid", "psgd=0.3",
          "--out", str(out)])
     _check_refused(rc, capsys.readouterr().err, out, before, run)
     out2 = tmp_path / "out2"
-    rc = _job(("jobs", "bench", "l2o_meta_test.py"), "mt_bench").main(
+    rc = importlib.import_module("raysub.bench.l2o_meta_test").main(
         ["--config", "quickstart", "--basis-run", str(run), "--weights", str(run), "--out", str(out2),
          "train.projection=dense", "train.dim=8", "data.val_fraction=0.2"])
     _check_refused(rc, capsys.readouterr().err, out2, before, run)

@@ -1,4 +1,4 @@
-"""Meta-training of the learned optimizer (raysub.l2o.train): the learner's averaging/clipping/NaN guard, the
+"""Meta-training of the learned optimizer (raysub.l2o.meta_train, learner, optimizee): the learner's averaging/clipping/NaN guard, the
 replacement of finished optimizees, config one-liners, and a tiny end-to-end meta-train on Ray."""
 import json
 import math
@@ -11,7 +11,11 @@ from raysub.cli import QUICKSTART
 from raysub.config import load_config
 from raysub.errors import ConfigError
 from raysub.l2o import load_learned_optimizer
-from raysub.l2o.train import OptimizeeWorker, combine, select, l2o_problems, meta_train, optimizee_seed
+from raysub.l2o.learner import combine, select
+from raysub.l2o.meta_train import meta_train
+from raysub.l2o.optimizee import OptimizeeWorker
+from raysub.l2o.seeds import optimizee_seed
+from raysub.l2o.setup import l2o_problems
 
 TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=8", "l2o.hidden_size=4",
         "data.augment=false", "data.batch_size=32"]
@@ -98,7 +102,8 @@ def test_diverging_optimizee_is_flagged_and_replaced(tmp_path):
     φ flags nothing. Mutation caught: the factor compared against the wrong loss (the unroll's first instead of
     z0's), divergence never flagged (a runaway optimizee's meta-gradient kept feeding the learner), or a
     flagged optimizee left in place."""
-    from raysub.l2o.train import DIVERGED_FACTOR, initial_phi
+    from raysub.l2o.optimizee import DIVERGED_FACTOR
+    from raysub.l2o.setup import initial_phi
 
     cfg = tiny_cfg(tmp_path, "l2o.steps=20", "l2o.unroll=5", "l2o.optimizees=1", "l2o.actors=1",
                    "l2o.step_scale=1000", "l2o.init_gain=1")
@@ -117,7 +122,7 @@ def test_diverging_optimizee_is_flagged_and_replaced(tmp_path):
 def test_finished_optimizee_is_replaced_with_new_seed(tmp_path):
     """N=4, T=2: the optimizee is done after its 2nd unroll and replaced by one with a new seed and z0.
     Mutation caught: replacement after the wrong number of unrolls, reusing the seed/z0, or a done flag never set."""
-    from raysub.l2o.train import initial_phi
+    from raysub.l2o.setup import initial_phi
 
     cfg = tiny_cfg(tmp_path, "l2o.steps=4", "l2o.unroll=2", "l2o.optimizees=1", "l2o.actors=1", "l2o.z0_std=0.1")
     w = OptimizeeWorker(cfg.to_dict(), [0])
@@ -282,7 +287,7 @@ def test_adam_like_start_has_live_hidden_units(tmp_path):
     their output weights' gradient is 0), init_gain not passed on."""
     from raysub.l2o.lstm import adam_like_params, init_state, update
     from raysub.l2o.meta import unroll_meta_grad
-    from raysub.l2o.train import initial_phi, opt_config
+    from raysub.l2o.setup import initial_phi, opt_config
 
     cfg = tiny_cfg(tmp_path, "l2o.init_gain=0.3", "l2o.step_scale=0.5")
     config = opt_config(cfg)
@@ -312,7 +317,7 @@ def test_meta_validation_reads_train_and_val_never_test(tmp_path, monkeypatch):
     split is never touched (the reference code selects φ on test). Mutation caught: evaluating on "test", or
     training the validation optimizee on val batches."""
     import raysub.engine.task as task_mod
-    from raysub.l2o.train import initial_phi
+    from raysub.l2o.setup import initial_phi
 
     cfg = tiny_cfg(tmp_path, "l2o.steps=6", "l2o.unroll=3", "l2o.optimizees=1", "l2o.actors=1")
     w = OptimizeeWorker(cfg.to_dict(), [0])

@@ -1,7 +1,6 @@
 """Meta-testing (raysub.l2o.metatest, jobs/l2o_meta_test.py): hand-computed pins of the smoothing, the steps to a
 target and VeLO's speedup (with its never-reached lower bound), the lr pick on validation only, the mean ± std
 summary, one run's step semantics against meta-training's optimizee, divergence, and a tiny end-to-end job run."""
-import importlib.util
 import json
 import math
 import os
@@ -12,8 +11,8 @@ import torch
 from raysub.cli import QUICKSTART
 from raysub.config import load_config
 from raysub.l2o import metatest
-from raysub.l2o.metatest import mean_std, pick_lr, speedup, steps_to_reach, summarize
-from raysub.metrics import smoothed
+from raysub.l2o.metatest import pick_lr
+from raysub.metrics import mean_std, smoothed, speedup, steps_to_reach, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.val_fraction=0.2", "train.projection=dense", "train.dim=10", "data.augment=false",
@@ -139,7 +138,9 @@ def test_run_matches_meta_trainings_optimizee_and_sgd_by_hand(digits_task, one_t
     step z −= lr·Pᵀ∇L. Catches another seed or z0 derivation (meta-test would then not be 'new optimizees of the
     same distribution'), a batch order that drifts from `Optimizee.next_batches`, a skipped or doubled step."""
     from raysub.engine.task import loss_and_projected_grad
-    from raysub.l2o.train import Optimizee, opt_config, optimizee_seed
+    from raysub.l2o.optimizee import Optimizee
+    from raysub.l2o.seeds import optimizee_seed
+    from raysub.l2o.setup import opt_config
 
     cfg, task = digits_task
     serial = metatest.METATEST_SERIAL + 3
@@ -176,10 +177,9 @@ def test_divergence_stops_and_scores_zero(digits_task, one_thread):
 # -- the job end to end ----------------------------------------------------------------------------------
 
 def _job():
-    spec = importlib.util.spec_from_file_location("l2o_meta_test_job", os.path.join(REPO, "jobs", "l2o_meta_test.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
+    from raysub.bench import meta_test_job
+
+    return meta_test_job
 
 
 def test_job_end_to_end_on_digits_never_reads_test_to_choose(tmp_path, capsys, monkeypatch, one_thread):

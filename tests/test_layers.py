@@ -33,38 +33,19 @@ LAYERS: Dict[str, int] = {
     "raysub": 1, "raysub.errors": 1, "raysub.registry": 1, "raysub.credentials": 1,
     "raysub.config": 2, "raysub.storage": 2, "raysub.lock": 2, "raysub.runs": 2,
     "raysub.data": 3, "raysub.models": 3, "raysub.projections": 3, "raysub.optim": 3, "raysub.linalg": 3,
-    "raysub.metrics": 3, "raysub.plots": 3, "raysub.report": 3, "raysub.tracking": 3, "raysub.plugins": 3,
+    "raysub.metrics": 3, "raysub.report": 3, "raysub.tracking": 3, "raysub.plugins": 3,
     "raysub.l2o.lstm": 3, "raysub.l2o.weights": 3, "raysub.l2o.optimizer": 3, "raysub.l2o.seeds": 3,
     "raysub.l2o.layout": 3,
     "raysub.engine": 4,
-    "raysub.pipeline.plan": 5,
+    "raysub.pipeline.plan": 5, "raysub.pipeline.sample_plan": 5,
     "raysub.pipeline": 6, "raysub.l2o": 6,
-    "raysub.bench": 7, "raysub.cli": 7,
+    "raysub.bench": 7, "raysub.cli": 7, "raysub.launch": 7,
 }
 WORKFLOW_LAYER = 6
 
 # Upward (or workflow-to-workflow) edges that remain until the section named removes them. The test fails when one
 # of these no longer exists: delete its line then.
 KNOWN_UPWARD: Dict[Tuple[str, str], str] = {
-    ("raysub.config", "raysub.tracking"):
-        "config checks ask tracking whether MLflow is installed and reachable; §3 (config/ without tracking)",
-    ("raysub.pipeline.plan", "raysub.pipeline.sample"):
-        "plan asks the sample stage for its section's checks and the snapshot count; §1/§3: those checks move "
-        "into plan (every check before anything starts)",
-    ("raysub.l2o.metatest", "raysub.pipeline.run"):
-        "check_train_projection lives in the pipeline driver; §1: it moves into plan",
-    ("raysub.l2o.tune", "raysub.pipeline.run"):
-        "check_train_projection lives in the pipeline driver; §1: it moves into plan",
-    ("raysub.l2o.train", "raysub.pipeline.run"):
-        "new_subspace_run (run directory, θ0, manifest) is a pipeline helper; §2: the run-directory service",
-    ("raysub.l2o.train", "raysub.pipeline.records"):
-        "commit (the manifest) is a pipeline helper; §2: the typed manifest in the run-directory service",
-    ("raysub.l2o.tune", "raysub.pipeline.records"):
-        "prepare_run_dir is a pipeline helper; §2: the run-directory service's one context manager",
-    ("raysub.l2o.tune", "raysub.pipeline.sweep"):
-        "_fit and DRIVER_RESOURCES are the sweep's Tune runner; §4 (engine/): the Tune runner both share",
-    ("raysub.l2o.tune", "raysub.pipeline"):
-        "format_table is the pipeline's; §3/§7: one format_table in report/",
 }
 
 

@@ -22,7 +22,8 @@ from raysub import lock as lockmod
 from raysub.config import load_config
 from raysub.errors import StorageError
 from raysub.lock import LOCK, RunLock, RunLocked, run_lock
-from raysub.pipeline import records
+from raysub.runs import records
+from raysub.runs.manifest import Manifest
 from raysub.storage import RunDir
 from helpers import tree as tree_hash
 
@@ -83,13 +84,13 @@ def test_commit_reads_the_record_on_storage_not_only_memory(tmp_path, monkeypatc
     run = RunDir(str(tmp_path / "run"))
     with run_lock(run, "raysub run") as lock:
         run.write_json("manifest.json", {"shards": {}, "stages": {}})
-        records.commit(run, {"shards": {}, "stages": {"ours": 1}})  # ours: committed
+        records.commit(run, Manifest.from_json({"shards": {}, "stages": {"ours": 1}}))  # ours: committed
         before = tree_hash(tmp_path / "run")
         (tmp_path / "run" / LOCK).write_text(json.dumps({"token": "x", "command": "raysub run --overwrite",
                                                          "pid": 9, "host": "other"}))
         before[LOCK] = tree_hash(tmp_path / "run")[LOCK]
         with pytest.raises(RunLocked, match="taken over by 'raysub run --overwrite' .*stops without committing"):
-            records.commit(run, {"shards": {}, "stages": {"ours": 2}})
+            records.commit(run, Manifest.from_json({"shards": {}, "stages": {"ours": 2}}))
         assert lock.lost is not None
         assert tree_hash(tmp_path / "run") == before
 
@@ -117,7 +118,7 @@ def test_a_paused_owner_can_never_commit_after_a_takeover(tmp_path, monkeypatch,
     before = tree_hash(tmp_path / "run")
     # A resumes: its main thread reaches a commit (its heartbeat has not run yet)
     with pytest.raises(RunLocked, match="stops without committing"):
-        records.commit(run, {"shards": {"l2o/weights.pt": "a's"}, "stages": {}})
+        records.commit(run, Manifest.from_json({"shards": {"l2o/weights.pt": "a's"}, "stages": {}}))
     with pytest.raises(RunLocked):
         lockmod.fence(run)
     # and its heartbeat resumes: it finds the lock lost and writes nothing
@@ -169,7 +170,7 @@ def test_sampler_workers_write_nothing_without_the_lock_token_on_storage(tmp_pat
     issue: the paused command's workers wrote into the directory the second had cleared)."""
     from raysub.pipeline import sample as S
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
 
     cfg = _sample_cfg(tmp_path)
     init_run(cfg, plan(cfg), False, False)
@@ -222,7 +223,7 @@ def test_the_sample_driver_commits_its_writers_digests_never_a_reread(tmp_path, 
     worker's) would be committed as this run's; a foreign index is refused, not hashed."""
     from raysub.pipeline import sample as S
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
 
     cfg = _sample_cfg(tmp_path)
     init_run(cfg, plan(cfg), False, False)
@@ -252,7 +253,7 @@ def test_the_streamed_gram_and_basis_are_committed_with_their_writers_digests(tm
     """Catches the driver re-reading trajectory/gram.pt and the sampler-written spectrum.json at commit time."""
     from raysub.pipeline import sample as S
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
     from raysub.pipeline.stream_gram import GRAM_REL
 
     cfg = load_config(None, [f"run_dir={tmp_path}/r", "model.options={hidden: [16]}", "sgd.epochs=1",
@@ -284,7 +285,7 @@ def test_the_subspace_training_reports_its_digest_and_is_fenced(tmp_path, monkey
     """Catches train/LABEL.pt hashed by the driver re-reading it, and rank 0 writing it under a foreign lock."""
     from raysub.pipeline import train as T
     from raysub.pipeline.plan import plan
-    from raysub.pipeline.records import init_run
+    from raysub.runs.records import init_run
 
     cfg = load_config(None, [f"run_dir={tmp_path}/r", "model.options={hidden: [16]}", "train.projection=dense",
                              "train.dim=4", "train.epochs=1", "cluster.num_workers=1"])

@@ -329,7 +329,7 @@ def test_init_from_problems_are_one_line_errors(tmp_path, setup, fragment):
 
 def test_resume_refuses_another_init_from(tmp_path):
     """train.* is stage-checked on resume, but init_from made the run's θ0: changing it must be refused."""
-    from raysub.pipeline.records import STAGE_CHECKED, config_diff
+    from raysub.runs.records import STAGE_CHECKED, config_diff
 
     a = load_config(None, ["train.init_from=runs/a", "train.lr=0.1"]).to_dict()
     b = load_config(None, ["train.init_from=runs/b", "train.lr=0.2"]).to_dict()

@@ -15,6 +15,7 @@ from raysub.errors import ConfigError
 from raysub.storage import RunDir
 
 from helpers import trajectory  # tests/helpers.py
+from conftest import QUICKSTART_SMALL  # tests/conftest.py: the shared quickstart_run's overrides
 
 BASE = ["sgd.epochs=2", "sample.epochs=2", "sample.snapshot_every_steps=4", "basis.dim=5", "train.epochs=1",
         "train.lr_milestones=[]", "data.batch_size=64", "sgd.lr_milestones=[]"]
@@ -186,7 +187,7 @@ def test_basis_rebuild_killed_before_commit_leaves_the_old_basis(runs, tmp_path,
     replaces it and deletes the old generation."""
     import shutil
 
-    from raysub.pipeline import records
+    from raysub.runs import records
     from raysub.pipeline import run as runmod
 
     dst = str(tmp_path / "copy")
@@ -211,15 +212,15 @@ def test_basis_rebuild_killed_before_commit_leaves_the_old_basis(runs, tmp_path,
     assert run.read_json("summary.json")["dim"] == 2
 
 
-def test_raysub_run_end_to_end(ray_session, tmp_path, capsys):
-    """`raysub run` (the quickstart config, shortened): progress lines, the table, summary.json, plots."""
+def test_raysub_run_end_to_end(quickstart_run, capsys):
+    """`raysub run` (the quickstart config, shortened): progress lines, the table, summary.json, plots. The run is
+    the session's `quickstart_run` (tests/conftest.py), which tests/test_s3.py compares its s3 run with."""
     from raysub.cli import main
 
-    run_dir = tmp_path / "q"
-    args = ["run", "sgd.epochs=3", "sample.epochs=2", "sgd.lr_milestones=[]", "basis.dim=3", "train.epochs=2",
-            "train.lr_milestones=[1]", f"run_dir={run_dir}"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+    run_dir = quickstart_run["run_dir"]
+    args = ["run", *QUICKSTART_SMALL, f"run_dir={run_dir}"]
+    assert quickstart_run["rc"] == 0, quickstart_run["err"]
+    out = quickstart_run["out"]
     assert "[sgd] epoch 3/3" in out and "[psgd] epoch 2/2" in out and "[basis]" in out
     assert "method" in out and "psgd" in out
     summary = RunDir(str(run_dir)).read_json("summary.json")
@@ -237,13 +238,10 @@ def test_raysub_run_end_to_end(ray_session, tmp_path, capsys):
 
 def test_label_noise_job(ray_session, tmp_path, capsys):
     """jobs/label_noise.py end to end on digits: table, JSON, plot; SGD best ≥ SGD final by definition."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("label_noise", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "label_noise.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from raysub.bench import label_noise as job
+
     out = tmp_path / "ln"
     assert job.main(["quickstart", "--levels", "0.5", "--dims", "2,3", "--out", str(out), "sgd.epochs=2",
                      "sample.epochs=2", "train.epochs=1", "train.lr_milestones=[]", "sgd.lr_milestones=[]"]) == 0

@@ -437,7 +437,7 @@ def test_dldr_scale_std_multiplies_each_basis_vector_by_its_trajectory_std(tmp_p
     of P σ_i/√T · u_i = 3 u_1 and 1 u_2, exactly. Catches dividing by the scale (⅓), σ² in place of σ (9), a
     missing √T (6 and 2), and the scale applied along the wrong axis (then lift and project disagree); ``project``
     stays ``lift``ᵀ."""
-    import raysub.linalg as basis
+    import raysub.runs.basis as basis
 
     run = fake_run(tmp_path / "run")
     u = np.zeros((2, N_PARAMS), np.float32)
@@ -455,7 +455,7 @@ def test_dldr_scale_std_multiplies_each_basis_vector_by_its_trajectory_std(tmp_p
 
 def test_dldr_basis_of_another_model_is_a_config_error(tmp_path, monkeypatch):
     """The factory's own safety net (a run whose basis does not match the model) is one line, not an assert."""
-    import raysub.linalg as basis
+    import raysub.runs.basis as basis
 
     run = fake_run(tmp_path / "other", num_params=N_PARAMS + 7)
     monkeypatch.setattr(basis, "load_basis", lambda run_dir, dim: np.zeros((dim, N_PARAMS + 7), np.float32))

@@ -19,7 +19,7 @@ import yaml
 from raysub import cli, pipeline
 from raysub.config import load_config
 from raysub.lock import run_lock
-from raysub.pipeline import records
+from raysub.runs import records
 from raysub.storage import ColumnWriter, RunDir, basis_rel, block_index_rel, encode_vector, snapshot_rel
 from helpers import tree
 
@@ -46,18 +46,18 @@ def _basis(run: RunDir, manifest, gen: str, dim: int = 2) -> None:
     """A committed basis generation ``gen`` over the manifest's blocks (random columns; only its records matter)."""
     rng = np.random.default_rng(1)
     blocks = []
-    for b in manifest["blocks"]:
+    for b in manifest.blocks:
         with run.open_writer(basis_rel(b["block"], gen)) as sink:
             w = ColumnWriter(sink, dim)
             w.write(rng.standard_normal((dim, b["stop"] - b["start"])))
             w.close()
-        manifest["shards"][basis_rel(b["block"], gen)] = sink.sha256
+        manifest.shards[basis_rel(b["block"], gen)] = sink.sha256
         blocks.append({**b, "path": basis_rel(b["block"], gen), "sha256": sink.sha256})
     spectrum = {"dim": dim, "num_snapshots": T, "rank": T - 1, "dtype": "float32",
                 "singular_values": [1.0] * T, "explained_variance_ratio": [1.0 / T] * T,
                 "explained_variance_top_dim": dim / T, "blocks": blocks, "gram_source": "posthoc"}
-    manifest["shards"][f"{gen}/spectrum.json"] = run.write_json(f"{gen}/spectrum.json", spectrum)
-    manifest["stages"]["basis"] = {"complete": True, "dir": gen, "dim": dim, "gram_source": "posthoc"}
+    manifest.shards[f"{gen}/spectrum.json"] = run.write_json(f"{gen}/spectrum.json", spectrum)
+    manifest.stages["basis"] = {"complete": True, "dir": gen, "dim": dim, "gram_source": "posthoc"}
 
 
 def sampled_run(root, name="run", seed=0, trained=True) -> RunDir:
@@ -71,22 +71,22 @@ def sampled_run(root, name="run", seed=0, trained=True) -> RunDir:
         records.prepare_run_dir(run, False, False, cfg)
         manifest = records.init_run(cfg, info, False, False)
         rng = np.random.default_rng(0)
-        for b in manifest["blocks"]:
+        for b in manifest.blocks:
             index = []
             for s in range(T):
                 rel = snapshot_rel(b["block"], s)
                 values = rng.standard_normal(b["stop"] - b["start"]).astype(np.float32)
-                manifest["shards"][rel] = run.write_bytes(rel, encode_vector(values))
-                index.append({"snapshot": s, "step": s, "epoch": 0, "path": rel, "sha256": manifest["shards"][rel]})
+                manifest.shards[rel] = run.write_bytes(rel, encode_vector(values))
+                index.append({"snapshot": s, "step": s, "epoch": 0, "path": rel, "sha256": manifest.shards[rel]})
             rel = block_index_rel(b["block"])
-            manifest["shards"][rel] = run.write_json(rel, {**b, "snapshots": index})
-        manifest["num_snapshots"] = T
-        manifest["stages"]["sample"] = {"complete": True}
+            manifest.shards[rel] = run.write_json(rel, {**b, "snapshots": index})
+        manifest.num_snapshots = T
+        manifest.stages["sample"] = {"complete": True}
         _basis(run, manifest, "basis/g1")
         if trained:
-            manifest["shards"]["train/psgd.pt"] = run.write_torch("train/psgd.pt", {"z": torch.ones(2), "dim": 2})
-            manifest["stages"]["train.psgd"] = {"complete": True, "train": cfg.to_dict()["train"]}
-            manifest["summary"]["results"]["psgd"] = {"test_acc": 0.9, "dim": 2, "epochs": 1, "wall_s": 1.0}
+            manifest.shards["train/psgd.pt"] = run.write_torch("train/psgd.pt", {"z": torch.ones(2), "dim": 2})
+            manifest.stages["train.psgd"] = {"complete": True, "train": cfg.to_dict()["train"]}
+            manifest.summary["results"]["psgd"] = {"test_acc": 0.9, "dim": 2, "epochs": 1, "wall_s": 1.0}
         records.commit(run, manifest)
     return run
 

@@ -21,12 +21,12 @@ import pytest
 from raysub.storage import RunDir, join_uri, redact, split_uri
 
 from helpers import trajectory  # tests/helpers.py
+from conftest import QUICKSTART_SMALL  # tests/conftest.py: the shared quickstart_run's overrides
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (pip install -e .[test]) runs the S3 server")
 
 BUCKET = "raysub-test"
-SMALL = ["sgd.epochs=3", "sample.epochs=2", "sgd.lr_milestones=[]", "basis.dim=3", "train.epochs=2",
-         "train.lr_milestones=[1]"]
+SMALL = QUICKSTART_SMALL  # the shortened quickstart: the local run is the session's quickstart_run
 
 
 # -- URI helpers (no server) ------------------------------------------------------------------------------
@@ -146,16 +146,15 @@ def test_missing_bucket_and_refused_credentials_are_one_line_before_ray(s3, no_r
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_session, s3, tmp_path_factory):
-    """The shortened quickstart twice: on a local disk, and on s3 killed after epoch 1 then resumed."""
+def s3_run(quickstart_run, s3):
+    """The shortened quickstart twice: on a local disk (the session's ``quickstart_run``, shared with
+    tests/test_pipeline.py), and on s3 killed after epoch 1 then resumed."""
     import time
 
     from raysub.cli import main
 
-    local = str(tmp_path_factory.mktemp("local") / "q")
-    t0 = time.perf_counter()
-    assert main(["run", *SMALL, f"run_dir={local}"]) == 0
-    local_s = time.perf_counter() - t0
+    assert quickstart_run["rc"] == 0, quickstart_run["err"]
+    local, local_s = str(quickstart_run["run_dir"]), quickstart_run["wall_s"]
     uri = s3.uri("runs/q")
     mp = pytest.MonkeyPatch()
     mp.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")

@@ -268,8 +268,7 @@ def test_failure_lines_logs_and_the_job_launcher_mask_secrets(capsys, monkeypatc
     """Defence in depth: a secret that reached an error's text (a pyarrow message, a traceback) or RAY_ADDRESS."""
     from raysub.cli import _write_log, describe_failure
 
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-    import _launch
+    from raysub import launch as _launch
 
     exc = OSError(f"When reading s3://{KEY}:{SECRET}@b/run/x?secret_key={SECRET}: AWS Error NETWORK_CONNECTION "
                   f"during GetObject operation: curlCode: 28, Timeout was reached")

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from raysub.pipeline.stream_gram import (StreamGram, budget_refusal, centre_gram, gram_bytes, outside_fraction,
+from raysub.pipeline.sample_plan import budget_refusal
+from raysub.pipeline.stream_gram import (StreamGram, centre_gram, gram_bytes, outside_fraction,
                                          reach_residual, stop_decision, subspace_drift)
 
 NOOP = lambda t: t  # one rank: the all-reduce is the identity
@@ -134,20 +135,22 @@ def test_stored_gram_is_verified(tmp_path):
     """A corrupted or wrong-size gram.pt is refused in one line naming the fallback (basis.gram=posthoc)."""
     from raysub.errors import StorageError
     from raysub.pipeline.stream_gram import GRAM_REL, read_streamed_gram
+    from raysub.runs.manifest import Manifest
     from raysub.storage import RunDir
 
     run = RunDir(str(tmp_path))
     K = stream_of([[1, 2], [2, 2], [1, 4]]).gram
     checksum = run.write_bytes(GRAM_REL, gram_bytes(K))
-    manifest = {"num_snapshots": 3, "shards": {GRAM_REL: checksum},
-                "stages": {"sample": {"stream_gram": {"path": GRAM_REL, "sha256": checksum}}}}
+    stored = {"num_snapshots": 3, "shards": {GRAM_REL: checksum},
+              "stages": {"sample": {"stream_gram": {"path": GRAM_REL, "sha256": checksum}}}}
+    manifest = Manifest.from_json(stored)
     np.testing.assert_array_equal(read_streamed_gram(run, manifest), K)
     with pytest.raises(StorageError, match="not the 4×4 Gram"):
-        read_streamed_gram(run, {**manifest, "num_snapshots": 4})
+        read_streamed_gram(run, Manifest.from_json({**stored, "num_snapshots": 4}))
     run.write_bytes(GRAM_REL, gram_bytes(K * 2))
     with pytest.raises(StorageError, match="corrupted.*basis.gram=posthoc"):
         read_streamed_gram(run, manifest)
-    assert read_streamed_gram(run, {"stages": {"sample": {}}}) is None
+    assert read_streamed_gram(run, Manifest(stages={"sample": {}})) is None
 
 
 @pytest.mark.system  # a fresh interpreter, to see what it imports

@@ -8,6 +8,7 @@ from raysub import pipeline
 from raysub.config import load_config
 from raysub.pipeline.basis import load_basis, read_spectrum
 from raysub.pipeline.stream_gram import read_streamed_gram
+from raysub.runs.manifest import Manifest
 from raysub.storage import RunDir
 
 from test_pipeline import BASE, quiet, trajectory
@@ -47,10 +48,10 @@ def test_streamed_gram_survives_a_restart_and_feeds_the_basis(ray_session, tmp_p
     pipeline.stage_sample(cfg, say=quiet)
     run = RunDir(cfg.run_dir)
     assert run.exists("failure_injected")
-    manifest = run.read_json("manifest.json")
+    manifest = Manifest.read(run)
     K = read_streamed_gram(run, manifest)
     W = trajectory(cfg.run_dir)
-    assert K.shape == (len(W), len(W)) == (manifest["num_snapshots"],) * 2
+    assert K.shape == (len(W), len(W)) == (manifest.num_snapshots,) * 2
     expected = gram_of(W)
     np.testing.assert_allclose(K, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 

@@ -54,10 +54,8 @@ def test_mlflow_not_installed_is_one_line_and_writes_nothing(tmp_path, capsys, m
     a half-written run) instead of one line naming the extra to install."""
     import importlib.util
 
-    import raysub.tracking
-
     real = importlib.util.find_spec
-    monkeypatch.setattr(raysub.tracking.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     assert main(["run", "tracking.mlflow=true", f"run_dir={tmp_path}/r"]) == 2
     err = capsys.readouterr().err
@@ -260,7 +258,7 @@ def test_meta_training_writes_tensorboard_and_mlflow(ray_session, tmp_path):
     l2o/history.json. Mutation caught: validations logged at the wrong meta-step, the meta-loss curve missing, the
     run not ended."""
     from raysub.cli import QUICKSTART
-    from raysub.l2o.train import meta_train
+    from raysub.l2o.meta_train import meta_train
 
     cfg = load_config(QUICKSTART, [f"run_dir={tmp_path / 'm'}", "data.val_fraction=0.2", "train.projection=dense",
                                    "train.dim=8", "l2o.hidden_size=4", "data.augment=false", "data.batch_size=32",

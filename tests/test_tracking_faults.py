@@ -379,7 +379,7 @@ def test_reaper_kills_what_the_node_leaves_once_the_driver_is_gone():
     the root); the driver and the root are killed together (Ray's fate-sharing). The reaper kills the agent within
     seconds, and leaves alone a process it never saw under the root. Mistakes caught: no reaper, a reaper that kills
     only the roots (the agent was reparented away), one that kills by name or process group."""
-    from raysub.engine.cluster import _reap, _started
+    from raysub.engine.reaper import _reap, _started
 
     py = sys.executable
     driver = subprocess.Popen([py, "-c", "import time; time.sleep(60)"])

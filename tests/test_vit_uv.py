@@ -86,22 +86,13 @@ def test_job_reuses_the_base_and_uv_fine_tunes_with_adam_dagger(base, tmp_path, 
     that differs would be refused by the resume check, not reused), the UV run
     gets init_from = the base, and Adam† on U, V and the head reaches a useful accuracy on the 5 new classes within
     2 epochs (a run whose U, V never moved would sit near the fresh head's accuracy)."""
-    import importlib.util
     import json
-    import os
-    import sys
 
-    jobs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
-    sys.path.insert(0, jobs)
-    try:
-        spec = importlib.util.spec_from_file_location("_job_vit_uv", os.path.join(jobs, "vit_uv.py"))
-        job = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(job)
-        before = base.read_bytes("manifest.json").to_pybytes()
-        rc = job.main([base.path("config.yaml"), "quickstart", *UV, f"run_dir={tmp_path}/uv", "train.optimizer=adam",
-                       "train.lr=0.003", "--base-set", f"run_dir={base.uri}"])
-    finally:
-        sys.path.remove(jobs)
+    from raysub.bench import vit_transfer as job
+
+    before = base.read_bytes("manifest.json").to_pybytes()
+    rc = job.main([base.path("config.yaml"), "quickstart", *UV, f"run_dir={tmp_path}/uv", "train.optimizer=adam",
+                   "train.lr=0.003", "--base-set", f"run_dir={base.uri}"])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, captured.err

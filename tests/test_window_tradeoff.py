@@ -1,15 +1,13 @@
-"""jobs/bench/window_tradeoff.py: the window prefixes, the signals and the time-to-target bookkeeping (seconds,
+"""raysub/bench/window_tradeoff.py (jobs/bench/window_tradeoff.py): the window prefixes, the signals and the time-to-target bookkeeping (seconds,
 synthetic trajectories; no dataset, no Ray)."""
 import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.bench import window_tradeoff as wt  # noqa: E402
+from raysub.bench import window_tradeoff as wt
+from raysub.runs.manifest import Manifest
 
 
 def _trajectory(T=40, N=300, rank=6, seed=0):
@@ -166,15 +164,15 @@ def test_read_trajectory_assembles_the_blocks_in_coordinate_order(tmp_path):
         for s in range(5):
             write_snapshot(run, torch.from_numpy(W[s]), b, bounds, s, 10 * s, (s + 1) // 2, index)
     _, shards = collect_trajectory(run)
-    got, meta = wt.read_trajectory(run, {"shards": shards})
+    got, meta = wt.read_trajectory(run, Manifest(shards=shards))
     np.testing.assert_array_equal(got, W)
     assert [m["epoch"] for m in meta] == [0, 1, 1, 2, 2]
-    first, _ = wt.read_trajectory(run, {"shards": shards}, count=3)
+    first, _ = wt.read_trajectory(run, Manifest(shards=shards), count=3)
     np.testing.assert_array_equal(first, W[:3])
     bad = dict(shards)
     bad["trajectory/block_001/snap_00001.arrow"] = "0" * 64
     with pytest.raises(StorageError):
-        wt.read_trajectory(run, {"shards": bad})
+        wt.read_trajectory(run, Manifest(shards=bad))
 
 
 def test_extra_target_is_measured_against_sgds_own_time_to_it():

@@ -1,7 +1,7 @@
 """Benchmark: peak memory of meta-training with unroll T = 10 vs T = 1 (it must not grow with T × activations).
 
 What it measures
-    One optimizee (`raysub.l2o.train.OptimizeeWorker`, in process, no Ray) running meta-training unrolls of T
+    One optimizee (`raysub.l2o.optimizee.OptimizeeWorker`, in process, no Ray) running meta-training unrolls of T
     steps — the meta-gradient of each unroll through the surrogate Σ_t ⟨stopgrad g_t, z_t(φ)⟩, so only the
     d-dimensional update chain is kept, never T forward graphs — on a model big enough for activations to show:
     the quickstart digits MLP widened to 1024-1024 (1.1M parameters), batch 512, a dense projection d = 15.
@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = r"""
 import json, resource, sys, tempfile, time
-sys.path.insert(0, sys.argv[3])
 from raysub.cli import QUICKSTART
 from raysub.config import load_config
-from raysub.l2o.train import OptimizeeWorker, initial_phi
+from raysub.l2o.optimizee import OptimizeeWorker
+from raysub.l2o.setup import initial_phi
 T, steps = int(sys.argv[1]), int(sys.argv[2])
 cfg = load_config(QUICKSTART, [f"run_dir={tempfile.mkdtemp()}", "data.val_fraction=0.1", "train.projection=dense",
       "train.dim=15", "data.batch_size=512", "data.augment=false", "model.options.hidden=[1024,1024]",
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     print(f"machine load average (1 min) {load0:.2f} on {os.cpu_count()} CPUs", flush=True)
     rows = {}
     for T in (int(t) for t in args.unrolls.split(",")):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(T), str(args.steps), str(ROOT)], check=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, str(T), str(args.steps)], check=True, cwd=ROOT,  # raysub of this checkout
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
         r = json.loads(out.strip().splitlines()[-1])
         rows[T] = r

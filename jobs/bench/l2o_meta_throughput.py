@@ -24,11 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULTS = ["data.val_fraction=0.1", "train.projection=dense", "train.dim=15", "data.batch_size=128",
             "data.augment=false", "l2o.steps=200", "l2o.unroll=10", "l2o.optimizees=4",
@@ -44,7 +40,7 @@ def main(argv=None) -> int:
 
     from raysub.cli import QUICKSTART
     from raysub.config import load_config
-    from raysub.l2o.train import meta_train
+    from raysub.l2o.meta_train import meta_train
 
     root = tempfile.mkdtemp(prefix="raysub-l2o-bench-")
     out = {"meta_steps": args.meta_steps, "warmup": args.warmup, "cpus": os.cpu_count()}

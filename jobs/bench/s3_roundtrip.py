@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 BUCKET = "raysub-bench"
 
@@ -60,6 +59,7 @@ def main(argv=None) -> int:
 
     from raysub.config import load_config
     from raysub.engine.cluster import ensure_ray
+    from raysub.runs import layout
     from raysub.storage import RunDir
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 for name, run_dir in order:
                     walls[name] = _run(run_dir, args.overrides)
                     print(f"pair {r + 1}: {name:5s} {walls[name]:6.1f} s  (load {os.getloadavg()[0]:.2f})", flush=True)
-                acc = {name: {m: v["test_acc"] for m, v in RunDir(d).read_json("summary.json")["results"].items()}
+                acc = {name: {m: v["test_acc"] for m, v in RunDir(d).read_json(layout.SUMMARY)["results"].items()}
                        for name, d in (("local", local), ("s3", remote))}
                 if acc["local"] != acc["s3"]:
                     raise SystemExit(f"s3_roundtrip: the s3 run's accuracies {acc['s3']} differ from the local "

@@ -73,7 +73,7 @@ def configs(config: str, out: str, overrides, sgd_epochs: int):
 
 
 def figures(summary, ref_summary, manifest, margin: float):
-    """The bench's figures from the pipeline run's summary and manifest and the reference run's summary."""
+    """The bench's figures from the pipeline run's summary and `Manifest` and the reference run's summary."""
     sgd = ref_summary["results"]["sgd"]
     label = [k for k in summary["results"] if k not in ("sgd", "sgd@sample")][0]
     pb = summary["results"][label]
@@ -81,12 +81,12 @@ def figures(summary, ref_summary, manifest, margin: float):
     reached = [h for h in pb["history"] if h["test_acc"] >= target]
     sgd_reached = [h for h in sgd["history"] if h["test_acc"] >= target]
     t = summary["timings"]
-    by_sampler = manifest["stages"]["basis"].get("gram_source") == "sampler"
+    by_sampler = manifest.stages["basis"].get("gram_source") == "sampler"
     basis_s = 0.0 if by_sampler else t["basis_s"]
     pb_time = reached[0]["elapsed_s"] if reached else None
     pipeline_s = t["sample_s"] + basis_s + pb_time if reached else None
     sgd_s_to_target = sgd_reached[0]["elapsed_s"] if sgd_reached else None
-    stage = manifest["stages"]["sample"]
+    stage = manifest.stages["sample"]
     return {
         "sgd_test_acc": sgd["test_acc"], "sgd_epochs": sgd["epochs"], "sgd_s": sgd["wall_s"], "target_acc": target,
         "sgd_epochs_to_target": sgd_reached[0]["epoch"] if sgd_reached else None, "sgd_s_to_target": sgd_s_to_target,
@@ -114,19 +114,23 @@ def check_out(cfg, resume: bool, overwrite: bool) -> None:
         ConfigError: one line naming the directory and the fix.
     """
     from raysub.errors import ConfigError
-    from raysub.pipeline.records import STAGE_CHECKED, prepare_run_dir
+    from raysub.runs.open import open_run
+    from raysub.runs.records import STAGE_CHECKED
     from raysub.storage import RunDir
 
     run = RunDir(cfg.run_dir)
     if run.is_nonempty() and not (resume or overwrite):
         raise ConfigError(f"--out {run.uri} already holds a run (rerunning would report its old figures): pass "
                           f"--overwrite to start it fresh, or pick a new --out (--resume continues a killed bench)")
-    prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
+    with open_run(cfg, resume=resume, overwrite=overwrite, also_safe=STAGE_CHECKED):  # the checks only: no Ray, no θ0
+        pass
 
 
 def main(argv=None) -> int:
     from raysub import pipeline
     from raysub.errors import RaysubError
+    from raysub.runs import layout
+    from raysub.runs.manifest import Manifest
     from raysub.storage import RunDir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,8 +156,8 @@ def main(argv=None) -> int:
     print(f"[bench] load average after the pipeline: {loads['after_pipeline']}; now the full-SGD reference", flush=True)
     pipeline.stage_sample(ref_cfg, resume=args.resume, overwrite=args.overwrite)
     loads["end"] = loadavg()
-    ref_summary = RunDir(ref_cfg.run_dir).read_json("summary.json")
-    manifest = RunDir(cfg.run_dir).read_json("manifest.json")
+    ref_summary = RunDir(ref_cfg.run_dir).read_json(layout.SUMMARY)
+    manifest = Manifest.read(RunDir(cfg.run_dir))
     out = figures(summary, ref_summary, manifest, args.margin)
     out["load_average"] = loads
     print(f"SGD: {100 * out['sgd_test_acc']:.2f}% after {out['sgd_epochs']} epochs in {out['sgd_s']:.1f}s; target "

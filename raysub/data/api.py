@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from raysub.data.base import DATASETS, Dataset
 from raysub.data.wrappers import ClassSubset, HoldOut, NoisyLabels, class_range_problem, classes_problems
 from raysub.errors import ConfigError
+from raysub.config import positive
 
 if TYPE_CHECKING:
     from raysub.config import Config
@@ -110,7 +111,6 @@ def check_data_section(cfg: Config, check_data: bool = True) -> List[str]:
     ``data.batch_size`` and ``train.batch_size`` split evenly over ``cluster.num_workers``, and, when
     ``check_data``, that the dataset's files are where they should be (`validate_dataset`).
     """
-    from raysub.config import positive
 
     problems: List[str] = []
     if cfg.data.name not in DATASETS:

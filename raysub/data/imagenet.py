@@ -111,6 +111,7 @@ class ImageNet(Dataset):
         return problems
 
     def __init__(self, root: Optional[str] = None, image_size: int = 224, resize_size: Optional[int] = None):
+        # heavy: torchvision loads here, not when this module is imported
         from torchvision import datasets
         from torchvision import transforms as T
 

@@ -14,8 +14,11 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List
+import uuid
 
+from raysub import faults
 from raysub.config import Config
+from raysub.engine.reaper import start_reaper
 from raysub.errors import ConfigError, RaysubError
 
 
@@ -31,6 +34,7 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
     Raises:
         ConfigError: the cluster can never hold the workers ``cluster`` asks for (`check_resources`).
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
     from ray._private import ray_constants
 
@@ -73,83 +77,6 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
     check_run_dir_shared(cfg.run_dir)
 
 
-def start_reaper() -> None:
-    """Start a process that, once this driver is gone (an exit, or a ``kill -9``), kills what is left of the local
-    Ray cluster it started: the node's own processes and everything under them (the raylet's dashboard and
-    runtime-env agents, workers). Ray's kernel fate-sharing kills the node's processes with the driver, but the two
-    agents, the raylet's children, only notice the raylet's death and then wait ~60 s on the dead GCS to report it
-    before they exit. Linux only (it reads /proc); elsewhere nothing is started."""
-    import subprocess
-
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None or not os.path.isdir("/proc/self"):
-        return
-    roots = [info.process.pid for infos in node.all_processes.values() for info in infos
-             if info.process is not None and info.process.poll() is None]
-    # noted here, not only by the reaper: a driver killed before the reaper's first look still has them reaped
-    known = _descendants({pid: _started(pid) for pid in roots})
-    args = [f"{pid}:{start}" for pid, start in {os.getpid(): _started(os.getpid()), **known}.items() if start]
-    code = "import sys; from raysub.engine.cluster import _reap; _reap(sys.argv[1:])"
-    # a session of its own: a terminal's Ctrl-C, or a kill of the driver's process group, must not end it first
-    subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-
-
-def _proc_stat(pid: int):
-    """(parent pid, start time in clock ticks since boot) of a running process; None once it is gone (or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
-
-
-def _started(pid: int):
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-def _descendants(known: Dict[int, Any]) -> Dict[int, Any]:
-    """``known`` ({pid: start time}) with every running process under its running ones added."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None:
-                table[int(entry)] = stat
-    known = dict(known)
-    frontier = [pid for pid, start in known.items() if pid in table and table[pid][1] == start]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, start) in table.items():
-            if ppid == parent and pid not in known:
-                known[pid] = start
-                frontier.append(pid)
-    return known
-
-
-def _reap(args: List[str], interval: float = 1.0) -> None:
-    """`start_reaper`'s process. ``args``: "PID:START" of the driver, then of the node's processes. Every
-    ``interval`` seconds it notes the processes under the node's; once the driver is gone, it SIGKILLs every noted
-    one still running (a pid is matched with its start time, so a reused pid is never hit)."""
-    import signal
-
-    (driver, born), *nodes = [tuple(int(x) for x in a.split(":")) for a in args]
-    known = dict(nodes)
-    while _started(driver) == born:
-        known = _descendants(known)
-        time.sleep(interval)
-    for pid, start in known.items():
-        if _started(pid) == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def starts_local(cfg: Config) -> bool:
     """Whether raysub starts the cluster itself (``cluster.address`` None, or Ray's "local"), rather than joins."""
     return cfg.cluster.address in (None, "local")
@@ -164,6 +91,7 @@ def check_resources(cfg: Config) -> None:
         ConfigError: one line — no GPU for ``cluster.use_gpu``, no node big enough for one worker, or fewer
             worker slots on all nodes together than ``cluster.num_workers``.
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
@@ -230,6 +158,7 @@ def check_run_dir_shared(run_dir) -> None:
     Raises:
         ConfigError: one line naming the first node that does not see ``run_dir`` (or does not answer) and the fix.
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     if not run_dir or "://" in run_dir:
@@ -239,8 +168,8 @@ def check_run_dir_shared(run_dir) -> None:
     here = ray.get_runtime_context().get_node_id()
     if all(n["NodeID"] == here for n in nodes):  # every worker runs beside the driver (a single-node cluster)
         return
-    import uuid
 
+    # heavy: ray loads here, not when this module is imported
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     path = os.path.abspath(os.path.expanduser(run_dir))
@@ -273,18 +202,16 @@ def check_run_dir_shared(run_dir) -> None:
 
 
 def _reads_token(probe: str, token: str) -> bool:
-    """Whether this node sees the driver's probe file. ``RAYSUB_TEST_NODE_FS_ROOT`` (a testing hook, set on a
-    simulated node of ``ray.cluster_utils.Cluster``) gives the node a filesystem view of its own, as a node whose
-    disk is not the driver's would have."""
-    view = os.environ.get("RAYSUB_TEST_NODE_FS_ROOT")
+    """Whether this node sees the driver's probe file (as `raysub.faults.node_view` shows it to a test's node)."""
     try:
-        with open(view + probe if view else probe) as f:
+        with open(faults.node_view(probe)) as f:
             return f.read() == token
     except OSError:
         return False
 
 
 def make_progress_queue():
+    # heavy: ray loads here, not when this module is imported
     from ray.util.queue import Queue
 
     return Queue(actor_options={"num_cpus": 0})
@@ -297,6 +224,7 @@ def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], Non
     Raises:
         whatever fit raised (a worker's error surfaces as Ray Train's TrainingFailedError).
     """
+    # heavy: pyarrow loads here, not when this module is imported
     from raysub.tracking import show_warning
 
     box: Dict[str, Any] = {}
@@ -343,6 +271,7 @@ def torch_trainer(loop: Callable, loop_config: Dict[str, Any], cfg: Config, name
 
     ``storage`` is where Ray Train keeps the checkpoints: ``RunDir.ray_storage(...)``'s (path, filesystem).
     """
+    # heavy: ray loads here, not when this module is imported
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -416,12 +345,14 @@ def failure_kind(exc: BaseException, inner: BaseException) -> str:
     Ray is loaded: an error raised before Ray started is none of them."""
     storage = isinstance(inner, OSError)  # pyarrow's ArrowIOError is OSError, and so is a timeout
     if "ray" in sys.modules:
+        # heavy: ray loads here, not when this module is imported
         import ray.exceptions as rex
         from ray.tune.error import TuneError
 
         storage = storage and not isinstance(inner, rex.RayError)  # Ray's GetTimeoutError is a TimeoutError
 
         try:
+            # heavy: ray loads here, not when this module is imported
             from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError
         except ImportError:  # a Ray without Train V2
             ControllerError = TrainingFailedError = ()

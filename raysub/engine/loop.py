@@ -11,12 +11,15 @@ import contextlib
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import shutil
 
 import torch
 import torch.distributed as dist
+
+from raysub import faults
+from raysub.config import Config
 
 
 def dist_ready() -> bool:
@@ -53,17 +56,20 @@ def worker_context(config: Dict) -> WorkerContext:
     """The config, progress queue, rank/world, device and run directory of a loop's ``config`` dict.
 
     ``config["session"]``: "train" (a Ray Train worker, the default) or "tune" (a single-process trial running
-    in its Ray Tune actor: no process group, reports and checkpoints go through ``ray.tune``)."""
-    from raysub.config import Config
+    in its Ray Tune actor: no process group, reports and checkpoints go through ``ray.tune``); ``config["faults"]``:
+    the driver's `raysub.faults.snapshot`, installed in this worker."""
+    # heavy: pyarrow loads here, not when this module is imported
     from raysub.storage import RunDir
 
     cfg = Config.from_dict(config["cfg"])
+    faults.install(config.get("faults"))  # the driver's testing hooks (`raysub.faults`), inert when unset
     setup_threads()
     rank, world = rank_world()
     session = config.get("session", "train")
     if session == "tune":
         device = torch.device("cuda" if cfg.cluster.use_gpu and torch.cuda.is_available() else "cpu")
     else:
+        # heavy: ray loads here, not when this module is imported
         import ray.train.torch
 
         device = ray.train.torch.get_device()
@@ -152,8 +158,10 @@ def broadcast_buffers_(module: torch.nn.Module) -> None:
 
 def _session(session: str):
     if session == "tune":
+        # heavy: ray loads here, not when this module is imported
         import ray.tune as api
     else:
+        # heavy: ray loads here, not when this module is imported
         import ray.train as api
     return api
 
@@ -167,7 +175,6 @@ def report(metrics: Dict, state: Optional[Dict], session: str = "train") -> None
     trained together. Both calls upload the checkpoint during the call, so the local temporary copy is removed
     right after.
     """
-    import shutil
 
     api = _session(session)
     metrics = {**metrics, "world_size": rank_world()[1]}
@@ -189,57 +196,6 @@ def load_checkpoint(session: str = "train") -> Optional[Dict]:
         return None
     with ckpt.as_directory() as path:
         return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-
-
-def publish_pid(epoch: int, pid_dir: Optional[str], pause_after_epoch: Optional[str] = None) -> None:
-    """Testing hook for real process kills: with ``RAYSUB_PID_DIR=DIR`` in the driver's environment (passed to the
-    workers in the loop config) every worker writes ``DIR/rankR.json`` — its pid, host, the epochs it has done and
-    the time — when it starts and after each epoch's report, so a test can ``kill -9`` a live Train worker.
-    With ``RAYSUB_PAUSE_AFTER_EPOCH=k`` too, every worker then waits (up to 60 s) after epoch k, once per DIR, so
-    the kill lands mid-run at a known epoch rather than racing the last step.
-    """
-    if not pid_dir:
-        return
-    import json
-    import socket
-
-    rank, _ = rank_world()
-    import ray
-
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
-              "epoch": epoch, "time": time.time()}
-    tmp = os.path.join(pid_dir, f".rank{rank}.json.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, os.path.join(pid_dir, f"rank{rank}.json"))
-    with open(os.path.join(pid_dir, f"rank{rank}.log"), "a") as f:  # the history: who ran when (recovery times)
-        f.write(json.dumps(record) + "\n")
-    marker = os.path.join(pid_dir, f"paused-rank{rank}")
-    if pause_after_epoch is not None and int(pause_after_epoch) == epoch and not os.path.exists(marker):
-        open(marker, "w").close()
-        time.sleep(60)
-
-
-def maybe_inject_failure(run_dir, epoch: int, fail_after_epoch: Optional[int]) -> None:
-    """Testing hook: ``RAYSUB_FAIL_AFTER_EPOCH=k`` in the driver's environment (passed to the workers in the loop
-    config) makes every worker raise once, after epoch k's checkpoint.
-
-    A marker file in the run directory makes it fire once, so Ray Train's restart (or ``--resume``) goes on.
-    """
-    k = fail_after_epoch
-    if k is None or int(k) != epoch:
-        return
-    marker = "failure_injected"
-    if run_dir.exists(marker):
-        return
-    rank, _ = rank_world()
-    if dist_ready():
-        dist.barrier()
-    if rank == 0:
-        run_dir.write_text(marker, f"epoch {epoch}\n")
-    if dist_ready():
-        dist.barrier()
-    raise RuntimeError(f"RAYSUB_FAIL_AFTER_EPOCH={k}: injected failure after epoch {epoch}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from raysub.engine import loop
 from raysub.engine.compute import Compute
 from raysub.engine.flat import FlatParams, flatten_params
 from raysub.optim.base import BatchClosure, SubspaceOptimizer
+from raysub.runs import layout
 import raysub.plugins  # noqa: F401  every plug-in registered: the Ray workers that train import this module
 
 
@@ -130,7 +131,7 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     device = torch.device(device)
     run = run or RunDir(cfg.run_dir)
     data = data if data is not None else open_dataset(cfg)
-    has_theta0 = run.exists("theta0.pt")
+    has_theta0 = run.exists(layout.THETA0)
     with torch.random.fork_rng(devices=[]):  # the seeded init must not move the caller's RNG
         torch.manual_seed(cfg.seed)
         model = model_for(cfg, data, init=not has_theta0)  # the run's θ0 holds train.init_from's weights already

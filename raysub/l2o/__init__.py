@@ -8,11 +8,21 @@ optimizer and the meta-gradient of an unroll.
 - `optimizer` — ``l2o`` in `raysub.optim.OPTIMIZERS` (the optimizer protocol over `update`; lr / train.lr
                 scales the learned step);
 - `meta`      — `unroll_meta_grad`: T steps, the meta-loss and dMeta/dφ through the D-dimensional chain only.
+
+The workflows, imported by name (not here): `setup` (the ``l2o`` section's checks, φ's config and start),
+`optimizee` (the optimizees and their Ray actor), `learner` (combine, the meta-optimizer step, select),
+`meta_train` (the meta-training loop), `tune`, `metatest`.
 """
-from raysub.l2o.lstm import (  # noqa: F401
+from raysub.l2o.lstm import (
     FEATURES, LearnedOptimizerConfig, adam_like_params, features, init_params, init_state, lstm_cell, moments,
     param_shapes, update,
 )
-from raysub.l2o.weights import load_learned_optimizer, save_learned_optimizer, weights_problems  # noqa: F401
-from raysub.l2o.meta import Unroll, start, unroll_meta_grad  # noqa: F401
-from raysub.l2o.optimizer import LearnedOptimizer  # noqa: F401,E402
+from raysub.l2o.weights import load_learned_optimizer, save_learned_optimizer, weights_problems
+from raysub.l2o.meta import Unroll, start, unroll_meta_grad
+from raysub.l2o.optimizer import LearnedOptimizer
+
+__all__ = [  # the package's API, re-exported from the modules that define it
+    "FEATURES", "LearnedOptimizerConfig", "adam_like_params", "features", "init_params", "init_state", "lstm_cell",
+    "moments", "param_shapes", "update", "load_learned_optimizer", "save_learned_optimizer", "weights_problems",
+    "Unroll", "start", "unroll_meta_grad", "LearnedOptimizer",
+]

@@ -1,23 +1,15 @@
 """Where a meta-training run keeps its state: the generations ``l2o/ckpt/GEN/`` and the flat copies in ``l2o/``.
 
-Read by meta-training (`raysub.l2o.train`, which writes them), by the weights reader (`raysub.l2o.weights`, which
-resolves ``RUN/l2o/weights.pt`` to the committed generation) and by ``l2o tune``; it sits below all three so that
-none imports another for a file name.
+The names live in the run-directory layout (`raysub.runs.layout`); this module keeps the short names that
+meta-training (`raysub.l2o.meta_train`), the weights reader (`raysub.l2o.weights`) and ``l2o tune`` use.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from raysub.runs.layout import L2O_CHECKPOINT as CHECKPOINT
+from raysub.runs.layout import L2O_GENERATIONS as GENERATIONS
+from raysub.runs.layout import L2O_HISTORY as HISTORY
+from raysub.runs.layout import L2O_STATE_FILES as STATE_FILES
+from raysub.runs.layout import L2O_WEIGHTS as WEIGHTS
+from raysub.runs.layout import l2o_state_files as state_files
 
-# the flat layout of runs written before generations; WEIGHTS and HISTORY stay as copies of the committed state
-CHECKPOINT, WEIGHTS, HISTORY = "l2o/checkpoint.pt", "l2o/weights.pt", "l2o/history.json"
-GENERATIONS = "l2o/ckpt"  # the meta-training state's generations: l2o/ckpt/GEN/{checkpoint.pt,weights.pt,history.json}
-STATE_FILES = ("checkpoint.pt", "weights.pt", "history.json")
-
-
-def state_files(manifest: Dict[str, Any]) -> Dict[str, str]:
-    """The committed meta-training state's files that the manifest holds, by name (``checkpoint.pt``,
-    ``weights.pt``, ``history.json``) → path in the run: in the generation ``stages.l2o.dir``, or flat in ``l2o/``
-    for a run written before generations. Empty when nothing is committed."""
-    base = manifest.get("stages", {}).get("l2o", {}).get("dir") or "l2o"
-    shards = manifest.get("shards", {})
-    return {name: f"{base}/{name}" for name in STATE_FILES if f"{base}/{name}" in shards}
+__all__ = ["CHECKPOINT", "GENERATIONS", "HISTORY", "STATE_FILES", "WEIGHTS", "state_files"]

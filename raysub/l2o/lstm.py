@@ -149,7 +149,8 @@ def adam_like_params(config: LearnedOptimizerConfig, gain: float = 1.0, dtype: t
 def init_state(config: LearnedOptimizerConfig, dim: int, dtype: torch.dtype = torch.float32,
                device: Any = "cpu") -> State:
     """The state before the first step: zero moments, t = 0, zero LSTM hidden and cell states."""
-    zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+    def zeros(*s):
+        return torch.zeros(*s, dtype=dtype, device=device)
     h = config.hidden_size
     return {"m": zeros(dim), "v": zeros(dim), "t": 0, "h": zeros(dim, h), "c": zeros(dim, h)}
 

@@ -46,6 +46,7 @@ class Unroll:
 def loss_grad_fn(task_or_fn) -> LossGrad:
     """``f(z, batch) -> (L, Pᵀ∇L)``: a `raysub.engine.task.Task` through its pure `loss_and_projected_grad`, or a
     callable of that signature used as is."""
+    # a cycle at import: raysub.engine.task imports raysub.plugins, which imports this package
     from raysub.engine.task import Task, loss_and_projected_grad
 
     if isinstance(task_or_fn, Task):

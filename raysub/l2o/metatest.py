@@ -21,8 +21,9 @@ The protocol (`meta_test`):
 - **Metrics**: SL2O §4.1's convergence step (`raysub.metrics.convergence_step`) over the full run, and VeLO's
   speedup (`speedup`) of φ over Momentum† at each horizon, per optimizee, then mean ± std over optimizees.
 
-Pure helpers (the smoothing is `raysub.metrics.smoothed`, a trailing mean of the last 20 losses): `steps_to_reach`, `speedup`, `pick_lr`,
-`summarize`, `mean_std`.
+The curve metrics (`smoothed`, a trailing mean of the last 20 losses, `steps_to_reach`, `speedup`, `summarize`,
+`mean_std`) are `raysub.metrics`'; the record's tables (`meta_test_table`, `transfer_table`) are
+`raysub.report.tables`' and its plot `raysub.report.plots.plot_meta_test`.
 """
 from __future__ import annotations
 
@@ -30,12 +31,22 @@ import math
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
+import os
 
 import torch
 
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.seeds import VALIDATION_SERIAL, optimizee_seed
-from raysub.metrics import SMOOTH_WINDOW, convergence_step, smoothed
+from raysub.metrics import SMOOTH_WINDOW, convergence_step, final_loss, mean_std, smoothed, speedup, summarize
+from raysub.report.tables import task_label
+from raysub.runs import layout
+from raysub.optim import build_optimizer, OPTIMIZERS
+from raysub.l2o.weights import weights_problems
+from raysub.data import open_dataset
+from raysub.engine.task import build_task
+from raysub.pipeline.plan import check_train_projection, plan
+from raysub.storage import RunDir
+from raysub.config import load_config
 
 METATEST_SERIAL = 900_000  # meta-test optimizees: serials from here on (training: 0…, validation: 500 000…)
 LABELS = {"l2o": "L2O", "psgd": "Momentum†", "adam": "Adam†", "sgd": "SGD†", "rmsprop": "RMSprop†"}
@@ -45,51 +56,7 @@ DEFAULT_GRIDS: Dict[str, List[float]] = {"psgd": [0.1, 0.3, 1.0, 3.0], "sgd": [0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# pure helpers
-
-def steps_to_reach(curve: Sequence[float], target: float) -> Optional[int]:
-    """The first step t (1-based) with curve[t−1] ≤ target; None when the curve never gets there."""
-    for t, v in enumerate(curve, start=1):
-        if v <= target:
-            return t
-    return None
-
-
-def speedup(l2o_losses: Sequence[float], momentum_losses: Sequence[float], n: int,
-            window: int = SMOOTH_WINDOW) -> Dict[str, Any]:
-    """VeLO's speedup at horizon n: the steps Momentum† needs to reach the smoothed training loss φ reaches after
-    n steps, divided by n (both curves `smoothed`).
-
-    Returns:
-        {"value", "lower_bound", "target", "momentum_steps"}: when Momentum† never reaches the target within its
-        run, value = len(momentum_losses) / n and lower_bound = True (the speedup is at least that). When φ's run
-        diverged by step n (its run is shorter than n, or its smoothed loss at n is not finite), value = 0.0 and
-        target = None.
-    """
-    target = smoothed(l2o_losses[:n], window)[n - 1] if len(l2o_losses) >= n else math.nan
-    if not math.isfinite(target):
-        return {"value": 0.0, "lower_bound": False, "target": None, "momentum_steps": None}
-    t = steps_to_reach(smoothed(momentum_losses, window), target)
-    if t is None:
-        return {"value": len(momentum_losses) / n, "lower_bound": True, "target": target, "momentum_steps": None}
-    return {"value": t / n, "lower_bound": False, "target": target, "momentum_steps": t}
-
-
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """{"mean", "std"} with the sample std (ddof = 1; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std}
-
-
-def final_loss(losses: Sequence[float], window: int = SMOOTH_WINDOW) -> float:
-    """The smoothed training loss at the end of a run (inf for an empty or non-finite one)."""
-    if not losses:
-        return math.inf
-    v = smoothed(losses, window)[-1]
-    return v if math.isfinite(v) else math.inf
-
+# the lr pick
 
 def pick_lr(grid: Sequence[float], runner: Callable[[float, int], Dict[str, Any]], seeds: Sequence[int]
             ) -> Dict[str, Any]:
@@ -116,30 +83,13 @@ def pick_lr(grid: Sequence[float], runner: Callable[[float, int], Dict[str, Any]
             "at_edge": len(grid) > 1 and best["lr"] in (min(grid), max(grid))}
 
 
-def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Mean ± std over optimizees of one optimizer's meta-test runs.
-
-    A run that never converged (or diverged) counts its convergence step as its length (a lower bound);
-    ``not_converged`` says how many did. Test accuracy is the one after the full run (0 for a diverged run).
-
-    Returns:
-        {"convergence_step": {"mean", "std"}, "not_converged", "test_acc": {"mean", "std"},
-        "val_acc": {"mean", "std"}, "diverged"}.
-    """
-    steps = [r["convergence_step"] if r["convergence_step"] is not None else r["steps"] for r in runs]
-    return {"convergence_step": mean_std(steps),
-            "not_converged": sum(r["convergence_step"] is None for r in runs),
-            "test_acc": mean_std([r["test_acc"] for r in runs]),
-            "val_acc": mean_std([r["val_acc"] for r in runs]),
-            "diverged": sum(bool(r["diverged"]) for r in runs)}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # one run
 
 def batch_stream(task, cfg, seed: int):
     """The training batches of data-order ``seed``, epoch after epoch, as a 1-worker ``raysub train`` (and
     meta-training's `Optimizee.next_batches`) cuts them; endless."""
+    # imported per call, not at the top: tests monkeypatch these names on the module they come from
     from raysub.engine.loop import epoch_batches, mix_seed
 
     data, batch = task.data, cfg.train.batch_size or cfg.data.batch_size
@@ -179,8 +129,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
         "val_acc"/"test_acc" (after the last step; 0 when diverged), "convergence_step", "z", "wall_s"}.
         A non-finite loss or z stops the run: every later evaluation scores accuracy 0.
     """
+    # imported per call, not at the top: tests monkeypatch these names on the module they come from
     from raysub.engine.task import evaluate_task, train_step
-    from raysub.optim import build_optimizer
 
     t0 = time.perf_counter()
     train = replace(cfg.train, optimizer=optimizer_name, lr=float(lr), optimizer_options=dict(options))
@@ -233,8 +183,6 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
         ConfigError: bad steps/horizons/seeds/grids, no Momentum† grid, no validation split, weights that do
             not load.
     """
-    from raysub.l2o.weights import weights_problems
-    from raysub.optim import OPTIMIZERS
 
     problems = []
     if steps < 1:
@@ -284,11 +232,6 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         selection, per-optimizer runs (losses, evaluations, convergence step) and summaries, per-horizon
         speedups and the headline ``metrics``.
     """
-    from raysub.data import open_dataset
-    from raysub.engine.task import build_task
-    from raysub.pipeline.run import check_train_projection
-    from raysub.pipeline.plan import plan
-    from raysub.storage import RunDir
 
     grids = dict(DEFAULT_GRIDS if grids is None else grids)
     horizons = sorted({int(h) for h in horizons})
@@ -381,17 +324,11 @@ def _mean_acc_at(runs: Sequence[Dict[str, Any]], step: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reports
-
-def task_label(task: Dict[str, Any]) -> str:
-    """"fashion-mnist lenet5 dldr d=40" from a record's ``task`` (or any mapping with those keys)."""
-    return f"{task['data']} {task['model']} {task['projection']} d={task['dim']}"
-
+# where φ comes from
 
 def meta_training_run(weights: str) -> str:
     """The directory of the meta-training run φ comes from: ``weights`` = RUN, RUN/l2o/weights.pt,
     RUN/l2o/ckpt/GEN/weights.pt or RUN/weights.pt (local paths)."""
-    import os
 
     path = os.path.abspath(os.path.expanduser(weights))
     run = path if os.path.isdir(path) else os.path.dirname(path)
@@ -402,12 +339,10 @@ def meta_training_run(weights: str) -> str:
 
 def meta_training_config(weights: str):
     """The config (``config.yaml``) of `meta_training_run`; None when there is none to read."""
-    import os
 
-    from raysub.config import load_config
 
     try:
-        return load_config(os.path.join(meta_training_run(weights), "config.yaml"))
+        return load_config(os.path.join(meta_training_run(weights), layout.CONFIG))
     except (ConfigError, StorageError, OSError):  # no config there, or storage that cannot serve it
         return None
 
@@ -415,11 +350,10 @@ def meta_training_config(weights: str):
 def same_theta0(task, weights: str) -> Optional[bool]:
     """Whether the meta-training run's ``theta0.pt`` is the task's θ0 (None: no such file; False also for another
     architecture). Call before the task's first step (its parameters are θ0 until then)."""
-    from raysub.storage import RunDir
 
     run = RunDir(meta_training_run(weights))
     try:
-        ref = run.read_theta0() if run.exists("theta0.pt") else None
+        ref = run.read_theta0() if run.exists(layout.THETA0) else None
     except StorageError:  # an unverifiable θ0 (no manifest entry): unknown
         ref = None
     if ref is None:
@@ -436,50 +370,3 @@ def trained_on(weights: str) -> Optional[str]:
         return None
     return task_label({"data": cfg.data.name, "model": cfg.model.name, "projection": cfg.train.projection,
                        "dim": cfg.train_dim})
-
-
-def _pm(ms: Dict[str, float], scale: float = 1.0, fmt: str = ".1f") -> str:
-    return f"{scale * ms['mean']:{fmt}} ± {scale * ms['std']:{fmt}}"
-
-
-def meta_test_table(record: Dict[str, Any]) -> str:
-    """The console table of a `meta_test` record: per optimizer its lr, convergence step and test accuracy
-    (mean ± std over the meta-test optimizees; ≥: some never converged, counted at the run's length), and φ's
-    speedups over Momentum† at each horizon (≥: a lower bound)."""
-    heads = ["optimizer", "lr", "conv step", "test acc %"] + [f"speedup {h}N" for h in record["horizons"]]
-    rows = []
-    for name, o in record["optimizers"].items():
-        s = o["summary"]
-        conv = ("≥ " if s["not_converged"] else "") + _pm(s["convergence_step"])
-        cells = [o["label"] + (f" ({s['diverged']} diverged)" if s["diverged"] else ""),
-                 "φ" if o["lr"] is None else f"{o['lr']:g}", conv, _pm(s["test_acc"], 100, ".2f")]
-        for h in record["horizons"]:
-            sp = record["speedups"][f"{h}n"]
-            cells.append((("≥ " if sp["lower_bound"] else "") + f"{sp['mean']:.2f}") if name == "l2o" else "")
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in [heads] + rows) for i in range(len(heads))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def transfer_table(records: Sequence[Dict[str, Any]]) -> str:
-    """The transfer table (SL2O Table 3, with our metrics) of several `meta_test` records, in markdown: one row
-    per (meta-trained on → meta-tested on)."""
-    hs = sorted({h for r in records for h in r["horizons"]})
-    out = ["| meta-trained on | meta-tested on | N | seeds | L2O test acc % | Momentum† test acc % | gap (pts) | "
-           "conv step L2O / Mom† | " + " | ".join(f"speedup {h}N" for h in hs) + " |",
-           "|---" * (8 + len(hs)) + "|"]
-    for r in records:
-        o, m = r["optimizers"]["l2o"]["summary"], r["optimizers"]["psgd"]["summary"]
-        sp = [("≥ " if r["speedups"][f"{h}n"]["lower_bound"] else "") + f"{r['speedups'][f'{h}n']['mean']:.2f}"
-              if f"{h}n" in r["speedups"] else "–" for h in hs]
-        ratio = r["metrics"]["l2o_over_momentum_steps"]
-        out.append(f"| {r.get('trained_on') or '?'} | {task_label(r['task'])} | {r['steps']} | {len(r['seeds'])} | "
-                   f"{_pm(o['test_acc'], 100, '.2f')} | {_pm(m['test_acc'], 100, '.2f')} | "
-                   f"{r['metrics']['acc_gap_pts']:.2f} | "
-                   f"{'~' if r['metrics']['l2o_over_momentum_steps_censored'] else ''}{ratio:.2f} | "
-                   + " | ".join(sp) + " |")
-    out.append("\nMean ± std over the meta-test optimizees; test accuracy after the full run; gap = Momentum† − "
-               "L2O. ≥: Momentum† never reached φ's smoothed loss within its run (a lower bound); ~: some run "
-               "never converged (SL2O §4.1), counted at its length.")
-    return "\n".join(out)

@@ -23,6 +23,7 @@ from raysub.errors import ConfigError
 from raysub.l2o.lstm import State, update
 from raysub.l2o.weights import load_learned_optimizer, weights_problems
 from raysub.optim.base import OPTIMIZERS, BatchClosure, SubspaceOptimizer
+from raysub.l2o.lstm import init_state
 
 SATURATED = 0.99  # |tanh| above this: the coordinate's step is at the step-scale cap
 
@@ -40,7 +41,6 @@ class LearnedOptimizer(SubspaceOptimizer):
     """
 
     def __init__(self, z_D: torch.Tensor, config, params: Dict[str, torch.Tensor], lr: float = 1.0):
-        from raysub.l2o.lstm import init_state
 
         if not lr > 0:
             raise ConfigError(f"train.lr={lr}: the l2o optimizer scales its step by lr / train.lr, so train.lr "

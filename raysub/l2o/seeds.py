@@ -1,6 +1,6 @@
 """The optimizees' seeds: which serial numbers are trained on, which meta-validate, and the seed of each.
 
-Shared by meta-training (`raysub.l2o.train`) and meta-testing (`raysub.l2o.metatest`), which must agree on them
+Shared by meta-training (`raysub.l2o.optimizee`) and meta-testing (`raysub.l2o.metatest`), which must agree on them
 (meta-test seeds are never trained or validated on), so they live below both.
 """
 from __future__ import annotations

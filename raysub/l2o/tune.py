@@ -15,7 +15,7 @@ that never converged counts as ``l2o.steps + 1``, worse than any that did (`asha
 ``meta_step``, rungs every ``grace_period`` × ``validate_every`` meta-steps × ``reduction_factor``^k, up to
 ``l2o.meta_steps``) stops the trials whose best φ converges slowest.
 
-Best trial. `raysub.l2o.train.select` over the trials' best φ's — the rule that picked each trial's best φ: the
+Best trial. `raysub.l2o.learner.select` over the trials' best φ's — the rule that picked each trial's best φ: the
 fastest mean convergence step among the φ's within ``l2o.select_tolerance`` val accuracy of the most accurate —
 so the experiment's weights are the best φ of every trial under one rule (`best_trial`). Convergence step alone is
 not the final criterion: a φ that barely moves z converges at once (a flat loss passes the std test), so it
@@ -31,7 +31,7 @@ the trial's manifest when copied and against ``results.json``'s ``weights_sha256
 ``train.optimizer_options.weights=RUN`` meta-tests it), the table on the console. The Tune experiment is
 ``RUN/tune/l2o``; ``--resume`` restores it (`Tuner.restore`): finished trials stay, an unfinished one restarts and
 its meta-training goes on from its own committed checkpoint (`meta_train` with resume). Ctrl-C stops Tune
-gracefully (`raysub.pipeline.sweep._fit`) and the CLI prints the ``--resume`` command.
+gracefully (`raysub.engine.tune_runner.fit_tuner`) and the CLI prints the ``--resume`` command.
 """
 from __future__ import annotations
 
@@ -42,14 +42,28 @@ import posixpath
 import random
 import time
 from typing import Any, Dict, List, Optional, Sequence
+import re
 
+from raysub.engine import cluster  # ensure_ray looked up when called: tests replace it
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.layout import state_files
+from raysub.runs import layout
+from raysub.runs.manifest import Manifest
+from raysub.report.tables import tune_table
+from raysub.config import Config
+from raysub.l2o.setup import l2o_problems
+from raysub.l2o.meta_train import checked_plan, meta_train
+from raysub.pipeline.plan import check_train_projection
+from raysub.storage import RunDir, join_uri
+from raysub.engine.tune_runner import DRIVER_RESOURCES, fit_tuner
+from raysub.l2o.learner import select
+from raysub.runs.open import open_run
+from raysub.tracking import tune_callbacks
 
 SPACE_KEYS = ("hidden_size", "meta_lr", "unroll", "step_scale", "optimizees", "features")
 _SHORT = {"hidden_size": "h", "meta_lr": "lr", "unroll": "T", "step_scale": "s", "optimizees": "n", "features": "f"}
 EXPERIMENT = "l2o"  # the Tune experiment: RUN/tune/l2o
-RESULTS, BEST_CONFIG, BEST_WEIGHTS = "l2o_tune/results.json", "l2o_tune/best_config.yaml", "l2o/weights.pt"
+RESULTS, BEST_CONFIG, BEST_WEIGHTS = layout.L2O_TUNE_RESULTS, layout.L2O_TUNE_BEST_CONFIG, layout.L2O_WEIGHTS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,7 +71,6 @@ RESULTS, BEST_CONFIG, BEST_WEIGHTS = "l2o_tune/results.json", "l2o_tune/best_con
 
 def _mentions(problem: str, key: str) -> bool:
     """Whether an `l2o_problems` line is about ``l2o.KEY`` (its lines name the keys they are about)."""
-    import re
 
     return re.search(rf"\bl2o\.{key}\b", problem) is not None
 
@@ -68,8 +81,6 @@ def tune_problems(cfg) -> List[str]:
     The ``l2o`` section is checked with every choice of every space key in turn (``l2o_problems`` of the trial
     config that has it); a problem about a key the space sets is reported as that choice's, not the section's.
     """
-    from raysub.config import Config
-    from raysub.l2o.train import l2o_problems
 
     tc = cfg.l2o_tune
     space = tc.space
@@ -121,9 +132,6 @@ def plan_tune(cfg) -> Dict[str, Any]:
     Raises:
         ConfigError: every problem found, in one message.
     """
-    from raysub.l2o.train import checked_plan
-    from raysub.pipeline.run import check_train_projection
-    from raysub.storage import RunDir
 
     info = checked_plan(cfg, tune_problems(cfg))
     # an optimizee task whose projection reads a basis needs train.basis_run (as for meta-train)
@@ -177,7 +185,6 @@ def _tune_trial_name(trial) -> str:
 
 def trials_uri(run_uri: str, name: str) -> str:
     """The run directory of trial ``name`` (a URI's query kept at the end)."""
-    from raysub.storage import join_uri
 
     return join_uri(run_uri, "trials", name)
 
@@ -193,10 +200,9 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any]) -> None:
 
     Always ``resume=True``: a trial Tune restarts (after a failure, or on ``--resume``) goes on from its run
     directory's checkpoint; a directory without one starts afresh."""
+    # heavy: ray loads here, not when this module is imported
     from ray import tune
 
-    from raysub.config import Config
-    from raysub.l2o.train import meta_train
 
     name = tune.get_context().get_trial_name()
     cfg = Config.from_dict(trial_config(base, config["point"], trials_uri(base['run_dir'], name)))
@@ -217,9 +223,9 @@ def trial_resources(cfg):
     then one bundle of ``l2o.cpus_per_actor`` CPUs per optimizee actor. A Tune trial's child actors are scheduled
     in its placement group, so the actors take these bundles; Tune starts a trial only when all of them fit, so
     no trial ever holds half of the CPUs its actors need."""
+    # heavy: ray loads here, not when this module is imported
     from ray import tune
 
-    from raysub.pipeline.sweep import DRIVER_RESOURCES
 
     return tune.PlacementGroupFactory([dict(DRIVER_RESOURCES)] + [{"CPU": cfg.l2o.cpus_per_actor}] * cfg.l2o.actors)
 
@@ -231,6 +237,7 @@ def concurrency(cfg, num_trials: int, say=print) -> int:
     Raises:
         ConfigError: one trial's actors need more CPUs than the whole cluster has.
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -263,10 +270,9 @@ def meta_train_seconds(history: Dict[str, Any]) -> float:
 
 
 def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dict[str, Any]]:
-    """The trial whose best φ wins under `raysub.l2o.train.select` over the trials' best φ's (the fastest
+    """The trial whose best φ wins under `raysub.l2o.learner.select` over the trials' best φ's (the fastest
     convergence step among those within ``tolerance`` val accuracy of the most accurate; ties → higher val
     accuracy, then the earlier trial); None when no trial has a validated φ."""
-    from raysub.l2o.train import select
 
     ok = [r for r in rows if "error" not in r and r.get("best") is not None]
     i = select([r["best"] for r in ok], tolerance)
@@ -275,19 +281,18 @@ def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dic
 
 def _trial_row(result, cfg, run) -> Dict[str, Any]:
     """One trial's row, from its Tune result (error or not) and its own run directory (history, weights)."""
-    from raysub.storage import RunDir
 
     name = os.path.basename(result.path.rstrip("/"))
     trial_run = RunDir(trials_uri(run.uri, name))
     row: Dict[str, Any] = {"trial": name, "run_dir": trial_run.uri,
                            "point": result.config["point"] if result.config else None}
     history = None
-    manifest = trial_run.read_json("manifest.json") if trial_run.exists("manifest.json") else None
-    rel = state_files(manifest).get("history.json") if manifest else None
+    manifest = Manifest.peek(trial_run)  # empty for a trial killed before its first commit
+    rel = state_files(manifest).get("history.json")
     if rel is not None:  # the committed history (a trial killed mid-save has its previous one)
-        history = trial_run.read_json(rel, manifest["shards"][rel])
+        history = trial_run.read_json(rel, manifest.shards[rel])
         if row["point"] is None:  # a trial whose result has no config: its run's own
-            config = manifest["config"]["l2o"]
+            config = manifest.config["l2o"]
             row["point"] = {k: config[k] for k in SPACE_KEYS if k in cfg.l2o_tune.space}
     if result.error is not None:
         row["error"] = str(result.error).strip().splitlines()[-1]
@@ -308,12 +313,12 @@ def best_weights(trial_run) -> bytes:
     Raises:
         StorageError: the trial has no committed weights, or they are corrupted.
     """
-    manifest = trial_run.read_json("manifest.json") if trial_run.exists("manifest.json") else {}
+    manifest = Manifest.peek(trial_run)
     rel = state_files(manifest).get("weights.pt")
     if rel is None:
         raise StorageError(f"{trial_run.uri} has no committed learned-optimizer weights: continue the tuning with "
                            f"--resume")
-    return trial_run.read_bytes(rel, manifest["shards"][rel]).to_pybytes()
+    return trial_run.read_bytes(rel, manifest.shards[rel]).to_pybytes()
 
 
 def best_config_header(trial: str, best: Dict[str, Any]) -> str:
@@ -325,32 +330,6 @@ def best_config_header(trial: str, best: Dict[str, Any]) -> str:
             f"# its meta-training is the run directory trials/{trial} beside l2o_tune/; continue it (e.g. with more "
             f"l2o.meta_steps) from the tuning's directory:\n"
             f"#   raysub l2o meta-train {BEST_CONFIG} run_dir=trials/{trial} --resume\n")
-
-
-def tune_table(summary: Dict[str, Any]) -> str:
-    """The console table: one row per trial (its point, best φ's val acc and convergence step, meta-steps done,
-    ASHA's stop), the best marked ``*``."""
-    from raysub.pipeline import format_table
-
-    keys = summary["space_keys"]
-    rows = [("trial", *keys, "val acc", "conv step", "meta-steps", "stopped", "s")]
-    best = summary["best"]["trial"] if summary["best"] else None
-    for r in summary["trials"]:
-        point = [("".join(v) if isinstance(v, list) else f"{v:g}") for v in (r["point"][k] for k in keys)] \
-            if r["point"] else ["?"] * len(keys)
-        if "best" in r:
-            cs = r["best"]["convergence_step"]
-            stats = (f"{100 * r['best']['val_acc']:.2f}%", "never" if cs is None else f"{cs:.1f}",
-                     f"{r['meta_steps']}/{summary['meta_steps']}", "ASHA" if r["stopped_early"] else "",
-                     f"{r['meta_train_s']:.0f}")
-        else:
-            stats = ("error", "", "", "", "")
-        rows.append(((r["trial"] + (" *" if r["trial"] == best else "")), *point, *stats))
-    lines = format_table(rows)
-    lines.append(f"val acc and conv step: the trial's best φ (mean over {summary['validation_optimizees']} "
-                 f"validation optimizees of {summary['steps']} steps; conv step 'never' = did not converge); "
-                 f"* best: fastest conv step within {summary.get('select_tolerance', 0):.3f} val acc of the most accurate")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,41 +345,30 @@ def tune_l2o(cfg, resume: bool = False, overwrite: bool = False, say=print) -> D
         ConfigError: a bad config or space (every problem at once, nothing written), run-directory state, or trials
             that did not finish (naming the ``--resume`` command).
     """
-    from raysub.lock import run_lock
-    from raysub.storage import RunDir
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: pick one")
     info = plan_tune(cfg)
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri
-    if cfg.train.basis_run:  # trials run in other processes and directories: pass an absolute path or URI
-        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    if cfg.train.init_from:
-        cfg.train.init_from = RunDir(cfg.train.init_from).uri
-    with run_lock(run, say=say):
-        return _tune(cfg, info, run, resume, overwrite, say)
+    # trials run in other processes and directories: train.basis_run and init_from as absolute paths or URIs; each
+    # trial's meta_train checks the cluster the same way (grow=False): fail once, here; the trials write their θ0
+    with open_run(cfg, resume=resume, overwrite=overwrite, say=say, uris=("basis_run", "init_from"),
+                  start_ray=lambda: cluster.ensure_ray(cfg, grow=False)) as opened:
+        return _tune(cfg, info, opened.run, opened.resuming, say)
 
 
-def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) -> Dict[str, Any]:
+def _tune(cfg, info: Dict[str, Any], run, resuming: bool, say) -> Dict[str, Any]:
+    # heavy: ray loads here, not when this module is imported
     from ray import tune
 
-    from raysub.config import Config
-    from raysub.engine.cluster import ensure_ray
-    from raysub.pipeline.records import prepare_run_dir
-    from raysub.pipeline.sweep import _fit
-    from raysub.tracking import tune_callbacks
 
-    resuming = prepare_run_dir(run, resume, overwrite, cfg)
-    ensure_ray(cfg, grow=False)  # each trial's meta_train checks the cluster the same way: fail once, here
     points = info["points"]
     max_concurrent = concurrency(cfg, len(points), say)  # raises before anything is written
     t0 = time.perf_counter()
     if not resuming:
         run.clear()
     run.makedirs()
-    run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this tuning; rerun: raysub l2o tune "
-                                              f"{run.arg('config.yaml')} --overwrite\n"))
+    run.write_text(layout.CONFIG, cfg.to_yaml(f"# resolved config of this tuning; rerun: raysub l2o tune "
+                                              f"{run.arg(layout.CONFIG)} --overwrite\n"))
     storage, fs = run.ray_storage("tune")  # the filesystem object, so a URI's endpoint reaches Tune
     path = posixpath.join(storage, EXPERIMENT)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg.to_dict()), trial_resources(cfg))
@@ -412,6 +380,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     else:
         scheduler = None
         if tc.asha:
+            # heavy: ray loads here, not when this module is imported
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(time_attr="meta_step", max_t=lc.meta_steps,
@@ -430,17 +399,16 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
     say(f"[l2o tune] {len(points)} trials of {lc.meta_steps} meta-steps ({lc.actors} actor(s) × "
         f"{lc.cpus_per_actor:g} CPU each), {max_concurrent} at a time; space: "
         f"{', '.join(f'{k} {v}' for k, v in tc.space.items())}; ASHA {'on' if tc.asha else 'off'}")
-    grid = _fit(tuner)
+    grid = fit_tuner(tuner)
     # in the order Tune created the trials (a restored ResultGrid has another): ties go to the same trial
     rows = sorted((_trial_row(result, cfg, run) for result in grid), key=lambda r: r["trial"].rsplit("-", 1)[-1])
     failed = [r for r in rows if "error" in r]
     if failed:
         raise ConfigError(f"{len(failed)} of {len(rows)} trials did not finish (first: {failed[0]['trial']}: "
                           f"{failed[0]['error']}); fix the cause and continue with: raysub l2o tune "
-                          f"{run.arg('config.yaml')} --resume")
+                          f"{run.arg(layout.CONFIG)} --resume")
     best = best_trial(rows, cfg.l2o.select_tolerance)
     assert best is not None  # every trial has a validated φ (no failed ones)
-    from raysub.storage import RunDir
 
     weights = best_weights(RunDir(best["run_dir"]))
     checksum = run.write_bytes(BEST_WEIGHTS, weights)
@@ -452,7 +420,7 @@ def _tune(cfg, info: Dict[str, Any], run, resume: bool, overwrite: bool, say) ->
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
                "select_tolerance": lc.select_tolerance,
                "selection": f"fastest convergence step within {cfg.l2o.select_tolerance} val acc of the best "
-                            f"(raysub.l2o.train.select)",
+                            f"(raysub.l2o.learner.select)",
                "asha_metric": "best_conv_step: the best φ's convergence step, never converged = l2o.steps + 1",
                "trials": rows, "best": {"trial": best["trial"], "point": best["point"], "run_dir": best["run_dir"],
                                         **b, "weights_sha256": checksum},

@@ -4,7 +4,7 @@ local path and a URI work alike.
 
 ``uri`` names the file itself, or a directory holding ``weights.pt`` or ``l2o/weights.pt``. Every read is
 verified: against the meta-training run's manifest (``raysub l2o meta-train``: the committed generation's
-weights, `raysub.l2o.train.state_files`, which ``RUN`` and ``RUN/l2o/weights.pt`` both resolve to), against
+weights, `raysub.l2o.layout.state_files`, which ``RUN`` and ``RUN/l2o/weights.pt`` both resolve to), against
 ``l2o_tune/results.json`` (``raysub l2o tune``'s best φ), and always against the digest stored in the file (a copy
 anywhere else is checked too). Every failure is one `ConfigError` line naming the input and what to do.
 """
@@ -20,10 +20,12 @@ import torch
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
 from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
+from raysub.runs.layout import L2O_TUNE_RESULTS, MANIFEST
+from raysub.runs.manifest import Manifest
 
 WEIGHTS = "weights.pt"
 HOW = "give the weights.pt that `raysub l2o meta-train` writes (RUN/l2o/weights.pt), or a path/URI to it"
-TUNE_RESULTS = "l2o_tune/results.json"  # `raysub l2o tune`: records the sha256 of its RUN/l2o/weights.pt
+TUNE_RESULTS = L2O_TUNE_RESULTS  # `raysub l2o tune`: records the sha256 of its RUN/l2o/weights.pt
 
 
 def content_digest(config: Dict, params: Dict[str, torch.Tensor]) -> str:
@@ -41,12 +43,11 @@ def _recorded(run, rel: str) -> Tuple[str, Optional[str], Optional[str]]:
     """(the file to read, its recorded sha256, the record) for ``rel`` in ``run`` when a record there names it;
     (``rel``, None, None) otherwise. A meta-training run's ``l2o/weights.pt`` (and its directory) is its committed generation's."""
     try:
-        if run.exists("manifest.json"):
-            manifest = run.read_json("manifest.json")
-            shards = manifest.get("shards", {}) if isinstance(manifest, dict) else {}
+        if run.exists(MANIFEST):
+            manifest = Manifest.peek(run)
             if rel == RUN_WEIGHTS:
                 rel = state_files(manifest).get(WEIGHTS, rel)
-            return rel, shards.get(rel), run.path("manifest.json")
+            return rel, manifest.shards.get(rel), run.path(MANIFEST)
         if run.exists(TUNE_RESULTS) and rel == f"l2o/{WEIGHTS}":
             best = run.read_json(TUNE_RESULTS).get("best") or {}
             return rel, best.get("weights_sha256"), run.path(TUNE_RESULTS)

@@ -18,6 +18,7 @@ from torch import nn
 from raysub.errors import ConfigError
 from raysub.models import convnets, vit  # noqa: F401  (register their models)
 from raysub.models.registry import MODELS
+from raysub.models.lowrank import apply_uv
 
 
 
@@ -60,6 +61,7 @@ def model_for(cfg, data, *, init: bool = True, report: Optional[Dict[str, Any]] 
     """
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options)
     if init and cfg.train.init_from:
+        # heavy: pyarrow loads here, not when this module is imported
         from raysub.models.init import load_init_from
 
         info = load_init_from(model, cfg)
@@ -67,7 +69,6 @@ def model_for(cfg, data, *, init: bool = True, report: Optional[Dict[str, Any]] 
             report["init_from"] = info
     uv = cfg.model.uv
     if uv.rank is not None:
-        from raysub.models.lowrank import apply_uv
 
         info = apply_uv(model, uv.rank, uv.targets, uv.trainable, uv.init_std, cfg.seed, cfg.model.name)
         if report is not None:

@@ -166,6 +166,7 @@ def resnet18(num_classes: int, input_shape: Tuple[int, ...]) -> nn.Module:
 
     A non-RGB input gets a first conv with that many channels (same shape and init as torchvision's).
     """
+    # heavy: torchvision loads here, not when this module is imported
     from torchvision.models import resnet18 as tv_resnet18
 
     channels, _, _ = _image_shape("resnet18", input_shape)

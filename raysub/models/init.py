@@ -14,6 +14,8 @@ from typing import Any, Dict, List
 from torch import nn
 
 from raysub.errors import ConfigError
+from raysub.runs import layout
+from raysub.runs.manifest import Manifest
 
 
 def _resolved_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -48,23 +50,23 @@ def load_init_from(model: nn.Module, cfg) -> Dict[str, Any]:
     uri = cfg.train.init_from
     run = RunDir(uri)
     key = f"train.init_from={uri}"
-    if not run.exists("manifest.json"):
+    if not run.exists(layout.MANIFEST):
         what = "does not exist" if not run.exists() else "is not a raysub run directory (no manifest.json)"
         raise ConfigError(f"{key} {what}: pass the run directory of a finished 'raysub sample' (or 'raysub run')")
-    manifest = run.read_json("manifest.json")
-    checksum = manifest.get("shards", {}).get("model.pt")
+    manifest = Manifest.peek(run)
+    checksum = manifest.shards.get(layout.MODEL)
     if checksum is None:
-        sample = manifest.get("stages", {}).get("sample")
+        sample = manifest.stages.get("sample")
         if sample is None:
             why = ("it was not made by 'raysub sample' (or 'raysub run'), the only stage that commits its trained "
                    "weights: pass the run that trained the base model with full-parameter SGD/AdamW")
         elif not sample.get("complete"):
-            why = f"its sampling is unfinished: finish it with raysub sample {run.arg('config.yaml')} --resume"
+            why = f"its sampling is unfinished: finish it with raysub sample {run.arg(layout.CONFIG)} --resume"
         else:
             why = (f"it was sampled before raysub wrote model.pt: resample it (raysub sample "
-                   f"{run.arg('config.yaml')} --overwrite)")
+                   f"{run.arg(layout.CONFIG)} --overwrite)")
         raise ConfigError(f"{key} holds no trained weights (model.pt): {why}")
-    base = manifest.get("config", {}).get("model", {})
+    base = (manifest.config or {}).get("model", {})
     if base.get("name") != cfg.model.name:
         raise ConfigError(f"{key} is a {base.get('name')!r} run, this run's model is {cfg.model.name!r}: init_from "
                           f"needs a run of the same architecture")
@@ -76,7 +78,7 @@ def load_init_from(model: nn.Module, cfg) -> Dict[str, Any]:
     if diff:
         shown = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:4])
         raise ConfigError(f"{key} is another {cfg.model.name} ({shown}): set model.options as the base run's")
-    state = fold_uv(run.read_torch("model.pt", checksum))
+    state = fold_uv(run.read_torch(layout.MODEL, checksum))
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:

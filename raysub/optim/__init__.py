@@ -11,7 +11,7 @@ Importing this package registers its own optimizers; ``l2o`` is registered by `r
 plug-in: look names up after importing it), since ``raysub.l2o`` builds on `base` and importing it here would
 make the two packages import each other.
 """
-from raysub.optim.base import (  # noqa: F401
+from raysub.optim.base import (
     COMMON_ARGS,
     OPTIMIZERS,
     BatchClosure,
@@ -19,5 +19,9 @@ from raysub.optim.base import (  # noqa: F401
     build_optimizer,
     check_optimizer,
 )
-from raysub.optim import cgqn, first_order, pbfgs  # noqa: F401,E402
-from raysub.optim.pbfgs import PBFGS  # noqa: F401,E402
+from raysub.optim import cgqn, first_order, pbfgs  # noqa: F401  each registers its optimizers
+from raysub.optim.pbfgs import PBFGS
+
+__all__ = [  # the package's API, re-exported from the modules that define it
+    "COMMON_ARGS", "OPTIMIZERS", "BatchClosure", "SubspaceOptimizer", "build_optimizer", "check_optimizer", "PBFGS",
+]

@@ -81,6 +81,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from raysub.optim.base import OPTIMIZERS, BatchClosure, SubspaceOptimizer
+from raysub.errors import ConfigError
 
 MODES = ("orthonormal", "paper", "sgd")
 
@@ -107,7 +108,6 @@ class ClassGradientQN(SubspaceOptimizer):
                  mode: str = "orthonormal", damping: float = 0.0, rcond: float = 1e-6, bias_correction: bool = True):
         problems = _check({"gamma": gamma, "mode": mode, "damping": damping, "rcond": rcond})
         if problems:
-            from raysub.errors import ConfigError
 
             raise ConfigError([f"cgqn: {p}" for p in problems])
         self.lr, self.gamma, self.weight_decay = float(lr), float(gamma), float(weight_decay)
@@ -254,7 +254,8 @@ class ClassGradientQN(SubspaceOptimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         # the keys keep the names checkpoints were first written with (the class suffix was K then)
-        clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        def clone(t):
+            return None if t is None else t.detach().clone()
         return {"C": self.C, "m_KD": clone(self.m_CD), "s_K": clone(self.s_C), "t_K": clone(self.t_C),
                 "steps": self.steps}
 

@@ -139,7 +139,8 @@ class PBFGS(SubspaceOptimizer):
         self.B.copy_(state["B"])
         self.alpha0 = float(state.get("alpha0", 1.0))  # checkpoints from before alpha0 always started at 1
         # a checkpoint is loaded on the CPU: the pair moves to where B lives
-        move = lambda t: None if t is None else t.to(self.B.device, self.B.dtype)  # noqa: E731
+        def move(t):
+            return None if t is None else t.to(self.B.device, self.B.dtype)
         self.g_prev, self.s_prev = move(state["g_prev"]), move(state["s_prev"])
         self.stats = dict(state["stats"])
         # checkpoints from before init_scale: B still I means no pair was taken since the start or a reset

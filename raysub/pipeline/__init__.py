@@ -5,18 +5,20 @@
 3. `train`   — subspace training of z on Ray Train: the per-worker recipe around `raysub.engine.task`;
 4. `sweep`   — intrinsic-dimension sweeps: many subspace trainings as Ray Tune trials (`sweep_plan`: the grid,
    the trials' configs and the d_int scoring, pure; `sweep`: running the phases on Tune);
-with `plan` first — every check before anything starts (each package checks its own section) — `records` —
-the run directory's state checks and its manifest (the commit record) — and `run` — the stage drivers behind
-``raysub sample|basis|train|run`` and the console table.
+with `plan` first — every check before anything starts (each package checks its own section) — and `run` — the
+stage drivers behind ``raysub sample|basis|train|run``. Every stage opens its run directory with
+`raysub.runs.open.open_run` (the run-directory service: layout, typed manifest, commits).
 """
-from raysub.pipeline.records import prepare_run_dir, read_summary  # noqa: F401
-from raysub.pipeline.run import (  # noqa: F401
-    format_progress,
-    format_table,
-    results_table,
+from raysub.runs.records import read_summary
+from raysub.pipeline.run import (
     run_pipeline,
     stage_basis,
     stage_sample,
     stage_train,
     train_from_config,
 )
+
+__all__ = [  # the package's API, re-exported from the modules that define it
+    "read_summary", "run_pipeline", "stage_basis", "stage_sample", "stage_train",
+    "train_from_config",
+]

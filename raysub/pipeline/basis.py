@@ -20,7 +20,6 @@ Shape suffixes (`raysub.engine.flat`'s legend): ``_TN`` snapshots × parameters,
 from __future__ import annotations
 
 import os
-import resource
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,55 +28,18 @@ import numpy as np
 from raysub.errors import StorageError
 # the Gram-space algebra and the stored basis's reading live below the stages (the sampler needs them too);
 # the names stay importable from here
-from raysub.linalg import (basis_dir, basis_tile, centre_gram, increment_coefficients, load_basis,  # noqa: F401
-                            read_spectrum, solve_spectrum, spectrum_record)
+from raysub.linalg import (basis_tile, centre_gram, increment_coefficients,
+                            solve_spectrum, spectrum_record)
+from raysub.runs.basis import basis_dir, load_basis, read_spectrum  # noqa: F401  (re-exported: the stage's readers)
 from raysub.storage import ColumnWriter, RunDir, basis_rel, decode_vector
 
 TILE = 1 << 16  # columns per float64 tile: T·TILE·8 bytes (52 MB at T=100)
 ACTOR_RESTARTS = 3  # restarts of a block actor whose process or node died (each rereads its block)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-def reset_peak_rss() -> str:
-    """Reset this process's RSS high-water mark to its current RSS; returns what `peak_rss_bytes` reads from now.
-
-    "vmhwm_since_reset" when the kernel took the reset (``5`` written to /proc/self/clear_refs); otherwise the
-    process's lifetime peak: "vmhwm_lifetime" (VmHWM, since exec) or, without VmHWM, "ru_maxrss_lifetime".
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return "vmhwm_since_reset"
-    except OSError:
-        return "vmhwm_lifetime" if _vmhwm_bytes() is not None else "ru_maxrss_lifetime"
-
-
-def _vmhwm_bytes() -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS as the kernel counts it (every page ever resident, not samples of the RSS)."""
-    hwm = _vmhwm_bytes()
-    if hwm is not None:
-        return hwm
-    # KiB; Linux carries ru_maxrss across exec, so it may include the RSS of the process that started this one
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _node_id() -> Optional[str]:
     """The Ray node this runs on (recorded per block in spectrum.json), None outside Ray."""
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -97,17 +59,11 @@ class BlockGram:
         self.block = block
         self.shards = shards
         self.num_coords = num_coords
-        self.peak_source = reset_peak_rss()  # the peak of this actor, not of the worker process before it
-        self.rss0 = _rss_bytes()
-        self.peak = self.rss0
         self.W_TN: Optional[np.ndarray] = None
 
     def where(self) -> Dict[str, Any]:
         """This actor's process and node (for operators, and for the tests that kill it)."""
         return {"pid": os.getpid(), "node": _node_id()}
-
-    def _track(self):
-        self.peak = max(self.peak, peak_rss_bytes())
 
     def load(self) -> float:
         t0 = time.perf_counter()
@@ -115,10 +71,7 @@ class BlockGram:
         for i, (rel, checksum) in enumerate(self.shards):
             buf = self.run.read_buffer(rel, checksum)
             decode_vector(buf, out=self.W_TN[i])
-            if i == 0:
-                self._track()
             del buf
-        self._track()
         return time.perf_counter() - t0
 
     def gram(self) -> Dict[str, Any]:
@@ -131,7 +84,6 @@ class BlockGram:
             X = self.W_TN[:, start : start + TILE].astype(np.float64)
             X -= X.mean(axis=0, keepdims=True)
             gram_TT += X @ X.T
-            self._track()
         return {"gram": gram_TT, "load_s": load_s, "gram_s": time.perf_counter() - t0}
 
     def write_basis_streamed(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis"
@@ -144,18 +96,16 @@ class BlockGram:
             writer = ColumnWriter(sink, proj_TD.shape[1], dtype)
             for start in range(0, self.num_coords, TILE):
                 writer.write(basis_tile(coef_DT, self.W_TN[:, start : start + TILE]))
-                self._track()
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "load_s": load_s,
-                "write_s": time.perf_counter() - t0, "peak_rss": max(self.peak, peak_rss_bytes()),
-                "peak_rss_source": self.peak_source, "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes,
-                "node": _node_id()}
+                "write_s": time.perf_counter() - t0, "node": _node_id()}
 
     def write_basis(self, proj_TD: np.ndarray, dtype: str = "float32", prefix: str = "basis") -> Dict[str, Any]:
         """U_b = W̃_bᵀ (V_D Σ_D⁻¹), streamed tile by tile into this block's basis shard.
 
         Returns:
-            Its path and sha256, the write time, and the actor's memory (start and peak RSS, block bytes).
+            Its path and sha256, the write time and the actor's node (`raysub.bench.basis.MeasuredBlockGram`
+            adds the actor's memory).
         """
         if self.W_TN is None:  # a restarted actor (the first died): its block is reread from storage, verified
             self.load()
@@ -169,22 +119,21 @@ class BlockGram:
                 X = self.W_TN[:, start : start + TILE].astype(np.float64)
                 X -= X.mean(axis=0, keepdims=True)
                 writer.write(proj_DT @ X)
-                self._track()
             writer.close()
         return {"path": basis_rel(self.block, prefix), "sha256": sink.sha256, "write_s": time.perf_counter() - t0,
-                "peak_rss": max(self.peak, peak_rss_bytes()), "peak_rss_source": self.peak_source,
-                "start_rss": self.rss0, "block_bytes": self.W_TN.nbytes, "node": _node_id()}
+                "node": _node_id()}
 
 
 def write_streamed_block(run_uri: str, block: int, shards: List[Tuple[str, str]], num_coords: int,
-                         proj_TD: np.ndarray, dtype: str, prefix: str) -> Dict[str, Any]:
+                         proj_TD: np.ndarray, dtype: str, prefix: str, block_class: Optional[type] = None
+                         ) -> Dict[str, Any]:
     """One block of the basis from a streamed Gram (a Ray task): read it once, write U_b (`BlockGram`)."""
-    return BlockGram(run_uri, block, shards, num_coords).write_basis_streamed(proj_TD, dtype, prefix)
+    return (block_class or BlockGram)(run_uri, block, shards, num_coords).write_basis_streamed(proj_TD, dtype, prefix)
 
 
 def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dict[str, str],
-                dtype: str = "float32", prefix: str = "basis", streamed_gram: Optional[np.ndarray] = None
-                ) -> Dict[str, Any]:
+                dtype: str = "float32", prefix: str = "basis", streamed_gram: Optional[np.ndarray] = None,
+                block_class: Optional[type] = None) -> Dict[str, Any]:
     """Run the block actors on Ray, sum the Grams, solve, write the basis shards and ``PREFIX/spectrum.json``.
 
     Args:
@@ -196,9 +145,13 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
             resident between passes, so the tasks take a whole CPU each and run in Ray's already-started worker
             processes, a CPU's worth of blocks at a time (actors would each start a process: ~1.5 s on 2 cores,
             as long as the rest of the stage at 2M parameters — `jobs/bench/basis.py`).
+        block_class: what holds a block (default `BlockGram`); the basis benchmark passes a subclass that measures
+            each block's memory (`raysub.bench.basis.MeasuredBlockGram`), so this stage measures none.
     Returns:
-        The spectrum record written to ``PREFIX/spectrum.json`` plus per-block timings and memory.
+        The spectrum record written to ``PREFIX/spectrum.json`` plus per-block timings (and what ``block_class``
+        adds).
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     t0 = time.perf_counter()
@@ -215,12 +168,12 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
         spec = solve_spectrum(centre_gram(streamed_gram), dim)
         proj_TD = spec["V"] / spec["singular_values"][:dim]
         task = ray.remote(write_streamed_block).options(num_cpus=min(1.0, cpus))
-        writes = ray.get([task.remote(run.uri, b["block"], e, b["stop"] - b["start"], proj_TD, dtype, prefix)
-                          for b, e in zip(blocks, entries_of)])
+        writes = ray.get([task.remote(run.uri, b["block"], e, b["stop"] - b["start"], proj_TD, dtype, prefix,
+                                      block_class) for b, e in zip(blocks, entries_of)])
         grams = [{"load_s": 0.0, "gram_s": 0.0}]
     else:
         # every block stays in memory between the two passes, so all block actors must be alive at once
-        Actor = block_actor_class(min(1.0, cpus / len(blocks)))
+        Actor = block_actor_class(min(1.0, cpus / len(blocks)), block_class or BlockGram)
         actors = [Actor.remote(run.uri, b["block"], e, b["stop"] - b["start"]) for b, e in zip(blocks, entries_of)]
         try:
             grams = ray.get([a.gram.remote() for a in actors])
@@ -240,12 +193,13 @@ def build_basis(run: RunDir, dim: int, blocks: List[Dict[str, Any]], shards: Dic
     return record
 
 
-def block_actor_class(num_cpus: float):
+def block_actor_class(num_cpus: float, block_class: Optional[type] = None):
     """`BlockGram` as a Ray actor: spread over the cluster's nodes (each block's memory on its own node where there
     are enough), and restarted when it dies (its process killed, its node lost). A restarted actor holds no block:
     the retried call rereads it from the run directory (verified against the manifest), so a restart costs one
     block's read. Both calls are idempotent: the Gram is recomputed, the shard rewritten atomically."""
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     return ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_restarts=ACTOR_RESTARTS,
-                      max_task_retries=ACTOR_RESTARTS)(BlockGram)
+                      max_task_retries=ACTOR_RESTARTS)(block_class or BlockGram)

@@ -8,10 +8,13 @@ the optimizer and its options by `raysub.optim`, the projection family and its o
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from raysub.config import Config, schema_problems
 from raysub.errors import ConfigError
+from raysub.runs.layout import MANIFEST, THETA0
+from raysub.runs.records import same_state
+from raysub.storage import RunDir
 
 
 def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
@@ -21,10 +24,12 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
     from raysub.models import MODELS
     from raysub.models.lowrank import uv_problems
     from raysub.optim import check_optimizer
-    from raysub.pipeline.sample import check_sample_section
+    from raysub.pipeline.sample_plan import check_sample_section
     from raysub.projections import FACTORY_ARGS, PROJECTIONS
+    from raysub.tracking import tracking_problems
 
     problems = schema_problems(cfg)
+    problems += tracking_problems(cfg)  # MLflow installed, and a store it can reach
     problems += check_data_section(cfg, check_data)
     if cfg.model.name not in MODELS:
         problems.append(f"model.name: unknown {MODELS.kind} {cfg.model.name!r}: choose one of "
@@ -73,7 +78,7 @@ def plan(cfg: Config) -> Dict[str, Any]:
     from raysub.data import open_dataset
     from raysub.engine.flat import layout_to_json, param_layout
     from raysub.models import model_for
-    from raysub.pipeline.sample import num_snapshots
+    from raysub.pipeline.sample_plan import num_snapshots
 
     check(cfg)
     data = open_dataset(cfg)
@@ -115,3 +120,105 @@ def describe_params(cfg: Config, info: Dict[str, Any]) -> str:
                                                                f"class count)" if fresh else ""))
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
+
+# ---------------------------------------------------------------------------------------------------------
+# a training's projection and the θ0 of another run's basis
+
+def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis: bool = True) -> None:
+    """The projection family's own checks for this training (d against N, its options, its basis run —
+    ``train.basis_run``, else this run's own when ``own_basis``), before Ray starts.
+
+    Raises:
+        ConfigError: every problem, in one message.
+    """
+    from raysub.engine.task import subspace_dim
+    from raysub.projections import check_projection
+
+    name = cfg.train.projection
+    dim = subspace_dim(cfg, num_params)
+    problems = check_projection(name, num_params, dim, cfg.train.projection_options,
+                                cfg.train.basis_run or (run.uri if own_basis else None))
+    from raysub.plugins import OPTIMIZERS  # l2o included
+
+    max_dim = OPTIMIZERS.meta(cfg.train.optimizer).get("max_dim") if cfg.train.optimizer in OPTIMIZERS else None
+    if max_dim is not None and dim > max_dim:  # e.g. P-BFGS on every parameter of a UV model
+        problems.append(f"train.optimizer={cfg.train.optimizer} keeps d×d matrices: d={dim:,} needs "
+                        f"{4 * dim * dim / 2 ** 30:.1f} GiB for each (its limit is d ≤ {max_dim:,}): use it in a "
+                        f"DLDR subspace (train.projection=dldr, tens of coordinates) or pick a first-order optimizer "
+                        f"(psgd, adam)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def basis_run_theta0(cfg: Config, model: Any = None) -> Optional[Dict[str, Any]]:
+    """The θ0 a training in another run's basis starts from: ``train.basis_run``'s ``theta0.pt``, verified
+    against that run's manifest, when ``train.projection`` reads a basis run (None otherwise). The basis spans
+    the directions the trajectory took from that θ0, so a training around any other point is another model:
+    `raysub train CONFIG`, ``raysub l2o meta-train`` and ``l2o tune`` use it as their θ0, as ``raysub sweep``
+    does, whatever their ``seed``.
+
+    With ``model`` (the planned model): the state must be one of that model (same keys and shapes) and, where
+    ``train.init_from`` set the model's weights, equal to them; it is then loaded into ``model``, so the run
+    writes it as its own ``theta0.pt``.
+
+    Raises:
+        StorageError: the basis run's theta0.pt is missing, has no checksum in its manifest, or is corrupted.
+        ConfigError: it is another model's θ0, or train.init_from names other weights.
+    """
+    from raysub.projections import PROJECTIONS
+
+    name, uri = cfg.train.projection, cfg.train.basis_run
+    if not uri or name not in PROJECTIONS or not PROJECTIONS.meta(name).get("needs_basis_run"):
+        return None
+    source = RunDir(uri)
+    state = source.read_theta0()
+    if model is None:
+        return state
+    mine = model.state_dict()
+    if set(mine) != set(state) or any(tuple(mine[k].shape) != tuple(state[k].shape) for k in mine):
+        raise ConfigError(f"train.basis_run={uri} holds the θ0 of another model ({source.path(THETA0)}): use "
+                          f"the model and data of that run, or sample a new run for this model")
+    if cfg.train.init_from and not same_state(mine, state):
+        raise ConfigError(f"train.init_from={cfg.train.init_from} sets θ0 to other weights than the θ0 the basis of "
+                          f"train.basis_run={uri} was sampled from: drop train.init_from (the training then starts "
+                          f"from that run's θ0), or build the basis from a run sampled with this train.init_from")
+    model.load_state_dict(state)
+    return state
+
+
+def check_foreign_basis_theta0(cfg: Config, run: RunDir) -> None:
+    """A training in another run's basis (``train.basis_run``) starts from this run's θ0, so the two θ0 must be
+    the same: the basis spans the directions that run's trajectory took from its own θ0.
+
+    Raises:
+        ConfigError: they differ (another seed, model or ``train.init_from``).
+    """
+    if not cfg.train.basis_run or RunDir(cfg.train.basis_run).uri == run.uri:
+        return
+    theirs = basis_run_theta0(cfg)
+    if theirs is not None and not same_state(run.read_theta0(), theirs):
+        raise ConfigError(f"train.basis_run={cfg.train.basis_run} was sampled from another θ0 than {run.uri} (another "
+                          f"seed, model or train.init_from): a training in its basis must start from its θ0; start a "
+                          f"new run that takes it (raysub train CONFIG train.basis_run=...), or drop train.basis_run")
+
+
+def subspace_run_checks(cfg: Config, info: Dict[str, Any]) -> Callable[[RunDir, bool], None]:
+    """The checks of a run whose training reads no trajectory of its own (``raysub train CONFIG``, ``raysub l2o
+    meta-train``), for `raysub.runs.open.open_run`'s ``checks``: the projection's (`check_train_projection`,
+    ``train.basis_run`` for a family reading a basis) and, for such a family, that θ0 is the basis run's
+    (`basis_run_theta0` loads it into ``info["model"]`` and records it as ``info["theta0_from"]``).
+
+    Raises (when called):
+        ConfigError: a projection problem, or a resumed run started around another θ0.
+    """
+    def checks(run: RunDir, resuming: bool) -> None:
+        check_train_projection(cfg, info["num_params"], run, own_basis=False)
+        theta0 = basis_run_theta0(cfg, info["model"])  # the basis run's θ0, not one seeded here
+        if theta0 is not None:
+            info["theta0_from"] = {"run": cfg.train.basis_run,
+                                   "sha256": RunDir(cfg.train.basis_run).manifest_checksum(THETA0)}
+            if resuming and run.exists(MANIFEST) and not same_state(run.read_theta0(), theta0):
+                raise ConfigError(f"{run.path(THETA0)} is not the θ0 of train.basis_run={cfg.train.basis_run} "
+                                  f"(the run was started around another point): start it again with --overwrite")
+
+    return checks

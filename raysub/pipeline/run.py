@@ -5,7 +5,7 @@ snapshot count against ``basis.dim``, the run directory's state (``--resume`` / 
 ``--resume``, that the config is the run's own. Every command holds the run directory's lock (`raysub.lock`).
 
 Each stage writes its files first — a basis into a new ``basis/GEN/`` directory — and then commits them in the
-run's manifest (`raysub.pipeline.records`), so a kill at any point leaves the old state or the new one.
+run's manifest (`raysub.runs.records`), so a kill at any point leaves the old state or the new one.
 """
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from raysub.config import Config, merge, parse_overrides
+from raysub.engine import cluster  # ensure_ray looked up when called: tests replace it
 from raysub.errors import ConfigError, DivergedError, RaysubError, StorageError
-from raysub.lock import RunLocked, run_lock
-from raysub.pipeline.plan import check, describe_params, plan
-from raysub.pipeline.records import (STAGE_CHECKED, basis_run_theta0, diff_text, existing_run, commit, config_diff,
-                                     init_run, open_manifest, prepare_run_dir, same_state, settle, stored_config)
+from raysub.lock import RunLocked
+from raysub.pipeline.plan import (check, check_foreign_basis_theta0, check_train_projection, describe_params, plan,
+                                  subspace_run_checks)
+from raysub.report.tables import format_progress, results_table
+from raysub.runs import layout
+from raysub.runs.manifest import Manifest
+from raysub.runs.open import open_run
+from raysub.runs.records import (STAGE_CHECKED, commit, config_diff, diff_text, existing_run, open_manifest,
+                                 stored_config)
 from raysub.storage import RunDir
 
 Printer = Callable[[str], None]
@@ -30,56 +36,46 @@ def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
     """Write the per-step training losses to curves/LABEL.json; return the convergence step (SL2O §4.1)."""
     from raysub.metrics import convergence_step
 
-    run.write_json(f"curves/{label}.json", {"train_loss": step_losses})
+    run.write_json(layout.curve(label), {"train_loss": step_losses})
     return {"convergence_step": convergence_step(step_losses), "steps": len(step_losses),
             "min_train_loss": min(step_losses) if step_losses else None}
-
-def new_basis_prefix() -> str:
-    """A new basis generation directory, ``basis/GEN`` (see `raysub.pipeline.basis.basis_dir`)."""
-    import uuid
-
-    return f"basis/{uuid.uuid4().hex[:12]}"
 
 # ---------------------------------------------------------------------------------------------------------
 # stages
 def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print,
-                 info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Validate, then sample the trajectory (and train the SGD baseline) into ``cfg.run_dir``."""
+                 info: Optional[Dict[str, Any]] = None) -> Manifest:
+    """Validate, then sample the trajectory (and train the SGD baseline) into ``cfg.run_dir``; returns the
+    committed manifest."""
 
-    from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.sample import run_sample
 
     info = info or plan(cfg)
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri  # workers run in other directories: pass an absolute path or URI
-    if cfg.train.init_from:  # stored absolute: a resume from another directory names the same base
-        cfg.train.init_from = RunDir(cfg.train.init_from).uri
-    with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)
-        if resuming and run.exists("manifest.json"):
-            manifest = open_manifest(run)
-            if manifest["stages"].get("sample", {}).get("complete"):
-                settle(run, manifest)
-                say(f"[sample] already complete in {run.uri}; skipping")
-                return manifest
-        ensure_ray(cfg)
-        manifest = init_run(cfg, info, resuming, overwrite)
+
+    def sampled(manifest: Manifest) -> bool:  # a resumed run whose sampling is complete: nothing to do
+        return bool(manifest.stages.get("sample", {}).get("complete"))
+
+    with open_run(cfg, resume=resume, overwrite=overwrite, say=say, also_safe=STAGE_CHECKED, info=info,
+                  start_ray=lambda: cluster.ensure_ray(cfg), done=sampled) as opened:
+        run, manifest = opened.run, opened.manifest
+        if opened.done:
+            say(f"[sample] already complete in {run.uri}; skipping")
+            return manifest
         say(f"[sample] {cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}, "
             f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
             f"SGD for {cfg.sgd.epochs} epochs")
         out = run_sample(cfg, run, lambda r: say(format_progress(r)), num_params=info["num_params"],
-                         num_snaps=info["num_snapshots"], basis_prefix=new_basis_prefix())
-        manifest["shards"].update(out["shards"])
-        manifest["num_snapshots"] = out["num_snapshots"]
-        manifest["stages"]["sample"] = {"complete": True, "wall_s": out["wall_s"], "window_s": out["window_s"],
-                                        "window_epochs": out["window_epochs"], "stop": cfg.sample.stop,
-                                        "num_snapshots": out["num_snapshots"], "stream_gram": out["stream_gram"],
-                                        "stream_gram_off": out["stream_off"], "stop_signal": out["signals"]}
-        summary = manifest["summary"]
+                         num_snaps=info["num_snapshots"], basis_prefix=layout.new_basis_prefix())
+        manifest.shards.update(out["shards"])
+        manifest.num_snapshots = out["num_snapshots"]
+        manifest.stages["sample"] = {"complete": True, "wall_s": out["wall_s"], "window_s": out["window_s"],
+                                     "window_epochs": out["window_epochs"], "stop": cfg.sample.stop,
+                                     "num_snapshots": out["num_snapshots"], "stream_gram": out["stream_gram"],
+                                     "stream_gram_off": out["stream_off"], "stop_signal": out["signals"]}
+        summary = manifest.summary
         hist = out["history"]
         window = [h for h in hist if h["epoch"] == out["window_epochs"]][0]
         if out["signals"]:
-            from raysub.plots import plot_stop_signal
+            from raysub.report.plots import plot_stop_signal
 
             plot_stop_signal(run, out["signals"], cfg.sample.stop_threshold if cfg.sample.stop == "adaptive" else None)
         if cfg.sample.stop == "adaptive":
@@ -128,18 +124,18 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Build the DLDR basis of a sampled run into a new ``basis/GEN/`` and commit it (the previous basis stays in
     force until the commit, and is deleted after it)."""
-    from raysub.engine.cluster import ensure_ray
     from raysub.pipeline.basis import basis_dir, build_basis
     from raysub.pipeline.sample import collect_trajectory
     from raysub.pipeline.stream_gram import read_streamed_gram
 
     run = existing_run(RunDir(run_uri))
     cfg = cfg or _stage_config(run, overrides, "basis")
-    with run_lock(run, say=say):
-        manifest = open_manifest(run)
-        if not manifest["stages"].get("sample", {}).get("complete"):
+    found: Dict[str, Any] = {}
+
+    def checks(run: RunDir, manifest: Manifest) -> None:
+        if not manifest.stages.get("sample", {}).get("complete"):
             raise StorageError(f"{run.uri} has no complete trajectory: run 'raysub sample' (or --resume it) first")
-        t = manifest["num_snapshots"]
+        t = manifest.num_snapshots
         if not 0 < cfg.basis.dim < t:
             raise ConfigError(f"basis.dim={cfg.basis.dim} must be in [1, {t - 1}] for the {t} snapshots of "
                               f"{run.uri}: lower it, or sample more")
@@ -150,109 +146,69 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                                   f"--overwrite to rebuild it")
             raise ConfigError(f"{run.path(committed)} already holds a basis: pass --overwrite to rebuild it")
         # the blocks the manifest lists, every one present, before anything is written or dropped
-        blocks, _ = collect_trajectory(run, manifest["shards"], manifest.get("blocks"))
-        streamed = read_streamed_gram(run, manifest) if cfg.basis.gram == "auto" else None
-        settle(run, manifest)
-        ensure_ray(cfg)
+        found["blocks"], _ = collect_trajectory(run, manifest.shards, manifest.blocks)
+        found["streamed"] = read_streamed_gram(run, manifest) if cfg.basis.gram == "auto" else None
+
+    with open_run(cfg, existing=run, say=say, checks=checks, start_ray=lambda: cluster.ensure_ray(cfg)) as opened:
+        run, manifest = opened.run, opened.manifest
+        blocks, streamed, t = found["blocks"], found["streamed"], manifest.num_snapshots
         how = "the sampler's streamed Gram, one read" if streamed is not None else "a Gram pass and a write pass"
         say(f"[basis] {len(blocks)} block actors, {t} snapshots, d={cfg.basis.dim}: {how}")
         t0 = time.perf_counter()
-        gen = new_basis_prefix()
-        record = build_basis(run, cfg.basis.dim, blocks, manifest["shards"], prefix=gen, streamed_gram=streamed)
+        gen = layout.new_basis_prefix()
+        record = build_basis(run, cfg.basis.dim, blocks, manifest.shards, prefix=gen, streamed_gram=streamed)
         wall = time.perf_counter() - t0
         _commit_basis(run, manifest, cfg, gen, record, wall, say)
         return record
 
 
-def _commit_basis(run: RunDir, manifest: Dict[str, Any], cfg: Config, gen: str, record: Dict[str, Any],
+def _commit_basis(run: RunDir, manifest: Manifest, cfg: Config, gen: str, record: Dict[str, Any],
                   wall: float, say: Printer) -> None:
     """Commit the basis written into ``gen`` (its spectrum ``record``) as the run's basis stage; then delete the
     other generations and the trainings done in the previous basis, and plot the explained variance."""
-    manifest["shards"] = {k: v for k, v in manifest["shards"].items() if not k.startswith("basis/")}
+    manifest.shards = {k: v for k, v in manifest.shards.items() if not k.startswith(layout.BASIS + "/")}
     for b in record["blocks"]:
-        manifest["shards"][b["path"]] = b["sha256"]
-    manifest["shards"][f"{gen}/spectrum.json"] = record["sha256"]
-    manifest["stages"]["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
+        manifest.shards[b["path"]] = b["sha256"]
+    manifest.shards[layout.spectrum(gen)] = record["sha256"]
+    manifest.stages["basis"] = {"complete": True, "dir": gen, "wall_s": wall, "dim": cfg.basis.dim,
                                    "gram_source": record["gram_source"], **record["timings"]}
     stale = _drop_own_basis_trainings(manifest)
-    manifest["config"] = cfg.to_dict()
-    summary = manifest["summary"]
+    manifest.config = cfg.to_dict()
+    summary = manifest.summary
     summary["dim"] = cfg.basis.dim
     summary["explained_variance_ratio"] = record["explained_variance_ratio"]
     summary["explained_variance_top_dim"] = record["explained_variance_top_dim"]
     summary["timings"]["basis_s"] = wall
     commit(run, manifest)
-    for name in run.listdir("basis"):  # earlier generations (and a killed rebuild's) are no longer referenced
-        if f"basis/{name}" != gen:
-            run.delete("basis", name)
+    for name in run.listdir(layout.BASIS):  # earlier generations (and a killed rebuild's) are no longer referenced
+        if f"{layout.BASIS}/{name}" != gen:
+            run.delete(layout.BASIS, name)
     for label in stale:
-        run.child("checkpoints").delete(f"train-{label}")
+        run.child(layout.CHECKPOINTS).delete(layout.train_checkpoint(label))
     if stale:
         say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
-    from raysub.plots import plot_explained_variance
+    from raysub.report.plots import plot_explained_variance
 
     plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
     say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
         f"the trajectory variance ({record['gram_source']} Gram, {wall:.1f}s)")
 
 
-def _drop_own_basis_trainings(manifest: Dict[str, Any]) -> List[str]:
+def _drop_own_basis_trainings(manifest: Manifest) -> List[str]:
     """Remove from ``manifest`` every training in the run's own basis (a new basis makes them another model's);
     returns their labels."""
     from raysub.projections import PROJECTIONS
 
     labels = []
-    for key, stage in list(manifest["stages"].items()):
+    for key, stage in list(manifest.stages.items()):
         train = stage.get("train") if key.startswith("train.") else None
         if train and not train.get("basis_run") and PROJECTIONS.meta(train["projection"]).get("needs_basis_run"):
             label = key[len("train."):]
             labels.append(label)
-            del manifest["stages"][key]
-            manifest["summary"]["results"].pop(label, None)
-            manifest["shards"].pop(f"train/{label}.pt", None)
+            del manifest.stages[key]
+            manifest.summary["results"].pop(label, None)
+            manifest.shards.pop(layout.train_z(label), None)
     return labels
-
-
-def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis: bool = True) -> None:
-    """The projection family's own checks for this training (d against N, its options, its basis run —
-    ``train.basis_run``, else this run's own when ``own_basis``), before Ray starts.
-
-    Raises:
-        ConfigError: every problem, in one message.
-    """
-    from raysub.engine.task import subspace_dim
-    from raysub.projections import check_projection
-
-    name = cfg.train.projection
-    dim = subspace_dim(cfg, num_params)
-    problems = check_projection(name, num_params, dim, cfg.train.projection_options,
-                                cfg.train.basis_run or (run.uri if own_basis else None))
-    from raysub.plugins import OPTIMIZERS  # l2o included
-
-    max_dim = OPTIMIZERS.meta(cfg.train.optimizer).get("max_dim") if cfg.train.optimizer in OPTIMIZERS else None
-    if max_dim is not None and dim > max_dim:  # e.g. P-BFGS on every parameter of a UV model
-        problems.append(f"train.optimizer={cfg.train.optimizer} keeps d×d matrices: d={dim:,} needs "
-                        f"{4 * dim * dim / 2 ** 30:.1f} GiB for each (its limit is d ≤ {max_dim:,}): use it in a "
-                        f"DLDR subspace (train.projection=dldr, tens of coordinates) or pick a first-order optimizer "
-                        f"(psgd, adam)")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _check_foreign_basis_theta0(cfg: Config, run: RunDir) -> None:
-    """A training in another run's basis (``train.basis_run``) starts from this run's θ0, so the two θ0 must be
-    the same: the basis spans the directions that run's trajectory took from its own θ0.
-
-    Raises:
-        ConfigError: they differ (another seed, model or ``train.init_from``).
-    """
-    if not cfg.train.basis_run or RunDir(cfg.train.basis_run).uri == run.uri:
-        return
-    theirs = basis_run_theta0(cfg)
-    if theirs is not None and not same_state(run.read_theta0(), theirs):
-        raise ConfigError(f"train.basis_run={cfg.train.basis_run} was sampled from another θ0 than {run.uri} (another "
-                          f"seed, model or train.init_from): a training in its basis must start from its θ0; start a "
-                          f"new run that takes it (raysub train CONFIG train.basis_run=...), or drop train.basis_run")
 
 
 def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, resume: bool = False,
@@ -262,7 +218,6 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     Raises:
         DivergedError: the training diverged; its result is recorded as diverged (no accuracy, no z saved).
     """
-    from raysub.engine.cluster import ensure_ray
     from raysub.engine.task import subspace_dim
     from raysub.pipeline.train import divergence_line, read_trained, run_subspace
 
@@ -270,16 +225,17 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         raise ConfigError("--resume and --overwrite exclude each other: pick one")
     run = existing_run(RunDir(run_uri))
     cfg = cfg or _stage_config(run, overrides, "train")
-    with run_lock(run, say=say):
-        manifest = open_manifest(run)
-        num_params = manifest["num_params"]
+    label = cfg.train_label
+    stage_key = f"train.{label}"
+    found: Dict[str, Any] = {}
+
+    def checks(run: RunDir, manifest: Manifest) -> None:
+        num_params = manifest.num_params
         check_train_projection(cfg, num_params, run)
-        _check_foreign_basis_theta0(cfg, run)
-        dim = subspace_dim(cfg, num_params)
-        label = cfg.train_label
-        stage_key = f"train.{label}"
-        stage = manifest["stages"].get(stage_key, {})
-        results = manifest["summary"]["results"]
+        check_foreign_basis_theta0(cfg, run)
+        found["dim"] = subspace_dim(cfg, num_params)
+        stage = manifest.stages.get(stage_key, {})
+        results = manifest.summary["results"]
         if stage.get("complete") or label in results:
             if not (overwrite or resume):
                 raise ConfigError(f"{run.uri} already has results for '{label}': pass --overwrite to retrain, or "
@@ -289,25 +245,34 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 if results.get(label, {}).get("diverged"):
                     raise DivergedError(divergence_line(cfg, results[label]["diverged"]))
                 read_trained(run, label)  # "complete" only while its z is the one committed
-                settle(run, manifest)
-                say(f"[{label}] already complete; skipping")
-                return results[label]
-        ckpt_dir = run.child("checkpoints")
-        ckpt_name = f"train-{label}"
+                return
         if stage and not (resume or overwrite):
             raise ConfigError(f"'{label}' was interrupted in {run.uri}: pass --resume to continue it or --overwrite "
                               f"to restart it, or set train.label=NAME")
-        resumed = resume and bool(stage)
-        if resumed:
+        if resume and stage:
             _check_train_resume(run, cfg, stage)
-        settle(run, manifest)
-        ensure_ray(cfg)
+
+    def complete(manifest: Manifest) -> bool:  # resumed, and its result is committed (checked above): skip
+        return resume and bool(manifest.stages.get(stage_key, {}).get("complete")
+                               or label in manifest.summary["results"])
+
+    with open_run(cfg, existing=run, say=say, checks=checks, done=complete,
+                  start_ray=lambda: cluster.ensure_ray(cfg)) as opened:
+        run, manifest, dim = opened.run, opened.manifest, found["dim"]
+        results = manifest.summary["results"]
+        if opened.done:
+            say(f"[{label}] already complete; skipping")
+            return results[label]
+        stage = manifest.stages.get(stage_key, {})
+        ckpt_dir = run.child(layout.CHECKPOINTS)
+        ckpt_name = layout.train_checkpoint(label)
+        resumed = resume and bool(stage)
         if not resumed:  # a fresh training must not pick up an old one's checkpoints or result
             if ckpt_dir.exists(ckpt_name):
                 ckpt_dir.delete(ckpt_name)
             results.pop(label, None)
-            manifest["shards"].pop(f"train/{label}.pt", None)
-            manifest["stages"][stage_key] = {"complete": False, "train": cfg.to_dict()["train"]}
+            manifest.shards.pop(layout.train_z(label), None)
+            manifest.stages[stage_key] = {"complete": False, "train": cfg.to_dict()["train"]}
             commit(run, manifest)
         say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
             f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
@@ -320,7 +285,7 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
             if not resumed and not isinstance(exc, RunLocked):
                 if ckpt_dir.exists(ckpt_name):
                     ckpt_dir.delete(ckpt_name)
-                manifest["stages"].pop(stage_key, None)
+                manifest.stages.pop(stage_key, None)
                 commit(run, manifest)
             raise
         hist = out["history"]
@@ -332,19 +297,19 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         else:
             record.update(test_acc=hist[-1]["test_acc"], epochs=hist[-1]["epoch"], wall_s=hist[-1]["elapsed_s"],
                           allreduce_floats_per_step=hist[-1]["allreduce_floats_per_step"])
-            trained = out.get("written", {}).get(f"train/{label}.pt")  # rank 0's digest of its write, not a re-read
+            trained = out.get("written", {}).get(layout.train_z(label))  # rank 0's digest of its write, not a re-read
             if trained is None:
-                raise StorageError(f"the training reported no checksum for {run.path(f'train/{label}.pt')}: retrain "
+                raise StorageError(f"the training reported no checksum for {run.path(layout.train_z(label))}: retrain "
                                    f"'{label}' with --overwrite")
-            manifest["shards"][f"train/{label}.pt"] = trained
-        summary = manifest["summary"]
+            manifest.shards[layout.train_z(label)] = trained
+        summary = manifest.summary
         summary["results"][label] = record
         summary["timings"]["train_s"] = record["wall_s"]
         summary["timings"][f"train_stage_s.{label}"] = out["wall_s"]
-        manifest["stages"][stage_key] = {"complete": True, "wall_s": out["wall_s"], "train": cfg.to_dict()["train"],
+        manifest.stages[stage_key] = {"complete": True, "wall_s": out["wall_s"], "train": cfg.to_dict()["train"],
                                          **({"diverged": True} if out.get("diverged") else {})}
         commit(run, manifest)
-        from raysub.plots import plot_accuracy
+        from raysub.report.plots import plot_accuracy
 
         plot_accuracy(run, summary)
         if out.get("diverged"):
@@ -374,38 +339,20 @@ def train_from_config(cfg: Config, resume: bool = False, overwrite: bool = False
 @contextlib.contextmanager
 def new_subspace_run(cfg: Config, info: Dict[str, Any], resume: bool, overwrite: bool, resume_safe: Sequence[str],
                      say: Printer = print):
-    """Open a run directory whose training reads no trajectory of its own (``raysub train CONFIG``, ``raysub l2o
-    meta-train``) under its lock: normalise run_dir and train.basis_run to URIs, check resume/overwrite against
-    the stored config (``resume_safe``: the keys that may change), check that a family reading a basis has
-    ``train.basis_run`` (before Ray starts), start or join Ray, write θ0 — the basis run's for such a family
-    (`basis_run_theta0`; ``info["model"]`` is loaded with it), else the seeded model's — the config and the
-    manifest.
+    """Open a run directory whose training reads no trajectory of its own (``raysub train CONFIG``; ``raysub l2o
+    meta-train`` opens its run the same way) with `open_run`: run_dir, train.basis_run and init_from as URIs,
+    resume/overwrite against the stored config (``resume_safe``: the keys that may change), the training's checks
+    before Ray starts (`subspace_run_checks`), Ray, then θ0 — the basis run's for a family reading a basis
+    (``info["model"]`` is loaded with it), else the seeded model's — the config and the manifest.
 
     Yields:
         (the RunDir, whether this resumes, the manifest of `init_run`).
     """
-    from raysub.engine.cluster import ensure_ray
-
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri
-    if cfg.train.basis_run:
-        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    if cfg.train.init_from:
-        cfg.train.init_from = RunDir(cfg.train.init_from).uri
-    with run_lock(run, say=say):
-        resuming = prepare_run_dir(run, resume, overwrite, cfg, resume_safe)
-        check_train_projection(cfg, info["num_params"], run, own_basis=False)
-        theta0 = basis_run_theta0(cfg, info["model"])  # the basis run's θ0, not one seeded here
-        if theta0 is not None:
-            info["theta0_from"] = {"run": cfg.train.basis_run,
-                                   "sha256": RunDir(cfg.train.basis_run).manifest_checksum("theta0.pt")}
-            if resuming and run.exists("manifest.json") and not same_state(run.read_theta0(), theta0):
-                raise ConfigError(f"{run.path('theta0.pt')} is not the θ0 of train.basis_run={cfg.train.basis_run} "
-                                  f"(the run was started around another point): start it again with --overwrite")
-        ensure_ray(cfg)
-        if not resuming:
-            say(f"{cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}")
-        yield run, resuming, init_run(cfg, info, resuming, overwrite)
+    with open_run(cfg, resume=resume, overwrite=overwrite, say=say, also_safe=resume_safe, info=info,
+                  uris=("basis_run", "init_from"), checks=subspace_run_checks(cfg, info),
+                  start_ray=lambda: cluster.ensure_ray(cfg),
+                  announce=lambda: f"{cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}") as opened:
+        yield opened.run, opened.resuming, opened.manifest
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say: Printer = print) -> Dict[str, Any]:
@@ -416,14 +363,11 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
     """
     t0 = time.perf_counter()
     info = plan(cfg)
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri
-    if cfg.train.init_from:  # stored absolute: a resume from another directory names the same base
-        cfg.train.init_from = RunDir(cfg.train.init_from).uri
-    with run_lock(run, say=say):
-        prepare_run_dir(run, resume, overwrite, cfg, STAGE_CHECKED)  # fail before starting Ray
+    # the checks only (fail before starting Ray); each stage opens the run again under this lock
+    with open_run(cfg, resume=resume, overwrite=overwrite, say=say, also_safe=STAGE_CHECKED) as opened:
+        run = opened.run
         stage_sample(cfg, resume=resume, overwrite=overwrite, say=say, info=info)
-        basis = open_manifest(run)["stages"].get("basis", {})
+        basis = open_manifest(run).stages.get("basis", {})
         by_sampler = basis.get("gram_source") == "sampler"
         if not ((resume or by_sampler) and basis.get("complete") and basis.get("dim") == cfg.basis.dim):
             stage_basis(cfg.run_dir, overwrite=True, say=say, cfg=cfg)
@@ -433,51 +377,11 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False, say
         except DivergedError as exc:
             diverged = exc
         manifest = open_manifest(run)
-        manifest["summary"]["timings"]["total_s"] = time.perf_counter() - t0
+        manifest.summary["timings"]["total_s"] = time.perf_counter() - t0
         commit(run, manifest)
-        summary = manifest["summary"]
+        summary = manifest.summary
         say(results_table(summary))
         say(f"run directory: {run.uri} (summary.json, plots/)")
         if diverged is not None:
             raise diverged
         return summary
-
-
-# ---------------------------------------------------------------------------------------------------------
-# console
-
-def format_progress(r: Dict[str, Any]) -> str:
-    extra = f"  snapshots {r['num_snapshots']}" if "num_snapshots" in r else ""
-    signal = r.get("stop_signal") or {}
-    if signal.get("reach_residual") is not None:
-        drop = signal.get("residual_drop")
-        extra += (f"  reach residual {signal['reach_residual']:.3f}"
-                  + (f" (fell {100 * drop:.1f}%)" if drop is not None else "")
-                  + ("  [window ends]" if signal.get("stop") else ""))
-    width = len(str(r["epochs"]))
-    return (f"[{r['stage']}] epoch {r['epoch']:>{width}}/{r['epochs']}  train loss {r['train_loss']:.4f}  "
-            f"test loss {r['test_loss']:.4f}  test acc {100 * r['test_acc']:.2f}%{extra}  {r['elapsed_s']:.1f}s")
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
-    """Console table lines: the first row is the header, the first column left-aligned, the rest right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
-def results_table(summary: Dict[str, Any]) -> str:
-    """The console table of a run's results; a diverged training shows as ``diverged (epoch E)``, never as an
-    accuracy."""
-    rows = [("method", "dim", "test acc", "epochs", "wall s")]
-    for name, r in summary["results"].items():
-        acc = (f"diverged (epoch {r['diverged'].get('epoch')})" if r.get("diverged")
-               else f"{100 * r['test_acc']:.2f}%")
-        rows.append((name, f"{r['dim']:,}", acc, str(r["epochs"]), f"{r['wall_s']:.1f}"))
-    lines = format_table(rows)
-    t = summary.get("timings", {})
-    lines.append(f"timings: sample {t.get('sample_s', 0):.1f}s (snapshot window)  basis {t.get('basis_s', 0):.1f}s  "
-                 f"train {t.get('train_s', 0):.1f}s" + (f"  total {t['total_s']:.1f}s" if "total_s" in t else ""))
-    return "\n".join(lines)

@@ -43,7 +43,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 import numpy as np
 
 # the Gram-space algebra the basis stage shares (torch-free); the names stay importable from here
-from raysub.linalg import basis_tile, centre_gram, increment_coefficients, solve_spectrum, spectrum_record  # noqa: F401
+from raysub.linalg import basis_tile, centre_gram, increment_coefficients, solve_spectrum, spectrum_record
+from raysub.runs import layout
+from raysub.runs.manifest import Manifest
+from raysub.errors import ConfigError, StorageError
+from raysub.storage import ColumnWriter, basis_rel
 
 # torch is imported where it is used: the basis stage's block workers import this module for `basis_tile` alone, and
 # importing torch in each of them cost ~1 s of CPU per worker — more than the streamed basis stage's whole work at
@@ -55,21 +59,7 @@ if TYPE_CHECKING:
     from raysub.storage import RunDir
 
 TILE = 1 << 16  # columns per float64 tile
-GRAM_REL = "trajectory/gram.pt"
-
-
-def stream_bytes(capacity: int, block_numel: int) -> int:
-    """Bytes of one rank's snapshot buffer."""
-    return capacity * block_numel * 4
-
-
-def budget_refusal(capacity: int, block_numel: int, budget_mb: float) -> Optional[str]:
-    """Why the streaming Gram does not fit its budget (None when it fits)."""
-    need = stream_bytes(capacity, block_numel)
-    if need <= budget_mb * 2**20:
-        return None
-    return (f"the streaming Gram needs {need / 2**20:.0f} MB per rank ({capacity} snapshots × {block_numel:,} "
-            f"coordinates × 4 B) > sample.stream_gram_budget_mb={budget_mb:g}")
+GRAM_REL = layout.STREAM_GRAM
 
 
 class StreamGram:
@@ -83,6 +73,7 @@ class StreamGram:
     """
 
     def __init__(self, capacity: int, block_numel: int, device, reduce: Callable[[torch.Tensor], Any]):
+        # heavy: torch loads here, not when this module is imported
         import torch
 
         self.W_TN = torch.empty((capacity, block_numel), dtype=torch.float32, device=device)
@@ -91,6 +82,7 @@ class StreamGram:
         self.reduce = reduce
 
     def _row(self, t: int) -> torch.Tensor:
+        # heavy: torch loads here, not when this module is imported
         import torch
 
         n = self.W_TN.shape[1]
@@ -132,6 +124,7 @@ class StreamGram:
 
     def load_state_dict(self, state: Dict[str, Any], blocks) -> None:
         """Restore from a checkpoint; ``blocks`` yields this rank's first ``count`` snapshot blocks (verified)."""
+        # heavy: torch loads here, not when this module is imported
         import torch
 
         count = int(state["count"])
@@ -202,6 +195,7 @@ def subspace_drift(K_TT: np.ndarray, s: int, t: int, dim: int) -> Dict[str, floa
 
 def gram_bytes(K_TT: np.ndarray) -> bytes:
     """``trajectory/gram.pt``: the uncentred Gram relative to θ0 and its snapshot count."""
+    # heavy: torch loads here, not when this module is imported
     import torch
 
     buf = io.BytesIO()
@@ -252,7 +246,7 @@ def close_window(run: RunDir, stream, rank: int, bounds, cfg: Config, basis_pref
     if basis_prefix:
         spectrum = write_stream_basis(run, stream, rank, bounds, cfg, basis_prefix)
         if spectrum is not None:
-            written[f"{basis_prefix}/spectrum.json"] = spectrum
+            written[layout.spectrum(basis_prefix)] = spectrum
     return written
 
 
@@ -263,12 +257,12 @@ def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, pref
     V and Σ come from rank 0's eigh of the (identical) centred Gram, sent to every rank. A window whose rank is
     below ``basis.dim`` writes nothing: the basis stage then reports it. Returns rank 0's spectrum.json sha256.
     """
+    # heavy: torch loads here, not when this module is imported
     import torch
     import torch.distributed as dist
 
+    # heavy: torch loads here, not when this module is imported
     from raysub.engine import loop
-    from raysub.errors import ConfigError
-    from raysub.storage import ColumnWriter, basis_rel
 
     t0 = time.perf_counter()
     T, dim = stream.count, cfg.basis.dim
@@ -305,31 +299,31 @@ def write_stream_basis(run: RunDir, stream, rank: int, bounds, cfg: Config, pref
         blocks = [{"start": bounds[b["block"]][0], "stop": bounds[b["block"]][1], **b} for b in every]
         timings = {"load_s": 0.0, "gram_s": 0.0, "write_s": max(b["write_s"] for b in every),
                    "total_s": time.perf_counter() - t0}
-        return run.write_json(f"{prefix}/spectrum.json", spectrum_record(spec, dim, "float32", blocks, timings,
+        return run.write_json(layout.spectrum(prefix), spectrum_record(spec, dim, "float32", blocks, timings,
                                                                          "sampler"))
     return None
 
 
-def read_streamed_gram(run, manifest: Dict[str, Any]) -> Optional[np.ndarray]:
+def read_streamed_gram(run, manifest: Manifest) -> Optional[np.ndarray]:
     """The run's streamed Gram (T×T, relative to θ0; verified against the manifest), or None when it has none.
 
     Raises:
         StorageError: the file is missing, corrupted or not a Gram of the trajectory's snapshot count.
     """
+    # heavy: torch loads here, not when this module is imported
     import torch
 
-    from raysub.errors import StorageError
 
-    entry = manifest.get("stages", {}).get("sample", {}).get("stream_gram")
+    entry = manifest.stages.get("sample", {}).get("stream_gram")
     if not entry:
         return None
     fix = "rebuild from the snapshots with basis.gram=posthoc"
     try:
-        state = run.read_torch(entry["path"], manifest["shards"].get(entry["path"], entry["sha256"]))
+        state = run.read_torch(entry["path"], manifest.shards.get(entry["path"], entry["sha256"]))
     except StorageError as exc:
         raise StorageError(f"{str(exc).rstrip('.')}; or {fix}") from None
     K = state.get("gram") if isinstance(state, dict) else None
-    T = manifest.get("num_snapshots")
+    T = manifest.num_snapshots
     if not isinstance(K, torch.Tensor) or K.dim() != 2 or K.shape[0] != K.shape[1] or K.shape[0] != T:
         raise StorageError(f"{run.path(entry['path'])} is not the {T}×{T} Gram of this trajectory: {fix}")
     return K.double().numpy()

@@ -1,7 +1,7 @@
 """Intrinsic-dimension sweeps on Ray Tune: projection family × dimension d × seed (Li et al., 2018).
 
 What a trial trains, how finished trials are scored and how d_int is found (`plan_sweep`, `points`,
-`intrinsic_dim`, `refinement`, `sweep_table`) live in `raysub.pipeline.sweep_plan` — pure logic, no Ray —
+`intrinsic_dim`, `refinement`) live in `raysub.pipeline.sweep_plan` — pure logic, no Ray —
 and are re-exported here. This module runs the search's two phases as Ray Tune experiments (the coarse grid
 plus the baseline, then the refinement) and writes the results.
 
@@ -13,7 +13,7 @@ always be placed (no Train-inside-Tune deadlock). ``max_concurrent_trials`` is w
 
 Resume: each phase is a Tune experiment under ``RUN_DIR/tune/``; ``--resume`` restores it with
 `Tuner.restore` (finished trials are kept, unfinished ones continue from their last epoch checkpoint). Ctrl-C
-stops Tune gracefully, with the experiment state saved (`_fit`), then raises `KeyboardInterrupt`, which the CLI
+stops Tune gracefully, with the experiment state saved (`raysub.engine.tune_runner.fit_tuner`), then raises `KeyboardInterrupt`, which the CLI
 turns into the resume command and exit status 130.
 
 Outputs in the sweep directory: ``results.json`` (every trial, every point, d_int per family),
@@ -21,32 +21,41 @@ Outputs in the sweep directory: ``results.json`` (every trial, every point, d_in
 """
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import re
 import time
 from typing import Any, Dict, List, Optional
 
+import torch
+
+from raysub import faults
 from raysub.config import Config
-from raysub.errors import ConfigError, DivergedError
+from raysub.engine import cluster  # ensure_ray looked up when called: tests replace it
+from raysub.engine.tune_runner import DRIVER_RESOURCES, fit_tuner
+from raysub.errors import ConfigError, DivergedError, StorageError
+from raysub.pipeline.train import subspace_loop
 # the planning and scoring half: used below, and re-exported so `from raysub.pipeline.sweep import X` still works
-from raysub.pipeline.sweep_plan import (  # noqa: F401
+from raysub.pipeline.sweep_plan import (
     BASELINE,
     Trial,
     _csv,
-    family_grid,
     intrinsic_dim,
     plan_sweep,
     points,
     refinement,
-    sweep_table,
     trial_config,
 )
+from raysub.projections import PROJECTIONS
+from raysub.report.plots import plot_sweep
+from raysub.report.tables import sweep_table
+from raysub.runs import layout
+from raysub.runs.open import open_run
+from raysub.runs.records import remove_temporaries
 from raysub.storage import RunDir, join_uri
+from raysub.tracking import tune_callbacks
 
-# A DDP trial's own Tune actor only waits on its TorchTrainer: it reserves no CPU (so the Train workers always
-# fit and no trial can starve another's workers), and one byte of memory, since Tune refuses an empty bundle.
-DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +67,7 @@ def concurrency(cfg: Config) -> int:
     Raises:
         ConfigError: one trial needs more CPUs or GPUs than the whole cluster has.
     """
+    # heavy: ray loads here, not when this module is imported
     import ray
 
     total = ray.cluster_resources()
@@ -81,18 +91,19 @@ def concurrency(cfg: Config) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # trials
 
-def _trial(config: Dict[str, Any], base: Dict[str, Any], fail_after_epoch: Optional[str] = None) -> None:
-    """The Tune function trainable: one subspace training run."""
-    from raysub.pipeline.train import subspace_loop
+def _trial(config: Dict[str, Any], base: Dict[str, Any], hooks: Optional[Dict[str, str]] = None) -> None:
+    """The Tune function trainable: one subspace training run (``hooks``: the driver's `raysub.faults.snapshot`)."""
 
     spec = config["trial"]
     cfg = trial_config(base, spec["family"], spec["dim"], spec["seed"])
-    loop_config = {"cfg": cfg, "progress": None, "sweep": True, "fail_after_epoch": fail_after_epoch}
+    loop_config = {"cfg": cfg, "progress": None, "sweep": True, "faults": hooks}
     if base["sweep"]["workers_per_trial"] == 1:
         subspace_loop({**loop_config, "session": "tune"})
         return
+    # heavy: ray loads here, not when this module is imported
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # imported per call, not at the top: tests monkeypatch these names on the module they come from
     from raysub.engine.cluster import torch_trainer
 
     name = f"{spec['family']}-d{spec['dim']}-s{spec['seed']}"
@@ -119,15 +130,14 @@ def prune_checkpoints(experiment: RunDir) -> int:
 def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_concurrent: int, resume: bool,
                say) -> List[Dict[str, Any]]:
     """Run ``trials`` as the Tune experiment ``tune/NAME`` (restored when resuming); one row per trial."""
+    # heavy: ray loads here, not when this module is imported
     from ray import tune
 
-    from raysub.tracking import tune_callbacks
 
     storage, fs = run.ray_storage("tune")  # the filesystem object, so a URI's endpoint reaches Tune
     path = posixpath.join(storage, name)
     base = cfg.to_dict()
-    # RAYSUB_FAIL_AFTER_EPOCH: the failure-injection hook of the tests (see loop.maybe_inject_failure)
-    trainable = tune.with_parameters(_trial, base=base, fail_after_epoch=os.environ.get("RAYSUB_FAIL_AFTER_EPOCH"))
+    trainable = tune.with_parameters(_trial, base=base, hooks=faults.snapshot())  # the tests' hooks (raysub.faults)
     if cfg.sweep.workers_per_trial == 1:
         res = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
     else:
@@ -140,6 +150,7 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
     else:
         scheduler = None
         if cfg.sweep.asha:
+            # heavy: ray loads here, not when this module is imported
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(max_t=cfg.train.epochs, time_attr="epoch",
@@ -161,7 +172,7 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
             ),
         )
     say(f"[sweep] {name}: {len(trials)} trials, {max_concurrent} at a time")
-    grid = _fit(tuner)
+    grid = fit_tuner(tuner)
     prune_checkpoints(run.child("tune", name))
     rows = []
     for result in grid:
@@ -189,56 +200,8 @@ def _run_phase(name: str, trials: List[Trial], cfg: Config, run: RunDir, max_con
         why = first.get("error") or f"stopped at epoch {first['epochs_run']} of {cfg.train.epochs}"
         raise ConfigError(f"{len(unfinished)} of {len(rows)} trials of the {name} phase did not finish (first: "
                           f"{first['family']} d={first['dim']} seed {first['seed']}: {why}); fix the cause and "
-                          f"continue with: raysub sweep {run.arg('config.yaml')} --resume")
+                          f"continue with: raysub sweep {run.arg(layout.CONFIG)} --resume")
     return rows
-
-
-def _fit(tuner):
-    """``tuner.fit()``; raises KeyboardInterrupt when Ctrl-C stopped it.
-
-    Tune's own SIGINT handler stops fit gracefully (it saves the experiment state, so ``--resume`` continues)
-    but then returns as if the experiment had ended: the stopped trials read TERMINATED, like those ASHA stops,
-    and the trials not yet started are missing. So Tune's SIGINT handler is switched off
-    (TUNE_DISABLE_SIGINT_HANDLER) and ours records the interrupt and sends SIGUSR1, Tune's other stop signal,
-    which stops it the same way; a second Ctrl-C raises KeyboardInterrupt at once, as with Tune's. Off the main
-    thread no handler can be installed (Tune installs none either) and fit runs as it is.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
-        return tuner.fit()
-    interrupted = []
-    previous = signal.getsignal(signal.SIGINT)
-    previous_usr1 = signal.getsignal(signal.SIGUSR1)
-
-    def not_yet(signum, frame):  # SIGUSR1 before Tune installs its handler must not kill the process
-        pass
-
-    def on_sigint(signum, frame):
-        # a second Ctrl-C (Tune's SIGUSR1 handler puts this one back), or one before Tune listens: stop at once
-        if interrupted or signal.getsignal(signal.SIGUSR1) is not_yet:
-            raise KeyboardInterrupt
-        interrupted.append(signum)
-        signal.raise_signal(signal.SIGUSR1)
-
-    key = "TUNE_DISABLE_SIGINT_HANDLER"
-    saved = os.environ.get(key)
-    os.environ[key] = "1"
-    signal.signal(signal.SIGUSR1, not_yet)
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        grid = tuner.fit()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGUSR1, previous_usr1)
-        if saved is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = saved
-    if interrupted:
-        raise KeyboardInterrupt
-    return grid
 
 
 def _dirname(trial) -> str:
@@ -263,36 +226,32 @@ def trial_spec(result) -> Dict[str, Any]:
 def run_sweep(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> Dict[str, Any]:
     """Plan, then run the coarse and refinement phases on Ray Tune under the sweep directory's lock; write and
     print the results."""
-    from raysub.lock import run_lock
-
     info = plan_sweep(cfg)
-    run = RunDir(cfg.run_dir)
-    cfg.run_dir = run.uri
-    if cfg.train.basis_run:  # trials run in Tune's own working directories: pass an absolute path or URI
-        cfg.train.basis_run = RunDir(cfg.train.basis_run).uri
-    if cfg.train.init_from:
-        cfg.train.init_from = RunDir(cfg.train.init_from).uri
-    with run_lock(run, say=say):
-        return _sweep(cfg, info, run, resume, overwrite, say)
+
+    def start_ray() -> None:  # one worker's probe: each trial asks for its own resources
+        probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
+        cluster.ensure_ray(probe, grow=False)
+
+    # trials run in Tune's own working directories: train.basis_run and init_from as absolute paths or URIs; no θ0
+    # of the run's own (the sweep writes the basis run's, or the seeded model's, with its own manifest)
+    with open_run(cfg, resume=resume, overwrite=overwrite, say=say, uris=("basis_run", "init_from"),
+                  start_ray=start_ray) as opened:
+        return _sweep(cfg, info, opened.run, opened.resuming, say)
 
 
 def _sweep_theta0(cfg: Config, info: Dict[str, Any]):
     """The bytes of the sweep's θ0: the basis run's ``theta0.pt`` when a family reads one (every family starts
     where the trajectory basis was sampled; verified against that run's manifest), else the seeded model's."""
-    import io
 
-    import torch
 
-    from raysub.errors import StorageError
-    from raysub.projections import PROJECTIONS
 
     if any(PROJECTIONS.meta(f).get("needs_basis_run") for f in cfg.sweep.families):
         source = RunDir(cfg.train.basis_run)
-        checksum = source.manifest_checksum("theta0.pt")
+        checksum = source.manifest_checksum(layout.THETA0)
         if checksum is None:
-            raise StorageError(f"{source.path('theta0.pt')} has no checksum in {source.path('manifest.json')} "
+            raise StorageError(f"{source.path(layout.THETA0)} has no checksum in {source.path(layout.MANIFEST)} "
                                f"(train.basis_run): rerun that run with --overwrite, or pick another basis run")
-        return source.read_bytes("theta0.pt", checksum)
+        return source.read_bytes(layout.THETA0, checksum)
     bio = io.BytesIO()
     torch.save(info["model"].state_dict(), bio)
     return bio.getvalue()
@@ -300,22 +259,15 @@ def _sweep_theta0(cfg: Config, info: Dict[str, Any]):
 
 def _write_theta0(run: RunDir, theta0, num_params: int) -> None:
     """Write the sweep's θ0 (its bytes) and the manifest that records its sha256."""
-    checksum = run.write_bytes("theta0.pt", theta0)
-    run.write_json("manifest.json", {"kind": "sweep", "num_params": num_params, "stages": {},
-                                     "shards": {"theta0.pt": checksum}})
+    checksum = run.write_bytes(layout.THETA0, theta0)
+    run.write_json(layout.MANIFEST, {"kind": "sweep", "num_params": num_params, "stages": {},
+                                     "shards": {layout.THETA0: checksum}})
 
 
-def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwrite: bool, say) -> Dict[str, Any]:
-    from raysub.engine.cluster import ensure_ray
-    from raysub.pipeline import prepare_run_dir
-    from raysub.pipeline.records import remove_temporaries
-    from raysub.plots import plot_sweep
+def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resuming: bool, say) -> Dict[str, Any]:
 
-    resuming = prepare_run_dir(run, resume, overwrite, cfg)
-    probe = Config.from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1}})
-    ensure_ray(probe, grow=False)
     max_concurrent = concurrency(cfg)  # raises before anything is written
-    own = resuming and run.exists("manifest.json")
+    own = resuming and run.exists(layout.MANIFEST)
     # read (and verified) before anything is written: a resumed sweep goes on from its own θ0
     theta0 = run.read_theta0() if own else _sweep_theta0(cfg, info)
     t0 = time.perf_counter()
@@ -325,8 +277,8 @@ def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwri
         remove_temporaries(run)  # what writes killed in the interrupted sweep left
     run.makedirs()
     # run_dir is where this file is, the directory its rerun line names (a moved sweep's is rewritten)
-    run.write_text("config.yaml", cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
-                                              f"{run.arg('config.yaml')} --overwrite\n"))
+    run.write_text(layout.CONFIG, cfg.to_yaml(f"# resolved config of this sweep; rerun: raysub sweep "
+                                              f"{run.arg(layout.CONFIG)} --overwrite\n"))
     if not own:
         _write_theta0(run, theta0, info["num_params"])
     n, seeds = info["num_params"], cfg.sweep.seeds
@@ -369,8 +321,8 @@ def _sweep(cfg: Config, info: Dict[str, Any], run: RunDir, resume: bool, overwri
                "threshold": cfg.sweep.threshold, "baseline": baseline, "target": target, "families": families,
                "points": pts, "trials": rows, "max_concurrent": max_concurrent,
                "wall_s": time.perf_counter() - t0}
-    run.write_json("results.json", summary)
-    run.write_text("trials.csv", _csv(rows))
+    run.write_json(layout.SWEEP_RESULTS, summary)
+    run.write_text(layout.SWEEP_TRIALS, _csv(rows))
     plot_sweep(run, pts, baseline["val_acc"], target, cfg.sweep.threshold,
                title=f"intrinsic dimension: {cfg.model.name} ({n:,} parameters) on {cfg.data.name}")
     say(sweep_table(summary))

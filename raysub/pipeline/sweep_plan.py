@@ -16,20 +16,25 @@ d_int (d_int90 for threshold 0.9) of a family = the smallest swept d whose mean 
 
 Here: `plan_sweep` (every check before Ray starts or anything is written) and `family_grid`, `trial_config`
 (one trial's config), and the scoring of finished trials — `points`, `intrinsic_dim`, `refinement` — with
-the console table (`sweep_table`) and ``trials.csv`` (`_csv`).
+``trials.csv`` (`_csv`); the console table is `raysub.report.tables.sweep_table`.
 """
 from __future__ import annotations
 
 import csv
 import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+import copy
 
 from raysub.config import Config
 from raysub.data import open_dataset
 from raysub.pipeline.plan import check
 from raysub.errors import ConfigError
+from raysub.report.tables import BASELINE  # the full-training family (P = I): its name, which the sweep table shows
+import torch
+from raysub.engine.flat import param_layout
+from raysub.models import model_for
+from raysub.projections import FACTORY_ARGS, PROJECTIONS, check_projection
 
-BASELINE = "identity"
 Trial = Tuple[str, int, int]  # (family, d, seed)
 
 
@@ -49,11 +54,7 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
     Raises:
         ConfigError: every problem found, in one message.
     """
-    import torch
 
-    from raysub.engine.flat import param_layout
-    from raysub.models import model_for
-    from raysub.projections import FACTORY_ARGS, PROJECTIONS, check_projection
 
     check(cfg)
     sw = cfg.sweep
@@ -136,7 +137,6 @@ def plan_sweep(cfg: Config) -> Dict[str, Any]:
 def trial_config(base: Dict[str, Any], family: str, dim: int, seed: int) -> Dict[str, Any]:
     """One trial's config (a plain dict, as Ray ships it): family, d and seed set; the baseline (identity)
     trains as the ``sgd`` section does: momentum SGD at its lr, or Adam at its lr for ``sgd.optimizer=adamw``."""
-    import copy
 
     cfg = copy.deepcopy(base)
     cfg["seed"] = seed
@@ -191,32 +191,6 @@ def refinement(pts: Sequence[Dict[str, Any]], family: str, target: float, k: int
     swept = {p["dim"] for p in pts if p["family"] == family}
     new = sorted({int(round(lo * (hi / lo) ** (i / (k + 1)))) for i in range(1, k + 1)} - swept - {lo, hi})
     return [d for d in new if lo < d < hi]
-
-
-def sweep_table(summary: Dict[str, Any]) -> str:
-    """The console table of a sweep: per family its intrinsic dimension, accuracies, trials and time."""
-    rows = [("family", "d_int", "val acc", "test acc", "trials", "trial s")]
-    b = summary["baseline"]
-    if b.get("trials"):
-        rows.append((f"full ({BASELINE})", f"{summary['num_params']:,}", f"{100 * b['val_acc']:.2f}%",
-                     f"{100 * b['test_acc']:.2f}%", str(b["trials"]), f"{b['train_s']:.0f}"))
-    for f, r in summary["families"].items():
-        if r["d_int"] is None:
-            d_int, val, test = f"> {r['max_dim']:,}", "—", "—"
-        else:
-            d_int, val, test = f"{r['d_int']:,}", f"{100 * r['val_acc']:.2f}%", f"{100 * r['test_acc']:.2f}%"
-        rows.append((f, d_int, val, test, str(r["trials"]), f"{r['train_s']:.0f}"))
-    from raysub.pipeline import format_table
-
-    lines = format_table(rows)
-    lines.append(f"d_int{round(100 * summary['threshold'])}: smallest d whose mean validation accuracy over "
-                 f"{len(summary['seeds'])} seed(s) reaches {summary['threshold']:.0%} of the baseline "
-                 f"({100 * summary['target']:.2f}%); sweep wall time {summary['wall_s']:.0f}s")
-    diverged = [f"{t['family']} d={t['dim']:,} seed {t['seed']} (epoch {t['diverged']})"
-                for t in summary["trials"] if "diverged" in t]
-    if diverged:
-        lines.append(f"diverged, so failing their d: {', '.join(diverged)}")
-    return "\n".join(lines)
 
 
 def _csv(rows: Sequence[Dict[str, Any]]) -> str:

@@ -28,15 +28,20 @@ from typing import Any, Dict, List
 
 import torch
 
+from raysub import faults
 from raysub.engine import loop
 from raysub.engine.task import Task, allreduce_floats_per_step, build_task, evaluate_task, train_step
 from raysub.config import Config
+from raysub.runs import layout
 from raysub.storage import RunDir
+from raysub.errors import StorageError
+from raysub.lock import fence, token_of
+from raysub.optim import build_optimizer
 
 
 def trained_rel(label: str) -> str:
     """Where a subspace training puts its trained z: ``train/LABEL.pt``."""
-    return f"train/{label}.pt"
+    return layout.train_z(label)
 
 
 def read_trained(run: RunDir, label: str) -> Dict[str, Any]:
@@ -46,12 +51,11 @@ def read_trained(run: RunDir, label: str) -> Dict[str, Any]:
     Raises:
         StorageError: no checksum in the manifest (not committed, or diverged), missing, or corrupted.
     """
-    from raysub.errors import StorageError
 
     rel = trained_rel(label)
     checksum = run.manifest_checksum(rel)
     if checksum is None:
-        raise StorageError(f"{run.path(rel)} has no checksum in {run.path('manifest.json')}: train '{label}' "
+        raise StorageError(f"{run.path(rel)} has no checksum in {run.path(layout.MANIFEST)}: train '{label}' "
                            f"(or retrain it with --overwrite)")
     return run.read_torch(rel, checksum)
 
@@ -92,6 +96,10 @@ def _train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, worl
     return step_losses, {k: v / max(len(losses), 1) for k, v in sums.items()}
 
 
+# public for the benchmarks that train a window's basis in process (raysub.bench.window_runs)
+train_epoch = _train_epoch
+
+
 def divergence_line(cfg: Config, record: Dict[str, Any]) -> str:
     """The one-line report of a diverged subspace training (``record`` from `run_subspace`)."""
     return loop.divergence_message(f"training {cfg.train_label!r}", record,
@@ -111,11 +119,9 @@ def _report_divergence(ctx, record: Dict[str, Any], history, step_losses, now: f
 
 def subspace_loop(config: Dict[str, Any]) -> None:
     """Per-worker loop (Ray Train worker or Tune trial). ``config``: {"cfg": Config dict, "progress": Queue or
-    None, "session", "sweep", "fail_after_epoch", "lock_token" (`raysub.lock.fence` before rank 0's writes)}.
+    None, "session", "sweep", "faults" (`raysub.faults.snapshot`), "lock_token" (`raysub.lock.fence` before rank 0's writes)}.
 
     The last report carries ``written``: {``train/LABEL.pt``: its sha256, as rank 0 wrote it}."""
-    from raysub.lock import fence
-    from raysub.optim import build_optimizer
 
     ctx = loop.worker_context(config)
     cfg = ctx.cfg
@@ -168,7 +174,7 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         if ctx.rank == 0:
             fence(ctx.run, config.get("lock_token"))  # the checkpoint lands in RUN/checkpoints
         loop.report(metrics, ckpt if ctx.rank == 0 else None, ctx.session)
-        loop.maybe_inject_failure(ctx.run, epoch + 1, config.get("fail_after_epoch"))
+        faults.after_epoch(ctx.run, epoch + 1)  # testing hooks (`raysub.faults`), inert unless the driver set them
 
 
 def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
@@ -180,8 +186,8 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         "step", "loss", "reason"}, see `divergence_line`), in which case no ``train/LABEL.pt`` was written;
         ``written``: {``train/LABEL.pt``: sha256} as rank 0 wrote it.
     """
+    # imported per call, not at the top: tests monkeypatch these names on the module they come from
     from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
-    from raysub.lock import fence, token_of
     from raysub.tracking import train_callbacks
 
     progress = make_progress_queue()

@@ -5,7 +5,7 @@
 ``register`` call that also declares what the family is — ``random``, ``needs_basis_run``, ``full``,
 ``low_memory`` (see base.py) — and its own ``check``, so callers validate any family with
 ``check_projection(name, num_params, dim, options, basis_run)`` before Ray starts. Importing this package
-registers them all.
+registers them all. Shape suffixes follow `raysub.engine.flat`'s legend: N parameters, D subspace coordinates.
 
 | family   | P (N×D)                                   | memory            | lift / project cost      |
 |----------|-------------------------------------------|-------------------|--------------------------|
@@ -16,7 +16,11 @@ registers them all.
 | dldr     | trajectory PCA basis (DLDR)               | N·D (stored run)  | N·D                      |
 | identity | I (D = N): full-parameter training        | none              | N                        |
 """
-from raysub.projections.base import (  # noqa: F401 — the package's API, re-exported
+from raysub.projections.base import (
     FACTORY_ARGS, PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks,
 )
 from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401 — each registers itself
+
+__all__ = [  # the package's API, re-exported from the modules that define it
+    "FACTORY_ARGS", "PROJECTIONS", "MatrixProjection", "Projection", "check_projection", "no_checks",
+]

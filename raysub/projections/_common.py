@@ -1,5 +1,9 @@
 """Pieces shared by the projection families: seeded generators, the fast Walsh–Hadamard transform and the
-check of the subspace dimension D."""
+check of the subspace dimension D.
+
+Shape suffixes (`raysub.engine.flat`'s legend): N the flat parameters, D the subspace dimension; ``_L`` a
+transform's length L, a power of two (``H_L``: the L×L Hadamard matrix).
+"""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,7 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
+from raysub.errors import ConfigError
 
 
 def generator(seed: int, *stream: int, device="cpu") -> torch.Generator:
@@ -93,7 +98,6 @@ def check_dim(family: str, num_params: int, dim: int, *, full: bool = False) -> 
     Raises:
         ConfigError: D out of range.
     """
-    from raysub.errors import ConfigError
 
     problems = dim_problems(family, num_params, dim, full=full)
     if problems:

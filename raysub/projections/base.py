@@ -20,6 +20,9 @@ annotations. Every family declares this metadata (read with ``PROJECTIONS.meta(n
   beyond the shared ones (`no_checks`: none).
 
 `check_projection` runs all of it before Ray starts, so config, pipeline and sweep need no per-family code.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters (``g_N``, ``out_N``, ``base_N`` = θ0),
+``_D`` the subspace coordinates (``z_D``), ``_DN`` a basis stored D×N (row j is column j of P).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from raysub.registry import Registry
+from raysub.errors import ConfigError, StorageError
+from raysub.projections._common import dim_problems
 
 PROJECTIONS: Registry = Registry("projection family")
 FACTORY_ARGS = ("run_dir", "device", "dtype")  # what the training loop passes; the rest are user options
@@ -50,8 +55,6 @@ def check_projection(name: str, num_params: int, dim: int, options: Optional[Dic
     full-training family); and the family's own ``check`` hook (``dldr``: ``basis_run`` has a basis of this
     model with at least D components).
     """
-    from raysub.errors import ConfigError, StorageError
-    from raysub.projections._common import dim_problems
 
     try:
         meta = PROJECTIONS.meta(name)

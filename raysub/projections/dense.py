@@ -8,6 +8,9 @@ one block (CHUNK_ROWS × D) at a time — O(N + D) memory, at the price of redra
 Both modes give the same matrix for the same seed and device (in float64 bit for bit: both scale by float64
 inverse column norms; in float32 to float32 rounding). Registered ``random``; ``low_memory`` only when
 streamed (``low_memory_options``).
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters, ``_D`` the subspace coordinates,
+``_DN`` P stored D×N (row j is column j of P); a block is CHUNK_ROWS × D.
 """
 from __future__ import annotations
 

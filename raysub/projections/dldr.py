@@ -20,7 +20,7 @@ from typing import Any, List, Mapping, Optional
 import numpy as np
 import torch
 
-from raysub import linalg  # the stored basis and its spectrum, read through the module (tests patch it)
+from raysub.runs import basis as run_basis  # the stored basis and its spectrum, through the run-directory service
 from raysub.errors import ConfigError
 from raysub.projections.base import PROJECTIONS, MatrixProjection
 from raysub.projections._common import check_dim
@@ -64,12 +64,12 @@ def basis_run_problems(num_params: int, dim: int, options: Mapping[str, Any], ba
     if not basis_run:
         return [NO_RUN]
     run = RunDir(basis_run)
-    spec = linalg.read_spectrum(run)
+    spec = run_basis.read_spectrum(run)
     if spec is None:
         return [f"train.basis_run={basis_run} has no basis (no basis/spectrum.json): run 'raysub basis "
                 f"{basis_run}' first"]
     problems = []
-    stored_n = run.read_json("manifest.json").get("num_params") if run.exists("manifest.json") else None
+    stored_n = run_basis.read_num_params(run)
     if stored_n is not None and stored_n != num_params:
         problems.append(other_model(basis_run, stored_n, num_params))
     stored = spec["dim"]
@@ -95,11 +95,11 @@ def dldr_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, d
         raise ConfigError(NO_RUN)
     if scale_problems({"scale": scale}):
         raise ConfigError([f"train.projection_options.{p}" for p in scale_problems({"scale": scale})])
-    basis_DN = linalg.load_basis(run_dir, dim)
+    basis_DN = run_basis.load_basis(run_dir, dim)
     if basis_DN.shape[1] != num_params:
         raise ConfigError(other_model(getattr(run_dir, "uri", run_dir), basis_DN.shape[1], num_params))
     if scale != "none":
         run = RunDir(run_dir) if isinstance(run_dir, str) else run_dir
-        s_D = coordinate_scales(linalg.read_spectrum(run), dim, scale)
+        s_D = coordinate_scales(run_basis.read_spectrum(run), dim, scale)
         basis_DN = basis_DN * s_D[:, None].astype(basis_DN.dtype)
     return MatrixProjection(torch.from_numpy(basis_DN).to(device), dtype=dtype)

@@ -14,6 +14,9 @@ covers every N ≤ 4096, and D ≤ 2^24/L above (`column_norms`, once at build, 
 lifts and ~80 MB for the moment); beyond it c = 1. c is folded into B, so lift and project cost the same.
 The adjoint runs the same factors backwards, Pᵀ g = s · (c B H Πᵀ G H [g; 0])[:D], exactly. Memory O(L) (B, G,
 Π and Π⁻¹); lift and project cost two FWHTs of length L (O(N log N)), whatever D.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters (``g_N``, ``out_N``, ``base_N`` =
+θ0), ``_D`` the subspace coordinates (``z_D``); L = 2^⌈log₂N⌉ is the padded length of the transforms.
 """
 from __future__ import annotations
 

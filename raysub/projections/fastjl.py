@@ -20,6 +20,9 @@
 
 Memory O(N) (p and c); lift is one FWHT of length L plus a gather over N; project is a scatter-add over N
 plus one FWHT of length L. Exact adjoint: project runs the same factors transposed.
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters (``g_N``, ``out_N``, ``base_N`` =
+θ0), ``_D`` the subspace coordinates (``z_D``), ``_L`` the padded length L = 2^⌈log₂D⌉ (``w_L``).
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 The sweep's full-training baseline runs through the same loop as every subspace trial with this family, so
 the baseline and the subspace runs differ only in P. Registered ``full`` (callers set D = N) and ``low_memory``
 (it holds nothing).
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters (``g_N``, ``out_N``, ``base_N`` =
+θ0), ``_D`` the coordinates (``z_D``), here D = N.
 """
 from __future__ import annotations
 

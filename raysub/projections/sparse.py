@@ -6,6 +6,9 @@ repeated row's ±1 entries cancel, and at N ≤ 20 leave whole columns at zero).
 cols, values; D·√N entries), never as an N×D matrix; lift and project are one gather and one ``index_add_``
 each (torch.sparse's backward is unreliable, and the adjoint here is exact by construction: both use the same
 triplets).
+
+Shape suffixes (`raysub.engine.flat`'s legend): ``_N`` the flat parameters (``g_N``, ``out_N``), ``_D`` the
+subspace coordinates (``z_D``); the triplets hold D·s entries.
 """
 from __future__ import annotations
 

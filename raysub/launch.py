@@ -1,6 +1,9 @@
-"""Launch plumbing shared by the jobs/ entrypoints: find raysub, join a running cluster, call the CLI.
+"""Launch plumbing shared by the jobs/ entrypoints: join a running cluster, call the CLI.
 
-Not a job itself; every job runs the same way:
+Every job runs the same way. No job edits ``sys.path``: ``python jobs/x.py`` puts jobs/, not the repo root, on it,
+and raysub comes from the installed package (``pip install -e .``, which is this checkout); under ``ray job submit
+--working-dir .`` Ray puts the uploaded copy of the working dir first on the driver's PYTHONPATH, so the driver
+imports that copy's raysub.
 
     python jobs/dldr.py [CONFIG] [key=value ...]                  # local: a throwaway Ray cluster on this machine
     ray job submit --working-dir . -- python jobs/dldr.py ...     # on a running Ray cluster
@@ -31,16 +34,10 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def use_repo_raysub() -> None:
-    """Import raysub from this checkout (``python jobs/x.py`` puts jobs/, not the repo root, on sys.path).
-
-    Under ``ray job submit --working-dir .`` Ray already puts the uploaded working dir on PYTHONPATH.
-    """
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+from raysub import cli  # cheap (no Ray, no torch); called as cli.main so that tests can replace it
+from raysub.config import load_config
+from raysub.credentials import mask
+from raysub.errors import RaysubError
 
 
 def job_server_address() -> Optional[str]:
@@ -73,14 +70,10 @@ def cluster_overrides(positionals: Sequence[str]) -> List[str]:
 
 def run_dir_of(command: str, positionals: Sequence[str]) -> Optional[str]:
     """The run directory a command will use (None when the config does not load: the CLI reports that)."""
-    from raysub.cli import QUICKSTART, resolve_config
-    from raysub.config import load_config
-    from raysub.errors import RaysubError
-
     if command in ("basis", "train"):
         return positionals[0] if positionals else None
     has_config = bool(positionals) and "=" not in positionals[0]
-    config = resolve_config(positionals[0]) if has_config else QUICKSTART
+    config = cli.resolve_config(positionals[0]) if has_config else cli.QUICKSTART
     try:
         return load_config(config, positionals[1:] if has_config else positionals).run_dir
     except RaysubError:
@@ -91,8 +84,6 @@ def warn_local_run_dir(run_dir: Optional[str]) -> None:
     """On a cluster, warn when ``run_dir`` is a relative path (it would land in the job's temporary copy)."""
     if not run_dir or not on_cluster() or "://" in run_dir or os.path.isabs(os.path.expanduser(run_dir)):
         return
-    from raysub.credentials import mask
-
     print(mask(f"raysub job: warning: run_dir={run_dir} is relative: on a cluster it resolves to "
           f"{os.path.abspath(run_dir)} (under `ray job submit`: inside the job's temporary copy of the working dir, "
           f"lost with it) and only this node sees it. "
@@ -109,10 +100,6 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None, 
         argv: The job's own arguments (positionals and flags in any order).
         config: A fixed config placed before ``argv`` (jobs that ship one config).
     """
-    use_repo_raysub()
-    from raysub.cli import main
-    from raysub.credentials import mask
-
     positionals, flags = split_flags(argv)
     if job_server_address():  # its URL may carry a user and password
         print(mask(f"raysub job: error: RAY_ADDRESS={job_server_address()} is a job-server address: submit with "
@@ -124,5 +111,5 @@ def run_cli(command: str, argv: Sequence[str], *, config: Optional[str] = None, 
         positionals = [config, *positionals]
     if on_cluster() and "-h" not in flags and "--help" not in flags:
         warn_local_run_dir(run_dir_of(command, positionals))
-    return main([command, *([subcommand] if subcommand else []), *positionals, *cluster_overrides(positionals),
+    return cli.main([command, *([subcommand] if subcommand else []), *positionals, *cluster_overrides(positionals),
                  *flags])

@@ -1,8 +1,11 @@
-"""PNG plots of a run: explained variance of the trajectory PCA, test accuracy against epoch per method."""
+"""PNG plots of a run: explained variance of the trajectory PCA, test accuracy against epoch per method, the
+sweep, meta-training and meta-test curves, the sampling window's stop signal."""
 from __future__ import annotations
 
 import io
 from typing import Any, Dict, Sequence
+
+from raysub.runs import layout
 
 
 def _save(run, rel: str, fig) -> None:
@@ -39,7 +42,7 @@ def plot_explained_variance(run, ratio: Sequence[float], dim: int) -> None:
     ax2.set_ylabel("cumulative")
     ax.axvline(dim + 0.5, color="k", lw=0.8, ls="--")
     ax.set_title(f"trajectory PCA: top {dim} explain {100 * ratio[:dim].sum():.1f}%")
-    _save(run, "plots/explained_variance.png", fig)
+    _save(run, layout.PLOT_EXPLAINED_VARIANCE, fig)
 
 
 def plot_accuracy(run, summary: Dict[str, Any]) -> None:
@@ -59,7 +62,7 @@ def plot_accuracy(run, summary: Dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"{summary.get('model', '')} on {summary.get('dataset', '')}")
-    _save(run, "plots/test_accuracy.png", fig)
+    _save(run, layout.PLOT_ACCURACY, fig)
 
 
 def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: float, threshold: float,
@@ -84,7 +87,7 @@ def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: f
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    _save(run, "plots/accuracy_vs_dim.png", fig)
+    _save(run, layout.PLOT_SWEEP, fig)
 
 
 def plot_l2o(run, history: Dict[str, Any]) -> None:
@@ -118,7 +121,7 @@ def plot_l2o(run, history: Dict[str, Any]) -> None:
     handles = [h for axis in (bx, cx) for h in axis.get_legend_handles_labels()[0]]
     bx.legend(handles=handles, loc="center right", framealpha=0.8)  # both axes' lines in one legend
     bx.grid(alpha=0.3)
-    _save(run, "l2o/curves.png", fig)
+    _save(run, layout.PLOT_L2O_CURVES, fig)
 
 
 def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") -> None:
@@ -184,4 +187,4 @@ def plot_stop_signal(run, signals: Sequence[Dict[str, Any]], threshold=None) -> 
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("sampling window: does the subspace still gain reach?")
-    _save(run, "plots/stop_signal.png", fig)
+    _save(run, layout.PLOT_STOP_SIGNAL, fig)

@@ -1,0 +1,84 @@
+"""The learner of meta-training, on the driver: it turns the optimizees' meta-gradients into φ's step and picks
+the best φ among the meta-validations.
+
+- `combine` — drop the non-finite (or diverged) contributions, clip each by global norm, average;
+- `step_phi` — one Adam step of φ on that average;
+- `mean_validation` — one meta-validation's row, the mean over its optimizees;
+- `select` — the best row (val accuracy within a tolerance, then the fastest convergence step).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor], Optional[str]]], clip: float, say=print
+            ) -> Tuple[Optional[Dict[str, torch.Tensor]], List[str], float]:
+    """Average the optimizees' meta-gradients, each clipped to global norm ``clip`` first; drop the bad ones.
+
+    Clipping each contribution (not only the average) keeps one optimizee whose loss is taking off — its
+    meta-gradient can be 10⁶× the others' — from steering φ alone.
+
+    Args:
+        contributions: (optimizee name, meta-grad dict, why it is dropped or None) triples, dicts with the same
+            keys; a contribution with non-finite values is dropped too.
+        clip: The largest global L2 norm of one optimizee's meta-gradient.
+
+    Returns:
+        (the average, or None when every contribution was dropped; the names dropped; the mean of the kept
+        contributions' norms before clipping (nan when none)).
+    """
+    kept, dropped, norms = [], [], []
+    for name, grads, why in contributions:
+        if why is None and not all(bool(torch.isfinite(v).all()) for v in grads.values()):
+            why = "non-finite values"
+        if why is not None:
+            dropped.append(name)
+            say(f"raysub: warning: dropped the meta-gradient of {name}: {why}")
+            continue
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in grads.values()))
+        norms.append(norm)
+        kept.append({k: v.double() * (clip / norm if norm > clip else 1.0) for k, v in grads.items()})
+    if not kept:
+        return None, dropped, float("nan")
+    avg = {k: torch.stack([g[k] for g in kept]).mean(0).to(contributions[0][1][k].dtype) for k in kept[0]}
+    return avg, dropped, sum(norms) / len(norms)
+
+
+def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Optional[int]:
+    """Index of the best meta-validation in ``rows`` (None entries skipped; None if there is none).
+
+    The rule (``l2o.select_tolerance`` = tol): among the rows whose val accuracy is within tol of the best val
+    accuracy, the smallest mean convergence step (None = never converged = ∞); ties → higher val accuracy, then
+    the earlier row. So φ is chosen for speed (SL2O's metric) without giving up accuracy: the meta-test goal
+    asks for both. With tol = 0 it is "highest val accuracy, ties → smaller convergence step".
+    """
+    live = [(i, r) for i, r in enumerate(rows) if r is not None]
+    if not live:
+        return None
+    top = max(r["val_acc"] for _, r in live)
+    inf = float("inf")
+    ok = [(r["convergence_step"] if r["convergence_step"] is not None else inf, -r["val_acc"], i)
+          for i, r in live if r["val_acc"] >= top - tolerance]
+    return min(ok)[2]
+
+
+def mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, Any]:
+    """One meta-validation's history row: the mean over its optimizees' `OptimizeeWorker.validate` rows (the
+    convergence step is None unless every optimizee converged)."""
+    steps = [r["convergence_step"] for r in rows]
+    return {"meta_step": meta_step, "val_acc": sum(r["val_acc"] for r in rows) / len(rows),
+            "val_loss": sum(r["val_loss"] for r in rows) / len(rows),
+            "final_train_loss": sum(r["final_train_loss"] for r in rows) / len(rows),
+            "convergence_step": (sum(steps) / len(steps)) if all(s is not None for s in steps) else None,
+            "seeds": [r["seed"] for r in rows]}
+
+
+def step_phi(adam: torch.optim.Optimizer, phi: Dict[str, torch.Tensor], avg: Dict[str, torch.Tensor]) -> None:
+    """One step of the meta-optimizer ``adam`` over φ with the averaged meta-gradient ``avg`` (`combine`)."""
+    adam.zero_grad(set_to_none=False)
+    for k, v in phi.items():
+        v.grad = avg[k].to(v.dtype)
+    adam.step()

@@ -1,0 +1,65 @@
+"""A run's committed basis, read through the run-directory service: where it is (`basis_dir`), its spectrum
+record (`read_spectrum`) and the D×N matrix (`load_basis`), each verified against the manifest's checksums.
+
+Written by the basis stage (`raysub.pipeline.basis`) and by the sampling ranks; read by the DLDR projection
+(`raysub.projections.dldr`) and the benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from raysub.errors import ConfigError, StorageError
+from raysub.runs import layout
+from raysub.runs.manifest import Manifest
+from raysub.storage import RunDir, decode_columns
+
+
+def read_num_params(run: RunDir) -> Optional[int]:
+    """The number of trainable parameters the run's manifest records (None without a manifest or the key)."""
+    return Manifest.peek(run).num_params
+
+
+def basis_dir(run: RunDir) -> Optional[str]:
+    """The directory of the run's committed basis, or None when it has none.
+
+    ``raysub basis`` writes each basis into a new directory ``basis/GEN/`` and commits it by naming it in the
+    manifest (``stages.basis.dir``), so a rebuild killed half-way leaves the previous basis in force. Runs written
+    before generations keep theirs in ``basis/``.
+    """
+    stage = Manifest.peek(run).stages.get("basis", {})
+    if stage.get("complete") and stage.get("dir"):
+        return stage["dir"]
+    return layout.BASIS if run.exists(layout.spectrum(layout.BASIS)) else None
+
+
+def read_spectrum(run: RunDir) -> Optional[Dict[str, Any]]:
+    """The committed basis's spectrum record (verified against the manifest), or None when there is no basis."""
+    where = basis_dir(run)
+    if where is None:
+        return None
+    shards = Manifest.peek(run).shards
+    return run.read_json(layout.spectrum(where), shards.get(layout.spectrum(where)))
+
+
+def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
+    """The D×N basis (leading ``dim`` components) of a run, checked against the manifest's checksums.
+
+    Raises:
+        ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
+    """
+    run = RunDir(run_uri) if isinstance(run_uri, str) else run_uri
+    spec = read_spectrum(run)
+    if spec is None:
+        raise StorageError(f"{run.uri} has no basis: run 'raysub basis {run.uri}' first")
+    dim = spec["dim"] if dim is None else dim
+    if dim > spec["dim"]:
+        raise ConfigError(f"train.dim={dim} exceeds the {spec['dim']} components stored in {run.path(layout.BASIS)}: "
+                          f"rebuild with 'raysub basis {run.uri} basis.dim={dim} --overwrite'")
+    sums = Manifest.peek(run).shards
+    parts = []
+    for b in spec["blocks"]:
+        buf = run.read_bytes(b["path"], sums.get(b["path"], b["sha256"]))
+        parts.append(decode_columns(buf, dim))
+    return np.concatenate(parts, axis=1)
