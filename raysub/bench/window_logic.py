@@ -7,7 +7,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from raysub.config import Config, merge, parse_overrides
+from raysub.errors import ConfigError
+from raysub.pipeline.basis import solve_spectrum
+from raysub.pipeline.stream_gram import (centre_gram, outside_fraction, reach_residual, stop_decision,
+                                         subspace_drift)
 from raysub.runs.manifest import Manifest
+from raysub.storage import decode_vector
 
 # Shapes: T snapshots, N parameters, D basis components.
 
@@ -35,8 +41,8 @@ def read_trajectory(run, manifest: Manifest, count: Optional[int] = None):
     Returns:
         (W_TN, [{"snapshot", "step", "epoch"}] of the T snapshots).
     """
+    # heavy: torch (imported by raysub.pipeline.sample) loads here, not when this module is imported
     from raysub.pipeline.sample import collect_trajectory
-    from raysub.storage import decode_vector
 
     blocks, _ = collect_trajectory(run, manifest.shards)
     blocks = sorted(blocks, key=lambda b: b["start"])
@@ -76,9 +82,6 @@ def prefix_basis(K_TT: np.ndarray, D_TN: np.ndarray, count: int, dim: int):
     Returns:
         (U_DN float64, the `solve_spectrum` record).
     """
-    from raysub.pipeline.basis import solve_spectrum
-    from raysub.pipeline.stream_gram import centre_gram
-
     spec = solve_spectrum(centre_gram(K_TT[:count, :count]), dim)
     proj_TD = spec["V"] / spec["singular_values"][:dim]
     proj_DT = np.ascontiguousarray((proj_TD - proj_TD.mean(axis=0, keepdims=True)).T)  # centring moved into V Σ⁻¹
@@ -96,8 +99,6 @@ def timed_basis(run, manifest, K_TT: np.ndarray, count: int, dim: int):
 def residual_outside(K_TT: np.ndarray, count: int, a: int, dim: int) -> Optional[float]:
     """‖(I − UUᵀ)(θ_a − θ0)‖ / ‖θ_a − θ0‖ with U the top-``dim`` basis of snapshots 0..count−1, from K alone
     (the sampler's `reach_residual`)."""
-    from raysub.pipeline.stream_gram import reach_residual
-
     return reach_residual(K_TT, count, a, dim)
 
 
@@ -105,8 +106,6 @@ def adaptive_windows(signal: Sequence[Dict[str, Any]], dims: Sequence[int], thre
                      min_snapshots: int = 0) -> Dict[int, int]:
     """Per d: the epoch at which the sampler's adaptive rule ends the window on ``signal`` (the last epoch when
     it never fires); ``min_snapshots`` 0 means d + 1, as the config's."""
-    from raysub.pipeline.stream_gram import stop_decision
-
     out = {}
     for d in dims:
         records: List[Dict[str, Any]] = []
@@ -124,8 +123,6 @@ def adaptive_windows(signal: Sequence[Dict[str, Any]], dims: Sequence[int], thre
 
 def stop_signals(K_TT: np.ndarray, sizes: Dict[int, int], dims: Sequence[int]) -> List[Dict[str, Any]]:
     """The stopping signals at every epoch boundary e = 1..last (module docstring)."""
-    from raysub.pipeline.stream_gram import outside_fraction, subspace_drift
-
     last = max(sizes)
     rows = []
     for e in range(1, last + 1):
@@ -206,8 +203,6 @@ def extra_target(rows: Sequence[Dict[str, Any]], summary: Dict[str, Any], target
 
 def optimizer_overrides(sets: Sequence[str], optimizers: Sequence[str]) -> Dict[str, List[str]]:
     """``OPT.KEY=VALUE`` items → {opt: ["train.KEY=VALUE", ...]}, the user's own (applied over `TRAIN_DEFAULTS`)."""
-    from raysub.errors import ConfigError
-
     out: Dict[str, List[str]] = {o: [] for o in optimizers}
     problems = []
     for item in sets:
@@ -226,8 +221,7 @@ def train_config(base: Dict[str, Any], optimizer: str, user: Sequence[str] = ())
     """The run's config with ``optimizer``'s `TRAIN_DEFAULTS`, then the user's ``train.*`` overrides over them
     (a separate merge, so ``optimizer_options={c: 0.2}`` changes c and keeps the other defaults); checked:
     unknown keys, wrong types, bad optimizer options."""
-    from raysub.config import Config, merge, parse_overrides
-    from raysub.errors import ConfigError
+    # heavy: torch (imported by raysub.optim.base) loads here, not when this module is imported
     from raysub.optim.base import check_optimizer
 
     merged = merge(merge(base, parse_overrides(TRAIN_DEFAULTS[optimizer])), parse_overrides(user))
@@ -240,6 +234,7 @@ def train_config(base: Dict[str, Any], optimizer: str, user: Sequence[str] = ())
 
 def build_subspace_task(cfg, data, theta0_state, basis_DN: np.ndarray):
     """A `Task` at the run's θ0 with a `MatrixProjection` of ``basis_DN`` (float32), no Ray."""
+    # heavy: torch (and the raysub modules below, which import it) loads here, not when this module is imported
     import torch
 
     from raysub.engine.flat import flatten_params
@@ -259,6 +254,7 @@ def build_subspace_task(cfg, data, theta0_state, basis_DN: np.ndarray):
 def window_scales(spec: Dict[str, Any], count: int, dim: int, cfg) -> np.ndarray:
     """The dldr projection's coordinate scales (``train.projection_options.scale``) for a window of ``count``
     snapshots: a column per basis vector, as `raysub.projections.dldr` applies them to a stored basis."""
+    # heavy: torch (imported by raysub.projections.dldr) loads here, not when this module is imported
     from raysub.projections.dldr import coordinate_scales
 
     scale = dict(cfg.train.projection_options).get("scale", "none")

@@ -84,9 +84,13 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from raysub.bench.harness import loadavg
+from raysub.config import Config, SampleConfig, load_config
+from raysub.errors import ConfigError
+from raysub.pipeline.run import stage_sample
 from raysub.runs import layout
 from raysub.runs.manifest import Manifest
-from raysub.bench.window_logic import (  # noqa: F401
+from raysub.storage import RunDir, strict_json
+from raysub.bench.window_logic import (  # noqa: F401  re-exported: the benchmark's logic, imported from here by its tests
     RESIDUAL_AHEAD,
     SAMPLE_OVERRIDES,
     TRAIN_DEFAULTS,
@@ -109,7 +113,7 @@ from raysub.bench.window_logic import (  # noqa: F401
     window_scales,
     window_sizes,
 )
-from raysub.bench.window_runs import (  # noqa: F401
+from raysub.bench.window_runs import (  # noqa: F401  re-exported: the benchmark's runs, imported from here by its tests
     panel_target,
     plot,
     scaled_schedule,
@@ -122,9 +126,6 @@ from raysub.bench.window_runs import (  # noqa: F401
 
 def ensure_sampled(run_path: str, say) -> None:
     """Sample the reference run when ``run_path`` does not exist (the protocol's command)."""
-    from raysub.config import load_config
-    from raysub.pipeline.run import stage_sample
-
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "raysub", "configs",
                                    "fashion_mnist_lenet.yaml"), SAMPLE_OVERRIDES + [f"run_dir={run_path}"])
     say(f"[sample] {run_path} does not exist: sampling it ({' '.join(SAMPLE_OVERRIDES)})")
@@ -132,12 +133,10 @@ def ensure_sampled(run_path: str, say) -> None:
 
 
 def main(argv=None) -> int:
+    # heavy: torch (and raysub.data, which imports it) loads here, not when this module is imported
     import torch
 
-    from raysub.config import Config
     from raysub.data import open_dataset
-    from raysub.errors import ConfigError
-    from raysub.storage import RunDir, strict_json
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/bench_window", help="a sampled run directory (sampled here if absent)")
@@ -218,8 +217,6 @@ def main(argv=None) -> int:
         print(f"error: --windows {bad}: the run samples epochs 1..{max(sizes)}", file=sys.stderr)
         return 2
     signal = stop_signals(K_TT, sizes, dims)
-    from raysub.config import SampleConfig
-
     rule = {"threshold": SampleConfig.stop_threshold if args.stop_threshold is None else args.stop_threshold,
             "patience": SampleConfig.stop_patience if args.stop_patience is None else args.stop_patience}
     adaptive = adaptive_windows(signal, dims, rule["threshold"], rule["patience"])
@@ -323,8 +320,6 @@ def main(argv=None) -> int:
 def replot(out: str, targets: Sequence[float]) -> int:
     """``--replot``: the extra targets' figures from a finished run's table.json (rows and SGD history are all in
     it), written back to it, and the plot redrawn; prints the best window per optimizer for each target."""
-    from raysub.storage import strict_json
-
     path = os.path.join(out, "table.json")
     if not os.path.exists(path):
         print(f"error: --replot needs {path}: run the benchmark with this --out first", file=sys.stderr)

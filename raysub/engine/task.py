@@ -26,11 +26,15 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from raysub.data import open_dataset
 from raysub.engine import loop
 from raysub.engine.compute import Compute
 from raysub.engine.flat import FlatParams, flatten_params
+from raysub.models import model_for
 from raysub.optim.base import BatchClosure, SubspaceOptimizer
+from raysub.projections import PROJECTIONS
 from raysub.runs import layout
+from raysub.storage import RunDir
 import raysub.plugins  # noqa: F401  every plug-in registered: the Ray workers that train import this module
 
 
@@ -110,8 +114,6 @@ class Task:
 def subspace_dim(cfg, num_params: int) -> int:
     """d of a config's ``train`` section: N for a full-parameter family (``identity``), else ``train.dim``
     (default ``basis.dim``)."""
-    from raysub.projections import PROJECTIONS
-
     return num_params if PROJECTIONS.meta(cfg.train.projection).get("full") else cfg.train_dim
 
 
@@ -123,11 +125,6 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     A family that reads a basis run (``dldr``) reads ``train.basis_run``, defaulting to this run. A
     full-parameter family (``identity``) gets d = N.
     """
-    from raysub.data import open_dataset
-    from raysub.models import model_for
-    from raysub.projections import PROJECTIONS
-    from raysub.storage import RunDir
-
     device = torch.device(device)
     run = run or RunDir(cfg.run_dir)
     data = data if data is not None else open_dataset(cfg)

@@ -11,10 +11,12 @@ anywhere else is checked too). Every failure is one `ConfigError` line naming th
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import pyarrow.fs as pafs
 import torch
 
 from raysub.errors import ConfigError, StorageError
@@ -22,6 +24,7 @@ from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
 from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
 from raysub.runs.layout import L2O_TUNE_RESULTS, MANIFEST
 from raysub.runs.manifest import Manifest
+from raysub.storage import RunDir, sha256, split_uri
 
 WEIGHTS = "weights.pt"
 HOW = "give the weights.pt that `raysub l2o meta-train` writes (RUN/l2o/weights.pt), or a path/URI to it"
@@ -59,10 +62,6 @@ def _recorded(run, rel: str) -> Tuple[str, Optional[str], Optional[str]]:
 def _locate(uri: str):
     """(RunDir, relative name, recorded sha256 or None, the record) of the weights file ``uri`` names; raises
     ConfigError when there is none."""
-    import pyarrow.fs as pafs
-
-    from raysub.storage import RunDir, split_uri
-
     try:
         run = RunDir(uri)
         kind = run.fs.get_file_info(run.root).type
@@ -100,8 +99,6 @@ def save_learned_optimizer(uri: str, config: LearnedOptimizerConfig, params: Dic
     Returns:
         The file's sha256.
     """
-    from raysub.storage import RunDir, split_uri
-
     problems = check_params(config, params)
     assert not problems, problems  # our own φ: a bad one is a bug, not a user error
     parent, name = split_uri(uri)
@@ -124,10 +121,6 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
             tuning's results.json, the digest stored in the file), not a weights file, or a config that differs
             from the expectation.
     """
-    import io
-
-    from raysub.storage import sha256
-
     run, rel, checksum, record = _locate(uri)
     try:
         data = run.read_bytes(rel).to_pybytes()

@@ -14,15 +14,16 @@ from typing import Any, Dict, List
 from torch import nn
 
 from raysub.errors import ConfigError
+from raysub.models.lowrank import fold_uv
+from raysub.models.registry import MODELS
 from raysub.runs import layout
 from raysub.runs.manifest import Manifest
+from raysub.storage import RunDir
 
 
 def _resolved_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
     """``options`` with the factory's defaults filled in (``{}`` and ``{dim: 64}`` are the same vit), tuples as
     lists (a default ``(64,)`` is the ``[64]`` a YAML file gives)."""
-    from raysub.models.registry import MODELS
-
     params = list(inspect.signature(MODELS.get(name)).parameters.values())[2:]
     resolved = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **options}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
@@ -44,9 +45,6 @@ def load_init_from(model: nn.Module, cfg) -> Dict[str, Any]:
     Raises:
         ConfigError: no such run, no trained weights there, another architecture — one line each.
     """
-    from raysub.models.lowrank import fold_uv
-    from raysub.storage import RunDir
-
     uri = cfg.train.init_from
     run = RunDir(uri)
     key = f"train.init_from={uri}"

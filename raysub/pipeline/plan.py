@@ -12,9 +12,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 from raysub.config import Config, schema_problems
 from raysub.errors import ConfigError
+from raysub.pipeline.sample_plan import num_snapshots
 from raysub.runs.layout import MANIFEST, THETA0
 from raysub.runs.records import same_state
 from raysub.storage import RunDir
+from raysub.tracking import tracking_probe_problems
 
 
 def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
@@ -55,8 +57,6 @@ def validate(cfg: Config, *, check_data: bool = True) -> List[str]:
 
 def check(cfg: Config, *, check_data: bool = True) -> Config:
     """Raise ConfigError with every problem of ``cfg``; return it unchanged when fine."""
-    from raysub.tracking import tracking_probe_problems
-
     problems = validate(cfg, check_data=check_data)
     problems += tracking_probe_problems(cfg)  # the network: here, not in validate, which needs nothing outside
     if problems:
@@ -73,12 +73,12 @@ def plan(cfg: Config) -> Dict[str, Any]:
     Raises:
         ConfigError: every problem found, in one message.
     """
+    # heavy: torch (and raysub.data, .models, .engine.flat, which import it) loads here, not when this module is imported
     import torch
 
     from raysub.data import open_dataset
     from raysub.engine.flat import layout_to_json, param_layout
     from raysub.models import model_for
-    from raysub.pipeline.sample_plan import num_snapshots
 
     check(cfg)
     data = open_dataset(cfg)
@@ -131,6 +131,7 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
     Raises:
         ConfigError: every problem, in one message.
     """
+    # heavy: torch (imported by raysub.engine.task and raysub.projections) loads here, not when this module is imported
     from raysub.engine.task import subspace_dim
     from raysub.projections import check_projection
 
@@ -165,6 +166,7 @@ def basis_run_theta0(cfg: Config, model: Any = None) -> Optional[Dict[str, Any]]
         StorageError: the basis run's theta0.pt is missing, has no checksum in its manifest, or is corrupted.
         ConfigError: it is another model's θ0, or train.init_from names other weights.
     """
+    # heavy: torch (imported by raysub.projections) loads here, not when this module is imported
     from raysub.projections import PROJECTIONS
 
     name, uri = cfg.train.projection, cfg.train.basis_run

@@ -17,8 +17,12 @@ from raysub.config import Config, merge, parse_overrides
 from raysub.engine import cluster  # ensure_ray looked up when called: tests replace it
 from raysub.errors import ConfigError, DivergedError, RaysubError, StorageError
 from raysub.lock import RunLocked
+from raysub.metrics import convergence_step
+from raysub.pipeline.basis import basis_dir, build_basis
 from raysub.pipeline.plan import (check, check_foreign_basis_theta0, check_train_projection, describe_params, plan,
                                   subspace_run_checks)
+from raysub.pipeline.stream_gram import read_streamed_gram
+from raysub.report.plots import plot_accuracy, plot_explained_variance, plot_stop_signal
 from raysub.report.tables import format_progress, results_table
 from raysub.runs import layout
 from raysub.runs.manifest import Manifest
@@ -34,8 +38,6 @@ STAGE_SECTIONS = {"basis": ("basis", "cluster"), "train": ("train", "cluster")}
 
 def _loss_curve(run: RunDir, label: str, step_losses) -> Dict[str, Any]:
     """Write the per-step training losses to curves/LABEL.json; return the convergence step (SL2O §4.1)."""
-    from raysub.metrics import convergence_step
-
     run.write_json(layout.curve(label), {"train_loss": step_losses})
     return {"convergence_step": convergence_step(step_losses), "steps": len(step_losses),
             "min_train_loss": min(step_losses) if step_losses else None}
@@ -47,6 +49,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
     """Validate, then sample the trajectory (and train the SGD baseline) into ``cfg.run_dir``; returns the
     committed manifest."""
 
+    # heavy: torch (imported by raysub.pipeline.sample) loads here, not when this module is imported
     from raysub.pipeline.sample import run_sample
 
     info = info or plan(cfg)
@@ -75,8 +78,6 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
         hist = out["history"]
         window = [h for h in hist if h["epoch"] == out["window_epochs"]][0]
         if out["signals"]:
-            from raysub.report.plots import plot_stop_signal
-
             plot_stop_signal(run, out["signals"], cfg.sample.stop_threshold if cfg.sample.stop == "adaptive" else None)
         if cfg.sample.stop == "adaptive":
             say(f"[sample] adaptive window ended after {out['window_epochs']} of at most {cfg.sample.epochs} epochs "
@@ -124,9 +125,8 @@ def stage_basis(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
                 cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Build the DLDR basis of a sampled run into a new ``basis/GEN/`` and commit it (the previous basis stays in
     force until the commit, and is deleted after it)."""
-    from raysub.pipeline.basis import basis_dir, build_basis
+    # heavy: torch (imported by raysub.pipeline.sample) loads here, not when this module is imported
     from raysub.pipeline.sample import collect_trajectory
-    from raysub.pipeline.stream_gram import read_streamed_gram
 
     run = existing_run(RunDir(run_uri))
     cfg = cfg or _stage_config(run, overrides, "basis")
@@ -187,8 +187,6 @@ def _commit_basis(run: RunDir, manifest: Manifest, cfg: Config, gen: str, record
         run.child(layout.CHECKPOINTS).delete(layout.train_checkpoint(label))
     if stale:
         say(f"[basis] dropped the results of {', '.join(stale)}: trained in the previous basis (retrain them)")
-    from raysub.report.plots import plot_explained_variance
-
     plot_explained_variance(run, record["explained_variance_ratio"], cfg.basis.dim)
     say(f"[basis] top {cfg.basis.dim} components explain {100 * record['explained_variance_top_dim']:.2f}% of "
         f"the trajectory variance ({record['gram_source']} Gram, {wall:.1f}s)")
@@ -197,6 +195,7 @@ def _commit_basis(run: RunDir, manifest: Manifest, cfg: Config, gen: str, record
 def _drop_own_basis_trainings(manifest: Manifest) -> List[str]:
     """Remove from ``manifest`` every training in the run's own basis (a new basis makes them another model's);
     returns their labels."""
+    # heavy: torch (imported by raysub.projections) loads here, not when this module is imported
     from raysub.projections import PROJECTIONS
 
     labels = []
@@ -218,6 +217,8 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
     Raises:
         DivergedError: the training diverged; its result is recorded as diverged (no accuracy, no z saved).
     """
+    # heavy: torch (imported by raysub.engine.task, raysub.pipeline.train) loads here, not when this module is
+    # imported; and run_subspace is looked up when called: tests replace it
     from raysub.engine.task import subspace_dim
     from raysub.pipeline.train import divergence_line, read_trained, run_subspace
 
@@ -309,8 +310,6 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         manifest.stages[stage_key] = {"complete": True, "wall_s": out["wall_s"], "train": cfg.to_dict()["train"],
                                          **({"diverged": True} if out.get("diverged") else {})}
         commit(run, manifest)
-        from raysub.report.plots import plot_accuracy
-
         plot_accuracy(run, summary)
         if out.get("diverged"):
             raise DivergedError(divergence_line(cfg, out["diverged"]))

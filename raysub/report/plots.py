@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 from typing import Any, Dict, Sequence
 
+import numpy as np
+
+from raysub.metrics import smoothed
 from raysub.runs import layout
 
 
 def _save(run, rel: str, fig) -> None:
+    # heavy: matplotlib loads here, not when this module is imported
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -18,6 +22,7 @@ def _save(run, rel: str, fig) -> None:
 
 
 def _figure():
+    # heavy: matplotlib loads here, not when this module is imported (the Agg backend chosen before pyplot)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,8 +33,6 @@ def _figure():
 
 def plot_explained_variance(run, ratio: Sequence[float], dim: int) -> None:
     """Bars: explained-variance ratio per component; line: cumulative; the kept components highlighted."""
-    import numpy as np
-
     fig, ax = _figure()
     ratio = np.asarray(ratio)
     k = np.arange(1, len(ratio) + 1)
@@ -69,8 +72,6 @@ def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: f
                title: str = "intrinsic dimension sweep") -> None:
     """Validation accuracy against d (log axis) per family: mean over seeds with the seeds' range, the baseline
     and the threshold line; d_int is where a family's curve first reaches the line."""
-    import numpy as np
-
     fig, ax = _figure()
     for family in sorted({p["family"] for p in points}):
         rows = sorted((p for p in points if p["family"] == family), key=lambda p: p["dim"])
@@ -93,6 +94,7 @@ def plot_sweep(run, points: Sequence[Dict[str, Any]], baseline: float, target: f
 def plot_l2o(run, history: Dict[str, Any]) -> None:
     """Meta-training: the mean per-step training loss of each meta-step's unrolls (left), and the
     meta-validations' accuracy on the held-out split and convergence step (right); the selected φ marked."""
+    # heavy: matplotlib loads here, not when this module is imported (the Agg backend chosen before pyplot)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,13 +130,11 @@ def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") ->
     """Meta-testing (`raysub.l2o.metatest`): per optimizer the mean over the meta-test optimizees of the smoothed
     training loss (trailing mean of 20) against the step, log y, with the min–max band over optimizees; the
     horizons h·N dashed."""
+    # heavy: matplotlib loads here, not when this module is imported (the Agg backend chosen before pyplot)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from raysub.metrics import smoothed
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, o in record["optimizers"].items():

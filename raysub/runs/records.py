@@ -10,17 +10,22 @@ rename), so a kill at any point leaves the old state or the new one, never a mix
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import pyarrow
+import pyarrow.fs as pafs
+
 from raysub.config import Config
 from raysub.errors import ConfigError, StorageError
+from raysub.lock import fence
 from raysub.runs import layout
 from raysub.runs.manifest import Manifest, stored_config
-from raysub.storage import RunDir, block_bounds
+from raysub.storage import LOCK, RunDir, block_bounds, strict_json
 
 # keys a resumed run may change: where and how wide it runs, not what it computes (a moved run directory too)
 RESUME_SAFE = ("cluster.", "data.num_workers", "run_dir", "sweep.max_concurrent", "tracking.")
@@ -133,9 +138,8 @@ def _git_revision() -> str:
 
 def new_manifest(cfg: Config, info: Dict[str, Any]) -> Manifest:
     """A new run's manifest (nothing committed yet): versions, host, the model's size and layout, the blocks."""
-    import pyarrow
     import ray  # the version only: imported where a run is created, not by everything that reads one
-    import torch
+    import torch  # heavy: torch loads here (its version), not when this module is imported
 
     import raysub
 
@@ -178,8 +182,6 @@ def commit(run: RunDir, manifest: Manifest) -> None:
         RunLocked: another command took this one's lock over, or the lock's record is gone (read from storage,
             not only this process's memory: a paused process learns it here first): nothing is committed.
     """
-    from raysub.lock import fence
-
     fence(run)
     manifest.write(run)
     sync_copies(run, manifest)
@@ -189,10 +191,6 @@ def sync_copies(run: RunDir, manifest: Manifest) -> None:
     """Make ``config.yaml`` and ``summary.json`` copies of the committed manifest's (a kill between a commit and
     its copies leaves them one commit behind: the next command that gets past its checks calls `settle`).
     A copy already equal to what it would be written as is left alone."""
-    import json
-
-    from raysub.storage import strict_json
-
     if manifest.config is not None:
         text = _config_text(run, manifest.config)
         if not run.exists(layout.CONFIG) or run.read_text(layout.CONFIG) != text:
@@ -223,10 +221,6 @@ def remove_temporaries(run: RunDir) -> List[str]:
     paths relative to the run. One recursive listing, so object storage is asked once. Call under the run's
     lock: a running command's own writes are in flight under such names (and so may be another command's
     attempt to take the lock, whose temporaries are left alone)."""
-    import pyarrow.fs as pafs
-
-    from raysub.storage import LOCK
-
     if not run.exists():
         return []
     root = run.path().rstrip("/") + "/"
@@ -265,6 +259,7 @@ def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool)
 
     A new run always writes its own θ0; a resumed one verifies the stored θ0 against the manifest.
     """
+    # heavy: torch loads here, not when this module is imported
     import torch
 
     run = RunDir(cfg.run_dir)
@@ -293,6 +288,7 @@ def init_run(cfg: Config, info: Dict[str, Any], resuming: bool, overwrite: bool)
 
 def same_state(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """Whether two state_dicts hold the same tensors."""
+    # heavy: torch loads here, not when this module is imported
     import torch
 
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
