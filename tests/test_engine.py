@@ -147,7 +147,7 @@ def test_subspace_epoch_follows_train_data_seed(tmp_path, monkeypatch):
         task = build_task(cfg)
         z = task.new_z()
         opt = build_optimizer("psgd", z, cfg.train)
-        losses, _ = train_mod._train_epoch(task, z, opt, epoch=0, rank=0, world=1)
+        losses, _ = train_mod.train_epoch(task, z, opt, epoch=0, rank=0, world=1)
         assert seen[-1] == expect and len(losses) == 2
     common = [f"run_dir={tmp_path}/run", "seed=3", "train.projection=dense", "train.dim=4"]
     a = load_config(None, common)

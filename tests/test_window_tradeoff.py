@@ -57,8 +57,8 @@ def test_window_sizes_count_theta0_and_every_snapshot_up_to_the_epoch():
 
 def test_stop_signals_match_the_samplers_window_check():
     """Bug: the recorded outside fraction / drift computed over other snapshot ranges than the adaptive window's
-    `_window_check` uses (reference set: snapshots up to the previous epoch; displacement to this epoch's last)."""
-    from raysub.pipeline.sample import _window_check
+    `window_check` uses (reference set: snapshots up to the previous epoch; displacement to this epoch's last)."""
+    from raysub.pipeline.sample import window_check
 
     W = _trajectory(T=31)
     epochs = [0] + [1 + i // 6 for i in range(30)]  # 5 epochs of 6 snapshots
@@ -69,7 +69,7 @@ def test_stop_signals_match_the_samplers_window_check():
     signals = []
     for e in range(1, 6):
         stream = SimpleNamespace(count=sizes[e], gram=K[: sizes[e], : sizes[e]])
-        ref = _window_check(stream, signals, e, SimpleNamespace(basis=SimpleNamespace(dim=dim)))
+        ref = window_check(stream, signals, e, SimpleNamespace(basis=SimpleNamespace(dim=dim)))
         row = rows[e - 1]
         assert row["epoch"] == e and row["num_snapshots"] == sizes[e]
         if ref["reach_residual"] is None:

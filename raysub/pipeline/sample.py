@@ -53,7 +53,7 @@ from raysub.pipeline.stream_gram import GRAM_REL
 from raysub.errors import StorageError
 
 
-def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config) -> Dict[str, Any]:
+def window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config) -> Dict[str, Any]:
     """The stopping signal at the end of ``epoch`` (every rank alike: the same Gram); appended to ``signals``.
 
     reach_residual: the latest snapshot against the top-d subspace of the snapshots up to the previous check;
@@ -76,7 +76,6 @@ def _window_check(stream, signals: List[Dict[str, Any]], epoch: int, cfg: Config
 
 
 # public for the benchmark of the streaming Gram's cost (raysub.bench.basis_costs)
-window_check = _window_check
 
 
 def full_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -229,7 +228,7 @@ def _end_window_epoch(s: _Sampler, epoch: int):
     closes here — its last epoch, or the adaptive stop — in which case the streamed Gram (and, with
     ``sample.write_basis``, the basis) is written. Returns (signal, closes)."""
     cfg = s.cfg
-    signal = _window_check(s.stream, s.signals, epoch + 1, cfg) if s.stream is not None else None
+    signal = window_check(s.stream, s.signals, epoch + 1, cfg) if s.stream is not None else None
     closes = epoch + 1 == cfg.sample.epochs or (
         cfg.sample.stop == "adaptive"
         and _decide(stream_gram.stop_decision(s.signals, cfg.sample.stop_threshold, cfg.sample.stop_patience,

@@ -76,7 +76,7 @@ def _restore(session: str, task: Task, z_D: torch.Tensor, opt) -> Dict[str, Any]
     return state
 
 
-def _train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, world: int):
+def train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, world: int):
     """One epoch of `train_step`s in the run's data order. Returns (global step losses, mean step stats)."""
     cfg = task.cfg
     batch = cfg.train.batch_size or cfg.data.batch_size
@@ -97,7 +97,6 @@ def _train_epoch(task: Task, z_D: torch.Tensor, opt, epoch: int, rank: int, worl
 
 
 # public for the benchmarks that train a window's basis in process (raysub.bench.window_runs)
-train_epoch = _train_epoch
 
 
 def divergence_line(cfg: Config, record: Dict[str, Any]) -> str:
@@ -136,7 +135,7 @@ def subspace_loop(config: Dict[str, Any]) -> None:
     evals = ["test"] + (["val"] if cfg.data.val_fraction > 0 else [])
     for epoch in range(state["epoch"], cfg.train.epochs):
         opt.set_lr(loop.lr_at(epoch, cfg.train.lr, cfg.train.lr_milestones, cfg.train.lr_gamma))
-        epoch_losses, step_stats = _train_epoch(task, z_D, opt, epoch, ctx.rank, ctx.world)
+        epoch_losses, step_stats = train_epoch(task, z_D, opt, epoch, ctx.rank, ctx.world)
         diverged = loop.divergence(cfg.train_label, epoch + 1, len(step_losses), epoch_losses,
                                    bool(torch.isfinite(z_D).all()))
         if diverged is not None:
