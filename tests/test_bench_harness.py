@@ -49,3 +49,18 @@ def test_peak_rss_counts_a_freed_buffer():
     assert buf.sum() == buf.size
     del buf
     assert harness.peak_rss_bytes() >= before + 190 * 2**20
+
+
+def test_one_line_parser_prints_one_line_and_exits_2(capsys):
+    """A bad argument is one line naming the job (not argparse's usage block), exit 2: catches a parser that falls
+    back to argparse's error (usage + exit 2) or names the script path instead of the job."""
+    import pytest
+
+    from raysub.bench.harness import OneLineParser
+
+    p = OneLineParser("cgqn_job", prog="python jobs/cgqn_job.py")
+    p.add_argument("--arms")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--nope"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "cgqn_job: error: unrecognized arguments: --nope\n"

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 import io
 
+from raysub.bench.harness import OneLineParser
 from raysub.cli import CONFIG_DIR, resolve_config
 from raysub.config import Config, load_config
 from raysub.credentials import mask
@@ -35,15 +36,9 @@ ARMS = ("cgqn", "sgd", "cgqn_undamped")
 PLOT = "plots/cgqn_vs_sgd.png"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The job's command line: [CONFIG] key=value ..., --arms, --resume, --overwrite (bad input: one line, exit 2)."""
-    p = _Parser(prog=f"python jobs/{PROG}.py", description=DESCRIPTION)
+    p = OneLineParser(PROG, prog=f"python jobs/{PROG}.py", description=DESCRIPTION)
     p.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
                    help="YAML config (default: the shipped fashion_mnist_lenet_cgqn), then dotted overrides")
     p.add_argument("--arms", default="cgqn,sgd",

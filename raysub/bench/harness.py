@@ -6,9 +6,11 @@ for two; A B C, B C A, C A B, … for three), so that load from other processes 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
+import sys
 from typing import Any, Dict, List, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -90,3 +92,16 @@ def print_figures(fig: Dict[str, Any], **kwargs: Any) -> None:
 def load_now() -> float:
     """The 1-minute load average (printed next to figures taken on a shared machine)."""
     return os.getloadavg()[0]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose bad input is one line, ``NAME: error: MESSAGE``, and exit 2 (argparse would print
+    the usage too): the jobs' one-line-error contract."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+
+    def error(self, message):
+        print(f"{self.name}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Dict, List, Sequence
 
+from raysub.bench.harness import OneLineParser
 from raysub.cli import resolve_config
 from raysub.config import load_config
 from raysub.errors import ConfigError, RaysubError
@@ -23,15 +24,9 @@ DESCRIPTION = ("Meta-testing of a learned optimizer (SL2O) against tuned Momentu
                "table.")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The job's command line (see its docstring); bad input: one line, exit 2."""
-    p = _Parser(prog=f"python jobs/{PROG}.py", description=DESCRIPTION)
+    p = OneLineParser(PROG, prog=f"python jobs/{PROG}.py", description=DESCRIPTION)
     p.add_argument("args", nargs="*", metavar="CONFIG [key=value]", help="the task's config, then dotted overrides")
     p.add_argument("--weights", help="φ: weights.pt, a meta-training run directory, or adam_like")
     p.add_argument("--steps", type=int, help="N, the meta-training horizon (default l2o.steps)")
