@@ -342,15 +342,28 @@ def run_lock(run: RunDir, command: Optional[str] = None, say=print) -> Iterator[
     if run.uri in _held:
         yield _held[run.uri]
         return
-    lock = RunLock(run, command or _command(),
-                   interrupt=threading.current_thread() is threading.main_thread())
+    main = threading.current_thread() is threading.main_thread()
+    lock = RunLock(run, command or _command(), interrupt=main)
     if not _held:
         _lost.clear()  # a new command: an earlier one's loss (tests run several in one process) is not its own
-    lock.acquire(say)
+    # A command started in the background of a script (`raysub run ... &`) inherits SIGINT ignored: the heartbeat's
+    # interrupt would then do nothing and a command whose lock was lost run on to its next write. While it holds
+    # the lock it takes SIGINT as Python does by default.
+    ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        lock.acquire(say)
+    except BaseException:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
     _held[run.uri] = lock
     try:
         yield lock
     finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         del _held[run.uri]
         try:
             lock.release()

@@ -71,6 +71,39 @@ def quickstart_run(ray_session, tmp_path_factory):
             "wall_s": time.perf_counter() - t0}
 
 
+# The sampled digits run several modules compare with: 3 SGD epochs, all sampled, a snapshot every 4 steps of batch 64.
+SAMPLED = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "basis.dim=5", "data.batch_size=64",
+           "sgd.lr_milestones=[]", "train.epochs=1", "train.lr_milestones=[]"]
+
+
+@pytest.fixture(scope="session")
+def sampled_runs(ray_session, tmp_path_factory):
+    """``SAMPLED`` on 1 and 2 workers (the same global batch and data order), once per session: {workers: run
+    directory}. The reference of tests/test_pipeline.py (2 workers match 1), tests/test_kills.py and
+    tests/test_stream_pipeline.py (a killed or restarted run equals it bit for bit): one Ray Train fit each instead
+    of one per module. Tests read them, add training labels, or copy them before changing anything else."""
+    from raysub import pipeline
+    from raysub.config import load_config
+
+    root = tmp_path_factory.mktemp("sampled")
+    out = {}
+    for workers in (1, 2):
+        cfg = load_config(None, SAMPLED + [f"cluster.num_workers={workers}", f"run_dir={root}/w{workers}"])
+        pipeline.stage_sample(cfg, say=lambda _line: None)
+        out[workers] = cfg.run_dir
+    return out
+
+
+@pytest.fixture(scope="session")
+def sampled_basis(sampled_runs):
+    """The 2-worker ``sampled_runs`` run with its 5-dim basis: P-SGD/L2O/P-BFGS parity (tests/test_pipeline.py),
+    the killed runs' basis (tests/test_kills.py) and the sweep's dldr family (tests/test_sweep.py)."""
+    from raysub import pipeline
+
+    pipeline.stage_basis(sampled_runs[2], ["basis.dim=5"], say=lambda _line: None)
+    return sampled_runs[2]
+
+
 def has_gpu() -> bool:
     try:
         import torch

@@ -33,3 +33,34 @@ def tree(root) -> Dict[str, str]:
             with open(full, "rb") as f:
                 out[os.path.relpath(full, root)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+# Credentials written into storage URIs by the tests of issue 23 (tests/test_secrets.py, tests/test_s3.py's run):
+# nothing raysub prints or stores may hold them.
+KEY, SECRET, TOKEN = "AKIAKNOWNKEY", "SeCrEtKnOwN", "ToKeNkNoWn"
+SECRETS = (KEY, SECRET, TOKEN)
+
+
+def assert_clean(text, where: str) -> None:
+    """Fails naming ``where`` if ``text`` (str or bytes) holds one of ``SECRETS``."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    for secret in SECRETS:
+        assert secret not in text, f"{secret} in {where}: {text[:2000]}"
+
+
+def written_since(t0: float, roots) -> Dict[str, bytes]:
+    """{path: bytes} of every file under ``roots`` modified since ``t0`` (below 64 MiB): what a command wrote."""
+    out = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.getmtime(path) >= t0 and os.path.getsize(path) < 64 << 20:
+                        with open(path, "rb") as f:
+                            out[path] = f.read()
+                except OSError:
+                    pass
+    return out
+

@@ -204,3 +204,50 @@ def test_pbfgs_y_same_batch_through_the_real_step():
     # steps is at 1.082: a quasi-Newton rate, so the curvature pairs from the closure's gradient are right
     assert float(loss) < 1.07 < float(first) and opt.counters()["failed"] == 0
     assert not torch.allclose(opt.B, torch.eye(6))
+
+
+def test_progress_queues_are_reused_within_a_session_emptied_and_never_across_sessions(monkeypatch):
+    """A fit's progress queue (an actor) goes back to the driver's pool when the fit ends and serves the next fit of
+    the same Ray session. Catches a queue handed to the next fit with the last fit's lines still in it (they would
+    print as the new stage's), one of another Ray session (its actor is gone after ray.shutdown), a dead queue
+    handed out, and a new actor started while an idle one exists (the start-up this saves)."""
+    import queue as pyqueue
+    import sys
+    import types
+
+    from raysub.engine import cluster
+
+    class FakeQueue:
+        made = []
+
+        def __init__(self, actor_options=None):
+            self.items, self.dead = [], False
+            FakeQueue.made.append(self)
+
+        def get_nowait(self):
+            if self.dead:
+                raise RuntimeError("the queue's actor died")
+            if not self.items:
+                raise pyqueue.Empty
+            return self.items.pop(0)
+
+    monkeypatch.setitem(sys.modules, "ray.util.queue", types.SimpleNamespace(Queue=FakeQueue))
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+    session = ["A"]
+    monkeypatch.setattr(cluster, "_session_key", lambda: (session[0],))
+    monkeypatch.setattr(cluster, "_idle_queues", {})
+
+    first = cluster.make_progress_queue()
+    first.items = ["the last line of fit 1"]  # not taken by the relay
+    cluster.release_progress_queue(first)
+    assert cluster.make_progress_queue() is first and first.items == [] and len(FakeQueue.made) == 1
+    cluster.release_progress_queue(first)
+    session[0] = "B"  # ray.shutdown, then another cluster
+    second = cluster.make_progress_queue()
+    assert second is not first and len(FakeQueue.made) == 2
+    second.dead = True
+    cluster.release_progress_queue(second)
+    third = cluster.make_progress_queue()  # the dead one is dropped, a new one started
+    assert third is not second and len(FakeQueue.made) == 3
+    cluster.release_progress_queue(None)  # a fit whose queue was never made: nothing to give back
+    assert {k: v for k, v in cluster._idle_queues.items() if v} == {("A",): [first]}  # session A's, idle

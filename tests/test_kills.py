@@ -1,5 +1,6 @@
-"""Real process kills (``kill -9`` of a Ray Train worker during sampling, of a basis actor, of a sweep's driver),
-and several nodes (``ray.cluster_utils.Cluster``, in a subprocess: tests/multinode_cluster.py).
+"""Real process kills (``kill -9`` of a Ray Train worker during sampling, of a basis actor; a sweep's driver is
+killed in tests/test_sweep_interrupt.py), and several nodes (``ray.cluster_utils.Cluster``, in a subprocess:
+tests/multinode_cluster.py).
 
 The sampler's workers publish their pids (the ``RAYSUB_PID_DIR`` testing hook, `raysub.faults`)
 and wait after epoch 1 (``RAYSUB_PAUSE_AFTER_EPOCH``), so the kill lands mid-run at a known point. What each test
@@ -10,8 +11,6 @@ would catch:
   (the trajectory and the basis then differ from an uninterrupted run's — compared bit for bit);
 * with ``max_failures=0``: a killed worker that surfaces as a traceback, or whose message does not say how to go on
   (``--resume``), and a resume that does not reproduce the uninterrupted trajectory;
-* a sweep driver killed mid-sweep: ``--resume`` that re-runs a trial that had finished (its result.json then holds
-  its epochs twice) or loses it.
 """
 import glob
 import json
@@ -26,31 +25,28 @@ import numpy as np
 import pytest
 
 from raysub import pipeline
-from raysub.config import load_config
 from raysub.pipeline.basis import load_basis
 from raysub.pipeline.sample import collect_trajectory
 from raysub.storage import RunDir
 
 from helpers import trajectory  # tests/helpers.py
+from conftest import SAMPLED  # tests/conftest.py: the session's sampled run
 
 pytestmark = pytest.mark.system  # real kill -9s of workers, actors and drivers; a multi-node cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "basis.dim=5", "data.batch_size=64",
-        "sgd.lr_milestones=[]", "cluster.num_workers=2"]
+BASE = SAMPLED + ["cluster.num_workers=2"]  # the session's sampled 2-worker run (tests/conftest.py)
 
 
 def quiet(_line):
     pass
 
 
-@pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """The uninterrupted run: its trajectory and basis."""
-    run_dir = str(tmp_path_factory.mktemp("ref") / "r")
-    pipeline.stage_sample(load_config(None, BASE + [f"run_dir={run_dir}"]), say=quiet)
-    pipeline.stage_basis(run_dir, say=quiet)
-    return {"trajectory": trajectory(run_dir), "basis": load_basis(RunDir(run_dir)), "run_dir": run_dir}
+@pytest.fixture
+def reference(sampled_basis):
+    """The uninterrupted run (the session's, tests/conftest.py): its trajectory and basis."""
+    return {"trajectory": trajectory(sampled_basis), "basis": load_basis(RunDir(sampled_basis)),
+            "run_dir": sampled_basis}
 
 
 def _kill_when_paused(pid_dir: str, ckpt_dir: str, rank: int, box: dict, timeout: float = 300) -> None:
@@ -194,71 +190,3 @@ def test_multinode_sampling_and_basis_spread_over_nodes_and_a_blind_node_is_refu
     assert out["refused_rc"] == 2 and out["refused_err"].count("\n") == 1, out["refused_err"]
     assert "is not visible from node 127.0.0.1" in out["refused_err"] and "s3://" in out["refused_err"]
     assert not out["refused_exists"]  # nothing half-written: not even the directory the lock made
-
-
-# -- the driver of a sweep -----------------------------------------------------------------------------------
-# ~3 s a trial on 2 cores, start-up included; polling every 0.05 s, the test kills the driver while the next
-# trial starts or runs (more epochs would only stretch each trial)
-EPOCHS = 10
-SWEEP = ["sweep", "sweep_digits", f"train.epochs={EPOCHS}", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
-         "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,50,300]", "sweep.max_concurrent=1",
-         "cluster.num_cpus=2"]
-
-
-def _lines(path: str):
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except OSError:
-        return []
-
-
-def test_kill9_of_a_sweep_driver_then_resume_reruns_no_finished_trial(tmp_path):
-    """The driver (its own local Ray cluster, in its own process group) is killed with SIGKILL once a trial has
-    finished (of three, one at a time); ``--resume`` restores Tune's experiment from the run directory."""
-    run_dir = f"{tmp_path}/sw"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "raysub.cli", *SWEEP, f"run_dir={run_dir}"]
-    log = open(f"{tmp_path}/driver.log", "w")  # a file, not a pipe nobody drains while the test polls
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    tune_dir = f"{run_dir}/tune/coarse"
-    finished = None
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and finished is None:
-            dirs = [os.path.join(tune_dir, d) for d in os.listdir(tune_dir)] if os.path.isdir(tune_dir) else []
-            done = [d for d in dirs if len(_lines(os.path.join(d, "result.json"))) == EPOCHS]
-            if done and len(done) < 3:
-                finished = {d: _lines(os.path.join(d, "result.json")) for d in done}
-                os.kill(proc.pid, signal.SIGKILL)  # the driver alone: kill -9
-            time.sleep(0.05)
-        assert finished is not None, "no trial finished before the sweep did"
-        proc.wait(timeout=30)
-    finally:
-        try:  # its Ray cluster (started by the driver, same process group) goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not os.path.exists(f"{run_dir}/results.json")
-
-    proc = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "restoring" in stdout
-    for d, before in finished.items():
-        assert _lines(os.path.join(d, "result.json")) == before  # not one epoch more: not re-run
-    res = RunDir(run_dir).read_json("results.json")
-    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, EPOCHS), (50, EPOCHS), (300, EPOCHS)]
-    assert len([d for d in os.listdir(tune_dir) if os.path.isdir(os.path.join(tune_dir, d))]) == 3

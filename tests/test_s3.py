@@ -9,9 +9,15 @@ the environment (tests/conftest.py sets fake ones before Ray starts). What each 
 * the pipeline on s3: Ray Train's checkpoints written through a concatenated ``storage_path`` string (the endpoint
   lost: Ray then talks to AWS), a stage that writes through the local filesystem, a resume that does not find its
   checkpoints on s3 — and anything that makes the s3 run differ from the same run on a local disk (bit-exact);
+* the failed run before the resume (a worker's error, no restart): a traceback or a line that drops the worker's
+  error or the command that continues, a stage marked complete, an existing run rerun without ``--resume``;
+* credentials in the run's URIs (userinfo, query) that anything prints or stores (issue 23; the other credential
+  tests are in tests/test_secrets.py);
 * a corrupted object: a checksum that is not verified on the s3 read path;
 * unreachable / unauthorised storage: a raw pyarrow traceback, or Ray started before the error.
 """
+import contextlib
+import io
 import os
 import socket
 
@@ -20,7 +26,7 @@ import pytest
 
 from raysub.storage import RunDir, join_uri, redact, split_uri
 
-from helpers import trajectory  # tests/helpers.py
+from helpers import KEY, SECRET, assert_clean, trajectory, written_since  # tests/helpers.py
 from conftest import QUICKSTART_SMALL  # tests/conftest.py: the shared quickstart_run's overrides
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (pip install -e .[test]) runs the S3 server")
@@ -148,33 +154,63 @@ def test_missing_bucket_and_refused_credentials_are_one_line_before_ray(s3, no_r
 @pytest.fixture(scope="module")
 def s3_run(quickstart_run, s3):
     """The shortened quickstart twice: on a local disk (the session's ``quickstart_run``, shared with
-    tests/test_pipeline.py), and on s3 killed after epoch 1 then resumed."""
+    tests/test_pipeline.py), and on s3 killed after epoch 1 then resumed, with credentials written into its URIs
+    (issue 23): in the userinfo (``s3://KEY:SECRET@bucket/run``) for the run that fails and the rerun that is
+    refused, in the query for the resume. What each command returned and printed, and when the first started."""
     import time
 
+    from raysub import credentials
     from raysub.cli import main
+
+    def cli(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # what capsys would have read
+            rc = main(list(args))
+        return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
 
     assert quickstart_run["rc"] == 0, quickstart_run["err"]
     local, local_s = str(quickstart_run["run_dir"]), quickstart_run["wall_s"]
     uri = s3.uri("runs/q")
+    with_userinfo = uri.replace("s3://", f"s3://{KEY}:{SECRET}@")
+    with_query = f"{uri}&access_key={KEY}&secret_key={SECRET}"
     mp = pytest.MonkeyPatch()
-    mp.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
-    t0 = time.perf_counter()
+    # a URI's credentials are exported to the environment: the rest of the session gets the suite's fake ones back
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        mp.setenv(name, os.environ[name])
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    mp.setattr(credentials, "_adopted", {})
+    t_start, t0 = time.time() - 1, time.perf_counter()
     try:
-        failed = main(["run", *SMALL, f"run_dir={uri}"])
+        mp.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
+        failed = cli("run", *SMALL, f"run_dir={with_userinfo}")
+        mp.delenv("RAYSUB_FAIL_AFTER_EPOCH")
+        failed.update(stages=list(RunDir(uri).read_json("manifest.json")["stages"]), logs=RunDir(uri).listdir("logs"))
+        refused = cli("run", *SMALL, f"run_dir={with_userinfo}")  # neither --resume nor --overwrite
+        resumed = cli("run", *SMALL, f"run_dir={with_query}", "--resume")
     finally:
         mp.undo()
-    resumed = main(["run", *SMALL, f"run_dir={uri}", "--resume"])
     s3_s = time.perf_counter() - t0
     print(f"\nshortened quickstart: local {local_s:.1f} s; s3 (killed after epoch 1, resumed) {s3_s:.1f} s; "
           f"load {os.getloadavg()[0]:.2f}")
-    return {"local": local, "uri": uri, "failed": failed, "resumed": resumed}
+    return {"local": local, "uri": uri, "t_start": t_start,
+            "commands": {"failed": failed, "refused": refused, "resumed": resumed}}
 
 
 @pytest.mark.system  # moto's S3 server
 def test_quickstart_on_s3_killed_and_resumed_equals_the_local_run(s3_run, s3, capsys):
     from raysub.pipeline.basis import load_basis
 
-    assert s3_run["failed"] == 1 and s3_run["resumed"] == 0
+    failed, refused, resumed = (s3_run["commands"][k] for k in ("failed", "refused", "resumed"))
+    assert failed["rc"] == 1 and resumed["rc"] == 0, (failed["err"], resumed["err"])
+    # the failed run (a worker's error after epoch 1, no automatic restart): one line naming the worker's error and
+    # ending with the command that continues, one error log, no stage marked complete; rerun without --resume or
+    # --overwrite is refused
+    lines = failed["err"].strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "a Ray Train worker failed (RuntimeError: RAYSUB_FAIL_AFTER_EPOCH=1: injected failure" in lines[0]
+    assert lines[0].endswith(" --resume") and "run_dir=" in lines[0] and "Traceback" not in lines[0]
+    assert len(failed["logs"]) == 1 and "sample" not in failed["stages"]
+    assert refused["rc"] == 2 and "--resume" in refused["err"]
     local, remote = RunDir(s3_run["local"]), RunDir(s3_run["uri"])
     np.testing.assert_array_equal(trajectory(remote), trajectory(local))
     np.testing.assert_array_equal(load_basis(remote), load_basis(local))
@@ -192,8 +228,36 @@ def test_quickstart_on_s3_killed_and_resumed_equals_the_local_run(s3_run, s3, ca
     first = remote.read_text("config.yaml").splitlines()[0]
     assert first.startswith(f"# resolved config of this run; rerun: raysub run '{s3_run['uri'].split('?')[0]}/config.yaml?")
     capsys.readouterr()
-    assert main(["run", join_uri(s3_run["uri"], "config.yaml"), "--resume"]) == 0
-    assert capsys.readouterr().out.count("skipping") >= 2
+    assert main(["run", join_uri(s3_run["uri"], "config.yaml"), "--resume"]) == 0  # the environment's credentials
+    later = capsys.readouterr()
+    assert later.out.count("skipping") >= 2
+    assert_clean(later.out + later.err, "the output of the clean URI's --resume")
+
+
+@pytest.mark.system  # moto's S3 server
+def test_the_s3_run_prints_and_stores_none_of_the_credentials_of_its_uris(s3_run, s3):
+    """The s3 run's commands had the key and the secret in the userinfo (the failed run, the refused rerun) or the
+    query (the resume): every object in the bucket, every local file raysub and this Ray session wrote meanwhile
+    (error logs included) and everything printed (the one-line error, the --resume hint, progress lines, the last
+    line) hold neither. Catches `redact` masking only the userinfo, and a workflow that stores ``cfg.run_dir``
+    before replacing it by the clean URI."""
+    import glob
+    import tempfile
+
+    import ray
+
+    for name, command in s3_run["commands"].items():
+        assert_clean(command["out"] + command["err"], f"the output of the {name} command")
+    assert_clean(s3_run["commands"]["resumed"]["out"].rstrip().splitlines()[-1], "the last line")
+    client = s3.client()
+    objects = {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in s3.keys("")}
+    assert "runs/q/config.yaml" in objects and "runs/q/manifest.json" in objects
+    for key, body in objects.items():
+        assert_clean(body, f"s3://{BUCKET}/{key}")
+    session = ray._private.worker._global_node.get_session_dir_path()
+    local = written_since(s3_run["t_start"], [session, *glob.glob(os.path.join(tempfile.gettempdir(), "raysub-*"))])
+    for path, body in local.items():
+        assert_clean(body, path)
 
 
 @pytest.mark.system  # moto's S3 server

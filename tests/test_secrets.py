@@ -1,6 +1,7 @@
 """Credentials written into a storage URI, bucket-less URIs and a stalled object store (issue 23).
 
-Against the loopback S3 server of tests/test_s3.py (its own instance for this module). What each test catches:
+Against the loopback S3 server of tests/test_s3.py (its own instance for this module); a whole run with credentials
+in its URIs is tests/test_s3.py's s3 run (one Ray run serves both). What each test catches:
 
 * a credential in the userinfo (``s3://KEY:SECRET@bucket/run``) or the query (``secret_key=``, ``access_key=``,
   ``session_token=``) that is printed (the last line, a one-line error, the ``--resume`` hint, a progress line)
@@ -28,8 +29,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] (pip insta
 
 from test_s3 import BUCKET, SMALL, no_ray, s3  # noqa: E402,F401  (the loopback server and its helpers)
 
-KEY, SECRET, TOKEN = "AKIAKNOWNKEY", "SeCrEtKnOwN", "ToKeNkNoWn"
-SECRETS = (KEY, SECRET, TOKEN)
+from helpers import KEY, SECRET, TOKEN, assert_clean  # noqa: E402  (tests/helpers.py: the known credentials)
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +44,6 @@ def aws_env(monkeypatch):
     except ImportError:  # the code before the fix: these tests show what it did
         return
     monkeypatch.setattr(credentials, "_adopted", {})
-
-
-def assert_clean(text, where):
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
-    for secret in SECRETS:
-        assert secret not in text, f"{secret} in {where}: {text[:2000]}"
 
 
 def one_line(capsys) -> str:
@@ -212,58 +205,6 @@ def test_a_bad_storage_timeout_is_one_line(no_ray, capsys, monkeypatch):
 
 
 # -- every byte a run writes and prints --------------------------------------------------------------------
-def _written_since(t0: float, roots) -> dict:
-    out = {}
-    for root in roots:
-        for folder, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(folder, name)
-                try:
-                    if os.path.getmtime(path) >= t0 and os.path.getsize(path) < 64 << 20:
-                        with open(path, "rb") as f:
-                            out[path] = f.read()
-                except OSError:
-                    pass
-    return out
-
-
-@pytest.mark.system  # moto's S3 server
-def test_a_run_with_credentials_in_its_uri_prints_and_stores_none_of_them(ray_session, s3, capsys, tmp_path):
-    """``raysub run`` with the credentials in the userinfo, resumed with them in the query, then with the clean
-    URI alone (the environment supplies them): every object in the bucket, every local file raysub and this
-    Ray session wrote meanwhile and everything printed hold neither the key nor the secret."""
-    import ray
-
-    from raysub.cli import main
-
-    t0 = time.time() - 1
-    clean = s3.uri("secret/run")
-    with_userinfo = clean.replace("s3://", f"s3://{KEY}:{SECRET}@")
-    with_query = f"{clean}&access_key={KEY}&secret_key={SECRET}"
-    assert main(["run", *SMALL, f"run_dir={with_userinfo}"]) == 0, capsys.readouterr().err
-    captured = capsys.readouterr()
-    assert_clean(captured.out.rstrip().splitlines()[-1], "the last line")
-    assert_clean(captured.out + captured.err, "the output")
-    objects = bucket_bytes(s3)
-    assert "secret/run/config.yaml" in objects and "secret/run/manifest.json" in objects
-    for key, body in objects.items():
-        assert_clean(body, f"s3://{BUCKET}/{key}")
-    assert main(["run", *SMALL, f"run_dir={with_query}", "--resume"]) == 0
-    assert main(["run", f"{clean.split('?')[0]}/config.yaml?{clean.split('?')[1]}", "--resume"]) == 0
-    later = capsys.readouterr()
-    assert later.out.count("skipping") >= 2
-    assert_clean(later.out + later.err, "the output")
-    for key, body in bucket_bytes(s3).items():
-        assert_clean(body, f"s3://{BUCKET}/{key}")
-    session = ray._private.worker._global_node.get_session_dir_path()
-    local = _written_since(t0, [session, tmp_path,
-                                *glob.glob(os.path.join(tempfile.gettempdir(), "raysub-*"))])
-    for path, body in local.items():
-        assert_clean(body, path)
-    assert RunDir(clean).read_text("config.yaml").splitlines()[0].startswith(
-        f"# resolved config of this run; rerun: raysub run '{clean.split('?')[0]}/config.yaml?")
-
-
 def test_failure_lines_logs_and_the_job_launcher_mask_secrets(capsys, monkeypatch):
     """Defence in depth: a secret that reached an error's text (a pyarrow message, a traceback) or RAY_ADDRESS."""
     from raysub.cli import _write_log, describe_failure

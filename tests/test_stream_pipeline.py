@@ -37,11 +37,13 @@ def max_angle_deg(A_DN: np.ndarray, B_DN: np.ndarray) -> float:
     return float(np.degrees(np.arcsin(min(1.0, s))))
 
 
-def test_streamed_gram_survives_a_restart_and_feeds_the_basis(ray_session, tmp_path, monkeypatch):
-    """A worker group that fails after epoch 1 is restarted by Ray Train from the checkpoint: the resumed ranks
-    reload K and their blocks, so the stored Gram equals the Gram of the trajectory on disk to 1e-12 (a block not
-    reread, a row added twice, or the unfinished epoch's rows kept would break it), and the basis stage from it
-    (one read, gram_source "stream") equals the post-hoc one (the Gram pass)."""
+def test_streamed_gram_survives_a_restart_and_feeds_the_basis(sampled_runs, tmp_path, monkeypatch):
+    """A worker group that fails after epoch 1 is restarted by Ray Train from the checkpoint: the trajectory equals
+    the uninterrupted run's bit for bit (a snapshot lost or written twice, or a restart from another state than the
+    checkpoint's, would break it); the resumed ranks reload K and their blocks, so the stored Gram equals the Gram
+    of the trajectory on disk to 1e-12 (a block not reread, a row added twice, or the unfinished epoch's rows kept
+    would break it), and the basis stage from it (one read, gram_source "stream") equals the post-hoc one (the
+    Gram pass)."""
     monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
     cfg = load_config(None, BASE + ["cluster.num_workers=2", "cluster.max_failures=1", "sample.stream_gram=true",
                                     f"run_dir={tmp_path}/r"])
@@ -51,6 +53,7 @@ def test_streamed_gram_survives_a_restart_and_feeds_the_basis(ray_session, tmp_p
     manifest = Manifest.read(run)
     K = read_streamed_gram(run, manifest)
     W = trajectory(cfg.run_dir)
+    np.testing.assert_array_equal(W, trajectory(sampled_runs[2]))  # the same config, never interrupted
     assert K.shape == (len(W), len(W)) == (manifest.num_snapshots,) * 2
     expected = gram_of(W)
     np.testing.assert_allclose(K, expected, rtol=0, atol=1e-12 * np.abs(expected).max())

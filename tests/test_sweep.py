@@ -121,22 +121,15 @@ def test_holdout_split_is_disjoint_fixed_and_leaves_test_alone(tmp_path):
 
 # -- real Ray Tune sweeps ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def basis_run(ray_session, tmp_path_factory):
-    """A small sampled run with a 6-dim DLDR basis, for the dldr family."""
-    from raysub import pipeline
-
-    root = tmp_path_factory.mktemp("dldr")
-    cfg = load_config(None, ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "basis.dim=6",
-                             "train.epochs=1", "cluster.num_workers=1", f"run_dir={root}/run"])
-    pipeline.stage_sample(cfg, say=lambda _: None)
-    pipeline.stage_basis(cfg.run_dir, ["basis.dim=6"], say=lambda _: None)
-    return cfg.run_dir
+@pytest.fixture
+def basis_run(sampled_basis):
+    """A small sampled run with a 5-dim DLDR basis, for the dldr family (the session's, tests/conftest.py)."""
+    return sampled_basis
 
 
 def test_sweep_end_to_end_with_failure_and_resume(ray_session, basis_run, tmp_path, monkeypatch, capsys):
     args = ["sweep", "sweep_digits", *SMALL, "sweep.families=[dldr,fastjl]", "sweep.dims=[5,300]",
-            "sweep.family_dims={dldr:[1,6]}", f"train.basis_run={basis_run}", f"run_dir={tmp_path}/sw"]
+            "sweep.family_dims={dldr:[1,5]}", f"train.basis_run={basis_run}", f"run_dir={tmp_path}/sw"]
     monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "2")
     assert main(args) == 2  # a trial died after epoch 2: the sweep stops and says how to go on
     err = capsys.readouterr().err
@@ -155,7 +148,7 @@ def test_sweep_end_to_end_with_failure_and_resume(ray_session, basis_run, tmp_pa
     assert run.read_bytes("theta0.pt") == RunDir(basis_run).read_bytes("theta0.pt")
     trials = res["trials"]
     assert {(t["family"], t["dim"]) for t in trials if t["phase"] == "coarse"} == {
-        ("identity", 4810), ("dldr", 1), ("dldr", 6), ("fastjl", 5), ("fastjl", 300)}
+        ("identity", 4810), ("dldr", 1), ("dldr", 5), ("fastjl", 5), ("fastjl", 300)}
     assert all(t["epochs_run"] == 3 and 0 <= t["val_acc"] <= 1 for t in trials)
     base = res["baseline"]
     assert base["trials"] == 1 and base["val_acc"] > 0.9

@@ -1,5 +1,6 @@
-"""Sweeps: Ctrl-C ends like `raysub run` (the resume command, exit 130) and `--resume` continues; a result of a
-trial that never started; a problem shared by several families reported once."""
+"""Sweeps: a driver killed (kill -9) or interrupted (Ctrl-C, which ends like `raysub run`: the resume command, exit
+130) is continued by `--resume`, no finished trial run again; a result of a trial that never started; a problem
+shared by several families reported once."""
 import json
 import os
 import signal
@@ -45,63 +46,120 @@ def test_trial_spec_of_a_trial_that_never_reported():
     assert sweep.trial_spec(pending) == {"family": "my-fam", "dim": 300, "seed": 12}
 
 
-# -- a real Ctrl-C -----------------------------------------------------------------------------------------
+# -- a real kill -9 of the driver, then a real Ctrl-C -------------------------------------------------------
 
 # 40 epochs (~4 s a trial on 2 cores): Tune's result.json may show a trial's first line only when it has run a
 # while, and with 15 epochs a quiet machine finished the second trial before the Ctrl-C landed (flaky in CI)
 EPOCHS = 40
 SWEEP = ["sweep_digits", f"train.epochs={EPOCHS}", "train.lr_milestones=[]", "sweep.seeds=[0]", "sweep.refine=0",
-         "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,300]", "sweep.max_concurrent=1",
+         "sweep.baseline=0.97", "sweep.families=[fastjl]", "sweep.dims=[5,50,300]", "sweep.max_concurrent=1",
          "cluster.num_cpus=2"]
 
 
 def _cli(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RAY_ADDRESS", None)
+    # its own process group: the local Ray cluster the driver starts goes with it when the test kills the group
     return subprocess.Popen([sys.executable, "-m", "raysub.cli", "sweep", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            start_new_session=True, **kwargs)
 
 
-def _first_result(tune_dir: str, timeout: float) -> None:
-    """Wait until a trial of the experiment has reported an epoch (its result.json is not empty)."""
+def _lines(path: str) -> list:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def _reports(tune_dir: str) -> dict:
+    """{trial directory: its result.json lines} of the experiment so far."""
+    if not os.path.isdir(tune_dir):
+        return {}
+    dirs = [os.path.join(tune_dir, d) for d in os.listdir(tune_dir)]
+    return {d: _lines(os.path.join(d, "result.json")) for d in dirs if os.path.isdir(d)}
+
+
+def _wait_for(condition, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.isdir(tune_dir):
-            for d in os.listdir(tune_dir):
-                f = os.path.join(tune_dir, d, "result.json")
-                if os.path.isfile(f) and os.path.getsize(f) > 0:
-                    return
-        time.sleep(0.2)
-    raise AssertionError(f"no trial reported within {timeout}s")
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout}s")
 
 
-@pytest.mark.system  # a real CLI sweep in a subprocess, interrupted
-def test_ctrl_c_during_a_sweep_exits_130_with_the_resume_command_and_resume_finishes(tmp_path):
-    """SIGINT once the first of two trials (one at a time) has reported: the second never started. Before the
-    fix the sweep crashed with "TypeError: 'NoneType' object is not subscriptable" (exit 1); catches treating
-    the interrupted fit as finished (a ConfigError about unfinished trials, exit 2) and an interrupt that loses
-    Tune's experiment state (--resume would start over, or fail)."""
-    run_dir = f"{tmp_path}/sw"
-    proc = _cli([*SWEEP, f"run_dir={run_dir}"])
+def _end(proc) -> None:
+    try:  # the driver's Ray cluster (same process group) goes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.mark.system  # a real CLI sweep in a subprocess, killed, interrupted, resumed
+def test_a_sweep_driver_killed_then_interrupted_resumes_and_reruns_no_finished_trial(tmp_path):
+    """One sweep of three trials (one at a time), its driver stopped twice. kill -9 (the driver alone) once the
+    first trial has finished: ``--resume`` restores Tune's experiment from the run directory. Ctrl-C (SIGINT) of
+    that resumed driver once it has started an unfinished trial again: it ends like `raysub run` (exit 130, the
+    resume command). A last ``--resume`` finishes. Catches a resume that re-runs a finished trial (its result.json
+    then holds its epochs twice) or loses it; an interrupt that crashed with "TypeError: 'NoneType' object is not
+    subscriptable" (exit 1), that treats the interrupted fit as finished (a ConfigError about unfinished trials,
+    exit 2), or that loses Tune's experiment state (--resume would start over, or fail)."""
+    run_dir, tune_dir = f"{tmp_path}/sw", f"{tmp_path}/sw/tune/coarse"
+    log = open(f"{tmp_path}/driver.log", "w")  # a file, not a pipe nobody drains while the test polls
+    proc = _cli([*SWEEP, f"run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        _first_result(f"{run_dir}/tune/coarse", timeout=300)
+        def one_finished():
+            reports = _reports(tune_dir)
+            done = {d: lines for d, lines in reports.items() if len(lines) == EPOCHS}
+            return done if 0 < len(done) < 3 else None
+
+        finished = _wait_for(one_finished, 400, "no trial finished before the sweep did")
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: kill -9
+        proc.wait(timeout=30)
+    finally:
+        _end(proc)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(f"{run_dir}/results.json")
+
+    # files, not pipes: nobody drains a pipe while the test polls, and Tune's trial tables would fill it
+    out_path, err_path = f"{tmp_path}/resumed.out", f"{tmp_path}/resumed.err"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+        proc = _cli([*SWEEP, f"run_dir={run_dir}", "--resume"], stdout=out_f, stderr=err_f)
+    try:
+        def running_again():  # the resumed driver restored the experiment and started an unfinished trial
+            with open(out_path) as f:
+                text = f.read()
+            return "restoring" in text and "started with configuration" in text
+
+        _wait_for(running_again, 300, "the resumed driver started no trial")
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _end(proc)
+    with open(out_path) as f_out, open(err_path) as f_err:
+        out, err = f_out.read(), f_err.read()
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err.strip().splitlines()[-1], err[-3000:]
     assert "TypeError" not in err and "Traceback" not in err, err[-3000:]
     assert not os.path.exists(f"{run_dir}/results.json")
 
-    proc = _cli([*SWEEP, f"run_dir={run_dir}", "--resume"])
-    out, err = proc.communicate(timeout=600)
+    proc = _cli([*SWEEP, f"run_dir={run_dir}", "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _end(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "restoring" in out
-    trial_dirs = [d for d in os.listdir(f"{run_dir}/tune/coarse") if os.path.isdir(f"{run_dir}/tune/coarse/{d}")]
-    assert len(trial_dirs) == 2, trial_dirs  # the interrupted trial continued: none ran twice
+    for d, before in finished.items():
+        assert _lines(os.path.join(d, "result.json")) == before  # not one epoch more: not re-run
+    assert len(_reports(tune_dir)) == 3  # the interrupted trials continued: none ran twice
     res = json.loads(RunDir(run_dir).read_text("results.json"))
-    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, EPOCHS), (300, EPOCHS)]
+    assert sorted((t["dim"], t["epochs_run"]) for t in res["trials"]) == [(5, EPOCHS), (50, EPOCHS), (300, EPOCHS)]
 
 
 def test_prune_checkpoints_keeps_each_trials_latest(tmp_path):

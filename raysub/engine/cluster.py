@@ -51,6 +51,9 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
                               f"cluster.address=auto to run on that cluster (the jobs/ entrypoints do), or unset "
                               f"RAY_ADDRESS for a private local cluster")
         if starts_local(cfg):
+            # Train V2 starts a preemption watcher per fit: an actor (one more process, ~1 CPU-s) that polls for node
+            # drains, which a local cluster (no autoscaler, no spot nodes) never has
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             want = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
             num_cpus = cfg.cluster.num_cpus or (max(os.cpu_count() or 1, int(want + 0.999)) if grow
                                                 else os.cpu_count() or 1)
@@ -210,11 +213,57 @@ def _reads_token(probe: str, token: str) -> bool:
         return False
 
 
+# Progress queues of this process's Ray session that no fit uses now: each is an actor (a process, ~1.5 CPU-s to
+# start on 2 cores), so a driver that runs several fits (`raysub run`: sampling then training; a sweep's trials)
+# starts one, not one per fit. {session key: [queue, ...]}; a queue of another session (after ray.shutdown) is
+# never handed out.
+_idle_queues: Dict[tuple, List[Any]] = {}
+_queues_lock = threading.Lock()
+
+
+def _session_key() -> tuple:
+    # heavy: ray loads here, not when this module is imported
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.gcs_address, ctx.get_job_id(), ctx.get_node_id()  # a new local cluster: a new node id
+
+
 def make_progress_queue():
+    """A progress queue for one fit: an idle one of this Ray session, emptied, else a new one. Hand it back with
+    `release_progress_queue` when the fit has ended."""
     # heavy: ray loads here, not when this module is imported
     from ray.util.queue import Queue
 
-    return Queue(actor_options={"num_cpus": 0})
+    key = _session_key()
+    while True:
+        with _queues_lock:
+            idle = _idle_queues.get(key)
+            queue = idle.pop() if idle else None
+        if queue is None:
+            return Queue(actor_options={"num_cpus": 0})
+        try:
+            while True:  # a line the last fit's relay did not take: not this fit's
+                queue.get_nowait()
+        except pyqueue.Empty:
+            return queue
+        except Exception:  # its actor died (a lost node): start another
+            continue
+
+
+def release_progress_queue(queue) -> None:
+    """Give ``queue`` back for the next fit of this Ray session."""
+    # heavy: ray loads here, not when this module is imported
+    import ray
+
+    if queue is None or not ray.is_initialized():  # Ray is down (asking it for its context would start it)
+        return
+    try:
+        key = _session_key()
+    except Exception:  # Ray is going down: nothing to reuse
+        return
+    with _queues_lock:
+        _idle_queues.setdefault(key, []).append(queue)
 
 
 def fit_with_progress(trainer, progress, printer: Callable[[Dict[str, Any]], None]):

@@ -55,6 +55,8 @@ from raysub.runs.records import commit
 from raysub.storage import join_uri, sha256
 from raysub.tracking import Tracker
 
+PLOT_EVERY_S = 60.0  # the learning curve RUN/plots/l2o.png is redrawn at most this often while meta-training runs
+
 # may change on --resume: a longer budget, another split of the optimizees over the actors
 RESUME_SAFE = ("l2o.meta_steps", "l2o.actors", "l2o.cpus_per_actor")  # optimizee states are kept by slot
 
@@ -172,6 +174,8 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
         run.makedirs("l2o")
         tracker = Tracker(cfg, run, "l2o")  # live curves: RUN/tensorboard/l2o, MLflow (raysub.tracking)
 
+        plotted = [time.perf_counter()]  # when the curve was last drawn: the first one after PLOT_EVERY_S
+
         def checkpoint() -> None:
             """Save φ, Adam, history and the best weights as a new generation, committed (`save_state`)."""
             state = {"phi": {k: v.detach().clone() for k, v in phi.items()}, "adam": adam.state_dict(),
@@ -181,8 +185,12 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             manifest.summary["l2o"] = {"best": history["best"], "meta_steps": meta_step}
             save_state(run, manifest, state, history, config, best_phi,
                        {"meta_step": meta_step, "complete": meta_step >= lc.meta_steps})
-            if history["validation"]:
-                plot_l2o(run, history)  # a figure, not a record: not in the manifest
+            # a figure, not a record (not in the manifest): redrawn at the end and at most every PLOT_EVERY_S while
+            # the run goes on (matplotlib takes ~0.5 s a figure: at every validation it was most of a small run)
+            done = meta_step >= lc.meta_steps
+            if history["validation"] and (done or time.perf_counter() - plotted[0] >= PLOT_EVERY_S):
+                plot_l2o(run, history)
+                plotted[0] = time.perf_counter()
 
         Actor = _actor_class(lc.cpus_per_actor)
         slots = [list(range(a, lc.optimizees, lc.actors)) for a in range(lc.actors)]

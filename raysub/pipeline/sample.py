@@ -355,7 +355,8 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
         DivergedError: the SGD loss or parameters became non-finite (no non-finite snapshot was written).
     """
     # imported per call, not at the top: tests monkeypatch these names on the module they come from
-    from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.engine.cluster import (fit_with_progress, make_progress_queue, release_progress_queue, torch_trainer,
+                                       unwrap_train_error)
     from raysub.tracking import train_callbacks
 
     off = stream_plan(cfg, num_params, num_snaps) if num_params is not None else "sample.stream_gram=false"
@@ -372,6 +373,8 @@ def run_sample(cfg: Config, run: RunDir, printer, resume: bool = False, num_para
         result = fit_with_progress(trainer, progress, printer)
     except Exception as exc:
         raise unwrap_train_error(exc)
+    finally:
+        release_progress_queue(progress)  # for this driver's next fit
     wall = time.perf_counter() - t0
     metrics = result.metrics
     if metrics.get("diverged"):

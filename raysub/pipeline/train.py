@@ -186,7 +186,8 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         ``written``: {``train/LABEL.pt``: sha256} as rank 0 wrote it.
     """
     # imported per call, not at the top: tests monkeypatch these names on the module they come from
-    from raysub.engine.cluster import fit_with_progress, make_progress_queue, torch_trainer, unwrap_train_error
+    from raysub.engine.cluster import (fit_with_progress, make_progress_queue, release_progress_queue, torch_trainer,
+                                       unwrap_train_error)
     from raysub.tracking import train_callbacks
 
     progress = make_progress_queue()
@@ -199,6 +200,8 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
         result = fit_with_progress(trainer, progress, printer)
     except Exception as exc:
         raise unwrap_train_error(exc)
+    finally:
+        release_progress_queue(progress)  # for this driver's next fit
     fence(run)  # a command whose lock was taken over while the workers ran writes nothing more
     return {"history": result.metrics["history"], "step_losses": result.metrics["step_losses"],
             "wall_s": time.perf_counter() - t0, "diverged": result.metrics.get("diverged"),
