@@ -433,7 +433,7 @@ def _train_ready(tmp_path, monkeypatch, result):
                                             "train.lr=1000000"])
     monkeypatch.setattr(cluster, "ensure_ray", lambda *a, **k: None)
 
-    def fake(cfg, run, printer):
+    def fake(cfg, run, printer, sharding=""):
         run.child("checkpoints").write_text(f"train-{cfg.train_label}/checkpoint_0/state.pt", "x")
         if isinstance(result, Exception):
             raise result

@@ -208,7 +208,7 @@ def _fake_training(monkeypatch):
     """run_subspace replaced by a one-epoch result that writes the trained z (no Ray)."""
     import raysub.pipeline.train as train
 
-    def fake(cfg, run, printer):
+    def fake(cfg, run, printer, sharding=""):
         rel = f"train/{cfg.train_label}.pt"
         sha = run.write_torch(rel, {"z": torch.zeros(cfg.train.dim), "dim": cfg.train.dim})
         return {"history": [{"epoch": 1, "test_acc": 0.5, "elapsed_s": 1.0, "allreduce_floats_per_step": 3}],

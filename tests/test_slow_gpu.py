@@ -71,3 +71,29 @@ def test_sampling_and_subspace_training_on_gpu_match_cpu(ray_session, tmp_path):
         losses = {d: runs[d].read_json(f"curves/{label}.json")["train_loss"] for d in runs}
         assert len(losses["gpu"]) == 2 and np.isfinite(losses["gpu"]).all()
         np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.system  # a world of processes of its own
+def test_sharded_projection_over_nccl_matches_replicated(tmp_path):
+    """train.projection_sharding over NCCL (issue 25): a world of one process per GPU (up to 2) takes 4 steps of
+    every optimizer with P replicated and sharded, float64; the same z to 1e-10. With one GPU the sharded world of
+    one still runs its reduce-scatter and all-gather through NCCL. Catches a collective that NCCL refuses on these
+    tensors (a CPU scratch buffer, a non-contiguous chunk) and a device mismatch in the padded chunks."""
+    import torch
+
+    from raysub.bench import sharded as bench
+    from raysub.l2o import LearnedOptimizerConfig, adam_like_params, save_learned_optimizer
+
+    weights = str(tmp_path / "weights.pt")
+    config = LearnedOptimizerConfig(hidden_size=4, step_scale=0.1)
+    save_learned_optimizer(weights, config, adam_like_params(config))
+    world = min(_cuda_devices(), 2)
+    res = {mode: bench.run_world(world, bench.equality_rank, mode, None, ["float64"], 4, 6, weights, 0,
+                                 bench.OPTIMIZERS, "cuda", backend="nccl")[0]["float64"]
+           for mode in ("replicated", "sharded")}
+    for key in (k for k in res["replicated"] if "/" in k):
+        gap = (torch.tensor(res["sharded"][key]["z"], dtype=torch.float64)
+               - torch.tensor(res["replicated"][key]["z"], dtype=torch.float64)).abs().max()
+        assert float(gap) <= 1e-10, (key, float(gap))
+    assert res["sharded"]["psgd/bn_train"]["group_floats_per_step"] == 2 * (world - 1) * -(-75_290 // world)

@@ -226,6 +226,16 @@ def schema_problems(cfg) -> List[str]:
     for key, value in (("sgd.lr_gamma", cfg.sgd.lr_gamma), ("train.lr_gamma", cfg.train.lr_gamma)):
         if not 0 < value <= 1:
             problems.append(f"{key}={value}: must be in (0, 1]")
+    if cfg.train.projection_budget_gb is not None:
+        positive(problems, "train.projection_budget_gb", cfg.train.projection_budget_gb)
+    groups = cfg.train.projection_groups
+    if groups is not None:
+        if groups <= 0 or cfg.cluster.num_workers % groups:
+            problems.append(f"train.projection_groups={groups}: must divide cluster.num_workers="
+                            f"{cfg.cluster.num_workers} (each group is a node's consecutive ranks)")
+        elif cfg.train.projection_sharding not in ("node", "auto"):
+            problems.append(f"train.projection_groups={groups} only applies to train.projection_sharding=node (now "
+                            f"{cfg.train.projection_sharding}): drop it or set train.projection_sharding=node")
     if cfg.sample.epochs > cfg.sgd.epochs:
         problems.append(
             f"sample.epochs={cfg.sample.epochs} exceeds sgd.epochs={cfg.sgd.epochs}: "

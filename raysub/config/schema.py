@@ -149,6 +149,17 @@ class TrainConfig:
     batch_size: Optional[int] = field(default=None, metadata={"help": "global batch (default data.batch_size)"})
     basis_dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata={"help": "storage of P on the device: float32|bfloat16"})
+    projection_sharding: Literal["auto", "replicated", "sharded", "node"] = field(default="auto", metadata={
+        "help": "where a stored P (dldr, dense) lives: replicated (every worker holds P), sharded (each worker holds "
+                "the rows of its slice of the parameters), node (sharded within a node, replicated across nodes: "
+                "only d+1 floats cross nodes), auto (replicated when it fits train.projection_budget_gb, else sharded "
+                "or node)"})
+    projection_budget_gb: Optional[float] = field(default=None, metadata={
+        "help": "memory a worker may spend on P (GB); default: 80% of the driver machine's memory over the workers "
+                "on it (on GPUs: half of the driver's GPU)"})
+    projection_groups: Optional[int] = field(default=None, metadata={
+        "help": "node sharding: this many groups of consecutive ranks instead of Ray's nodes (a test's nodes on one "
+                "machine)"})
     optimizer_options: Dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "keyword options of the optimizer, checked against its signature (e.g. pbfgs c, beta)"})

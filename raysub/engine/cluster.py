@@ -80,6 +80,15 @@ def ensure_ray(cfg: Config, quiet: bool = True, grow: bool = True) -> None:
     check_run_dir_shared(cfg.run_dir)
 
 
+def node_count() -> int:
+    """Alive nodes of the connected Ray cluster (1 when Ray is not started)."""
+    import ray  # heavy: ray loads here, not when this module is imported
+
+    if not ray.is_initialized():
+        return 1
+    return max(sum(1 for n in ray.nodes() if n.get("Alive")), 1)
+
+
 def starts_local(cfg: Config) -> bool:
     """Whether raysub starts the cluster itself (``cluster.address`` None, or Ray's "local"), rather than joins."""
     return cfg.cluster.address in (None, "local")

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from raysub.data import open_dataset
-from raysub.engine import loop
+from raysub.engine import loop, sharded
 from raysub.engine.compute import Compute
 from raysub.engine.flat import FlatParams, flatten_params
 from raysub.models import model_for
 from raysub.optim.base import BatchClosure, SubspaceOptimizer
-from raysub.projections import PROJECTIONS
+from raysub.projections import PROJECTIONS, stored_bytes
 from raysub.runs import layout
 from raysub.storage import RunDir
 import raysub.plugins  # noqa: F401  every plug-in registered: the Ray workers that train import this module
@@ -84,6 +84,7 @@ class Task:
     device: torch.device = torch.device("cpu")
     num_steps: int = 0  # `train_step`s taken in this process
     num_allreduce_floats: int = 0  # floats those steps all-reduced (the step's and its closure's)
+    num_group_floats: int = 0  # floats those steps sent in a sharded projection's reduce-scatters and all-gathers
 
     @classmethod
     def from_parts(cls, model: torch.nn.Module, theta0_N: torch.Tensor, projection, data=None, cfg=None
@@ -117,13 +118,17 @@ def subspace_dim(cfg, num_params: int) -> int:
     return num_params if PROJECTIONS.meta(cfg.train.projection).get("full") else cfg.train_dim
 
 
-def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
+def build_task(cfg, *, device="cpu", run=None, data=None, sharding: str = "replicated") -> Task:
     """The task of ``cfg``'s ``train`` section: dataset, model at θ0, projection; no Ray session needed.
 
     θ0 is the run directory's ``theta0.pt`` (``run``, else ``cfg.run_dir``; verified against its manifest) when
     it exists — so every rank and every trial starts from the same θ0 — else the model seeded with ``cfg.seed``.
     A family that reads a basis run (``dldr``) reads ``train.basis_run``, defaulting to this run. A
     full-parameter family (``identity``) gets d = N.
+
+    ``sharding`` (resolved: replicated, sharded or node; `raysub.engine.sharded`): with several ranks and a family
+    that stores P, this rank builds only its slice's rows and the projection becomes a `ShardedProjection`.
+    Collective then: every rank must call it.
     """
     device = torch.device(device)
     run = run or RunDir(cfg.run_dir)
@@ -139,8 +144,18 @@ def build_task(cfg, *, device="cpu", run=None, data=None) -> Task:
     name = cfg.train.projection
     dim = subspace_dim(cfg, theta0_N.numel())
     dtype = torch.bfloat16 if cfg.train.basis_dtype == "bfloat16" else torch.float32
-    projection = PROJECTIONS.get(name)(theta0_N.numel(), dim, cfg.seed, run_dir=cfg.train.basis_run or run.uri,
-                                       device=device, dtype=dtype, **cfg.train.projection_options)
+    num_params = theta0_N.numel()
+    comm = None
+    p_bytes = stored_bytes(name, num_params, dim, cfg.train.projection_options, torch.empty(0, dtype=dtype).element_size())
+    if sharding == "auto":  # no driver resolved it (a Tune trial): rank 0's choice, for every rank
+        sharding = sharded.agreed_auto(cfg, p_bytes)
+    if sharding != "replicated" and p_bytes:
+        comm = sharded.setup(sharding, num_params, cfg.train.projection_groups)
+    projection = PROJECTIONS.get(name)(num_params, dim, cfg.seed, run_dir=cfg.train.basis_run or run.uri,
+                                       device=device, dtype=dtype, **({"rows": comm.layout.rows} if comm else {}),
+                                       **cfg.train.projection_options)
+    if comm is not None:
+        projection = sharded.ShardedProjection(projection, num_params, comm)
     return Task(SubspaceModel(model, theta0_N, projection, Compute.of(cfg, device)), data, cfg, device)
 
 
@@ -254,6 +269,7 @@ def train_step(task: Task, z_D: torch.Tensor, opt: SubspaceOptimizer, x: torch.T
         (the global batch loss at z before the step, a 0-d tensor; the optimizer's statistics of the step).
     """
     sub = task.sub
+    sent_before = sharded.group_floats(sub.projection)
     sub.set_z(z_D)
     loss, g_D = sub.loss_and_grad(x, y)
     _, world = loop.rank_world()
@@ -262,6 +278,7 @@ def train_step(task: Task, z_D: torch.Tensor, opt: SubspaceOptimizer, x: torch.T
         g_D, loss = packed[:-1], packed[-1]
     stats = opt.step(z_D, g_D, loss, StepClosure(task, x, y))
     task.num_steps += 1
+    task.num_group_floats += sharded.group_floats(sub.projection) - sent_before
     return loss, stats
 
 
@@ -272,6 +289,12 @@ def allreduce_floats_per_step(task: Task) -> float:
     (P-BFGS), D+1 per extra gradient (P-BFGS's ``y_same_batch``), (C+1)·D + 2C + 2 per class-gradient sum.
     """
     return task.num_allreduce_floats / task.num_steps if task.num_steps else 0.0
+
+
+def group_floats_per_step(task: Task) -> float:
+    """Mean floats this rank sent per `train_step` in the sharded projection's reduce-scatters and all-gathers
+    (within its group: the world, or its node; 0 replicated)."""
+    return task.num_group_floats / task.num_steps if task.num_steps else 0.0
 
 
 def loss_and_projected_grad(task: Task, z_D: torch.Tensor, batch: Tuple[torch.Tensor, torch.Tensor]

@@ -142,6 +142,8 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
     from raysub.plugins import OPTIMIZERS  # l2o included
 
     max_dim = OPTIMIZERS.meta(cfg.train.optimizer).get("max_dim") if cfg.train.optimizer in OPTIMIZERS else None
+    if not problems:
+        problems += [p for p in [sharding_plan(cfg, num_params, dim)["problem"]] if p]
     if max_dim is not None and dim > max_dim:  # e.g. P-BFGS on every parameter of a UV model
         problems.append(f"train.optimizer={cfg.train.optimizer} keeps d×d matrices: d={dim:,} needs "
                         f"{4 * dim * dim / 2 ** 30:.1f} GiB for each (its limit is d ≤ {max_dim:,}): use it in a "
@@ -149,6 +151,45 @@ def check_train_projection(cfg: Config, num_params: int, run: RunDir, own_basis:
                         f"(psgd, adam)")
     if problems:
         raise ConfigError(problems)
+
+
+def sharding_plan(cfg: Config, num_params: int, dim: int, nodes: int = 1) -> Dict[str, Any]:
+    """Where P lives in this training (`raysub.engine.sharded`): {"mode" (resolved), "requested", "p_bytes" (P
+    whole; 0 for a family holding no N×D matrix), "per_worker" (bytes of P each worker holds), "budget" (bytes),
+    "budget_from" (how the budget was chosen), "problem" (a one-line refusal, or None)}.
+
+    ``nodes``: Ray's node count (1 before Ray starts; ``train.projection_groups`` stands for it). An explicit mode
+    whose per-worker P exceeds the budget is a problem: the run would swap or be killed by the OOM killer mid-run.
+    """
+    import torch  # heavy: the planner's callers have loaded it already
+
+    from raysub.engine import sharded
+    from raysub.projections import stored_bytes
+
+    world = cfg.cluster.num_workers
+    groups = cfg.train.projection_groups or nodes
+    node_size = max(world // max(groups, 1), 1)
+    itemsize = 2 if cfg.train.basis_dtype == "bfloat16" else torch.empty(0).element_size()
+    p_bytes = stored_bytes(cfg.train.projection, num_params, dim, cfg.train.projection_options, itemsize)
+    # the workers sharing one machine: all of them on a local cluster, a node's share on a cluster of several
+    budget, budget_from = sharded.budget_bytes(cfg, node_size if groups > 1 and not cfg.train.projection_groups
+                                               else world)
+    requested = cfg.train.projection_sharding
+    mode = sharded.resolve_mode(requested, p_bytes, budget, world, node_size, groups)
+    per_worker = sharded.per_worker_bytes(mode, p_bytes, world, node_size)
+    problem = None
+    if requested != "auto" and p_bytes and per_worker > budget:
+        fits = [m for m in (["node"] if groups > 1 else []) + ["sharded"]
+                if sharded.per_worker_bytes(m, p_bytes, world, node_size) <= budget]
+        fix = (f"set train.projection_sharding={fits[0]} ({sharded.per_worker_bytes(fits[0], p_bytes, world, node_size) / 1e9:.1f} "
+               f"GB per worker) or auto" if fits
+               else "use more workers, a smaller train.dim, or train.basis_dtype=bfloat16")
+        problem = (f"train.projection_sharding={requested}: P ({cfg.train.projection}, N={num_params:,} × d={dim} × "
+                   f"{itemsize} B) takes {per_worker / 1e9:.1f} GB per worker, above the {budget / 1e9:.1f} GB budget "
+                   f"({budget_from if cfg.train.projection_budget_gb is not None else budget_from + '; set train.projection_budget_gb to change it'}): "
+                   f"{fix}")
+    return {"mode": mode, "requested": requested, "p_bytes": p_bytes, "per_worker": per_worker, "budget": budget,
+            "budget_from": budget_from, "problem": problem}
 
 
 def basis_run_theta0(cfg: Config, model: Any = None) -> Optional[Dict[str, Any]]:

@@ -20,7 +20,7 @@ from raysub.lock import RunLocked
 from raysub.metrics import convergence_step
 from raysub.pipeline.basis import basis_dir, build_basis
 from raysub.pipeline.plan import (check, check_foreign_basis_theta0, check_train_projection, describe_params, plan,
-                                  subspace_run_checks)
+                                  sharding_plan, subspace_run_checks)
 from raysub.pipeline.stream_gram import read_streamed_gram
 from raysub.report.plots import plot_accuracy, plot_explained_variance, plot_stop_signal
 from raysub.report.tables import format_progress, results_table
@@ -275,12 +275,16 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
             manifest.shards.pop(layout.train_z(label), None)
             manifest.stages[stage_key] = {"complete": False, "train": cfg.to_dict()["train"]}
             commit(run, manifest)
+        shard = sharding_plan(cfg, manifest.num_params, dim, cluster.node_count())
         say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
             f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
             + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss; an optimizer's same-batch "
-               f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else ""))
+               f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else "")
+            + (f"; P {shard['mode']}" + (" (auto)" if shard["requested"] == "auto" else "")
+               + f": {shard['per_worker'] / 1e9:.2f} GB per worker of {shard['p_bytes'] / 1e9:.2f} GB, budget "
+               f"{shard['budget'] / 1e9:.1f} GB" if shard["p_bytes"] else ""))
         try:
-            out = run_subspace(cfg, run, lambda r: say(format_progress(r)))
+            out = run_subspace(cfg, run, lambda r: say(format_progress(r)), shard["mode"])
         except RaysubError as exc:
             # a bad input (or storage, divergence) found by the workers: nothing of this new training is kept (a lost lock: nothing touched)
             if not resumed and not isinstance(exc, RunLocked):
@@ -298,6 +302,10 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
         else:
             record.update(test_acc=hist[-1]["test_acc"], epochs=hist[-1]["epoch"], wall_s=hist[-1]["elapsed_s"],
                           allreduce_floats_per_step=hist[-1]["allreduce_floats_per_step"])
+            # where P lived (the workers' own account) next to what the plan chose
+            record.update({k: hist[-1][k] for k in ("projection_sharding", "p_bytes_per_worker",
+                                                    "group_floats_per_step") if k in hist[-1]},
+                          projection_budget=shard["budget"], projection_sharding_requested=shard["requested"])
             trained = out.get("written", {}).get(layout.train_z(label))  # rank 0's digest of its write, not a re-read
             if trained is None:
                 raise StorageError(f"the training reported no checksum for {run.path(layout.train_z(label))}: retrain "
@@ -320,7 +328,10 @@ def _check_train_resume(run: RunDir, cfg: Config, stage: Dict[str, Any]) -> None
     """A resumed training must be the one that started (its ``train`` section); ``cluster.*`` may change."""
     if "train" not in stage:
         return
-    diffs = config_diff({"train": stage["train"]}, {"train": cfg.to_dict()["train"]})
+    # where P lives changes no result (z and the optimizer state are replicated): a resume may change it
+    free = ("projection_sharding", "projection_budget_gb", "projection_groups")
+    diffs = config_diff({"train": {k: v for k, v in stage["train"].items() if k not in free}},
+                        {"train": {k: v for k, v in cfg.to_dict()["train"].items() if k not in free}})
     if diffs:
         raise ConfigError(f"--resume: '{cfg.train_label}' was started with other settings: {diff_text(diffs)}; "
                           f"resuming would mix two trainings: resume with the same train.* settings, retrain with "

@@ -5,6 +5,11 @@ its B/W examples), projects it, g̃_r = Pᵀ g_r, and all-reduces D+1 floats (g�
 the mean of the projections is the projection of the mean gradient. Every worker then applies the same Δz, so θ
 stays identical across workers without ever communicating N floats.
 
+When P does not fit a worker (``train.projection_sharding``: sharded, node, or auto's choice, planned by the driver
+with `raysub.pipeline.plan.sharding_plan`), each worker holds only the rows of its slice of θ: it reduce-scatters
+the gradient, projects its slice, and all-gathers θ after the step (`raysub.engine.sharded`); the D+1-float
+all-reduce, the optimizers and the checkpoints are as above.
+
 BatchNorm: running statistics are buffers outside the subspace. Each worker updates its own during the epoch
 (from its local batches); at the end of every epoch, before evaluation and the checkpoint, they are
 broadcast from rank 0, so all workers evaluate and checkpoint the same model.
@@ -29,8 +34,9 @@ from typing import Any, Dict, List
 import torch
 
 from raysub import faults
-from raysub.engine import loop
-from raysub.engine.task import Task, allreduce_floats_per_step, build_task, evaluate_task, train_step
+from raysub.engine import loop, sharded
+from raysub.engine.task import (Task, allreduce_floats_per_step, build_task, evaluate_task, group_floats_per_step,
+                                 train_step)
 from raysub.config import Config
 from raysub.runs import layout
 from raysub.storage import RunDir
@@ -124,7 +130,8 @@ def subspace_loop(config: Dict[str, Any]) -> None:
 
     ctx = loop.worker_context(config)
     cfg = ctx.cfg
-    task = build_task(cfg, device=ctx.device, run=ctx.run)
+    task = build_task(cfg, device=ctx.device, run=ctx.run,
+                      sharding=config.get("sharding") or cfg.train.projection_sharding)
     z_D = task.new_z()
     opt = build_optimizer(cfg.train.optimizer, z_D, cfg.train)
     state = _restore(ctx.session, task, z_D, opt)
@@ -149,7 +156,11 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         record = {"stage": cfg.train_label, "epoch": epoch + 1, "epochs": cfg.train.epochs,
                   "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
                   **{f"{s}_{k}": v for s in evals for k, v in scores[s].items()},
-                  "elapsed_s": now, "allreduce_floats_per_step": allreduce_floats_per_step(task)}
+                  "elapsed_s": now, "allreduce_floats_per_step": allreduce_floats_per_step(task),
+                  "projection_sharding": sharded.mode_of(task.projection),
+                  "p_bytes_per_worker": sharded.held_bytes(task.projection)}
+        if isinstance(task.projection, sharded.ShardedProjection):
+            record["group_floats_per_step"] = group_floats_per_step(task)
         if opt.counters():
             record["optimizer_stats"] = opt.counters()
         if step_stats:
@@ -176,8 +187,9 @@ def subspace_loop(config: Dict[str, Any]) -> None:
         faults.after_epoch(ctx.run, epoch + 1)  # testing hooks (`raysub.faults`), inert unless the driver set them
 
 
-def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
-    """Driver side: run `subspace_loop` on Ray Train.
+def run_subspace(cfg: Config, run: RunDir, printer, sharding: str = "") -> Dict[str, Any]:
+    """Driver side: run `subspace_loop` on Ray Train; ``sharding``: the resolved ``train.projection_sharding``
+    (`raysub.pipeline.plan.sharding_plan`; empty: the workers resolve the config's).
 
     Returns:
         {"history", "step_losses", "wall_s", "diverged", "written"}: the completed epochs' records and global step
@@ -191,7 +203,8 @@ def run_subspace(cfg: Config, run: RunDir, printer) -> Dict[str, Any]:
     from raysub.tracking import train_callbacks
 
     progress = make_progress_queue()
-    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress, "lock_token": token_of(run)},
+    trainer = torch_trainer(subspace_loop, {"cfg": cfg.to_dict(), "progress": progress, "lock_token": token_of(run),
+                                            "sharding": sharding},
                             cfg,
                             f"train-{cfg.train_label}", run.ray_storage("checkpoints"),
                             callbacks=train_callbacks(cfg, run, f"train-{cfg.train_label}"))  # raysub.tracking

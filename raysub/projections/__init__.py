@@ -17,10 +17,11 @@ registers them all. Shape suffixes follow `raysub.engine.flat`'s legend: N param
 | identity | I (D = N): full-parameter training        | none              | N                        |
 """
 from raysub.projections.base import (
-    FACTORY_ARGS, PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks,
+    FACTORY_ARGS, PROJECTIONS, MatrixProjection, Projection, check_projection, no_checks, stored_bytes,
 )
 from raysub.projections import dense, dldr, fastfood, fastjl, identity, sparse  # noqa: F401 — each registers itself
 
 __all__ = [  # the package's API, re-exported from the modules that define it
     "FACTORY_ARGS", "PROJECTIONS", "MatrixProjection", "Projection", "check_projection", "no_checks",
+    "stored_bytes",
 ]

@@ -18,6 +18,10 @@ annotations. Every family declares this metadata (read with ``PROJECTIONS.meta(n
   default holds no N×D tensor (``dense``: ``{"max_bytes": 0}``, streamed).
 - ``check``: ``check(num_params, dim, options, basis_run) -> List[str]``, the family's own one-line problems
   beyond the shared ones (`no_checks`: none).
+- ``stored_bytes`` (optional): ``stored_bytes(num_params, dim, options, itemsize) -> int``, the bytes of the
+  N×D matrix a worker holds replicated (0: none, e.g. streamed). A family that declares it takes the factory
+  argument ``rows`` = (start, stop) and then returns a `MatrixProjection` of only those parameter rows of P
+  (``train.projection_sharding``, `raysub.engine.sharded`); the other families are O(N) already.
 
 `check_projection` runs all of it before Ray starts, so config, pipeline and sweep need no per-family code.
 
@@ -36,7 +40,7 @@ from raysub.errors import ConfigError, StorageError
 from raysub.projections._common import dim_problems
 
 PROJECTIONS: Registry = Registry("projection family")
-FACTORY_ARGS = ("run_dir", "device", "dtype")  # what the training loop passes; the rest are user options
+FACTORY_ARGS = ("run_dir", "device", "dtype", "rows")  # what the training loop passes; the rest are user options
 META_FLAGS = ("random", "needs_basis_run", "full", "low_memory")  # the bools every family declares
 
 
@@ -73,6 +77,13 @@ def check_projection(name: str, num_params: int, dim: int, options: Optional[Dic
     except (ConfigError, StorageError) as exc:  # e.g. an unreadable run directory
         problems += exc.problems
     return problems
+
+
+def stored_bytes(name: str, num_params: int, dim: int, options: Optional[Dict[str, Any]], itemsize: int) -> int:
+    """Bytes of P one worker holds replicated in the ``dim``-dimensional ``name`` subspace (0: the family holds no
+    N×D matrix, or not with these options)."""
+    hook = PROJECTIONS.meta(name).get("stored_bytes")
+    return int(hook(num_params, dim, dict(options or {}), itemsize)) if hook else 0
 
 
 class Projection(abc.ABC):

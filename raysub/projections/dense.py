@@ -67,24 +67,40 @@ class StreamedDenseProjection(Projection):
         return acc * self.inv_norm_D.to(g_N.dtype)
 
 
-def materialize(num_params: int, dim: int, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """The D×N matrix (rows = unit basis vectors), built block by block from the same streams."""
+def materialize(num_params: int, dim: int, seed: int, device="cpu", dtype=torch.float32, rows=None) -> torch.Tensor:
+    """The D×N matrix (rows = unit basis vectors), built block by block from the same streams; with ``rows`` =
+    (start, stop) only those parameter rows of P (a D×(stop−start) slice: a sharded worker's), bit for bit the
+    same columns of the whole matrix (the column norms still take one generation pass over all of P, D floats
+    kept)."""
+    lo, hi = rows if rows is not None else (0, num_params)
     inv = column_norms(num_params, dim, seed, device).reciprocal()
-    basis_DN = torch.empty(dim, num_params, dtype=dtype, device=device)
+    basis_DN = torch.empty(dim, hi - lo, dtype=dtype, device=device)
     for index, start, stop in _blocks(num_params):
-        block = _block(seed, index, stop - start, dim, device).double() * inv
-        basis_DN[:, start:stop] = block.t().to(dtype)
+        if stop <= lo or start >= hi:
+            continue
+        block = _block(seed, index, stop - start, dim, device)[max(lo, start) - start : min(hi, stop) - start]
+        basis_DN[:, max(lo, start) - lo : min(hi, stop) - lo] = (block.double() * inv).t().to(dtype)
     return basis_DN
 
 
+def stored_bytes(num_params: int, dim: int, options, itemsize: int) -> int:
+    """Bytes of P a worker holds replicated: N·D·itemsize when it is kept (≤ ``max_bytes``), 0 when streamed."""
+    size = num_params * dim * itemsize
+    return size if size <= int(options.get("max_bytes", DEFAULT_MAX_BYTES)) else 0
+
+
+DEFAULT_MAX_BYTES = 1 << 30
+
+
 @PROJECTIONS.register("dense", random=True, needs_basis_run=False, full=False, low_memory=False,
-                      low_memory_options={"max_bytes": 0}, check=no_checks)
+                      low_memory_options={"max_bytes": 0}, check=no_checks, stored_bytes=stored_bytes)
 def dense_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
-                     dtype=torch.float32, max_bytes: int = 1 << 30) -> Projection:
+                     dtype=torch.float32, rows=None, max_bytes: int = DEFAULT_MAX_BYTES) -> Projection:
     """Gaussian basis, unit-norm columns; kept on the device when N·D·itemsize ≤ ``max_bytes`` (default
-    1 GiB), streamed from the seed otherwise (``max_bytes=0`` always streams)."""
+    1 GiB), streamed from the seed otherwise (``max_bytes=0`` always streams). ``rows`` = (start, stop): a kept
+    P's rows of that slice only (`materialize`), for a sharded worker."""
     check_dim("dense", num_params, dim)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    if num_params * dim * itemsize <= max_bytes:
-        return MatrixProjection(materialize(num_params, dim, seed, device, dtype), dtype=dtype, seed=seed)
+    if stored_bytes(num_params, dim, {"max_bytes": max_bytes}, itemsize):
+        return MatrixProjection(materialize(num_params, dim, seed, device, dtype, rows), dtype=dtype, seed=seed)
     return StreamedDenseProjection(num_params, dim, seed, device)

@@ -79,12 +79,18 @@ def basis_run_problems(num_params: int, dim: int, options: Mapping[str, Any], ba
     return problems
 
 
+def stored_bytes(num_params: int, dim: int, options: Mapping[str, Any], itemsize: int) -> int:
+    """A worker holds the whole basis (N·D·itemsize) unless it is sharded."""
+    return num_params * dim * itemsize
+
+
 @PROJECTIONS.register("dldr", random=False, needs_basis_run=True, full=False, low_memory=False,
-                      check=basis_run_problems)
+                      check=basis_run_problems, stored_bytes=stored_bytes)
 def dldr_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, device="cpu",
-                    dtype=torch.float32, scale: str = "none") -> MatrixProjection:
+                    dtype=torch.float32, rows=None, scale: str = "none") -> MatrixProjection:
     """The DLDR basis of a run directory (its leading ``dim`` principal directions), each scaled by ``scale``
-    (see the module docstring).
+    (see the module docstring); with ``rows`` = (start, stop) only those parameter rows, read from the stored
+    blocks that hold them (a sharded worker's; ``scale`` multiplies each component, so it applies per block).
 
     Raises:
         ConfigError: D outside (0, N], no run directory, an unknown ``scale``, or its basis is of a model with
@@ -95,8 +101,12 @@ def dldr_projection(num_params: int, dim: int, seed: int = 0, *, run_dir=None, d
         raise ConfigError(NO_RUN)
     if scale_problems({"scale": scale}):
         raise ConfigError([f"train.projection_options.{p}" for p in scale_problems({"scale": scale})])
-    basis_DN = run_basis.load_basis(run_dir, dim)
-    if basis_DN.shape[1] != num_params:
+    if rows is not None:
+        stored_n = run_basis.read_num_params(RunDir(run_dir) if isinstance(run_dir, str) else run_dir)
+        if stored_n is not None and stored_n != num_params:
+            raise ConfigError(other_model(getattr(run_dir, "uri", run_dir), stored_n, num_params))
+    basis_DN = run_basis.load_basis(run_dir, dim) if rows is None else run_basis.load_basis(run_dir, dim, rows)
+    if basis_DN.shape[1] != (num_params if rows is None else rows[1] - rows[0]):
         raise ConfigError(other_model(getattr(run_dir, "uri", run_dir), basis_DN.shape[1], num_params))
     if scale != "none":
         run = RunDir(run_dir) if isinstance(run_dir, str) else run_dir

@@ -6,7 +6,7 @@ Written by the basis stage (`raysub.pipeline.basis`) and by the sampling ranks; 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -43,8 +43,14 @@ def read_spectrum(run: RunDir) -> Optional[Dict[str, Any]]:
     return run.read_json(layout.spectrum(where), shards.get(layout.spectrum(where)))
 
 
-def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
+def load_basis(run_uri: str, dim: Optional[int] = None, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """The D×N basis (leading ``dim`` components) of a run, checked against the manifest's checksums.
+
+    With ``rows`` = (start, stop): only those parameter rows (D × (stop − start)), reading only the stored blocks
+    that overlap them — a sharded worker's share (`raysub.engine.sharded`). When the training's slices are the
+    stored blocks (as many slices as the sampling run had ranks: `raysub.storage.block_bounds` both), a rank reads
+    exactly its block; otherwise it reads each overlapping block whole (every block is verified against its
+    checksum, so no partial read) and keeps its rows.
 
     Raises:
         ConfigError/StorageError: no basis yet, ``dim`` above the stored one, or a corrupted shard.
@@ -60,6 +66,10 @@ def load_basis(run_uri: str, dim: Optional[int] = None) -> np.ndarray:
     sums = Manifest.peek(run).shards
     parts = []
     for b in spec["blocks"]:
-        buf = run.read_bytes(b["path"], sums.get(b["path"], b["sha256"]))
-        parts.append(decode_columns(buf, dim))
-    return np.concatenate(parts, axis=1)
+        if rows is not None and (b["stop"] <= rows[0] or b["start"] >= rows[1]):
+            continue
+        cols = decode_columns(run.read_bytes(b["path"], sums.get(b["path"], b["sha256"])), dim)
+        if rows is not None:  # this block's share of the rows
+            cols = cols[:, max(rows[0], b["start"]) - b["start"] : min(rows[1], b["stop"]) - b["start"]]
+        parts.append(cols)
+    return np.concatenate(parts, axis=1) if len(parts) != 1 else parts[0]
