@@ -78,19 +78,21 @@ SAMPLED = ["sgd.epochs=3", "sample.epochs=3", "sample.snapshot_every_steps=4", "
 
 @pytest.fixture(scope="session")
 def sampled_runs(ray_session, tmp_path_factory):
-    """``SAMPLED`` on 1 and 2 workers (the same global batch and data order), once per session: {workers: run
-    directory}. The reference of tests/test_pipeline.py (2 workers match 1), tests/test_kills.py and
-    tests/test_stream_pipeline.py (a killed or restarted run equals it bit for bit): one Ray Train fit each instead
-    of one per module. Tests read them, add training labels, or copy them before changing anything else."""
+    """``SAMPLED`` on one rank and on 2 workers (the same global batch and data order), once per session: {1 or 2:
+    run directory}. The one-rank run is Ray Train's local mode (cluster.num_workers=0: the loop in this process, no
+    worker to start; tests/test_tracking.py samples on one Ray Train worker). The reference of
+    tests/test_pipeline.py (2 workers match 1), tests/test_kills.py and tests/test_stream_pipeline.py (a killed or
+    restarted run equals the 2-worker one bit for bit): one run each instead of one per module. Tests read them, add
+    training labels, or copy them before changing anything else."""
     from raysub import pipeline
     from raysub.config import load_config
 
     root = tmp_path_factory.mktemp("sampled")
     out = {}
-    for workers in (1, 2):
-        cfg = load_config(None, SAMPLED + [f"cluster.num_workers={workers}", f"run_dir={root}/w{workers}"])
+    for workers in (0, 2):
+        cfg = load_config(None, SAMPLED + [f"cluster.num_workers={workers}", f"run_dir={root}/w{workers or 1}"])
         pipeline.stage_sample(cfg, say=lambda _line: None)
-        out[workers] = cfg.run_dir
+        out[workers or 1] = cfg.run_dir
     return out
 
 

@@ -170,3 +170,25 @@ def test_a_rank_reads_only_the_blocks_holding_its_rows(tmp_path, monkeypatch):
     assert len(_Counting.read) == 3
     np.testing.assert_array_equal(part, full[:, 4:11])
     np.testing.assert_array_equal(run_basis.load_basis(run.uri, 3), full)
+
+
+# -- local mode (cluster.num_workers=0) --------------------------------------------------------------------------------
+
+def test_local_mode_is_one_rank_and_says_so():
+    """cluster.num_workers=0 is Ray Train's local mode: a valid config, one rank for every size that divides by
+    the workers (blocks, batch shares), and a first line that says the run is not tracked. Catches 0 workers used
+    as a divisor (block_bounds(N, 0), a batch split 0 ways) and a silent loss of tracking."""
+    from raysub.config import schema_problems
+    from raysub.pipeline.run import workers_text
+    from raysub.pipeline.sample_plan import stream_plan
+
+    cfg = load_config(None, ["cluster.num_workers=0"])
+    assert schema_problems(cfg) == [] and (cfg.ranks, cfg.local_mode) == (1, True)
+    assert workers_text(cfg) == "local mode (one rank in this process, not tracked)"
+    assert workers_text(load_config(None, ["cluster.num_workers=0", "tracking.tensorboard=false"])) == \
+        "local mode (one rank in this process)"
+    assert workers_text(load_config(None, ["cluster.num_workers=3"])) == "3 workers"
+    assert schema_problems(load_config(None, ["cluster.num_workers=-1"])) == ["cluster.num_workers=-1: must be ≥ 0"]
+    # one block of all N parameters (not a division by zero): 4,810 float32 × 20 snapshots fit 1 MB
+    assert stream_plan(load_config(None, ["cluster.num_workers=0", "sample.stream_gram=true",
+                                          "sample.stream_gram_budget_mb=1"]), 4810, 20) is None

@@ -190,7 +190,6 @@ def schema_problems(cfg) -> List[str]:
     their packages). Empty list: fine."""
     problems: List[str] = []
     for key, value in (
-        ("cluster.num_workers", cfg.cluster.num_workers),
         ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker),
         ("sgd.epochs", cfg.sgd.epochs),
         ("sgd.lr", cfg.sgd.lr),
@@ -212,6 +211,7 @@ def schema_problems(cfg) -> List[str]:
         problems.append(f"train.label={_show(cfg.train.label)}: a label names files of the run (train/LABEL.pt, "
                         f"curves/LABEL.json): use letters, digits, '.', '_' and '-', not first '.', at most 100")
     for key, value in (
+        ("cluster.num_workers", cfg.cluster.num_workers),  # 0: Ray Train's local mode
         ("cluster.max_failures", cfg.cluster.max_failures),
         ("sgd.momentum", cfg.sgd.momentum),
         ("sgd.weight_decay", cfg.sgd.weight_decay),
@@ -230,7 +230,7 @@ def schema_problems(cfg) -> List[str]:
         positive(problems, "train.projection_budget_gb", cfg.train.projection_budget_gb)
     groups = cfg.train.projection_groups
     if groups is not None:
-        if groups <= 0 or cfg.cluster.num_workers % groups:
+        if groups <= 0 or cfg.ranks % groups:
             problems.append(f"train.projection_groups={groups}: must divide cluster.num_workers="
                             f"{cfg.cluster.num_workers} (each group is a node's consecutive ranks)")
         elif cfg.train.projection_sharding not in ("node", "auto"):

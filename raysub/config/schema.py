@@ -62,7 +62,10 @@ class ClusterConfig:
         default=None,
         metadata={"help": "Ray address; None starts a local cluster for the run, 'auto' joins a running one"},
     )
-    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (DDP ranks)"})
+    num_workers: int = field(default=2, metadata={
+        "help": "Ray Train workers (DDP ranks); 0: Ray Train's local mode, the loop runs in this process as one rank "
+                "(for debugging: breakpoints work; no checkpoints are kept, so --resume restarts an interrupted stage, "
+                "and no tracking)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, nccl backend"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "logical CPUs each worker reserves"})
     num_cpus: Optional[int] = field(default=None, metadata={"help": "logical CPUs of a local cluster"})
@@ -294,6 +297,16 @@ class Config:
     @property
     def train_dim(self) -> int:
         return self.train.dim if self.train.dim is not None else self.basis.dim
+
+    @property
+    def ranks(self) -> int:
+        """The ranks a stage trains on: ``cluster.num_workers``, and 1 in local mode (0 workers)."""
+        return max(1, self.cluster.num_workers)
+
+    @property
+    def local_mode(self) -> bool:
+        """``cluster.num_workers=0``: Ray Train's local mode, the loop in the driver's process."""
+        return self.cluster.num_workers == 0
 
     @property
     def train_label(self) -> str:

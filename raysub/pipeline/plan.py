@@ -98,7 +98,7 @@ def plan(cfg: Config) -> Dict[str, Any]:
                         f"more (sample.epochs, sample.snapshots_per_epoch, sample.snapshot_every_steps)")
     if cfg.basis.dim >= n:
         problems.append(f"basis.dim={cfg.basis.dim} must be < the model's {n} parameters: lower it")
-    if cfg.cluster.num_workers > n:
+    if cfg.ranks > n:
         problems.append(f"cluster.num_workers={cfg.cluster.num_workers} exceeds the {n} parameters to shard")
     if problems:
         raise ConfigError(problems)
@@ -166,7 +166,7 @@ def sharding_plan(cfg: Config, num_params: int, dim: int, nodes: int = 1) -> Dic
     from raysub.engine import sharded
     from raysub.projections import stored_bytes
 
-    world = cfg.cluster.num_workers
+    world = cfg.ranks
     groups = cfg.train.projection_groups or nodes
     node_size = max(world // max(groups, 1), 1)
     itemsize = 2 if cfg.train.basis_dtype == "bfloat16" else torch.empty(0).element_size()

@@ -64,7 +64,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
             say(f"[sample] already complete in {run.uri}; skipping")
             return manifest
         say(f"[sample] {cfg.model.name} on {cfg.data.name}: {describe_params(cfg, info)}, "
-            f"{cfg.cluster.num_workers} workers, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
+            f"{workers_text(cfg)}, {info['num_snapshots']} snapshots over {cfg.sample.epochs} epochs, "
             f"SGD for {cfg.sgd.epochs} epochs")
         out = run_sample(cfg, run, lambda r: say(format_progress(r)), num_params=info["num_params"],
                          num_snaps=info["num_snapshots"], basis_prefix=layout.new_basis_prefix())
@@ -83,7 +83,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
             say(f"[sample] adaptive window ended after {out['window_epochs']} of at most {cfg.sample.epochs} epochs "
                 f"({out['num_snapshots']} snapshots)")
         summary.update({"dataset": cfg.data.name, "model": cfg.model.name, "num_params": info["num_params"],
-                        "num_snapshots": out["num_snapshots"], "world_size": cfg.cluster.num_workers})
+                        "num_snapshots": out["num_snapshots"], "world_size": cfg.ranks})
         summary["results"]["sgd"] = {"test_acc": hist[-1]["test_acc"], "epochs": hist[-1]["epoch"],
                                      "wall_s": hist[-1]["elapsed_s"], "dim": info["num_params"],
                                      **_loss_curve(run, "sgd", out["step_losses"]), "history": hist}
@@ -94,7 +94,7 @@ def stage_sample(cfg: Config, resume: bool = False, overwrite: bool = False, say
         commit(run, manifest)
         if out["basis"] is not None:  # the ranks wrote the basis at the window's end
             gen, record = out["basis"]
-            say(f"[basis] written by the {cfg.cluster.num_workers} sampling ranks at the window's end (no read of the "
+            say(f"[basis] written by the {cfg.ranks} sampling ranks at the window's end (no read of the "
                 f"trajectory)")
             _commit_basis(run, manifest, cfg, gen, record, record["timings"]["total_s"], say)
         return manifest
@@ -210,6 +210,15 @@ def _drop_own_basis_trainings(manifest: Manifest) -> List[str]:
     return labels
 
 
+def workers_text(cfg: Config) -> str:
+    """``2 workers``, or Ray Train's local mode (``cluster.num_workers=0``) said as such."""
+    if not cfg.local_mode:
+        return f"{cfg.cluster.num_workers} workers"
+    # Ray Train runs no callbacks in local mode: TensorBoard/MLflow stay silent, and that is said here
+    tracked = cfg.tracking.tensorboard or cfg.tracking.mlflow
+    return "local mode (one rank in this process" + (", not tracked)" if tracked else ")")
+
+
 def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = False, resume: bool = False,
                 say: Printer = print, cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Train z from θ0 in the run's subspace; commits ``results[train.label]`` (and the stage) in the manifest.
@@ -277,9 +286,9 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
             commit(run, manifest)
         shard = sharding_plan(cfg, manifest.num_params, dim, cluster.node_count())
         say(f"[{label}] {cfg.train.optimizer} in a {dim:,}-dim {cfg.train.projection} subspace, "
-            f"{cfg.cluster.num_workers} workers, {cfg.train.epochs} epochs"
+            f"{workers_text(cfg)}, {cfg.train.epochs} epochs"
             + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss; an optimizer's same-batch "
-               f"re-evaluations add theirs)" if cfg.cluster.num_workers > 1 else "")
+               f"re-evaluations add theirs)" if cfg.ranks > 1 else "")
             + (f"; P {shard['mode']}" + (" (auto)" if shard["requested"] == "auto" else "")
                + f": {shard['per_worker'] / 1e9:.2f} GB per worker of {shard['p_bytes'] / 1e9:.2f} GB, budget "
                f"{shard['budget'] / 1e9:.1f} GB" if shard["p_bytes"] else ""))

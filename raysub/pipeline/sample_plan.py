@@ -76,7 +76,7 @@ def stream_plan(cfg: Config, num_params: int, num_snaps: int) -> Optional[str]:
     """
     if not cfg.sample.stream_gram:
         return "sample.stream_gram=false"
-    bounds = block_bounds(num_params, cfg.cluster.num_workers)
+    bounds = block_bounds(num_params, cfg.ranks)
     widest = max(hi - lo for lo, hi in bounds)
     why = budget_refusal(num_snaps, widest, cfg.sample.stream_gram_budget_mb)
     if why is not None and (cfg.sample.stop == "adaptive" or cfg.sample.write_basis):

@@ -99,7 +99,7 @@ def check_resume(run: RunDir, cfg: Config, also_safe: Sequence[str] = ()) -> Non
     manifest = Manifest.peek(run)
     blocks = len(manifest.blocks or [])
     if blocks and not manifest.stages.get("sample", {}).get("complete") \
-            and cfg.cluster.num_workers != blocks:
+            and cfg.ranks != blocks:
         raise ConfigError(f"--resume: the unfinished sampling of {run.uri} is sharded over {blocks} workers: resume "
                           f"it with cluster.num_workers={blocks} (it may change once sampling is complete)")
     diffs = config_diff(Config.from_dict(stored).to_dict(), cfg.to_dict(), RESUME_SAFE + tuple(also_safe))
@@ -150,7 +150,7 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Manifest:
         git_revision=_git_revision(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(),
-        world_size=cfg.cluster.num_workers,
+        world_size=cfg.ranks,
         device="cuda" if cfg.cluster.use_gpu else "cpu",
         num_params=info["num_params"],  # trainable: the flat vector every stage sees
         num_params_total=info.get("num_params_total", info["num_params"]),  # frozen ones (UV's W0) too
@@ -159,7 +159,7 @@ def new_manifest(cfg: Config, info: Dict[str, Any]) -> Manifest:
         uv_layers=info["uv"]["layers"] if info.get("uv") else None,
         layout=info["layout"],
         blocks=[{"block": b, "start": s, "stop": e}
-                for b, (s, e) in enumerate(block_bounds(info["num_params"], cfg.cluster.num_workers))],
+                for b, (s, e) in enumerate(block_bounds(info["num_params"], cfg.ranks))],
         stages={},
         shards={},
         config=cfg.to_dict(),
