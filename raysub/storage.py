@@ -3,8 +3,9 @@
 A run directory is a local path or a URI (``s3://bucket/run``, ``gs://...``) that every node can reach; how a URI
 is read — endpoint, credentials, timeouts — is `raysub.uri`'s. A run directory needs a bucket and a path inside it.
 
-Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's sha256
-goes into ``manifest.json``; readers verify it.
+Files are written under a temporary name and renamed, so a reader never sees half a file. Every shard's checksum
+goes into ``manifest.json`` as ``ALGO:HEX`` (XXH3-128 now; a bare hex digest is an older run's sha256, still
+verified as such); readers verify it.
 
 Layout::
 
@@ -73,7 +74,55 @@ def strict_json(obj: Any) -> Any:
 
 
 def sha256(data) -> str:
+    """The plain sha256 hex digest (what runs written before checksums named their algorithm store)."""
     return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+# The checksum of every new shard: XXH3-128 (issue 26 §2, measured on the 2-core development machine with
+# jobs/bench/checksums.py: see the commit). Not a security boundary — the manifest and the lock are not
+# authentication — but 128 bits against accidental corruption, at memory speed.
+_ALGORITHMS = ("xxh3_128", "blake3", "sha256")
+# RAYSUB_CHECKSUM picks another for new shards (sha256 where a policy asks for it; the benchmarks' before/after):
+# every digest names its algorithm, so runs and readers may mix them
+CHECKSUM = os.environ.get("RAYSUB_CHECKSUM") or "xxh3_128"
+if CHECKSUM not in _ALGORITHMS:
+    raise StorageError(f"RAYSUB_CHECKSUM={CHECKSUM!r}: choose one of {', '.join(_ALGORITHMS)}")
+
+
+def _hasher(algorithm: str):
+    if algorithm == "xxh3_128":
+        import xxhash  # heavy-ish: a C extension, loaded on the first checksum
+
+        return xxhash.xxh3_128()
+    if algorithm == "blake3":
+        try:
+            import blake3  # optional: raysub writes XXH3-128; BLAKE3 digests come from RAYSUB_CHECKSUM=blake3
+        except ImportError:
+            raise StorageError("a BLAKE3 checksum needs the blake3 package: pip install blake3") from None
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise StorageError(f"unknown checksum algorithm {algorithm!r} (raysub knows {', '.join(_ALGORITHMS)}): was this "
+                       f"run written by a newer raysub?")
+
+
+def algorithm_of(digest: str) -> str:
+    """The algorithm a stored digest names (``ALGO:HEX``); a bare 64-hex digest is an older run's sha256."""
+    return digest.split(":", 1)[0] if ":" in digest else "sha256"
+
+
+def checksum(data, algorithm: str = CHECKSUM) -> str:
+    """The digest of ``data`` as the manifest stores it: ``ALGO:HEX`` (sha256 without a prefix, as older runs)."""
+    if algorithm == "sha256":
+        return sha256(data)
+    h = _hasher(algorithm)
+    h.update(memoryview(data))
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def matches(data, digest: str) -> bool:
+    """Whether ``data`` has the stored ``digest``, in the algorithm the digest names."""
+    return checksum(data, algorithm_of(digest)) == digest
 
 
 class _HashingSink:
@@ -81,8 +130,8 @@ class _HashingSink:
 
     def __init__(self, out):
         self.out = out
-        self.hash = hashlib.sha256()
-        self.sha256: Optional[str] = None
+        self.hash = _hasher(CHECKSUM)
+        self.sha256: Optional[str] = None  # the digest on exit (``ALGO:HEX``; the name is kept for callers)
         self.closed = False
         self.pos = 0
 
@@ -242,7 +291,7 @@ class RunDir:
 
     # -- bytes, text, json --------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data) -> str:
-        """Atomically write ``data`` to ``rel``; returns its sha256."""
+        """Atomically write ``data`` to ``rel``; returns its checksum (`checksum`)."""
         target = self.path(rel)
         with self._call("write", rel):
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
@@ -250,7 +299,7 @@ class RunDir:
             with self.fs.open_output_stream(tmp) as out:
                 out.write(data)
             self.fs.move(tmp, target)
-        return sha256(data)
+        return checksum(data)
 
     @contextlib.contextmanager
     def open_writer(self, rel: str):
@@ -268,10 +317,10 @@ class RunDir:
             out.close()
             self.fs.delete_file(tmp)
             raise
-        sink.sha256 = sink.hash.hexdigest()
+        sink.sha256 = sink.hash.hexdigest() if CHECKSUM == "sha256" else f"{CHECKSUM}:{sink.hash.hexdigest()}"
 
     def read_bytes(self, rel: str, checksum: Optional[str] = None) -> pa.Buffer:
-        """Read ``rel``; verify its sha256 when ``checksum`` is given.
+        """Read ``rel``; verify its checksum when ``checksum`` is given (in the algorithm the digest names).
 
         Raises:
             StorageError: missing file or checksum mismatch.
@@ -294,9 +343,9 @@ class RunDir:
                             f"writes it (with --overwrite)")
 
     def _verified(self, rel: str, buf: pa.Buffer, checksum: Optional[str]) -> pa.Buffer:
-        if checksum is not None and sha256(buf) != checksum:
-            raise StorageError(f"{self.path(rel)} is corrupted (sha256 does not match the manifest): rerun the stage "
-                               f"that writes it (with --overwrite)")
+        if checksum is not None and not matches(buf, checksum):
+            raise StorageError(f"{self.path(rel)} is corrupted ({algorithm_of(checksum)} does not match the manifest): "
+                               f"rerun the stage that writes it (with --overwrite)")
         return buf
 
     def read_buffer(self, rel: str, checksum: Optional[str] = None) -> pa.Buffer:
@@ -312,7 +361,7 @@ class RunDir:
         return self._verified(rel, buf, checksum)
 
     def write_json(self, rel: str, obj: Any) -> str:
-        """Write strict JSON (non-finite floats as null); returns its sha256."""
+        """Write strict JSON (non-finite floats as null); returns its checksum."""
         return self.write_text(rel, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
     def read_json(self, rel: str, checksum: Optional[str] = None) -> Any:
@@ -332,7 +381,7 @@ class RunDir:
 
     def write_text(self, rel: str, text: str) -> str:
         """Write ``text`` atomically, every URI in it without credentials (configs and manifests name the run by
-        its clean URI); returns its sha256."""
+        its clean URI); returns its checksum."""
         return self.write_bytes(rel, credentials.strip(text).encode())
 
     def read_text(self, rel: str) -> str:
@@ -356,7 +405,7 @@ class RunDir:
 
 
     def manifest_checksum(self, rel: str) -> Optional[str]:
-        """``rel``'s sha256 as ``manifest.json`` records it; None when the manifest or the entry is missing."""
+        """``rel``'s checksum as ``manifest.json`` records it; None when the manifest or the entry is missing."""
         if not self.exists("manifest.json"):
             return None
         return self.read_json("manifest.json").get("shards", {}).get(rel)

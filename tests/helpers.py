@@ -1,13 +1,12 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``: pytest puts tests/ on the path).
 """
-import hashlib
 import os
 from typing import Dict, Union
 
 import numpy as np
 
 from raysub.pipeline.sample import collect_trajectory
-from raysub.storage import RunDir, decode_vector
+from raysub.storage import RunDir, checksum, decode_vector
 
 
 def trajectory(run: Union[str, RunDir]) -> np.ndarray:
@@ -23,7 +22,8 @@ def trajectory(run: Union[str, RunDir]) -> np.ndarray:
 
 
 def tree(root) -> Dict[str, str]:
-    """What is under ``root``, to compare before and after a command: {relative path: sha256} of every file and
+    """What is under ``root``, to compare before and after a command: {relative path: checksum (raysub's, as the
+    manifest records it)} of every file and
     {relative path + "/": ""} of every directory (an empty folder left behind counts); {} when ``root`` is missing."""
     out: Dict[str, str] = {}
     for dirpath, _, files in os.walk(root):
@@ -31,7 +31,7 @@ def tree(root) -> Dict[str, str]:
         for name in files:
             full = os.path.join(dirpath, name)
             with open(full, "rb") as f:
-                out[os.path.relpath(full, root)] = hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(full, root)] = checksum(f.read())
     return out
 
 

@@ -211,14 +211,15 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
         ["optimizee 1"], ["optimizee 0"], ["optimizee 3"], ["optimizee 2"]]
     assert hist["best"] is not None and 0 <= hist["best"]["val_acc"] <= 1
     assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 3
-    import hashlib
     import json
+
+    from raysub.storage import checksum
     assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][2]["meta_step"] == 4
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     gen = manifest["stages"]["l2o"]["dir"]
     for name in ("weights.pt", "checkpoint.pt", "history.json"):  # committed with their checksums, in GEN
         rel = f"{gen}/{name}"
-        assert manifest["shards"][rel] == hashlib.sha256((tmp_path / "run" / rel).read_bytes()).hexdigest()
+        assert manifest["shards"][rel] == checksum((tmp_path / "run" / rel).read_bytes())
     for rel in ("l2o/weights.pt", "l2o/history.json"):  # the copies, for people and tools
         assert (tmp_path / "run" / rel).read_bytes() == (tmp_path / "run" / gen / rel.split("/")[-1]).read_bytes()
     assert manifest["stages"]["l2o"] == {"meta_step": 4, "complete": True, "dir": gen}

@@ -291,7 +291,7 @@ def test_init_from_a_uv_run_folds_its_u_v(tmp_path):
     ("other_model", "is a 'lenet5' run, this run's model is 'mlp': init_from needs a run of the same architecture"),
     ("other_options", "is another mlp (hidden=[32, 8] there, [32, 16] here)"),
     ("other_shape", "1.weight is (32, 49) there and (32, 64) here (another input shape? data digits): not the same"),
-    ("corrupt", "model.pt is corrupted (sha256 does not match the manifest)"),
+    ("corrupt", "model.pt is corrupted (xxh3_128 does not match the manifest)"),
 ])
 def test_init_from_problems_are_one_line_errors(tmp_path, setup, fragment):
     from raysub.pipeline.plan import plan

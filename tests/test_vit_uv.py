@@ -8,7 +8,7 @@ import torch
 
 from raysub import pipeline
 from raysub.config import load_config
-from raysub.storage import RunDir, sha256
+from raysub.storage import RunDir, checksum
 
 VIT = ["model.name=vit", "model.options={dim: 32, depth: 2, heads: 2}", "data.batch_size=64"]
 BASE = VIT + ["data.batch_size=32", "sgd.optimizer=adamw", "sgd.lr=0.01", "sgd.weight_decay=0.01", "sgd.epochs=8",
@@ -38,7 +38,7 @@ def test_sample_commits_the_trained_model(base):
 
     manifest = base.read_json("manifest.json")
     sha = manifest["shards"]["model.pt"]
-    assert sha == sha256(base.read_bytes("model.pt"))
+    assert sha == checksum(base.read_bytes("model.pt"))
     cfg = load_config(None, BASE + [f"run_dir={base.uri}"])
     data = open_dataset(cfg)
     model = model_for(cfg, data)

@@ -5,7 +5,7 @@ What it measures
     float32) is written exactly as raysub's sampler writes it (`raysub.pipeline.sample._write_snapshot`): the flat
     vector is cut into ``--num-blocks`` contiguous blocks by `raysub.storage.block_bounds` (as 4 DDP ranks
     would), every snapshot of every block is one Arrow shard written with `RunDir.write_bytes(snapshot_rel(b, s),
-    encode_vector(values, {...}))`, and every block has its ``index.json`` with the shards' sha256. The
+    encode_vector(values, {...}))`, and every block has its ``index.json`` with the shards' checksums. The
     trajectory is realistic rather than white noise: θ_s = θ0 + Σ_k a_k(s) u_k + ε_s with a planted rank-K
     structure (a_k(s) = c·r^(k-1)·cos(πk(s+½)/t), the principal-component shape of an SGD trajectory; u_k
     random; ε small iid noise), generated block by block in float32 so the generator never holds the matrix.
@@ -19,7 +19,7 @@ What it measures
                    stream of unknown size as a Python loop of 256 KiB reads joined into one bytes object
                    (extra copies), several times slower than a plain read of an 11.7 MB shard.
       basis_s      `raysub.pipeline.basis.build_basis(run, dim, blocks, shards)` on Ray (ray.init(num_cpus=cpu_count)),
-                   i.e. read (its actors memory-map local shards) + sha256 verify + distributed Gram + eigh
+                   i.e. read (its actors memory-map local shards) + checksum verify + distributed Gram + eigh
                    + writing the D×N basis shards; the slowest actor's load/gram/write split is printed. Peak RAM of
                    a block actor from the record's "blocks" entries: (peak_rss - start_rss) / block_bytes, its
                    peak_rss the kernel's high-water mark (VmHWM, reset when the actor starts where the kernel
@@ -32,7 +32,7 @@ What it measures
                    /proc/self/status (ru_maxrss would include the parent's: Linux carries it across exec).
       stream_basis_s  the basis stage from a streamed Gram (`build_basis(..., streamed_gram=K)`, what `raysub
                    basis` does when the sampler stored ``trajectory/gram.pt``): the driver's eigh, then one Ray task
-                   per block (a CPU each) reads it once (sha256 verified) and writes U_b — no Gram pass. K, the Gram relative to θ0 that
+                   per block (a CPU each) reads it once (checksum verified) and writes U_b — no Gram pass. K, the Gram relative to θ0 that
                    the ranks stream, is made beforehand (`streamed_gram`). Timed alternately with basis_s.
       floor_s      the streamed stage's physical floor, measured in the same run: read_s + one plain write of the
                    D×N float32 basis bytes + one float32 GEMM of U_b's shape per block ((D×T)(T×n_b), numpy, this

@@ -24,7 +24,7 @@ from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
 from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
 from raysub.runs.layout import L2O_TUNE_RESULTS, MANIFEST
 from raysub.runs.manifest import Manifest
-from raysub.storage import RunDir, sha256, split_uri
+from raysub.storage import RunDir, matches, split_uri
 
 WEIGHTS = "weights.pt"
 HOW = "give the weights.pt that `raysub l2o meta-train` writes (RUN/l2o/weights.pt), or a path/URI to it"
@@ -126,7 +126,7 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
         data = run.read_bytes(rel).to_pybytes()
     except StorageError as exc:  # gone since it was located
         raise ConfigError(f"learned-optimizer weights {uri!r}: {exc.problems[0]}") from None
-    if checksum is not None and sha256(data) != checksum:
+    if checksum is not None and not matches(data, checksum):
         raise ConfigError(f"learned-optimizer weights {uri!r} are corrupted: {run.path(rel)} does not match the "
                           f"sha256 in {record}: restore the run directory, or meta-train again")
     try:

@@ -210,6 +210,11 @@ def _drop_own_basis_trainings(manifest: Manifest) -> List[str]:
     return labels
 
 
+def _size(nbytes: float) -> str:
+    """Bytes as GB (two decimals) from 1 GB up, else MB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def workers_text(cfg: Config) -> str:
     """``2 workers``, or Ray Train's local mode (``cluster.num_workers=0``) said as such."""
     if not cfg.local_mode:
@@ -290,8 +295,8 @@ def stage_train(run_uri: str, overrides: Sequence[str] = (), overwrite: bool = F
             + (f"; all-reduce {dim + 1:,} floats per step (z's gradient and the loss; an optimizer's same-batch "
                f"re-evaluations add theirs)" if cfg.ranks > 1 else "")
             + (f"; P {shard['mode']}" + (" (auto)" if shard["requested"] == "auto" else "")
-               + f": {shard['per_worker'] / 1e9:.2f} GB per worker of {shard['p_bytes'] / 1e9:.2f} GB, budget "
-               f"{shard['budget'] / 1e9:.1f} GB" if shard["p_bytes"] else ""))
+               + f": {_size(shard['per_worker'])} per worker of {_size(shard['p_bytes'])}, budget "
+               f"{_size(shard['budget'])}" if shard["p_bytes"] else ""))
         try:
             out = run_subspace(cfg, run, lambda r: say(format_progress(r)), shard["mode"])
         except RaysubError as exc:

@@ -13,7 +13,7 @@ import torch
 
 from raysub.errors import StorageError
 from raysub.runs.layout import CONFIG, TRAJECTORY  # (the module's name `layout` is the manifest's blocks here)
-from raysub.storage import RunDir, block_index_rel, encode_vector, sha256, snapshot_rel
+from raysub.storage import RunDir, block_index_rel, checksum, encode_vector, snapshot_rel
 
 
 def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
@@ -82,7 +82,7 @@ def collect_trajectory(run: RunDir, shards=None, layout=None):
             if gone:
                 raise StorageError(f"{run.path(gone[0])} is missing ({len(gone)} of the {len(index['snapshots'])} "
                                    f"snapshots of {d}): restore it, or {resample}")
-        sums[rel] = shards[rel] if shards is not None else sha256(run.read_bytes(rel))
+        sums[rel] = shards[rel] if shards is not None else checksum(run.read_bytes(rel))
         blocks.append(index)
     counts = {len(b["snapshots"]) for b in blocks}
     if len(counts) != 1:
