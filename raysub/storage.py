@@ -25,7 +25,6 @@ JSON is written strictly (RFC 8259): a non-finite float is written as null, neve
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raysub import credentials
+from raysub.checksums import CHECKSUM, algorithm_of, checksum, hasher, matches
 from raysub.errors import StorageError
 # re-exported: ~30 importers take the URI helpers from here, beside RunDir
 from raysub.uri import (  # noqa: F401  re-exported: the URI helpers' old home
@@ -73,64 +73,12 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
-def sha256(data) -> str:
-    """The plain sha256 hex digest (what runs written before checksums named their algorithm store)."""
-    return hashlib.sha256(memoryview(data)).hexdigest()
-
-
-# The checksum of every new shard: XXH3-128 (issue 26 §2, measured on the 2-core development machine with
-# jobs/bench/checksums.py: see the commit). Not a security boundary — the manifest and the lock are not
-# authentication — but 128 bits against accidental corruption, at memory speed.
-_ALGORITHMS = ("xxh3_128", "blake3", "sha256")
-# RAYSUB_CHECKSUM picks another for new shards (sha256 where a policy asks for it; the benchmarks' before/after):
-# every digest names its algorithm, so runs and readers may mix them
-CHECKSUM = os.environ.get("RAYSUB_CHECKSUM") or "xxh3_128"
-if CHECKSUM not in _ALGORITHMS:
-    raise StorageError(f"RAYSUB_CHECKSUM={CHECKSUM!r}: choose one of {', '.join(_ALGORITHMS)}")
-
-
-def _hasher(algorithm: str):
-    if algorithm == "xxh3_128":
-        import xxhash  # heavy-ish: a C extension, loaded on the first checksum
-
-        return xxhash.xxh3_128()
-    if algorithm == "blake3":
-        try:
-            import blake3  # optional: raysub writes XXH3-128; BLAKE3 digests come from RAYSUB_CHECKSUM=blake3
-        except ImportError:
-            raise StorageError("a BLAKE3 checksum needs the blake3 package: pip install blake3") from None
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise StorageError(f"unknown checksum algorithm {algorithm!r} (raysub knows {', '.join(_ALGORITHMS)}): was this "
-                       f"run written by a newer raysub?")
-
-
-def algorithm_of(digest: str) -> str:
-    """The algorithm a stored digest names (``ALGO:HEX``); a bare 64-hex digest is an older run's sha256."""
-    return digest.split(":", 1)[0] if ":" in digest else "sha256"
-
-
-def checksum(data, algorithm: str = CHECKSUM) -> str:
-    """The digest of ``data`` as the manifest stores it: ``ALGO:HEX`` (sha256 without a prefix, as older runs)."""
-    if algorithm == "sha256":
-        return sha256(data)
-    h = _hasher(algorithm)
-    h.update(memoryview(data))
-    return f"{algorithm}:{h.hexdigest()}"
-
-
-def matches(data, digest: str) -> bool:
-    """Whether ``data`` has the stored ``digest``, in the algorithm the digest names."""
-    return checksum(data, algorithm_of(digest)) == digest
-
-
 class _HashingSink:
     """A file-like sink that hashes what it forwards (so a streamed shard needs no second read)."""
 
     def __init__(self, out):
         self.out = out
-        self.hash = _hasher(CHECKSUM)
+        self.hash = hasher(CHECKSUM)
         self.sha256: Optional[str] = None  # the digest on exit (``ALGO:HEX``; the name is kept for callers)
         self.closed = False
         self.pos = 0

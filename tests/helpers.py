@@ -6,7 +6,8 @@ from typing import Dict, Union
 import numpy as np
 
 from raysub.pipeline.sample import collect_trajectory
-from raysub.storage import RunDir, checksum, decode_vector
+from raysub.checksums import checksum
+from raysub.storage import RunDir, decode_vector
 
 
 def trajectory(run: Union[str, RunDir]) -> np.ndarray:

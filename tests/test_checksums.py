@@ -5,7 +5,8 @@ import hashlib
 import pytest
 
 from raysub.errors import StorageError
-from raysub.storage import CHECKSUM, RunDir, algorithm_of, checksum, matches, sha256
+from raysub.checksums import CHECKSUM, algorithm_of, checksum, matches, sha256
+from raysub.storage import RunDir
 
 
 def test_a_new_digest_names_its_algorithm_and_an_old_one_is_sha256():

@@ -213,7 +213,7 @@ def test_meta_train_end_to_end(tmp_path, ray_session):
     assert sum(1 for line in lines if line.startswith("l2o: meta-step")) == 3
     import json
 
-    from raysub.storage import checksum
+    from raysub.checksums import checksum
     assert json.loads((tmp_path / "run" / "l2o" / "history.json").read_text())["validation"][2]["meta_step"] == 4
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     gen = manifest["stages"]["l2o"]["dir"]

@@ -30,7 +30,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # - ``l2o`` holds layer-3 pieces (the learned rule `lstm`, its weights file, its `optimizer` plug-in, the optimizee
 #   seeds and the run's state files) beside its workflows (meta-gradient, meta-train, tune, meta-test).
 LAYERS: Dict[str, int] = {
-    "raysub": 1, "raysub.errors": 1, "raysub.registry": 1, "raysub.credentials": 1,
+    "raysub": 1, "raysub.errors": 1, "raysub.registry": 1, "raysub.credentials": 1, "raysub.checksums": 1,
     "raysub.config": 2, "raysub.storage": 2, "raysub.lock": 2, "raysub.runs": 2,
     "raysub.data": 3, "raysub.models": 3, "raysub.projections": 3, "raysub.optim": 3, "raysub.linalg": 3,
     "raysub.metrics": 3, "raysub.report": 3, "raysub.tracking": 3, "raysub.plugins": 3,

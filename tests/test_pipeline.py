@@ -282,3 +282,21 @@ def test_train_from_a_config_needs_no_trajectory(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a sampled run with a basis: set train.basis_run" in err
     assert not bad.exists()
+
+
+def test_local_mode_resume_restarts_the_stage_and_loses_nothing(runs, tmp_path, monkeypatch, capsys):
+    """cluster.num_workers=0 (Ray Train's local mode) keeps no checkpoints, so a sampling that fails after epoch 1
+    is restarted from its beginning by --resume. Catches a restart that appends to the snapshots the failed run
+    left (a snapshot twice in the index), and a resume that trusts a half-written block: the resumed trajectory
+    must equal the uninterrupted one-rank run's bit for bit (both in this process)."""
+    from raysub.cli import main
+
+    run_dir = tmp_path / "loc"
+    args = ["sample", *SAMPLED, "cluster.num_workers=0", f"run_dir={run_dir}"]
+    monkeypatch.setenv("RAYSUB_FAIL_AFTER_EPOCH", "1")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("--resume"), err
+    monkeypatch.delenv("RAYSUB_FAIL_AFTER_EPOCH")
+    assert main(args + ["--resume"]) == 0
+    np.testing.assert_array_equal(trajectory(str(run_dir)), trajectory(runs[1]))

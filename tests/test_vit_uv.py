@@ -8,7 +8,8 @@ import torch
 
 from raysub import pipeline
 from raysub.config import load_config
-from raysub.storage import RunDir, checksum
+from raysub.checksums import checksum
+from raysub.storage import RunDir
 
 VIT = ["model.name=vit", "model.options={dim: 32, depth: 2, heads: 2}", "data.batch_size=64"]
 BASE = VIT + ["data.batch_size=32", "sgd.optimizer=adamw", "sgd.lr=0.01", "sgd.weight_decay=0.01", "sgd.epochs=8",

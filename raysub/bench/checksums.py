@@ -32,7 +32,7 @@ def _hashers():
 
 def main(argv=None) -> int:
     from raysub.bench.harness import OneLineParser, loadavg, print_figures, rotated
-    from raysub.storage import CHECKSUM
+    from raysub.checksums import CHECKSUM
 
     ap = OneLineParser("checksums", description="checksum speed per algorithm, GB/s")
     ap.add_argument("--mb", type=int, default=1024, help="buffer size in MB (default 1024)")

@@ -268,7 +268,7 @@ def step_rank(rank: int, world: int, model_name: str, shape: Sequence[int], dim:
 def basis_bytes_read(num_params: int, dim: int, world: int, root: str) -> Dict[str, Any]:
     """Store a float32 D×N basis in ``world`` blocks (as ``world`` sampling ranks write it: block_bounds), then read
     each rank's rows as a sharded worker does (`raysub.runs.basis.load_basis` with ``rows``); the bytes each rank
-    read, against N·D·4/W."""
+    read (its block and the spectrum record), against N·D·4/W."""
     import io
 
     import numpy as np
@@ -296,16 +296,10 @@ def basis_bytes_read(num_params: int, dim: int, world: int, root: str) -> Dict[s
             read[-1] += len(data)
             return data
 
-    spectrum = run.read_json(layout.spectrum(layout.BASIS))
-    old = run_basis.read_spectrum
-    run_basis.read_spectrum = lambda r: spectrum  # the stored record (no manifest in this scratch run)
-    try:
-        for a, b in block_bounds(num_params, world):
-            read.append(0)
-            rows = run_basis.load_basis(Counting(root), dim, rows=(a, b))
-            assert rows.shape == (dim, b - a)
-    finally:
-        run_basis.read_spectrum = old
+    for a, b in block_bounds(num_params, world):  # the spectrum is found at basis/spectrum.json, as in an older run
+        read.append(0)
+        rows = run_basis.load_basis(Counting(root), dim, rows=(a, b))
+        assert rows.shape == (dim, b - a)
     return {"bytes_read_per_rank": read, "ideal_per_rank": num_params * dim * 4 / world}
 
 

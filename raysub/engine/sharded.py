@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -171,13 +171,18 @@ class GroupComm:
         self.layout = layout
         self.group = group  # a torch.distributed group; None: the default (world) group
         self.floats = 0
-        self._scratch: Optional[torch.Tensor] = None
+        self._buffers: Dict[Tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _buffer(self, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+        """A scratch buffer kept across steps (zeroed once: padding rows stay zero), so a step allocates nothing
+        of the parameters' size."""
+        key = (name, like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.zeros(size, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
 
     def _padded(self, like: torch.Tensor) -> torch.Tensor:
-        lay = self.layout
-        if (self._scratch is None or self._scratch.dtype != like.dtype or self._scratch.device != like.device):
-            self._scratch = torch.zeros(lay.size * lay.chunk, dtype=like.dtype, device=like.device)
-        return self._scratch
+        return self._buffer("padded", self.layout.size * self.layout.chunk, like)
 
     def _even(self, n: int) -> bool:
         return self.layout.size * self.layout.chunk == n
@@ -192,7 +197,7 @@ class GroupComm:
             src = self._padded(flat_N)
             for j, (a, b) in enumerate(lay.bounds):
                 src[j * c : j * c + (b - a)] = flat_N[a:b]
-        out_C = torch.empty(c, dtype=flat_N.dtype, device=flat_N.device)
+        out_C = self._buffer("scattered", c, flat_N)
         dist.reduce_scatter_tensor(out_C, src, group=self.group)
         self.floats += (lay.size - 1) * c
         a, b = lay.rows
@@ -205,7 +210,7 @@ class GroupComm:
         if own.numel() == c and own.is_contiguous():  # an equal slice: sent as it is
             mine_C = own
         else:
-            mine_C = torch.zeros(c, dtype=out_N.dtype, device=out_N.device)
+            mine_C = self._buffer("mine", c, out_N)  # the padding past a short slice stays zero
             mine_C[: own.numel()] = own
         if self._even(out_N.numel()):
             dist.all_gather_into_tensor(out_N, mine_C, group=self.group)

@@ -52,7 +52,8 @@ from raysub.report.plots import plot_l2o
 from raysub.runs.manifest import Manifest
 from raysub.runs.open import open_run
 from raysub.runs.records import commit
-from raysub.storage import join_uri, matches
+from raysub.checksums import matches
+from raysub.storage import join_uri
 from raysub.tracking import Tracker
 
 PLOT_EVERY_S = 60.0  # the learning curve RUN/plots/l2o.png is redrawn at most this often while meta-training runs

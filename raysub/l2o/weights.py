@@ -24,7 +24,8 @@ from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
 from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
 from raysub.runs.layout import L2O_TUNE_RESULTS, MANIFEST
 from raysub.runs.manifest import Manifest
-from raysub.storage import RunDir, matches, split_uri
+from raysub.checksums import matches
+from raysub.storage import RunDir, split_uri
 
 WEIGHTS = "weights.pt"
 HOW = "give the weights.pt that `raysub l2o meta-train` writes (RUN/l2o/weights.pt), or a path/URI to it"

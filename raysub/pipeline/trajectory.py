@@ -13,7 +13,8 @@ import torch
 
 from raysub.errors import StorageError
 from raysub.runs.layout import CONFIG, TRAJECTORY  # (the module's name `layout` is the manifest's blocks here)
-from raysub.storage import RunDir, block_index_rel, checksum, encode_vector, snapshot_rel
+from raysub.checksums import checksum
+from raysub.storage import RunDir, block_index_rel, encode_vector, snapshot_rel
 
 
 def write_snapshot(run: RunDir, flat_N: torch.Tensor, block: int, bounds, snap: int, step: int, epoch: int,
