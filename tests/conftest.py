@@ -32,6 +32,19 @@ TIMEOUT_S = {"unit": 120, "integration": 600, "system": 900}
 SLOW_TIMEOUT_S = 1800  # `slow` and `gpu` tests run for minutes by design
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts at the process's torch thread count: a benchmark's ``main`` run in-process (and some tests)
+    call ``torch.set_num_threads``, and a later in-process run's float sums depend on the thread count (the local-mode
+    resume test compares to the session's one-rank run bit for bit)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
