@@ -5,6 +5,8 @@ The loops call `started` when a worker starts, `after_epoch` after each epoch's 
 
 - ``RAYSUB_FAIL_AFTER_EPOCH=k``: every worker raises once, after epoch k's checkpoint (a marker file in the run
   directory makes it fire once, so Ray Train's restart or ``--resume`` goes on);
+- ``RAYSUB_FAIL_AT_STEP=k``: every sampling worker raises once, after global SGD step k (mid-epoch: the run
+  resumes from the epoch's start);
 - ``RAYSUB_PID_DIR=DIR``: every worker writes ``DIR/rankR.json`` (its pid, host, node, the epochs it has done and
   the time) when it starts and after each epoch, and appends it to ``DIR/rankR.log``, so a test can ``kill -9`` a
   live Train worker;
@@ -13,7 +15,7 @@ The loops call `started` when a worker starts, `after_epoch` after each epoch's 
 - ``RAYSUB_TEST_NODE_FS_ROOT=ROOT`` (set on a simulated node of ``ray.cluster_utils.Cluster``): the node sees the
   filesystem under ROOT, as a node whose disk is not the driver's would.
 
-Ray's worker processes do not inherit the driver's environment, so the first three travel in the loop's config:
+Ray's worker processes do not inherit the driver's environment, so all but the last travel in the loop's config:
 `snapshot` on the driver, `install` in the worker (`raysub.engine.loop.worker_context` does it). The fourth is
 the node's own environment, read where it is used.
 """
@@ -28,8 +30,9 @@ import socket
 FAIL_AFTER_EPOCH = "RAYSUB_FAIL_AFTER_EPOCH"
 PID_DIR = "RAYSUB_PID_DIR"
 PAUSE_AFTER_EPOCH = "RAYSUB_PAUSE_AFTER_EPOCH"
+FAIL_AT_STEP = "RAYSUB_FAIL_AT_STEP"
 NODE_FS_ROOT = "RAYSUB_TEST_NODE_FS_ROOT"
-CARRIED = (FAIL_AFTER_EPOCH, PID_DIR, PAUSE_AFTER_EPOCH)  # what a worker gets from the driver's environment
+CARRIED = (FAIL_AFTER_EPOCH, PID_DIR, PAUSE_AFTER_EPOCH, FAIL_AT_STEP)  # what a worker gets from the driver's environment
 
 MARKER = "failure_injected"  # in the run directory: the injected failure has fired
 
@@ -59,6 +62,13 @@ def after_epoch(run, epoch: int) -> None:
     _publish_pid(epoch, pause=True)
 
 
+def at_step(run, step: int) -> None:
+    """Global SGD step ``step`` is done: the injected mid-epoch failure (``RAYSUB_FAIL_AT_STEP``)."""
+    k = _installed.get(FAIL_AT_STEP)
+    if k is not None and int(k) == step:
+        _fail_once(run, f"{FAIL_AT_STEP}={k}: injected failure after step {step}", f"step {step}\n")
+
+
 def node_view(path: str) -> str:
     """``path`` as this node sees it (``RAYSUB_TEST_NODE_FS_ROOT`` prefixed, when set)."""
     root = os.environ.get(NODE_FS_ROOT)
@@ -75,16 +85,21 @@ def _rank_world():
 
 def _inject_failure(run, epoch: int) -> None:
     k = _installed.get(FAIL_AFTER_EPOCH)
-    if k is None or int(k) != epoch or run.exists(MARKER):
+    if k is not None and int(k) == epoch:
+        _fail_once(run, f"{FAIL_AFTER_EPOCH}={k}: injected failure after epoch {epoch}", f"epoch {epoch}\n")
+
+
+def _fail_once(run, message: str, marker_text: str) -> None:
+    if run.exists(MARKER):
         return
     rank, ready, dist = _rank_world()
     if ready:
         dist.barrier()
     if rank == 0:
-        run.write_text(MARKER, f"epoch {epoch}\n")
+        run.write_text(MARKER, marker_text)
     if ready:
         dist.barrier()
-    raise RuntimeError(f"{FAIL_AFTER_EPOCH}={k}: injected failure after epoch {epoch}")
+    raise RuntimeError(message)
 
 
 def _publish_pid(epoch: int, pause: bool) -> None:

@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``: pytest puts tests/ on the path).
 """
+import contextlib
 import os
 from typing import Dict, Union
 
@@ -65,3 +66,53 @@ def written_since(t0: float, roots) -> Dict[str, bytes]:
                     pass
     return out
 
+
+
+# -- the loopback S3 server (moto's threaded server, 127.0.0.1 only; tests/test_s3.py, tests/test_image_stream.py) --
+BUCKET = "raysub-test"
+
+
+class S3:
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    def uri(self, path: str) -> str:
+        return f"s3://{BUCKET}/{path}{self.query}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=f"http://{self.host}:{self.port}", region_name="us-east-1")
+
+    def keys(self, prefix: str):
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def upload(self, folder, prefix: str) -> int:
+        """Every file under ``folder`` to ``prefix/<relative path>``; returns the count."""
+        client, n = self.client(), 0
+        for dirpath, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                key = f"{prefix}/{os.path.relpath(path, folder)}".replace(os.sep, "/")
+                client.upload_file(path, BUCKET, key)
+                n += 1
+        return n
+
+
+@contextlib.contextmanager
+def loopback_s3():
+    """A moto S3 server on 127.0.0.1 with the bucket ``BUCKET``, stopped on exit."""
+    from moto import server as moto_server
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        assert host == "127.0.0.1"
+        out = S3(host, port)
+        out.client().create_bucket(Bucket=BUCKET)
+        yield out
+    finally:
+        server.stop()

@@ -226,3 +226,32 @@ def test_vit_uv_step_breakdown_times_each_phase(tmp_path):
     assert all(v > 0 for v in out["uv"].values())
     assert out["uv"]["step"] == pytest.approx(out["uv"]["forward"] + out["uv"]["backward"] + out["uv"]["optimizer"])
     assert torch.equal(task.sub.flat.theta_N, theta0)
+
+
+def test_data_ingest_figures_on_hand_made_records():
+    """jobs/bench/data_ingest.py's ratios. Catches: a ratio upside down, the better crop size reported under the
+    bare name instead of the worse, the S3 side compared with the DataLoader where the storage alone is meant."""
+    from raysub.bench.data_ingest import figures
+
+    def side(r64, r224):
+        return {"64": {"images_per_s": r64, "cores_busy": 2.0}, "224": {"images_per_s": r224, "cores_busy": 1.5}}
+
+    results = {"dataloader_local": side(800.0, 400.0), "ray_data_local": side(600.0, 440.0),
+               "ray_data_s3": side(150.0, 110.0)}
+    fig = figures(results, 200.0, [64, 224])
+    assert fig["ray_data_over_dataloader_64"] == 0.75 and fig["ray_data_over_dataloader_224"] == 1.1
+    assert fig["ray_data_over_dataloader"] == 0.75
+    assert fig["s3_over_local_64"] == 0.25 and fig["s3_over_local_224"] == 0.25 and fig["s3_over_local"] == 0.25
+    assert fig["ray_data_s3_over_dataloader"] == 0.188 and fig["ray_data_s3_over_server_gets"] == 0.75
+    assert fig["dataloader_local_images_per_s_224"] == 400.0 and fig["ray_data_s3_cores_224"] == 1.5
+    assert "s3_over_local" not in figures({"dataloader_local": side(1.0, 1.0)}, None, [64, 224])
+
+
+def test_data_ingest_refuses_no_rounds_in_one_line(capsys):
+    from raysub.bench.data_ingest import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--rounds", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("data_ingest: error: --rounds must be at least 1 (a warm-up epoch of "
+                                               "every side comes first)")

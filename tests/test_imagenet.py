@@ -53,12 +53,25 @@ def colour_root(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- end to end
 
-@pytest.mark.system  # ImageNet end to end
-def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_root, tmp_path, monkeypatch, capsys):
-    """`python jobs/imagenet_resnet18.py --recipe pbfgs` (the paper's recipe: 3 snapshots per epoch, d-dim basis,
-    then P-BFGS), shrunk: 32² crops, 2 gloo workers with channels_last, 2 SGD epochs of 3 steps (7 snapshots),
-    d = 4, 1 P-BFGS epoch (its line searches cost ~10 trial forwards per step here: the paper's unscaled z with
-    B0 = I overshoots); one loader process per rank, kept across epochs.
+@pytest.fixture(scope="module")
+def colour_s3(colour_root):
+    """``colour_root`` uploaded to the loopback S3 server (tests/helpers.py): its data.root URI."""
+    pytest.importorskip("moto.server", reason="moto[server] (pip install -e .[test]) runs the S3 server")
+    from helpers import loopback_s3
+
+    with loopback_s3() as s3:
+        s3.upload(colour_root, "colour")
+        yield s3.uri("colour")
+
+
+@pytest.mark.system  # ImageNet end to end, from the loopback S3 server
+def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_s3, tmp_path, monkeypatch, capsys):
+    """`python jobs/imagenet_resnet18.py --recipe pbfgs data.root=s3://...` (the paper's recipe: 3 snapshots per
+    epoch, d-dim basis, then P-BFGS), shrunk: 32² crops, 2 gloo workers with channels_last, 2 SGD epochs of 3 steps
+    (7 snapshots), d = 4, 1 P-BFGS epoch (its line searches cost ~10 trial forwards per step here: the paper's
+    unscaled z with B0 = I overshoots). The images stream from the S3 server through Ray Data (decoded by Ray
+    Data's tasks) into sampling, evaluation and the subspace stage; tests/test_image_stream.py pins the samples to
+    the local DataLoader's.
 
     Catches: a job that loses its recipe (psgd instead of pbfgs), data.image_size not reaching the dataset (224²
     crops), the snapshot count of 3-per-epoch sampling, channels_last snapshots written in memory (NHWC) order
@@ -69,8 +82,8 @@ def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_root, tmp_path, monke
     so it swings with the settings whatever the training did (measured 33–67% for SGD, 12–42% for P-BFGS)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run_dir = tmp_path / "imagenet"
-    args = ["--recipe", "pbfgs", f"data.root={colour_root}", "data.image_size=32", "data.batch_size=16",
-            "data.eval_batch_size=24", "data.num_workers=1", "cluster.use_gpu=false", "cluster.num_workers=2",
+    args = ["--recipe", "pbfgs", f"data.root={colour_s3}", "data.image_size=32", "data.batch_size=16",
+            "data.eval_batch_size=24", "data.preprocess_cpus=1", "cluster.use_gpu=false", "cluster.num_workers=2",
             "cluster.cpus_per_worker=1", "cluster.max_failures=0", "compute.channels_last=true", "sgd.lr=0.01",
             "sgd.epochs=2", "sgd.lr_milestones=[]", "sample.epochs=2", "basis.dim=4", "train.epochs=1",
             "train.batch_size=16", f"run_dir={run_dir}"]
@@ -85,6 +98,7 @@ def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_root, tmp_path, monke
     config = run.read_json("manifest.json")["config"]
     assert config["train"]["optimizer"] == "pbfgs" and config["train"]["optimizer_options"]["beta"] == 0.55
     assert config["data"]["image_size"] == 32 and config["sample"]["snapshots_per_epoch"] == 3
+    assert config["data"]["root"].startswith("s3://raysub-test/colour")
     summary = run.read_json("summary.json")
     assert summary["num_params"] == 11_178_051  # ResNet-18 with a 3-class head
     assert summary["num_snapshots"] == 1 + 2 * 3 and summary["dim"] == 4

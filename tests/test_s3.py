@@ -26,12 +26,11 @@ import pytest
 
 from raysub.storage import RunDir, join_uri, redact, split_uri
 
-from helpers import KEY, SECRET, assert_clean, trajectory, written_since  # tests/helpers.py
+from helpers import BUCKET, KEY, SECRET, assert_clean, loopback_s3, trajectory, written_since  # tests/helpers.py
 from conftest import QUICKSTART_SMALL  # tests/conftest.py: the shared quickstart_run's overrides
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (pip install -e .[test]) runs the S3 server")
 
-BUCKET = "raysub-test"
 SMALL = QUICKSTART_SMALL  # the shortened quickstart: the local run is the session's quickstart_run
 
 
@@ -67,37 +66,11 @@ def test_a_malformed_uri_is_one_line():
     assert "\n" not in str(exc.value) and "nosuchscheme://bucket/run cannot be opened" in str(exc.value)
 
 
-# -- the loopback S3 server -------------------------------------------------------------------------------
-class S3:
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-
-    def uri(self, path: str) -> str:
-        return f"s3://{BUCKET}/{path}{self.query}"
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=f"http://{self.host}:{self.port}", region_name="us-east-1")
-
-    def keys(self, prefix: str):
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
+# -- the loopback S3 server (tests/helpers.py) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        assert host == "127.0.0.1"
-        out = S3(host, port)
-        out.client().create_bucket(Bucket=BUCKET)
-        yield out
-    finally:
-        server.stop()
+    with loopback_s3() as server:
+        yield server
 
 
 def _free_port() -> int:

@@ -3,11 +3,13 @@
 Worlds of 1–4 processes (`raysub.bench.sharded.run_world`: forked from one forkserver that imported torch once)
 take 4 steps of P-SGD, P-BFGS, Adam†, the learned optimizer and class-gradient QN (its C+1 projected class
 gradients each go through the reduce-scatter) through raysub's own ``train_step`` on a ResNet-8
-(BatchNorm after every conv) in a stored 6-dim ``dense`` P, in float64: replicated on 1, 2, 3 and 4 ranks,
-sharded on 2 and 3 (3 does not divide N = 75,290: uneven slices, padded chunks), and ``node`` with 2 groups × 2
-ranks. With BatchNorm in train mode each rank normalises its own examples (as DDP does), so a layout is compared
-with replicated on as many ranks; with BatchNorm's statistics fixed (eval mode) every world computes one function
-and is compared with 1 rank.
+(BatchNorm after every conv) in a stored 6-dim ``dense`` P, in float64: replicated on 1 and 2 ranks, sharded on 2
+and 3 (3 does not divide N = 75,290: uneven slices, padded chunks), and ``node`` with 2 groups × 2 ranks. With
+BatchNorm's statistics fixed (eval mode) every world computes one function and is compared with 1 rank. With
+BatchNorm in train mode each rank normalises its own examples (as DDP does), so a layout is compared with replicated
+on as many ranks: sharded on 2 (replicated on 3 and 4, only the references of the others' train-mode rows, are left
+out to keep the suite short: what sharding changes, the slices and the collectives, the eval-mode rows check at every
+world size).
 
 What it catches: a slice's rows off by one (shown: the same world with every rank's rows shifted by one parameter
 ends ≥ 1e-3 away), a partial projection summed twice or divided by the group instead of the world, an all-gather
@@ -23,8 +25,7 @@ pytestmark = pytest.mark.system  # worlds of forked processes with their own glo
 
 STEPS, DIM = 4, 6
 N = 75_290  # ResNet-8 on 3×8×8 inputs, 10 classes
-WORLDS = [("replicated", 1, None), ("replicated", 2, None), ("replicated", 3, None), ("replicated", 4, None),
-          ("sharded", 2, None), ("sharded", 3, None), ("node", 4, 2)]
+WORLDS = [("replicated", 1, None), ("replicated", 2, None), ("sharded", 2, None), ("sharded", 3, None), ("node", 4, 2)]
 TOL64 = 1e-10
 # float32: summation order differs between layouts (the reduce-scatter sums gradients before projecting them);
 # P-BFGS's line search and the learned rule's tanh magnify that rounding over 4 steps
@@ -62,8 +63,11 @@ def table(res):
     rows = {}
     for (mode, world), r in res.items():
         for key in (k for k in r if "/" in k):
-            ref = res[("replicated", world if key.endswith("bn_train") else 1)]
-            rows[(mode, world, key)] = _gap(r, ref, key)
+            ref = res.get(("replicated", world if key.endswith("bn_train") else 1))
+            if ref is not None:  # train-mode BatchNorm: a reference on as many ranks, where the suite runs one
+                rows[(mode, world, key)] = _gap(r, ref, key)
+    assert {(m, w) for m, w, _ in rows} == set(res)  # every world compared
+    assert sum(1 for m, w, k in rows if k.endswith("bn_train") and m != "replicated") >= 5  # sharded W=2's rows
     return rows
 
 

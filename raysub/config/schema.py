@@ -24,6 +24,15 @@ class DataConfig:
     augment: bool = field(default=True, metadata={"help": "training augmentation where the dataset has one"})
     num_workers: int = field(default=0, metadata={"help": "data-loading processes per Ray worker (ImageNet)"})
     image_size: Optional[int] = field(default=None, metadata={"help": "ImageNet crop size (default 224)"})
+    ingest: str = field(default="auto", metadata={
+        "help": "ImageNet: dataloader (local folder), ray_data (Ray Data decodes on the cluster's CPUs), auto "
+                "(ray_data for an s3://, gs:// root)"})
+    bad_images: str = field(default="stop", metadata={
+        "help": "ImageNet: an unreadable image stops the run (stop) or is left out, with a line (skip; ray_data)"})
+    partial_val: bool = field(default=False, metadata={"help": "ImageNet: accept a val/ lacking some classes"})
+    preprocess_cpus: float = field(default=1.0, metadata={"help": "ImageNet ray_data: CPUs per decode task"})
+    preprocess_labels: Dict[str, str] = field(default_factory=dict, metadata={
+        "help": "ImageNet ray_data: node labels the decode tasks run on (e.g. CPU-only nodes)"})
     label_noise: float = field(default=0.0, metadata={"help": "fraction of training labels made random"})
     label_noise_seed: Optional[int] = field(default=None, metadata={"help": "which labels (default: seed)"})
     val_fraction: float = field(

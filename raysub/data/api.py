@@ -49,7 +49,7 @@ def load_dataset(name: str, root: Optional[str] = None, **kwargs) -> Dataset:
     DATASETS.check_options(name, kwargs, skip=1)
     if root is None:
         root = default_root(name)
-    else:
+    elif "://" not in root:
         root = os.path.expanduser(root)
     return factory(root, **kwargs)
 
@@ -70,14 +70,22 @@ def validate_dataset(name: str, root: Optional[str], **kwargs) -> List[str]:
         DATASETS.check_options(name, kwargs, skip=1)
     except ConfigError as e:
         return list(e.problems)
-    root = default_root(name) if root is None else os.path.expanduser(root)
+    root = default_root(name) if root is None else root if "://" in root else os.path.expanduser(root)
     check = getattr(factory, "problems", None)
     return list(check(root, **kwargs)) if check else []
 
 
+# data.* keys that are dataset options (ImageNet's), passed only when set away from their defaults: a dataset
+# that lacks one then refuses it by name
+_OPTIONS = {"ingest": "auto", "bad_images": "stop", "partial_val": False, "preprocess_cpus": 1.0,
+            "preprocess_labels": {}}
+
+
 def dataset_kwargs(cfg: Config) -> Dict[str, Any]:
-    """The dataset options a config implies (only ImageNet's image_size so far), for `load_dataset`."""
-    return {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
+    """The dataset options a config implies (ImageNet's image_size and ingest options), for `load_dataset`."""
+    out = {"image_size": cfg.data.image_size} if cfg.data.image_size else {}
+    out.update({k: getattr(cfg.data, k) for k, default in _OPTIONS.items() if getattr(cfg.data, k) != default})
+    return out
 
 
 def open_dataset(cfg: Config):

@@ -209,6 +209,7 @@ def _sgd_epoch(s: _Sampler, epoch: int, step: int, in_window: bool):
         s.opt.step()
         step += 1
         losses.append(loss.detach())
+        faults.at_step(s.run, step)
         if in_window and step in s.snap_at:
             with torch.no_grad():
                 flat_N = flatten_params(model)

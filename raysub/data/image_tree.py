@@ -1,0 +1,323 @@
+"""Image trees on a local disk or in object storage, streamed through Ray Data.
+
+An ImageFolder tree (``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``) is listed through ``pyarrow.fs``
+(`raysub.uri.open_uri`: a local path, or an ``s3://``/``gs://`` URI with the endpoint from the environment or the
+URI's query and the credentials from the environment, never stored), in torchvision's ImageFolder order: classes
+sorted, then files sorted by directory and name, image extensions only. A sample is the object's path and label.
+
+`stream` turns one `raysub.data.base.Dataset.batches` call (a rank's batches of example indices, with the seed of
+each example's augmentation) into a Ray Data pipeline: one block of (index, seed, path, label) rows per batch;
+``map_batches(decode_batch)`` reads the objects (a few concurrent reads per task), decodes them with PIL and crops
+and flips under each example's own seed, in Ray Data's streaming executor, on any node with a free CPU (or the
+nodes ``data.preprocess_labels`` selects, e.g. CPU-only ones), and ships uint8 crops; the consumer receives the rows
+in order (``preserve_order``), checks that they are the indices it asked for, cuts them back into its batches and
+normalises them (`to_float`, what ``ToTensor`` + ``Normalize`` compute). An example's tensor is therefore a function of (seed, epoch, example) only: bit-identical to torchvision's
+ImageFolder + DataLoader path on the same files, whichever worker count, resume point or node decodes it.
+
+Why a dataset per call and not Ray Train's dataset shards (``get_dataset_shard``): those are ``streaming_split``
+outputs, whose blocks go to whichever worker asks first, so a rank's batches would depend on timing, and a
+restored worker group would start its shards from the beginning instead of the checkpoint's step. raysub's
+loops already decide which examples each rank takes, in which order (`raysub.engine.loop.epoch_batches`); Ray Data
+does the reading, decoding and augmenting, streaming, with backpressure, on the cluster's CPUs.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import os
+import posixpath
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from raysub.errors import DataError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, lower-case (ImageFolder compares lower-cased names)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BAD_IMAGES = ("stop", "skip")
+LIST_SAY_S = 5.0  # a listing longer than this says how long it took
+READ_THREADS = 8  # concurrent object reads per decode task (an object store answers each read after a latency)
+
+
+def is_uri(root: str) -> bool:
+    return "://" in str(root)
+
+
+def _open(root: str):
+    """(filesystem, base path) of a tree root: `raysub.uri.open_uri` for a URI, the local filesystem otherwise."""
+    import pyarrow.fs as pafs
+
+    if is_uri(root):
+        from raysub.uri import open_uri
+
+        fs, base = open_uri(root)
+        return fs, base.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+
+
+_FS: Dict[str, tuple] = {}  # this process's filesystems, by root (a decode task reuses its worker's)
+
+
+def filesystem(root: str):
+    if root not in _FS:
+        _FS[root] = _open(root)
+    return _FS[root]
+
+
+def shown(root: str, rel: str = "") -> str:
+    """A root (and a path under it) for messages: credentials masked, the query dropped."""
+    from raysub.uri import redact
+
+    base = redact(str(root)).split("?", 1)[0].rstrip("/")
+    return f"{base}/{rel}" if rel else base
+
+
+def storage_problem(root: str, exc: BaseException) -> str:
+    from raysub.uri import first_line
+
+    return (f"cannot list {shown(root)}: {first_line(exc)}; check the endpoint (AWS_ENDPOINT_URL_S3, or "
+            f"?endpoint_override= in data.root), the bucket and the credentials")
+
+
+_LISTED: Dict[Tuple[str, str], tuple] = {}  # this process's listings (the driver checks, then opens, the tree)
+
+
+def list_split(root: str, split_dir: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """``(classes, [(path, class), ...])`` of ``root/split_dir`` in ImageFolder order; paths are the filesystem's
+    (``bucket/key`` on S3). A missing folder lists as no classes. Listed once per process (ImageNet's 1.28 M
+    objects are ~1,300 list requests on S3): a tree changed while a run reads it is not seen.
+
+    Raises:
+        OSError: the storage cannot be reached or refuses the listing.
+    """
+    key = (str(root), split_dir)
+    if key not in _LISTED:
+        t0 = time.perf_counter()
+        _LISTED[key] = _list_split(root, split_dir)
+        took = time.perf_counter() - t0
+        if took > LIST_SAY_S:  # a long listing is not a hang
+            classes, files = _LISTED[key]
+            warn(f"[data] listed {len(files):,} images in {len(classes):,} classes under "
+                 f"{shown(root, split_dir)} in {took:.0f} s")
+    return _LISTED[key]
+
+
+def _list_split(root: str, split_dir: str):
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(root)
+    top = f"{base}/{split_dir}"
+    info = fs.get_file_info(top)
+    if info.type != pafs.FileType.Directory:
+        return [], []
+    files = []
+    for entry in fs.get_file_info(pafs.FileSelector(top, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(top) + 1:]
+        parts = rel.split("/")
+        if len(parts) < 2 or not parts[-1].lower().endswith(IMG_EXTENSIONS):
+            continue  # a file directly in split/ is not in any class (ImageFolder skips it too)
+        files.append((parts[0], posixpath.dirname(rel), parts[-1], entry.path))
+    files.sort()
+    classes = sorted({c for c, _, _, _ in files})
+    return classes, [(path, c) for c, _, _, path in files]
+
+
+def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool) -> List[str]:
+    """One-line problems of an image tree: unreachable storage, a missing bucket or folder, no classes in train/,
+    a class of train/ with no images in val/ (unless ``partial_val``), a class of val/ that train/ lacks."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = filesystem(root)
+        kinds = {d: fs.get_file_info(f"{base}/{d}").type for d in dirs.values()}
+    except (OSError, ValueError) as e:
+        return [f"dataset {name!r}: {storage_problem(root, e)}"]
+    missing = [d for d, kind in kinds.items() if kind != pafs.FileType.Directory]
+    layout = "ImageFolder layout root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
+    if missing:
+        return [f"dataset {name!r}: no {' or '.join(d + '/' for d in missing)} folder in {shown(root)}; "
+                f"expected the {layout}"]
+    try:
+        (train, _), (val, _) = (list_split(root, dirs[s]) for s in ("train", "test"))
+    except (OSError, ValueError) as e:
+        return [f"dataset {name!r}: {storage_problem(root, e)}"]
+    if not train:
+        return [f"dataset {name!r}: no class folder with images in {shown(root, dirs['train'])}; expected the "
+                f"{layout}"]
+    problems = []
+    extra = sorted(set(val) - set(train))
+    if extra:
+        problems.append(f"dataset {name!r}: val/ in {shown(root)} has class folders not in train/: "
+                        f"{', '.join(extra[:5])}")
+    absent = sorted(set(train) - set(val))
+    if absent and not partial_val:
+        problems.append(f"dataset {name!r}: {len(absent)} class(es) of train/ have no images in val/ of "
+                        f"{shown(root)} ({', '.join(absent[:5])}); add them, or set data.partial_val=true to "
+                        f"evaluate on the classes val/ has")
+    return problems
+
+
+def load_image(data: bytes):
+    """Decoded RGB, as torchvision's ``default_loader`` (PIL) decodes a file."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    return image.convert("RGB")
+
+
+def read_object(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform, bad_images: str) -> Dict[str, np.ndarray]:
+    """Ray Data UDF: read, decode and crop one block of (index, seed, path, label) rows.
+
+    ``transform`` is the PIL part of the pipeline (crop, flip); each example runs it under
+    ``torch.manual_seed(seed)`` (its own augmentation). The crops come back as uint8 C×H×W (a quarter of the
+    float32 bytes through the object store); `to_float` finishes them as ``ToTensor`` + ``Normalize`` would. An
+    unreadable or undecodable image raises `DataError` naming its URI (``bad_images="stop"``) or comes back with
+    ``ok`` false and a zero crop (``"skip"``: the consumer drops it and says so)."""
+    fs, _ = filesystem(root)
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    with concurrent.futures.ThreadPoolExecutor(min(READ_THREADS, max(1, n))) as pool:
+        futures = [pool.submit(read_object, fs, p) for p in paths]
+    xs, ok, errors = [None] * n, np.ones(n, dtype=bool), [""] * n
+    for i, (future, seed) in enumerate(zip(futures, batch["seed"].tolist())):
+        try:
+            image = load_image(future.result())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                xs[i] = np.asarray(transform(image), dtype=np.uint8).transpose(2, 0, 1)
+        except Exception as e:  # OSError (storage, truncated file), PIL.UnidentifiedImageError, ...
+            uri = object_uri(root, paths[i])
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if bad_images == "stop":
+                raise DataError(f"cannot read image {uri}: {reason}; replace or remove it, or set "
+                                f"data.bad_images=skip to leave it out") from None
+            ok[i], errors[i] = False, reason
+    shape = next((x.shape for x in xs if x is not None), None) or transform_shape(transform)
+    x = np.empty((n, *shape), dtype=np.uint8)
+    for i, xi in enumerate(xs):
+        x[i] = xi if xi is not None else 0
+    return {"x": x, "label": np.asarray(batch["label"], dtype=np.int64), "index": np.asarray(batch["index"]),
+            "ok": ok, "error": np.asarray(errors, dtype=object)}
+
+
+def to_float(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N×C×H×W crops as float32, bit for bit what ``ToTensor`` then ``Normalize(mean, std)`` make of each."""
+    out = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div(255)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return out.sub_(m).div_(s)
+
+
+def transform_shape(transform) -> Tuple[int, ...]:
+    from PIL import Image
+
+    return tuple(np.asarray(transform(Image.new("RGB", (8, 8))), dtype=np.uint8).transpose(2, 0, 1).shape)
+
+
+def object_uri(root: str, path: str) -> str:
+    """The URI a user would type for one object (``s3://bucket/key``), or the local path."""
+    if not is_uri(root):
+        return path
+    return f"{str(root).split('://', 1)[0]}://{path}"
+
+
+class Stream:
+    """Where decoding runs: Ray Data when Ray is up in this process (a Train worker, a Tune trial, the driver),
+    else in this process, one batch at a time (the same function: unit tests, a notebook without Ray).
+
+    Args:
+        cpus: CPUs each Ray Data decode task reserves.
+        labels: node labels the decode tasks need (``label_selector``), e.g. {"raysub/role": "data"}.
+        prefetch: batches Ray Data keeps decoded ahead of the consumer.
+    """
+
+    def __init__(self, cpus: float = 1.0, labels: Optional[Dict[str, str]] = None, prefetch: int = 4,
+                 use_ray: Optional[bool] = None):
+        self.cpus, self.labels, self.prefetch, self.use_ray = cpus, dict(labels or {}), prefetch, use_ray
+        self._placed = False  # the labels were found on a live node
+
+    def __call__(self, root: str, rows: Sequence[Dict[str, np.ndarray]], transform, bad_images: str,
+                 say: Callable[[str], None]) -> Iterator[Dict[str, np.ndarray]]:
+        """Decoded blocks for ``rows`` (one dict of columns per requested batch), in order."""
+        use_ray = self.use_ray
+        if use_ray is None:
+            import ray
+
+            use_ray = ray.is_initialized()
+        kwargs = dict(root=root, transform=transform, bad_images=bad_images)
+        if not use_ray:
+            for block in rows:
+                yield decode_batch(block, **kwargs)
+            return
+        yield from self._ray(rows, kwargs)
+
+    def _ray(self, rows, kwargs) -> Iterator[Dict[str, np.ndarray]]:
+        import pyarrow as pa
+        import ray.data
+
+        if self.labels and not self._placed:
+            nodes = labelled_nodes(self.labels)
+            if not nodes:  # Ray Data would wait for such a node forever
+                shown_labels = ", ".join(f"{k}={v}" for k, v in self.labels.items())
+                raise DataError(f"data.preprocess_labels: no live node of the cluster has the labels {shown_labels}; "
+                                f"start the data nodes with `ray start --labels {shown_labels}` or clear "
+                                f"data.preprocess_labels")
+            self._placed = True
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no line per epoch's execution: raysub reports
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the consumer's batches, in its order
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        tables = [pa.table({k: (v.tolist() if v.dtype == object else v) for k, v in block.items()}) for block in rows]
+        ds = ray.data.from_arrow(tables)
+        options = dict(num_cpus=self.cpus)
+        if self.labels:
+            options["label_selector"] = self.labels
+        ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=kwargs,
+                            zero_copy_batch=True, **options)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch)
+
+
+def labelled_nodes(labels: Dict[str, str]) -> List[str]:
+    """Ids of the live nodes of the connected Ray cluster that carry every one of ``labels``."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes()
+            if n.get("Alive") and all((n.get("Labels") or {}).get(k) == v for k, v in labels.items())]
+
+
+def rebatch(blocks: Iterator[Dict[str, np.ndarray]], sizes: Sequence[int]) -> Iterator[Dict[str, np.ndarray]]:
+    """Cut a stream of row blocks (split or merged anywhere by Ray Data) back into batches of ``sizes`` rows."""
+    pending: List[Dict[str, np.ndarray]] = []
+    have = 0
+    it = iter(blocks)
+    for size in sizes:
+        while have < size:
+            try:
+                block = next(it)
+            except StopIteration:
+                raise RuntimeError(f"the image stream ended {size - have} rows short of a batch") from None
+            if len(block["index"]):
+                pending.append(block)
+                have += len(block["index"])
+        merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+        yield {k: v[:size] for k, v in merged.items()}
+        rest = {k: v[size:] for k, v in merged.items()}
+        have -= size
+        pending = [rest] if have else []
+
+
+def warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
