@@ -3,13 +3,13 @@
 What is bit-identical, and pinned here:
 - an example's tensor is a function of (seed, epoch, example) only: the Ray Data path gives the DataLoader's tensors
   bit for bit on the same files (`test_ray_data_ingest_equals_the_dataloader_bit_for_bit` runs its function in
-  this process; the sampling test below, in Ray Data's executor from the S3 server, through the trajectory);
+  this process);
 - across worker counts, a global batch holds the same examples with the same tensors, only split over the ranks
   (`test_a_global_batch_is_the_same_examples_whatever_the_worker_count`); the trajectories then differ only by the
   order of DDP's float sums (tests/test_pipeline.py's parity bound);
-- across a resume (a sampling run killed mid-epoch and resumed from its last checkpoint), the trajectory equals the
-  uninterrupted run's bit for bit, and equals the local-disk DataLoader run's
-  (`test_s3_sampling_killed_mid_epoch_resumes_to_the_local_runs_trajectory`).
+- across a resume: tests/test_imagenet.py::test_imagenet_job_pbfgs_end_to_end runs the ImageNet job from the S3
+  server through Ray Data's executor on 2 workers, failed mid-epoch and restored from its last checkpoint, and
+  its trajectory equals the uninterrupted local-disk DataLoader run's bit for bit.
 """
 import os
 import socket
@@ -22,7 +22,6 @@ from raysub import data
 from raysub.data import image_tree
 from raysub.errors import DataError
 
-from helpers import trajectory  # tests/helpers.py
 
 CLASSES = ("n01", "n02", "n03")
 
@@ -183,7 +182,7 @@ def test_options_and_a_val_missing_a_class_are_refused_in_one_line(tmp_path):
     assert any("ingest=dataloader reads a local folder" in p for p in problems)
 
 
-# -- system: the loopback S3 server (and the session's Ray for the streamed runs) -------------------------------
+# -- system: the loopback S3 server; the session's Ray ----------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -222,34 +221,13 @@ def test_bad_s3_roots_are_one_line_before_anything_starts(s3_tree):
         assert len(problems) == 1, problems
         assert_one_line(problems[0], expected)
         assert "endpoint_override" not in problems[0] or root == dead
-
-
-TREE_RUN = ["data.name=imagenet", "data.image_size=16", "data.batch_size=8", "data.eval_batch_size=12",
-            "model.name=mlp", "model.options={hidden: [16]}", "sgd.epochs=2", "sgd.lr_milestones=[]", "sample.epochs=2",
-            "sample.snapshot_every_steps=1", "cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "basis.dim=3"]
-
-
-@pytest.mark.system  # moto's S3 server, the session's Ray
-def test_s3_sampling_killed_mid_epoch_resumes_to_the_local_runs_trajectory(s3_tree, ray_session, tmp_path,
-                                                                          monkeypatch, capsys):
-    """`raysub sample` on 2 workers: the local tree through the DataLoader, and the S3 tree through Ray Data with
-    both workers failing after step 4 (mid epoch 2 of 3 steps each), restored by Ray Train from epoch 1's
-    checkpoint (cluster.max_failures=1). The S3 trajectory equals the local one bit for bit. Catches: a restored
-    worker that does not replay the interrupted epoch's batches (their examples or their crops), the S3 path's
-    samples differing from the local path's, a rank reading the other rank's share."""
-    from raysub.cli import main
-    from raysub.storage import RunDir
-
-    local_dir, s3_dir = tmp_path / "local", tmp_path / "s3"
-    assert main(["sample", *TREE_RUN, f"data.root={s3_tree['local']}", f"run_dir={local_dir}"]) == 0
-    monkeypatch.setenv("RAYSUB_FAIL_AT_STEP", "4")
-    assert main(["sample", *TREE_RUN, f"data.root={s3_tree['uri']}", "cluster.max_failures=1",
-                 f"run_dir={s3_dir}"]) == 0
-    assert RunDir(str(s3_dir)).read_text("failure_injected") == "step 4\n"  # it did fail, mid-epoch
-    local, remote = trajectory(str(local_dir)), trajectory(str(s3_dir))
-    assert local.shape == (1 + 2 * 3, 16 * 16 * 3 * 16 + 16 + 16 * 3 + 3)
-    np.testing.assert_array_equal(remote, local)
-    assert np.abs(local[-1] - local[0]).max() > 1e-3
+    # the good tree: no problem, and listed as the local copy is (the same relative paths, in the same order)
+    assert data.validate_dataset("imagenet", s3_tree["uri"]) == []
+    for split in ("train", "val"):
+        (rc, remote), (lc, local) = (image_tree.list_split(r, split) for r in (s3_tree["uri"], s3_tree["local"]))
+        assert rc == lc == list(CLASSES)
+        assert [p.split("/imagenet/", 1)[1] for p, _ in remote] == [os.path.relpath(p, s3_tree["local"])
+                                                                    for p, _ in local]
 
 
 def test_decode_tasks_go_to_labelled_nodes_or_the_run_says_none_has_them(ray_session):

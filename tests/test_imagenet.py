@@ -65,13 +65,18 @@ def colour_s3(colour_root):
 
 
 @pytest.mark.system  # ImageNet end to end, from the loopback S3 server
-def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_s3, tmp_path, monkeypatch, capsys):
+def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_root, colour_s3, tmp_path, monkeypatch, capsys):
     """`python jobs/imagenet_resnet18.py --recipe pbfgs data.root=s3://...` (the paper's recipe: 3 snapshots per
     epoch, d-dim basis, then P-BFGS), shrunk: 32² crops, 2 gloo workers with channels_last, 2 SGD epochs of 3 steps
     (7 snapshots), d = 4, 1 P-BFGS epoch (its line searches cost ~10 trial forwards per step here: the paper's
     unscaled z with B0 = I overshoots). The images stream from the S3 server through Ray Data (decoded by Ray
-    Data's tasks) into sampling, evaluation and the subspace stage; tests/test_image_stream.py pins the samples to
-    the local DataLoader's.
+    Data's tasks) into sampling, evaluation and the subspace stage. Both workers fail after SGD step 4 (mid epoch
+    2) and Ray Train restores them from epoch 1's checkpoint (cluster.max_failures=1); the trajectory must then
+    equal, bit for bit, the same sampling run on the local tree through the DataLoader, uninterrupted.
+
+    Catches (Ray Data and the resume): a restored worker that does not replay the interrupted epoch's batches
+    (their examples or their crops), the S3 path's samples differing from the local path's (listing order,
+    decoding, the per-image seed), a rank reading the other rank's share.
 
     Catches: a job that loses its recipe (psgd instead of pbfgs), data.image_size not reaching the dataset (224²
     crops), the snapshot count of 3-per-epoch sampling, channels_last snapshots written in memory (NHWC) order
@@ -80,11 +85,21 @@ def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_s3, tmp_path, monkeyp
     images across the ranks (accuracy not k/24), SGD that does not learn the colours. Eval-mode accuracy itself is
     not asserted: after 6 steps BatchNorm's running statistics (momentum 0.1) are still mostly their init values,
     so it swings with the settings whatever the training did (measured 33–67% for SGD, 12–42% for P-BFGS)."""
+    from raysub.cli import main as cli_main
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run_dir = tmp_path / "imagenet"
+    common = ["data.image_size=32", "data.batch_size=16", "data.eval_batch_size=24", "cluster.use_gpu=false",
+              "cluster.num_workers=2", "cluster.cpus_per_worker=1", "compute.channels_last=true", "sgd.lr=0.01",
+              "sgd.epochs=2", "sgd.lr_milestones=[]", "sample.epochs=2", "basis.dim=4"]
+    reference = tmp_path / "local_dataloader"
+    assert cli_main(["sample", os.path.join(REPO, "raysub", "configs", "imagenet_resnet18_pbfgs.yaml"), *common,
+                     f"data.root={colour_root}", "data.num_workers=1", "cluster.max_failures=0",
+                     f"run_dir={reference}"]) == 0
+    monkeypatch.setenv("RAYSUB_FAIL_AT_STEP", "4")
     args = ["--recipe", "pbfgs", f"data.root={colour_s3}", "data.image_size=32", "data.batch_size=16",
             "data.eval_batch_size=24", "data.preprocess_cpus=1", "cluster.use_gpu=false", "cluster.num_workers=2",
-            "cluster.cpus_per_worker=1", "cluster.max_failures=0", "compute.channels_last=true", "sgd.lr=0.01",
+            "cluster.cpus_per_worker=1", "cluster.max_failures=1", "compute.channels_last=true", "sgd.lr=0.01",
             "sgd.epochs=2", "sgd.lr_milestones=[]", "sample.epochs=2", "basis.dim=4", "train.epochs=1",
             "train.batch_size=16", f"run_dir={run_dir}"]
     t0 = time.perf_counter()
@@ -118,8 +133,11 @@ def test_imagenet_job_pbfgs_end_to_end(ray_session, colour_s3, tmp_path, monkeyp
     assert abs(pbfgs_losses[0] - sgd_losses[0]) < 1e-4
     model = build_model("resnet18", 3, (3, 32, 32))
     model.load_state_dict(run.read_theta0())
-    np.testing.assert_array_equal(trajectory(str(run_dir))[0], flatten_params(model).numpy())
+    W = trajectory(str(run_dir))
+    np.testing.assert_array_equal(W[0], flatten_params(model).numpy())
     assert run.exists("train/pbfgs.pt") and (run_dir / "plots" / "test_accuracy.png").exists()
+    assert run.read_text("failure_injected") == "step 4\n"  # it did fail, mid-epoch, and was restored
+    np.testing.assert_array_equal(W, trajectory(str(reference)))
 
 
 def test_imagenet_job_recipes(monkeypatch):
