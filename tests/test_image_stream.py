@@ -131,6 +131,8 @@ def test_rebatch_cuts_blocks_back_into_the_asked_batches():
     assert out[1]["x"].tolist() == [10.0, 20.0, 30.0, 40.0]
     with pytest.raises(RuntimeError, match="1 rows short"):
         list(image_tree.rebatch(iter(blocks([0, 1], [2])), [2, 2]))
+    with pytest.raises(RuntimeError, match="2 rows more"):  # surplus rows are not dropped in silence
+        list(image_tree.rebatch(iter(blocks([0, 1, 2, 3], [4], [5])), [3, 1]))
 
 
 def _truncate(path):
@@ -158,12 +160,17 @@ def test_an_unreadable_image_stops_with_its_path_or_is_skipped_with_a_line(tmp_p
     assert x.shape[0] == 2 and y.tolist() == [0, 0]
     err = capsys.readouterr().err
     assert f"skipped unreadable image {bad}" in err and err.count("skipped") == 1
+    assert "BytesIO" not in err  # PIL's message names an in-memory file: the URI is what the user needs
+    rng = torch.get_rng_state()  # a batch of bad images only (its shape is found by a random crop of a blank)
+    ((x, y),) = list(ds.batches("train", [torch.tensor([6])], augment=True, seed=0))
+    assert x.shape == (0, 3, 16, 16) and len(y) == 0 and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_options_and_a_val_missing_a_class_are_refused_in_one_line(tmp_path):
     """Catches: a val/ lacking a class accepted silently (evaluation on fewer classes, with either reader), an
     unknown ingest or bad_images value, skip asked of the DataLoader (which cannot drop an example), the DataLoader
-    pointed at a URI."""
+    pointed at a URI, a URI root whose crop size or node labels go unchecked, an empty class folder that one reader
+    refuses and the other drops (the two would number the classes differently)."""
     make_tree(tmp_path)
     for f in (tmp_path / "val" / "n03").iterdir():
         f.unlink()
@@ -178,8 +185,15 @@ def test_options_and_a_val_missing_a_class_are_refused_in_one_line(tmp_path):
     problems = data.validate_dataset("imagenet", str(tmp_path), bad_images="skip")
     assert problems == ["dataset 'imagenet': bad_images=skip needs ingest=ray_data (the DataLoader stops)"]
     problems = data.validate_dataset("imagenet", "s3://b/x?endpoint_override=127.0.0.1:1&scheme=http",
-                                     ingest="dataloader")
+                                     ingest="dataloader", image_size=-3, preprocess_labels={"role": 1})
     assert any("ingest=dataloader reads a local folder" in p for p in problems)
+    assert any("image_size=-3 must be a positive integer" in p for p in problems)  # a URI root is checked too
+    assert any("preprocess_labels={'role': 1}" in p for p in problems)
+    # a class folder with no images in train/: both readers refuse it (torchvision's ImageFolder does)
+    (tmp_path / "train" / "n00").mkdir()
+    for ingest in ("dataloader", "ray_data"):
+        with pytest.raises(DataError, match="n00"):
+            data.load_dataset("imagenet", str(tmp_path), image_size=16, ingest=ingest, partial_val=True)
 
 
 # -- system: the loopback S3 server; the session's Ray ----------------------------------------------------------

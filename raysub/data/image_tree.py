@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -83,27 +84,33 @@ def storage_problem(root: str, exc: BaseException) -> str:
             f"?endpoint_override= in data.root), the bucket and the credentials")
 
 
-_LISTED: Dict[Tuple[str, str], tuple] = {}  # this process's listings (the driver checks, then opens, the tree)
+_LISTED: Dict[Tuple[str, str], tuple] = {}  # this process's object-store listings: (time, listing)
+LIST_TTL_S = 600.0  # a cached listing is redone after this long (a long-lived driver sees a changed tree)
 
 
 def list_split(root: str, split_dir: str) -> Tuple[List[str], List[Tuple[str, str]]]:
     """``(classes, [(path, class), ...])`` of ``root/split_dir`` in ImageFolder order; paths are the filesystem's
-    (``bucket/key`` on S3). A missing folder lists as no classes. Listed once per process (ImageNet's 1.28 M
-    objects are ~1,300 list requests on S3): a tree changed while a run reads it is not seen.
+    (``bucket/key`` on S3). Classes are every folder of ``split_dir`` (torchvision's ``find_classes``), with images
+    or not. A missing folder lists as no classes. An object store's listing is kept for ``LIST_TTL_S`` in this
+    process (ImageNet's 1.28 M objects are ~1,300 list requests on S3; the driver checks, then opens, the tree); a
+    local tree is listed each time.
 
     Raises:
         OSError: the storage cannot be reached or refuses the listing.
     """
     key = (str(root), split_dir)
-    if key not in _LISTED:
-        t0 = time.perf_counter()
-        _LISTED[key] = _list_split(root, split_dir)
-        took = time.perf_counter() - t0
-        if took > LIST_SAY_S:  # a long listing is not a hang
-            classes, files = _LISTED[key]
-            warn(f"[data] listed {len(files):,} images in {len(classes):,} classes under "
-                 f"{shown(root, split_dir)} in {took:.0f} s")
-    return _LISTED[key]
+    cached = _LISTED.get(key)
+    if cached is not None and time.monotonic() - cached[0] < LIST_TTL_S:
+        return cached[1]
+    t0 = time.perf_counter()
+    listing = _list_split(root, split_dir)
+    took = time.perf_counter() - t0
+    if took > LIST_SAY_S:  # a long listing is not a hang
+        warn(f"[data] listed {len(listing[1]):,} images in {len(listing[0]):,} classes under "
+             f"{shown(root, split_dir)} in {took:.0f} s")
+    if is_uri(root):
+        _LISTED[key] = (time.monotonic(), listing)
+    return listing
 
 
 def _list_split(root: str, split_dir: str):
@@ -114,18 +121,20 @@ def _list_split(root: str, split_dir: str):
     info = fs.get_file_info(top)
     if info.type != pafs.FileType.Directory:
         return [], []
-    files = []
+    files, folders = [], set()
     for entry in fs.get_file_info(pafs.FileSelector(top, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
         rel = entry.path[len(top) + 1:]
         parts = rel.split("/")
-        if len(parts) < 2 or not parts[-1].lower().endswith(IMG_EXTENSIONS):
+        if entry.type == pafs.FileType.Directory:
+            folders.add(parts[0])  # every class folder, with images or not (torchvision's find_classes)
+            continue
+        if entry.type != pafs.FileType.File or len(parts) < 2:
             continue  # a file directly in split/ is not in any class (ImageFolder skips it too)
-        files.append((parts[0], posixpath.dirname(rel), parts[-1], entry.path))
+        folders.add(parts[0])
+        if parts[-1].lower().endswith(IMG_EXTENSIONS):
+            files.append((parts[0], posixpath.dirname(rel), parts[-1], entry.path))
     files.sort()
-    classes = sorted({c for c, _, _, _ in files})
-    return classes, [(path, c) for c, _, _, path in files]
+    return sorted(folders), [(path, c) for c, _, _, path in files]
 
 
 def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool) -> List[str]:
@@ -144,13 +153,18 @@ def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool)
         return [f"dataset {name!r}: no {' or '.join(d + '/' for d in missing)} folder in {shown(root)}; "
                 f"expected the {layout}"]
     try:
-        (train, _), (val, _) = (list_split(root, dirs[s]) for s in ("train", "test"))
+        (train, train_files), (val, val_files) = (list_split(root, dirs[s]) for s in ("train", "test"))
     except (OSError, ValueError) as e:
         return [f"dataset {name!r}: {storage_problem(root, e)}"]
-    if not train:
+    if not train_files:
         return [f"dataset {name!r}: no class folder with images in {shown(root, dirs['train'])}; expected the "
                 f"{layout}"]
     problems = []
+    empty = sorted(set(train) - {c for _, c in train_files})
+    if empty:  # torchvision's ImageFolder refuses them too: a class no example can have
+        problems.append(f"dataset {name!r}: class folder(s) of train/ in {shown(root)} with no images: "
+                        f"{', '.join(empty[:5])}; add images or remove the folder(s)")
+    val = sorted({c for _, c in val_files})  # a val/ folder with no images counts as a class val/ lacks
     extra = sorted(set(val) - set(train))
     if extra:
         problems.append(f"dataset {name!r}: val/ in {shown(root)} has class folders not in train/: "
@@ -182,8 +196,9 @@ def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform, bad_imag
     ``transform`` is the PIL part of the pipeline (crop, flip); each example runs it under
     ``torch.manual_seed(seed)`` (its own augmentation). The crops come back as uint8 C×H×W (a quarter of the
     float32 bytes through the object store); `to_float` finishes them as ``ToTensor`` + ``Normalize`` would. An
-    unreadable or undecodable image raises `DataError` naming its URI (``bad_images="stop"``) or comes back with
-    ``ok`` false and a zero crop (``"skip"``: the consumer drops it and says so)."""
+    unreadable or undecodable image comes back with ``ok`` false, its reason and a zero crop: the consumer stops
+    with its URI (``bad_images="stop"``) or drops it and says so (``"skip"``). Nothing is raised here, so no Ray
+    task error wraps the message."""
     fs, _ = filesystem(root)
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -197,12 +212,9 @@ def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform, bad_imag
                 torch.manual_seed(int(seed))
                 xs[i] = np.asarray(transform(image), dtype=np.uint8).transpose(2, 0, 1)
         except Exception as e:  # OSError (storage, truncated file), PIL.UnidentifiedImageError, ...
-            uri = object_uri(root, paths[i])
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            if bad_images == "stop":
-                raise DataError(f"cannot read image {uri}: {reason}; replace or remove it, or set "
-                                f"data.bad_images=skip to leave it out") from None
-            ok[i], errors[i] = False, reason
+            text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the object", str(e).splitlines()[0] if str(e)
+                          else "")
+            ok[i], errors[i] = False, f"{type(e).__name__}: {text}"[:200]
     shape = next((x.shape for x in xs if x is not None), None) or transform_shape(transform)
     x = np.empty((n, *shape), dtype=np.uint8)
     for i, xi in enumerate(xs):
@@ -222,7 +234,8 @@ def to_float(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torc
 def transform_shape(transform) -> Tuple[int, ...]:
     from PIL import Image
 
-    return tuple(np.asarray(transform(Image.new("RGB", (8, 8))), dtype=np.uint8).transpose(2, 0, 1).shape)
+    with torch.random.fork_rng(devices=[]):  # a random crop draws: the caller's generator stays as it was
+        return tuple(np.asarray(transform(Image.new("RGB", (8, 8))), dtype=np.uint8).transpose(2, 0, 1).shape)
 
 
 def object_uri(root: str, path: str) -> str:
@@ -317,6 +330,9 @@ def rebatch(blocks: Iterator[Dict[str, np.ndarray]], sizes: Sequence[int]) -> It
         rest = {k: v[size:] for k, v in merged.items()}
         have -= size
         pending = [rest] if have else []
+    extra = have + sum(len(block["index"]) for block in it)
+    if extra:
+        raise RuntimeError(f"the image stream has {extra} rows more than its batches asked for")
 
 
 def warn(line: str) -> None:

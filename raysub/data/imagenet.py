@@ -130,6 +130,13 @@ class ImageNet(Dataset):
         if cls._ingest(root, ingest) == "dataloader" and image_tree.is_uri(root):
             problems.append(f"dataset {cls.name!r}: ingest=dataloader reads a local folder; {image_tree.shown(root)} "
                             f"is a URI: use ingest=ray_data (or auto)")
+        for key, value in (("image_size", image_size), ("resize_size", resize_size)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                problems.append(f"dataset {cls.name!r}: {key}={value!r} must be a positive integer")
+        labels = preprocess_labels or {}
+        if not (isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+            problems.append(f"dataset {cls.name!r}: preprocess_labels={labels!r} must map label names to string "
+                            f"values, e.g. {{raysub/role: data}}")
         if image_tree.is_uri(root):  # listed now: an unreachable store, a missing bucket or class, before Ray starts
             return problems + image_tree.tree_problems(cls.name, root, cls._dirs, partial_val)
         missing = [d for d in cls._dirs.values() if not os.path.isdir(os.path.join(root, d))]
@@ -138,9 +145,6 @@ class ImageNet(Dataset):
                 f"dataset {cls.name!r}: no {' or '.join(d + '/' for d in missing)} folder in {root}; "
                 f"expected the {layout}"
             )
-        for key, value in (("image_size", image_size), ("resize_size", resize_size)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                problems.append(f"dataset {cls.name!r}: {key}={value!r} must be a positive integer")
         return problems
 
     @staticmethod
@@ -286,8 +290,12 @@ class ImageNet(Dataset):
                 raise RuntimeError(f"Ray Data returned examples {block['index'][:5].tolist()}... for a batch of "
                                    f"{idx[:5].tolist()}...: the stream lost its order")
             ok = block["ok"].astype(bool)
-            for path, why in zip(block["index"][~ok].tolist(), block["error"][~ok].tolist()):
-                image_tree.warn(f"skipped unreadable image {image_tree.object_uri(self.root, samples[path][0])} "
-                                f"({why}; data.bad_images=skip)")
+            for i, why in zip(block["index"][~ok].tolist(), block["error"][~ok].tolist()):
+                uri = image_tree.object_uri(self.root, samples[i][0])
+                if self.bad_images == "stop":
+                    raise DataError(f"cannot read image {uri}: {why}; replace or remove it, or set "
+                                    f"data.bad_images=skip to leave it out")
+                image_tree.warn(f"skipped unreadable image {uri} ({why}; data.bad_images=skip)")
             yield (image_tree.to_float(block["x"][ok], IMAGENET_MEAN, IMAGENET_STD),
                    torch.from_numpy(block["label"][ok]))
+        next(out, None)  # the stream must end here: rows beyond the batches asked for are an error
