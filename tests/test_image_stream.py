@@ -255,5 +255,5 @@ def test_decode_tasks_go_to_labelled_nodes_or_the_run_says_none_has_them(ray_ses
     assert image_tree.labelled_nodes({"ray.io/node-id": node, "raysub/role": "data"}) == []
     stream = image_tree.Stream(labels={"raysub/role": "data"}, use_ray=True)
     with pytest.raises(DataError) as e:
-        next(stream("unused", [], None, "stop", print))
+        next(stream("unused", [], None))
     assert_one_line(str(e.value), "raysub/role=data", "ray start --labels raysub/role=data")

@@ -30,7 +30,7 @@ import posixpath
 import re
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,27 +138,34 @@ def _list_split(root: str, split_dir: str):
 
 
 def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool) -> List[str]:
-    """One-line problems of an image tree: unreachable storage, a missing bucket or folder, no classes in train/,
-    a class of train/ with no images in val/ (unless ``partial_val``), a class of val/ that train/ lacks."""
+    """One-line problems of an image tree (`check_tree`'s)."""
+    return check_tree(name, root, dirs, partial_val)[0]
+
+
+def check_tree(name: str, root: str, dirs: Dict[str, str], partial_val: bool):
+    """``(problems, {split: list_split's listing})`` of an image tree, listed once: unreachable storage, a missing
+    bucket or folder, no classes in train/, a class folder with no images, a class of train/ with no images in
+    val/ (unless ``partial_val``), a class of val/ that train/ lacks (one line each; no listing when any)."""
     import pyarrow.fs as pafs
 
     try:
         fs, base = filesystem(root)
         kinds = {d: fs.get_file_info(f"{base}/{d}").type for d in dirs.values()}
     except (OSError, ValueError) as e:
-        return [f"dataset {name!r}: {storage_problem(root, e)}"]
+        return [f"dataset {name!r}: {storage_problem(root, e)}"], {}
     missing = [d for d, kind in kinds.items() if kind != pafs.FileType.Directory]
     layout = "ImageFolder layout root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
     if missing:
         return [f"dataset {name!r}: no {' or '.join(d + '/' for d in missing)} folder in {shown(root)}; "
-                f"expected the {layout}"]
+                f"expected the {layout}"], {}
     try:
-        (train, train_files), (val, val_files) = (list_split(root, dirs[s]) for s in ("train", "test"))
+        listed = {s: list_split(root, d) for s, d in dirs.items()}
+        (train, train_files), (_, val_files) = listed["train"], listed["test"]
     except (OSError, ValueError) as e:
-        return [f"dataset {name!r}: {storage_problem(root, e)}"]
+        return [f"dataset {name!r}: {storage_problem(root, e)}"], {}
     if not train_files:
         return [f"dataset {name!r}: no class folder with images in {shown(root, dirs['train'])}; expected the "
-                f"{layout}"]
+                f"{layout}"], {}
     problems = []
     empty = sorted(set(train) - {c for _, c in train_files})
     if empty:  # torchvision's ImageFolder refuses them too: a class no example can have
@@ -174,7 +181,7 @@ def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool)
         problems.append(f"dataset {name!r}: {len(absent)} class(es) of train/ have no images in val/ of "
                         f"{shown(root)} ({', '.join(absent[:5])}); add them, or set data.partial_val=true to "
                         f"evaluate on the classes val/ has")
-    return problems
+    return problems, ({} if problems else listed)
 
 
 def load_image(data: bytes):
@@ -190,7 +197,7 @@ def read_object(fs, path: str) -> bytes:
         return f.read()
 
 
-def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform, bad_images: str) -> Dict[str, np.ndarray]:
+def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform) -> Dict[str, np.ndarray]:
     """Ray Data UDF: read, decode and crop one block of (index, seed, path, label) rows.
 
     ``transform`` is the PIL part of the pipeline (crop, flip); each example runs it under
@@ -260,15 +267,15 @@ class Stream:
         self.cpus, self.labels, self.prefetch, self.use_ray = cpus, dict(labels or {}), prefetch, use_ray
         self._placed = False  # the labels were found on a live node
 
-    def __call__(self, root: str, rows: Sequence[Dict[str, np.ndarray]], transform, bad_images: str,
-                 say: Callable[[str], None]) -> Iterator[Dict[str, np.ndarray]]:
+    def __call__(self, root: str, rows: Sequence[Dict[str, np.ndarray]], transform
+                 ) -> Iterator[Dict[str, np.ndarray]]:
         """Decoded blocks for ``rows`` (one dict of columns per requested batch), in order."""
         use_ray = self.use_ray
         if use_ray is None:
             import ray
 
             use_ray = ray.is_initialized()
-        kwargs = dict(root=root, transform=transform, bad_images=bad_images)
+        kwargs = dict(root=root, transform=transform)
         if not use_ray:
             for block in rows:
                 yield decode_batch(block, **kwargs)

@@ -166,14 +166,10 @@ class ImageNet(Dataset):
         self.root, self.ingest, self.bad_images = str(root), self._ingest(root, ingest), bad_images
         self.stream = image_tree.Stream(cpus=float(preprocess_cpus), labels=preprocess_labels)
         if self.ingest == "ray_data":
-            if not image_tree.is_uri(root):  # the local tree's problems were the cheap ones: list it now
-                problems = image_tree.tree_problems(self.name, self.root, self._dirs, partial_val)
-                if problems:
-                    raise DataError(problems)
-            try:
-                listed = {s: image_tree.list_split(self.root, d) for s, d in self._dirs.items()}
-            except (OSError, ValueError) as e:
-                raise DataError(f"dataset {self.name!r}: {image_tree.storage_problem(self.root, e)}") from None
+            # listed and checked once (a URI's listing is the one `problems` just made, kept by image_tree)
+            problems, listed = image_tree.check_tree(self.name, self.root, self._dirs, partial_val)
+            if problems:
+                raise DataError(problems)
             classes = listed["train"][0]
             index = {c: i for i, c in enumerate(classes)}
             self._samples = {s: [(path, index[c]) for path, c in files] for s, (_, files) in listed.items()}
@@ -277,8 +273,7 @@ class ImageNet(Dataset):
                          "path": np.array([p for p, _ in picked], dtype=object),
                          "label": np.array([t for _, t in picked], dtype=np.int64)})
         transform = self._train_pil if augment else self._test_pil
-        blocks = self.stream(self.root, [r for r in rows if len(r["index"])], transform, self.bad_images,
-                             image_tree.warn)
+        blocks = self.stream(self.root, [r for r in rows if len(r["index"])], transform)
         sizes = [len(idx) for idx in batches if len(idx)]
         out = image_tree.rebatch(blocks, sizes)
         for idx in batches:
