@@ -229,7 +229,7 @@ def test_bad_s3_roots_are_one_line_before_anything_starts(s3_tree):
     }
     s3.client().put_object(Bucket="raysub-test", Key="empty/train/readme.txt", Body=b"x")
     s3.client().put_object(Bucket="raysub-test", Key="empty/val/readme.txt", Body=b"x")
-    cases[s3.uri("empty")] = "no class folder with images in s3://raysub-test/empty/train"
+    cases[s3.uri("empty")] = "no class folder with images (or tar shard with samples) in s3://raysub-test/empty/train"
     for root, expected in cases.items():
         problems = data.validate_dataset("imagenet", root)
         assert len(problems) == 1, problems

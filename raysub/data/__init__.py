@@ -2,11 +2,11 @@
 
 `base` holds the registry `DATASETS`, the `Dataset` interface, `InMemoryDataset` and the per-example hashing
 that keys augmentation; `digits`, `idx` (MNIST, Fashion-MNIST), `cifar` (CIFAR-10/100) and `imagenet` each
-register their datasets on import (`image_tree` streams ImageNet's trees, local or in object storage, through Ray
-Data); `wrappers` holds `ClassSubset`, `NoisyLabels` and `HoldOut`; `api` loads and
-checks datasets by name (`load_dataset`, `validate_dataset`, `default_root`) or from a run config (`open_dataset`,
-`dataset_kwargs`, `check_data_section`). Importing this package registers every dataset and re-exports all
-of these names. Nothing here downloads or writes files.
+register their datasets on import (`image_tree` streams ImageNet's trees, and `shards` indexes its tar shards,
+local or in object storage, through Ray Data); `wrappers` holds `ClassSubset`, `NoisyLabels` and `HoldOut`; `api`
+loads and checks datasets by name (`load_dataset`, `validate_dataset`, `default_root`) or from a run config
+(`open_dataset`, `dataset_kwargs`, `check_data_section`). Importing this package registers every dataset and
+re-exports all of these names. Nothing here downloads; the only files written are the shard indexes' cache.
 """
 from raysub.data.base import (
     DATASETS,

@@ -4,6 +4,8 @@ An ImageFolder tree (``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``)
 (`raysub.uri.open_uri`: a local path, or an ``s3://``/``gs://`` URI with the endpoint from the environment or the
 URI's query and the credentials from the environment, never stored), in torchvision's ImageFolder order: classes
 sorted, then files sorted by directory and name, image extensions only. A sample is the object's path and label.
+A split that holds tar shards instead (WebDataset's layout, `raysub.data.shards`) lists as its samples' places in
+the shards, read one image at a time by range.
 
 `stream` turns one `raysub.data.base.Dataset.batches` call (a rank's batches of example indices, with the seed of
 each example's augmentation) into a Ray Data pipeline: one block of (index, seed, path, label) rows per batch;
@@ -35,6 +37,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+import raysub.data.shards as shards
 from raysub.errors import DataError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, lower-case (ImageFolder compares lower-cased names)
@@ -121,6 +124,9 @@ def _list_split(root: str, split_dir: str):
     info = fs.get_file_info(top)
     if info.type != pafs.FileType.Directory:
         return [], []
+    tars, compressed = shards.list_shards(fs, top)
+    if tars or compressed:
+        return _list_shards(root, fs, tars, compressed)
     files, folders = [], set()
     for entry in fs.get_file_info(pafs.FileSelector(top, recursive=True)):
         rel = entry.path[len(top) + 1:]
@@ -135,6 +141,26 @@ def _list_split(root: str, split_dir: str):
             files.append((parts[0], posixpath.dirname(rel), parts[-1], entry.path))
     files.sort()
     return sorted(folders), [(path, c) for c, _, _, path in files]
+
+
+def _list_shards(root: str, fs, tars, compressed):
+    """list_split of a folder of tar shards: classes are the class indices 0..max (as text), in order."""
+    if not tars:
+        raise shards.ShardError(f"{object_uri(root, compressed[0])}: a compressed shard cannot be read one image at "
+                                f"a time; repack the shards as uncompressed .tar")
+    samples = shards.index_shards(fs, tars, lambda path: object_uri(root, path), IMG_EXTENSIONS)
+    top = max((t for _, t in samples), default=-1)
+    return [str(i) for i in range(top + 1)], [(m, str(t)) for m, t in samples]
+
+
+def is_sharded(root: str, split_dir: str = "train") -> bool:
+    """A local root whose ``split_dir`` holds tar shards (a URI root is listed by `check_tree` instead)."""
+    top = os.path.join(os.path.expanduser(str(root)), split_dir)
+    try:
+        names = os.listdir(top)
+    except OSError:
+        return False
+    return any(n.lower().endswith((shards.SUFFIX,) + shards.COMPRESSED) for n in names)
 
 
 def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool) -> List[str]:
@@ -154,27 +180,33 @@ def check_tree(name: str, root: str, dirs: Dict[str, str], partial_val: bool):
     except (OSError, ValueError) as e:
         return [f"dataset {name!r}: {storage_problem(root, e)}"], {}
     missing = [d for d, kind in kinds.items() if kind != pafs.FileType.Directory]
-    layout = "ImageFolder layout root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
+    layout = ("ImageFolder layout root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, or WebDataset shards "
+              "root/train/*.tar and root/val/*.tar")
     if missing:
         return [f"dataset {name!r}: no {' or '.join(d + '/' for d in missing)} folder in {shown(root)}; "
                 f"expected the {layout}"], {}
     try:
         listed = {s: list_split(root, d) for s, d in dirs.items()}
         (train, train_files), (_, val_files) = listed["train"], listed["test"]
+    except shards.ShardError as e:
+        return [f"dataset {name!r}: {e}"], {}
     except (OSError, ValueError) as e:
         return [f"dataset {name!r}: {storage_problem(root, e)}"], {}
     if not train_files:
-        return [f"dataset {name!r}: no class folder with images in {shown(root, dirs['train'])}; expected the "
-                f"{layout}"], {}
+        return [f"dataset {name!r}: no class folder with images (or tar shard with samples) in "
+                f"{shown(root, dirs['train'])}; expected the {layout}"], {}
+    sharded = isinstance(train_files[0][0], shards.Member)
+    what = "class index(es)" if sharded else "class folder(s)"
     problems = []
-    empty = sorted(set(train) - {c for _, c in train_files})
+    empty = sorted(set(train) - {c for _, c in train_files}, key=train.index)
     if empty:  # torchvision's ImageFolder refuses them too: a class no example can have
-        problems.append(f"dataset {name!r}: class folder(s) of train/ in {shown(root)} with no images: "
-                        f"{', '.join(empty[:5])}; add images or remove the folder(s)")
+        fix = "the shards' .cls must number the classes 0..k-1" if sharded else "add images or remove the folder(s)"
+        problems.append(f"dataset {name!r}: {what} of train/ in {shown(root)} with no images: "
+                        f"{', '.join(empty[:5])}; {fix}")
     val = sorted({c for _, c in val_files})  # a val/ folder with no images counts as a class val/ lacks
     extra = sorted(set(val) - set(train))
     if extra:
-        problems.append(f"dataset {name!r}: val/ in {shown(root)} has class folders not in train/: "
+        problems.append(f"dataset {name!r}: val/ in {shown(root)} has {what} not in train/: "
                         f"{', '.join(extra[:5])}")
     absent = sorted(set(train) - set(val))
     if absent and not partial_val:
@@ -209,8 +241,17 @@ def decode_batch(batch: Dict[str, np.ndarray], *, root: str, transform) -> Dict[
     fs, _ = filesystem(root)
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
+    if "offset" in batch:  # tar shards: one range read per image
+        keys = [shards.Member(p, int(o), int(z), "") for p, o, z in
+                zip(paths, batch["offset"].tolist(), batch["size"].tolist())]
+        read = shards.Reader(fs)
+    else:
+        keys, read = paths, lambda path: read_object(fs, path)
     with concurrent.futures.ThreadPoolExecutor(min(READ_THREADS, max(1, n))) as pool:
-        futures = [pool.submit(read_object, fs, p) for p in paths]
+        futures = [pool.submit(read, k) for k in keys]
+        concurrent.futures.wait(futures)
+    if isinstance(read, shards.Reader):
+        read.close()
     xs, ok, errors = [None] * n, np.ones(n, dtype=bool), [""] * n
     for i, (future, seed) in enumerate(zip(futures, batch["seed"].tolist())):
         try:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import raysub.data.image_tree as image_tree
+import raysub.data.shards as shards
 from raysub.data.base import DATASETS, Dataset, _as_index, _missing_root, example_hashes
 from raysub.errors import DataError
 
@@ -89,7 +90,9 @@ def _relabel(val, class_to_idx: Dict[str, int], root: str) -> None:
 
 @DATASETS.register("imagenet")
 class ImageNet(Dataset):
-    """ImageNet in ImageFolder layout: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``.
+    """ImageNet in ImageFolder layout: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``, or as
+    WebDataset tar shards ``root/train/*.tar`` and ``root/val/*.tar`` (``KEY.jpg`` + ``KEY.cls``; `raysub.data.shards`,
+    read through the stream).
 
     Standard ResNet transforms: RandomResizedCrop + horizontal flip when augmenting, else Resize + CenterCrop.
 
@@ -130,6 +133,9 @@ class ImageNet(Dataset):
         if cls._ingest(root, ingest) == "dataloader" and image_tree.is_uri(root):
             problems.append(f"dataset {cls.name!r}: ingest=dataloader reads a local folder; {image_tree.shown(root)} "
                             f"is a URI: use ingest=ray_data (or auto)")
+        elif cls._ingest(root, ingest) == "dataloader" and image_tree.is_sharded(root):
+            problems.append(f"dataset {cls.name!r}: ingest=dataloader reads an ImageFolder tree; {root}/train holds "
+                            f"tar shards: use ingest=ray_data (or auto)")
         for key, value in (("image_size", image_size), ("resize_size", resize_size)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 problems.append(f"dataset {cls.name!r}: {key}={value!r} must be a positive integer")
@@ -137,7 +143,8 @@ class ImageNet(Dataset):
         if not (isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
             problems.append(f"dataset {cls.name!r}: preprocess_labels={labels!r} must map label names to string "
                             f"values, e.g. {{raysub/role: data}}")
-        if image_tree.is_uri(root):  # listed now: an unreachable store, a missing bucket or class, before Ray starts
+        if image_tree.is_uri(root) or image_tree.is_sharded(root):
+            # listed (shards indexed) now: an unreachable store, a missing bucket or class, a bad shard, before Ray
             return problems + image_tree.tree_problems(cls.name, root, cls._dirs, partial_val)
         missing = [d for d in cls._dirs.values() if not os.path.isdir(os.path.join(root, d))]
         if missing:
@@ -149,7 +156,9 @@ class ImageNet(Dataset):
 
     @staticmethod
     def _ingest(root, ingest: str) -> str:
-        return ("ray_data" if image_tree.is_uri(root) else "dataloader") if ingest == "auto" else ingest
+        if ingest != "auto":
+            return ingest
+        return "ray_data" if image_tree.is_uri(root) or image_tree.is_sharded(root) else "dataloader"
 
     def __init__(self, root: Optional[str] = None, image_size: int = 224, resize_size: Optional[int] = None,
                  ingest: str = "auto", bad_images: str = "stop", partial_val: bool = False,
@@ -269,9 +278,14 @@ class ImageNet(Dataset):
             seeds = (example_hashes(seed, idx, 1)[0] >> np.uint64(1)).astype(np.int64) if augment else \
                 np.zeros(len(idx), dtype=np.int64)
             picked = [samples[i] for i in idx.tolist()]
-            rows.append({"index": idx.numpy(), "seed": seeds,
-                         "path": np.array([p for p, _ in picked], dtype=object),
-                         "label": np.array([t for _, t in picked], dtype=np.int64)})
+            row = {"index": idx.numpy(), "seed": seeds, "label": np.array([t for _, t in picked], dtype=np.int64)}
+            if picked and isinstance(picked[0][0], shards.Member):  # tar shards: where each image lies
+                for column in ("offset", "size"):
+                    row[column] = np.array([getattr(m, column) for m, _ in picked], dtype=np.int64)
+                row["path"] = np.array([m.shard for m, _ in picked], dtype=object)
+            else:
+                row["path"] = np.array([p for p, _ in picked], dtype=object)
+            rows.append(row)
         transform = self._train_pil if augment else self._test_pil
         blocks = self.stream(self.root, [r for r in rows if len(r["index"])], transform)
         sizes = [len(idx) for idx in batches if len(idx)]
@@ -286,7 +300,9 @@ class ImageNet(Dataset):
                                    f"{idx[:5].tolist()}...: the stream lost its order")
             ok = block["ok"].astype(bool)
             for i, why in zip(block["index"][~ok].tolist(), block["error"][~ok].tolist()):
-                uri = image_tree.object_uri(self.root, samples[i][0])
+                where = samples[i][0]
+                uri = (f"{image_tree.object_uri(self.root, where.shard)} (member {where.name})"
+                       if isinstance(where, shards.Member) else image_tree.object_uri(self.root, where))
                 if self.bad_images == "stop":
                     raise DataError(f"cannot read image {uri}: {why}; replace or remove it, or set "
                                     f"data.bad_images=skip to leave it out")
