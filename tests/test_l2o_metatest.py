@@ -243,3 +243,87 @@ def test_job_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "val_fraction" in err and "--weights" in err and "nosuch" in err
     assert not out.exists()
+
+
+# -- issue 27: schedules tuned for the run's length, the weights' run -------------------------------------------
+
+def test_schedule_lr_hand_computed():
+    """8 steps at lr 2: cosine starts at lr and halves at the middle step; step decays ×0.1 after half the run and
+    ×0.01 after three quarters. Catches a cosine that starts below lr (step counted from 1 inside the cosine), a
+    decay one step early or late, a schedule over another length than the run's."""
+    assert [metatest.schedule_lr("constant", 2.0, s, 8) for s in (1, 8)] == [2.0, 2.0]
+    assert metatest.schedule_lr("cosine", 2.0, 1, 8) == 2.0
+    assert metatest.schedule_lr("cosine", 2.0, 5, 8) == pytest.approx(1.0)
+    assert metatest.schedule_lr("cosine", 2.0, 8, 8) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert [metatest.schedule_lr("step", 2.0, s, 8) for s in range(1, 9)] == pytest.approx(
+        [2.0] * 4 + [0.2] * 2 + [0.02] * 2)
+    with pytest.raises(ValueError, match="cosine"):
+        metatest.schedule_lr("linear", 1.0, 1, 8)
+
+
+def test_pick_lr_over_schedules_returns_the_pair():
+    """Catches a pick that keeps the lr but drops its schedule (the meta-test run would use another baseline than
+    the one validated), and candidates run for one schedule only."""
+    val = {(0.1, "constant"): 0.5, (1.0, "constant"): 0.6, (0.1, "cosine"): 0.7, (1.0, "cosine"): 0.55}
+    calls = []
+
+    def runner(lr, seed, schedule):
+        calls.append((lr, schedule, seed))
+        return {"val_acc": val[(lr, schedule)], "losses": [1.0], "diverged": False}
+
+    out = pick_lr([0.1, 1.0], runner, seeds=[3], schedules=["constant", "cosine"])
+    assert (out["lr"], out["schedule"]) == (0.1, "cosine") and out["at_edge"]
+    assert sorted(calls) == sorted((lr, sch, 3) for lr, sch in val)
+    assert [(r["lr"], r["schedule"]) for r in out["rows"]] == [(0.1, "constant"), (1.0, "constant"),
+                                                              (0.1, "cosine"), (1.0, "cosine")]
+
+
+def test_a_scheduled_run_is_sgd_with_that_lr_at_each_step(digits_task, one_thread):
+    """The registry's SGD with the step schedule over 8 steps equals z −= lr_s·g by hand with lr_s = schedule_lr at
+    each 1-based step. Catches the lr set after the step (one step late), a schedule that never reaches the
+    optimizer, a schedule over another length than the run's."""
+    from raysub.engine.task import loss_and_projected_grad
+
+    cfg, task = digits_task
+    seed, lr, steps = 11, 0.5, 8
+    stream = metatest.batch_stream(task, cfg, seed)
+    z = metatest.start_z(task, seed, cfg.l2o.z0_std)
+    for s in range(1, steps + 1):
+        _, g = loss_and_projected_grad(task, z, next(stream))
+        z = z - metatest.schedule_lr("step", lr, s, steps) * g
+    r = metatest.run_optimizee(cfg, task, "sgd", lr, {}, seed, cfg.l2o.z0_std, steps, splits=("val",),
+                               schedule="step")
+    torch.testing.assert_close(r["z"], z, rtol=1e-4, atol=1e-6)
+    flat = metatest.run_optimizee(cfg, task, "sgd", lr, {}, seed, cfg.l2o.z0_std, steps, splits=("val",))
+    assert not torch.allclose(flat["z"], z) and r["schedule"] == "step"
+
+
+def test_the_weights_run_is_the_run_its_manifest_records_even_when_named_l2o(tmp_path, capsys):
+    """A meta-training run directory that is itself named ``l2o`` (weights in l2o/l2o/weights.pt): the run is that
+    directory, from the directory, the weights file or a generation's file. Catches the old rule (a folder named
+    l2o is RUN/l2o, so its parent was taken for the run and N and the seeds fell back to defaults), and a copy no
+    manifest records taken for a run."""
+    from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params
+    from raysub.l2o.weights import save_learned_optimizer
+    from raysub.runs.manifest import Manifest
+    from raysub.storage import RunDir
+
+    config = LearnedOptimizerConfig(hidden_size=4)
+    run = tmp_path / "runs" / "l2o"
+    sha = save_learned_optimizer(str(run / "l2o" / "weights.pt"), config, adam_like_params(config))
+    Manifest(shards={"l2o/weights.pt": sha}).write(RunDir(str(run)))
+    cfg = load_config(QUICKSTART, [*TINY, "l2o.steps=37", "l2o.seed=5"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    for given in (run, run / "l2o" / "weights.pt"):
+        assert metatest.meta_training_run(str(given)) == str(run)
+        trained = metatest.meta_training_config(str(given))
+        assert (trained.l2o.steps, trained.l2o.seed) == (37, 5)
+    copy = tmp_path / "elsewhere" / "weights.pt"
+    copy.parent.mkdir()
+    copy.write_bytes((run / "l2o" / "weights.pt").read_bytes())
+    assert metatest.meta_training_run(str(copy)) is None and metatest.meta_training_config(str(copy)) is None
+    from raysub.bench import l2o_meta_test as bench
+
+    assert bench.main(["--weights", str(copy)]) == 2  # N and the seeds are never guessed
+    err = capsys.readouterr().err
+    assert "no meta-training run records these weights" in err and "--steps N" in err and "\n" not in err.strip()

@@ -56,7 +56,12 @@ def main(argv=None) -> int:
                         help="the DLDR run (LeNet-5 FMNIST, d ≥ 40): raysub run fashion_mnist_lenet data.val_fraction=0.1")
     parser.add_argument("--config", default="fashion_mnist_lenet")
     parser.add_argument("--weights", help="φ: meta-training run dir or weights.pt (default: hand-built Adam-like)")
-    parser.add_argument("--steps", type=int, help="N (default: the meta-training run's l2o.steps, else 200)")
+    parser.add_argument("--steps", type=int, help="N (default: the meta-training run's l2o.steps; required for "
+                                                     "weights no run records, and for the hand-built φ: 100)")
+    parser.add_argument("--horizons", default="1,2,5,10", help="multiples of N; runs are max·N steps")
+    parser.add_argument("--baselines", default="psgd,adam,sgd", help="tuned baselines (psgd = Momentum†)")
+    parser.add_argument("--schedules", default="constant,cosine,step",
+                        help="lr schedules each baseline's pick tries, over the run's length")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--val-seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -85,7 +90,20 @@ def main(argv=None) -> int:
     if trained is not None:
         l2o = [f"l2o.seed={trained.l2o.seed}", f"l2o.z0_std={trained.l2o.z0_std}",
                f"l2o.validation_optimizees={trained.l2o.validation_optimizees}"]
-    steps = args.steps or (trained.l2o.steps if trained is not None else 200)
+        print(f"φ's meta-training run {metatest.meta_training_run(args.weights)}: N = l2o.steps = "
+              f"{trained.l2o.steps}, optimizee seeds from l2o.seed {trained.l2o.seed}, z0 std {trained.l2o.z0_std:g}",
+              flush=True)
+    elif args.weights and args.steps is None:  # never a protocol other than φ's without a word
+        print(f"l2o_meta_test bench: error: --weights {args.weights}: no meta-training run records these weights "
+              f"(its config.yaml gives N and the optimizee seeds): give the run directory, or --steps N and "
+              f"l2o.seed=S l2o.z0_std=σ as φ was meta-trained", file=sys.stderr, flush=True)
+        return 2
+    elif args.weights:
+        print(f"warning: --weights {args.weights}: no meta-training run records these weights: N = --steps "
+              f"{args.steps}; optimizee seeds and z0 from this config's l2o section", flush=True)
+    steps = args.steps or (trained.l2o.steps if trained is not None else 100)
+    horizons = [int(h) for h in args.horizons.split(",") if h]
+    schedules = [x for x in args.schedules.split(",") if x]
     try:
         cfg = load_config(resolve_config(args.config), [*TASK, f"train.basis_run={args.basis_run}",
                                                          f"run_dir={out.uri}", *l2o, *args.overrides])
@@ -103,8 +121,9 @@ def main(argv=None) -> int:
             weights = out.path("adam_like_weights.pt")
             save_learned_optimizer(weights, config, adam_like_params(config))
             print("warning: no --weights: the hand-built Adam-like φ (not meta-trained)", flush=True)
-        record = metatest.meta_test(cfg, weights, steps, (1, 2, 5), args.seeds, args.val_seeds,
-                                    say=lambda s: print(s, flush=True))
+        grids = {b: metatest.DEFAULT_GRIDS[b] for b in args.baselines.split(",") if b}
+        record = metatest.meta_test(cfg, weights, steps, horizons, args.seeds, args.val_seeds, grids=grids,
+                                    say=lambda s: print(s, flush=True), schedules=schedules)
     except RaysubError as exc:
         print(f"l2o_meta_test bench: error: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
         return 2
@@ -119,9 +138,8 @@ def main(argv=None) -> int:
     m = record["metrics"]
     print(json.dumps(strict_json({**m, "steps": steps, "horizons": record["horizons"], "seed_list": record["seeds"],
                       "lrs": {n: s["lr"] for n, s in record["lr_selection"].items()},
+                      "schedules": {n: s["schedule"] for n, s in record["lr_selection"].items()},
                       "lr_at_grid_edge": [n for n, s in record["lr_selection"].items() if s["at_edge"]],
-                      "l2o_test_acc": record["optimizers"]["l2o"]["summary"]["test_acc"]["mean"],
-                      "momentum_test_acc": record["optimizers"]["psgd"]["summary"]["test_acc"]["mean"],
                       "weights": record["weights"], "trained_on": record["trained_on"], "wall_s": wall,
                       "threads": args.threads, "loadavg": [load0, load1], "out": out.uri})))
     return 0

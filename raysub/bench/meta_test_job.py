@@ -30,7 +30,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("args", nargs="*", metavar="CONFIG [key=value]", help="the task's config, then dotted overrides")
     p.add_argument("--weights", help="φ: weights.pt, a meta-training run directory, or adam_like")
     p.add_argument("--steps", type=int, help="N, the meta-training horizon (default l2o.steps)")
-    p.add_argument("--horizons", default="1,2,5", help="multiples of N where speedups are taken; runs are max·N")
+    p.add_argument("--horizons", default="1,2,5,10", help="multiples of N where speedups are taken; runs are max·N")
+    p.add_argument("--schedules", default="constant,cosine,step",
+                   help="lr schedules each baseline's pick tries with each lr, over the run's length")
     p.add_argument("--seeds", type=int, default=3, help="meta-test optimizees")
     p.add_argument("--val-seeds", type=int, help="validation optimizees of the lr pick (default "
                                                  "l2o.validation_optimizees)")
@@ -89,6 +91,7 @@ def headline(record) -> Dict:
     """The last stdout line: the metrics, the lrs picked, N and the seeds."""
     return {**record["metrics"], "steps": record["steps"], "horizons": record["horizons"],
             "lrs": {n: s["lr"] for n, s in record["lr_selection"].items()},
+            "schedules": {n: s.get("schedule") for n, s in record["lr_selection"].items()},
             "lr_at_grid_edge": [n for n, s in record["lr_selection"].items() if s["at_edge"]],
             "seed_list": record["seeds"], "weights": record["weights"], "trained_on": record.get("trained_on")}
 
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
         out = RunDir(ns.out or "runs/l2o_meta_test")
         cfg = load_config(resolve_config(positionals[0]), [*positionals[1:], f"run_dir={out.uri}"])
         horizons = [int(h) for h in ns.horizons.split(",") if h]
+        schedules = [x for x in ns.schedules.split(",") if x]
         grids = parse_grids(ns.baselines, ns.lr_grid)
         steps = ns.steps if ns.steps is not None else cfg.l2o.steps
         if out.exists("meta_test.json") and not ns.overwrite:
@@ -131,14 +135,15 @@ def main(argv=None) -> int:
         weights = ns.weights
         metatest.check_meta_test(cfg, None if weights == "adam_like" else weights, steps, horizons, ns.seeds,
                                  ns.val_seeds if ns.val_seeds is not None else cfg.l2o.validation_optimizees,
-                                 grids)
+                                 grids, schedules)
         out.makedirs()
         if weights == "adam_like":
             weights = write_adam_like(cfg, out)
             print(f"{PROG}: warning: --weights adam_like: the hand-built Adam-like φ, not a meta-trained one",
                   file=sys.stderr, flush=True)
         record = metatest.meta_test(cfg, weights, steps, horizons, ns.seeds, ns.val_seeds, grids, ns.z0_std,
-                                    say=lambda s: print(s, flush=True), progress_every=ns.progress_every)
+                                    say=lambda s: print(s, flush=True), progress_every=ns.progress_every,
+                                    schedules=schedules)
     except (RaysubError, ValueError) as exc:  # ours, or a bad number in --horizons
         problems = exc.problems if isinstance(exc, RaysubError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
         print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr, flush=True)

@@ -232,6 +232,19 @@ class L2OConfig:
     init_gain: float = field(default=1.0, metadata={
         "help": "adam_like: Δz ≈ −step_scale·tanh(init_gain·m̂/√v̂), i.e. Adam with lr step_scale·init_gain"})
     seed: int = field(default=0, metadata={"help": "φ's init, optimizee seeds and z0's"})
+    rule: str = field(default="lstm", metadata={
+        "help": "φ's step: lstm (SL2O: step_scale·tanh(w_outᵀh)) | adam_schedule (a learned multiplier on Adam's "
+                "step, Celo-Adam style: exactly Adam at l2o.adam_lr when it starts)"})
+    adam_lr: float = field(default=0.1, metadata={"help": "adam_schedule: the lr of the Adam step (tuned Adam†'s)"})
+    per_coordinate: bool = field(default=True, metadata={
+        "help": "adam_schedule: a multiplier per coordinate (false: one per step, their mean)"})
+    horizons: List[int] = field(default_factory=list, metadata={
+        "help": "[lo, hi]: each optimizee's horizon drawn log-uniformly from it (whole unrolls); empty: l2o.steps"})
+    validation_steps: Optional[int] = field(default=None, metadata={
+        "help": "steps of a meta-validation run (default l2o.steps): select φ at the horizon it must win at"})
+    late_weight: float = field(default=0.0, metadata={
+        "help": "meta-loss term t weighted ∝ 1 + late_weight·(fraction of its optimizee's horizon done): late "
+                "training counts more (0: every term alike)"})
 
 
 @dataclass

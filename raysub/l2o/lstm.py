@@ -24,16 +24,24 @@ import torch
 
 from raysub.errors import ConfigError
 
-# name → the per-coordinate feature from (g, m̂, v̂, ε); all are scale-invariant in g (a loss ×k leaves them)
+# name → the per-coordinate feature from (g, m̂, v̂, ε, progress); all are scale-invariant in g (a loss ×k leaves
+# them). ``progress`` is the fraction of the run done, t / T (T: the run's length in steps, `init_state`'s
+# ``horizon``), capped at 1: the same for every coordinate (VeLO and Celo feed it too).
 FEATURES: Dict[str, Callable[..., torch.Tensor]] = {
-    "m": lambda g, m_hat, v_hat, eps: m_hat / torch.sqrt(v_hat + eps),
-    "g": lambda g, m_hat, v_hat, eps: g / torch.sqrt(v_hat + eps),
+    "m": lambda g, m_hat, v_hat, eps, progress: m_hat / torch.sqrt(v_hat + eps),
+    "g": lambda g, m_hat, v_hat, eps, progress: g / torch.sqrt(v_hat + eps),
+    "progress": lambda g, m_hat, v_hat, eps, progress: torch.full_like(g, progress),
 }
+# how φ's output becomes a step: ``lstm`` (SL2O) Δz = step_scale · tanh(w_outᵀ h); ``adam_schedule`` (Celo-Adam
+# style) Δz = −adam_lr · exp(clamp(w_outᵀ h, ±MAX_LOG_SCALE)) · m̂/(√v̂ + ε): a learned multiplier on Adam's step,
+# exactly Adam at lr adam_lr when w_out = 0 (its start)
+RULES = ("lstm", "adam_schedule")
+MAX_LOG_SCALE = 3.0  # adam_schedule: the multiplier stays within e^±3 ≈ [0.05, 20]
 
 # the tensors of φ and their shapes for a config (see `param_shapes`)
 PARAM_NAMES = ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias", "out.weight")
 
-State = Dict[str, Any]  # {"m": (D,), "v": (D,), "t": int, "h": (D, H), "c": (D, H)}
+State = Dict[str, Any]  # {"m": (D,), "v": (D,), "t": int, "h": (D, H), "c": (D, H), "horizon": int or None}
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,11 @@ class LearnedOptimizerConfig:
     beta1: float = field(default=0.9, metadata={"help": "first-moment decay (SL2O: 0.9)"})
     beta2: float = field(default=0.99, metadata={"help": "second-moment decay (SL2O: 0.99)"})
     eps: float = field(default=1e-8, metadata={"help": "ε inside √(v̂+ε)"})
+    rule: str = field(default="lstm", metadata={
+        "help": "lstm: Δz = step_scale·tanh(w_outᵀh) | adam_schedule: a learned multiplier on Adam's step"})
+    adam_lr: float = field(default=0.1, metadata={"help": "adam_schedule: the lr of the Adam step it multiplies"})
+    per_coordinate: bool = field(default=True, metadata={
+        "help": "adam_schedule: one multiplier per coordinate (else their mean: one per step)"})
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
@@ -79,7 +92,16 @@ class LearnedOptimizerConfig:
                 out.append(f"{name}={b!r}: must be in [0, 1)")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             out.append(f"eps={self.eps!r}: must be a finite number > 0")
+        if self.rule not in RULES:
+            out.append(f"rule={self.rule!r}: choose one of {', '.join(RULES)}")
+        if not (isinstance(self.adam_lr, (int, float)) and math.isfinite(self.adam_lr) and self.adam_lr > 0):
+            out.append(f"adam_lr={self.adam_lr!r}: must be a finite number > 0")
         return out
+
+    @property
+    def needs_horizon(self) -> bool:
+        """φ reads the fraction of its run done: whoever runs it must say how long the run is."""
+        return "progress" in self.features
 
     @property
     def num_features(self) -> int:
@@ -147,12 +169,18 @@ def adam_like_params(config: LearnedOptimizerConfig, gain: float = 1.0, dtype: t
 
 
 def init_state(config: LearnedOptimizerConfig, dim: int, dtype: torch.dtype = torch.float32,
-               device: Any = "cpu") -> State:
-    """The state before the first step: zero moments, t = 0, zero LSTM hidden and cell states."""
+               device: Any = "cpu", horizon: Optional[int] = None) -> State:
+    """The state before the first step: zero moments, t = 0, zero LSTM hidden and cell states, and the run's
+    length ``horizon`` in steps (the ``progress`` feature's T; None when φ does not read it)."""
     def zeros(*s):
         return torch.zeros(*s, dtype=dtype, device=device)
     h = config.hidden_size
-    return {"m": zeros(dim), "v": zeros(dim), "t": 0, "h": zeros(dim, h), "c": zeros(dim, h)}
+    return {"m": zeros(dim), "v": zeros(dim), "t": 0, "h": zeros(dim, h), "c": zeros(dim, h), "horizon": horizon}
+
+
+def progress_of(t: int, horizon: Optional[int]) -> float:
+    """t / horizon capped at 1 (a run longer than it said stays at 'done'); 0 without a horizon."""
+    return min(1.0, t / horizon) if horizon else 0.0
 
 
 def moments(config: LearnedOptimizerConfig, g_D: torch.Tensor, state: State
@@ -164,12 +192,14 @@ def moments(config: LearnedOptimizerConfig, g_D: torch.Tensor, state: State
     return m, v, int(state["t"]) + 1
 
 
-def features(config: LearnedOptimizerConfig, g_D: torch.Tensor, m_D: torch.Tensor, v_D: torch.Tensor, t: int
-             ) -> torch.Tensor:
-    """The (D, F) LSTM input: the config's features, in order, from the moments after step t (t ≥ 1)."""
+def features(config: LearnedOptimizerConfig, g_D: torch.Tensor, m_D: torch.Tensor, v_D: torch.Tensor, t: int,
+             horizon: Optional[int] = None) -> torch.Tensor:
+    """The (D, F) LSTM input: the config's features, in order, from the moments after step t (t ≥ 1); the
+    ``progress`` feature is (t − 1) / horizon, the fraction done before this step."""
     m_hat = m_D / (1 - config.beta1 ** t)
     v_hat = v_D / (1 - config.beta2 ** t)
-    return torch.stack([FEATURES[name](g_D, m_hat, v_hat, config.eps) for name in config.features], dim=1)
+    progress = progress_of(t - 1, horizon)
+    return torch.stack([FEATURES[name](g_D, m_hat, v_hat, config.eps, progress) for name in config.features], dim=1)
 
 
 def lstm_cell(params: Dict[str, torch.Tensor], x_DF: torch.Tensor, h_DH: torch.Tensor, c_DH: torch.Tensor
@@ -199,10 +229,17 @@ def update(params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, g_D:
     """
     g_D = g_D.to(state["m"].dtype)
     m, v, t = moments(config, g_D, state)
-    x_DF = features(config, g_D, m, v, t)
+    horizon = state.get("horizon")
+    x_DF = features(config, g_D, m, v, t, horizon)
     h, c = lstm_cell(params, x_DF, state["h"], state["c"])
-    delta_D = config.step_scale * torch.tanh(h @ params["out.weight"])
-    return delta_D, {"m": m, "v": v, "t": t, "h": h, "c": c}
+    out_D = h @ params["out.weight"]
+    if config.rule == "adam_schedule":
+        log_scale = out_D if config.per_coordinate else out_D.mean().expand_as(out_D)
+        adam_D = (m / (1 - config.beta1 ** t)) / ((v / (1 - config.beta2 ** t)).sqrt() + config.eps)
+        delta_D = -config.adam_lr * torch.exp(log_scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE)) * adam_D
+    else:
+        delta_D = config.step_scale * torch.tanh(out_D)
+    return delta_D, {"m": m, "v": v, "t": t, "h": h, "c": c, "horizon": horizon}
 
 
 def check_params(config: LearnedOptimizerConfig, params: Dict[str, Any]) -> List[str]:

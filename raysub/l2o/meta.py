@@ -68,7 +68,7 @@ def _detached(state: State) -> State:
 def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, task_or_fn,
                      z0: torch.Tensor, state0: State, batches: Sequence[Any], *,
                      loss0: Optional[torch.Tensor] = None, g0: Optional[torch.Tensor] = None,
-                     log_loss: bool = False) -> Unroll:
+                     log_loss: bool = False, term_weights: Optional[Sequence[float]] = None) -> Unroll:
     """Run T = len(batches) steps of the learned rule and return the meta-loss and dMeta/dφ (module docstring).
 
     Args:
@@ -85,12 +85,15 @@ def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimiz
             unroll then weighs by its relative progress: late in training, where the losses are small, counts as
             much as the first steps (with Σ L_t the first unrolls dominate the meta-gradient). ``meta_loss`` still
             reports Σ L_t.
+        term_weights: ω_t of each term (SL2O §3.1's weights; default all 1): the meta-loss differentiated is
+            Σ ω_t L_t (or Σ ω_t log L_t), e.g. larger late in an optimizee's horizon (``l2o.late_weight``).
 
     Returns:
         An `Unroll`.
     """
     assert len(batches) >= 1, "an unroll needs at least one batch"
     assert (loss0 is None) == (g0 is None), "give loss0 and g0 together"
+    assert term_weights is None or len(term_weights) == len(batches), "one weight per step of the unroll"
     f = loss_grad_fn(task_or_fn)
     if g0 is None:
         loss0, g0 = start(f, z0, batches[0])
@@ -102,13 +105,15 @@ def unroll_meta_grad(phi_params: Dict[str, torch.Tensor], config: LearnedOptimiz
     losses = []
     loss = loss0
     with torch.enable_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             delta, state = update(phi, config, g, state)
             z = z + delta
             loss, g = f(z.detach(), batch)
             loss, g = loss.detach(), g.detach()
             losses.append(float(loss))
             w = g / loss if log_loss else g  # ∂/∂φ of this term = w_tᵀ ∂z_t/∂φ
+            if term_weights is not None:
+                w = w * float(term_weights[i])
             surrogate = surrogate + torch.dot(w.to(z.dtype), z)
         keys = list(phi)
         grads = torch.autograd.grad(surrogate, [phi[k] for k in keys], allow_unused=True)

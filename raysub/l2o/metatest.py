@@ -13,13 +13,17 @@ The protocol (`meta_test`):
 - **A run** (`run_optimizee`): the per-step semantics of a 1-worker ``raysub train`` — `train_step` on the
   batches of `epoch_batches` for the optimizee's seed, the optimizer built by `build_optimizer` from the registry
   (``l2o`` with ``weights``, or a baseline at lr) behind the one protocol ``opt.step(z, g, loss, closure)`` —
-  at a constant lr (no schedule: φ was meta-trained at a constant one, and so the baselines are tuned).
-- **Learning rates** (`pick_lr`): each baseline's lr is the grid point with the best mean validation accuracy
-  after N steps on the validation optimizees (ties: lower mean final training loss); test is never read.
+  with the lr on a schedule over the run's own length (`schedule_lr`: constant, cosine or step); φ runs at its
+  own constant reference lr.
+- **Learning rates and schedules** (`pick_lr`): each baseline's (lr, schedule) is the grid point with the best
+  mean validation accuracy at the end of runs as long as the meta-test runs (max(h)·N steps: tuned for the run's
+  length, as a user would) on the validation optimizees (ties: lower mean final training loss); test is never
+  read.
 - **Meta-test runs**: every optimizer on the meta-test optimizees for max(horizons)·N steps, evaluated on val and
   test at every horizon h·N; "accuracy after the full run" is the one at the last step.
 - **Metrics**: SL2O §4.1's convergence step (`raysub.metrics.convergence_step`) over the full run, and VeLO's
-  speedup (`speedup`) of φ over Momentum† at each horizon, per optimizee, then mean ± std over optimizees.
+  speedup (`speedup`) of φ over Momentum† and over Adam† at each horizon, per optimizee, then mean ± std over
+  optimizees; the best tuned baseline's test accuracy after the full run against φ's.
 
 The curve metrics (`smoothed`, a trailing mean of the last 20 losses, `steps_to_reach`, `speedup`, `summarize`,
 `mean_std`) are `raysub.metrics`'; the record's tables (`meta_test_table`, `transfer_table`) are
@@ -31,7 +35,6 @@ import math
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
-import os
 
 import torch
 
@@ -41,7 +44,7 @@ from raysub.metrics import SMOOTH_WINDOW, convergence_step, final_loss, mean_std
 from raysub.report.tables import task_label
 from raysub.runs import layout
 from raysub.optim import build_optimizer, OPTIMIZERS
-from raysub.l2o.weights import weights_problems
+from raysub.l2o.weights import weights_problems, weights_run
 from raysub.data import open_dataset
 from raysub.engine.task import build_task
 from raysub.pipeline.plan import check_train_projection, plan
@@ -53,33 +56,50 @@ LABELS = {"l2o": "L2O", "psgd": "Momentum†", "adam": "Adam†", "sgd": "SGD†
 # grids around each baseline's usual lr on a DLDR subspace (DLDR's P-SGD: lr 1, momentum 0.9)
 DEFAULT_GRIDS: Dict[str, List[float]] = {"psgd": [0.1, 0.3, 1.0, 3.0], "sgd": [0.3, 1.0, 3.0, 10.0],
                                          "adam": [0.01, 0.03, 0.1, 0.3]}
+# a baseline's lr schedule over its run (the run's own length): what a user tuning for that length would try
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def schedule_lr(schedule: str, lr: float, step: int, total: int) -> float:
+    """The lr of step ``step`` (1-based) of a run of ``total`` steps: ``constant``; ``cosine`` to 0 at the end,
+    lr·½(1 + cos(π(step−1)/total)); ``step``: lr, ×0.1 after half the run, ×0.01 after three quarters."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / total))
+    if schedule == "step":
+        return lr * 0.1 ** ((step > total // 2) + (step > (3 * total) // 4))
+    raise ValueError(f"unknown lr schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the lr pick
 
-def pick_lr(grid: Sequence[float], runner: Callable[[float, int], Dict[str, Any]], seeds: Sequence[int]
-            ) -> Dict[str, Any]:
-    """The lr of ``grid`` with the best mean validation accuracy over ``seeds``; ties: lower mean final loss.
+def pick_lr(grid: Sequence[float], runner: Callable[..., Dict[str, Any]], seeds: Sequence[int],
+            schedules: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The lr of ``grid`` (and, given ``schedules``, the schedule) with the best mean validation accuracy over
+    ``seeds``; ties: lower mean final loss.
 
     Args:
-        runner: ``runner(lr, seed)`` -> a run's {"val_acc", "losses", "diverged"} (a diverged run scores 0).
-            Only "val_acc" and the training losses are read, whatever else it returns.
+        runner: ``runner(lr, seed)`` (``runner(lr, seed, schedule)`` with ``schedules``) -> a run's {"val_acc",
+            "losses", "diverged"} (a diverged run scores 0). Only "val_acc" and the training losses are read.
 
     Returns:
-        {"lr", "rows": per lr {"lr", "val_acc", "final_loss", "diverged"}, "at_edge": the pick is the grid's
-        smallest or largest lr (widen the grid)}.
+        {"lr", "schedule" (with ``schedules``), "rows": per candidate {"lr", ["schedule",] "val_acc", "final_loss",
+        "diverged"}, "at_edge": the pick is the grid's smallest or largest lr (widen the grid)}.
     """
     if not grid:
         raise ValueError("pick_lr: empty lr grid")
     rows = []
-    for lr in grid:
-        runs = [runner(lr, s) for s in seeds]
-        rows.append({"lr": lr, "val_acc": sum(r["val_acc"] for r in runs) / len(runs),
-                     "final_loss": sum(final_loss(r["losses"]) for r in runs) / len(runs),
-                     "diverged": sum(bool(r["diverged"]) for r in runs)})
+    for schedule in (schedules or [None]):
+        for lr in grid:
+            runs = [runner(lr, s) if schedule is None else runner(lr, s, schedule) for s in seeds]
+            rows.append({"lr": lr, **({} if schedule is None else {"schedule": schedule}),
+                         "val_acc": sum(r["val_acc"] for r in runs) / len(runs),
+                         "final_loss": sum(final_loss(r["losses"]) for r in runs) / len(runs),
+                         "diverged": sum(bool(r["diverged"]) for r in runs)})
     best = max(rows, key=lambda r: (r["val_acc"], -r["final_loss"]))
-    return {"lr": best["lr"], "rows": rows,
+    return {"lr": best["lr"], **({} if schedules is None else {"schedule": best["schedule"]}), "rows": rows,
             "at_edge": len(grid) > 1 and best["lr"] in (min(grid), max(grid))}
 
 
@@ -111,8 +131,10 @@ def start_z(task, seed: int, z0_std: float) -> torch.Tensor:
 
 def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, Any], seed: int, z0_std: float,
                   steps: int, eval_at: Sequence[int] = (), splits: Sequence[str] = ("val", "test"),
-                  say: Optional[Callable[[str], None]] = None, progress_every: int = 0) -> Dict[str, Any]:
-    """``steps`` steps of one optimizee (data-order ``seed``, z0 from it) with a registry optimizer, at constant lr.
+                  say: Optional[Callable[[str], None]] = None, progress_every: int = 0,
+                  schedule: str = "constant") -> Dict[str, Any]:
+    """``steps`` steps of one optimizee (data-order ``seed``, z0 from it) with a registry optimizer, its lr on
+    ``schedule`` over the ``steps`` of the run (`schedule_lr`; constant by default).
 
     Args:
         cfg: The config whose ``train`` section is the task (its momentum, weight decay; its batch).
@@ -136,6 +158,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
     train = replace(cfg.train, optimizer=optimizer_name, lr=float(lr), optimizer_options=dict(options))
     z_D = start_z(task, seed, z0_std)
     opt = build_optimizer(optimizer_name, z_D, train)
+    if hasattr(opt, "set_horizon"):  # φ reading the fraction of its run done: this run's length
+        opt.set_horizon(steps)
     checkpoints = sorted({int(s) for s in eval_at if 0 < s <= steps} | {steps})
     buffers = {k: v.clone() for k, v in task.model.named_buffers()}
     losses: List[float] = []
@@ -147,6 +171,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
         for step in range(1, steps + 1):
             x, y = next(stream)
             x, y = x.to(task.device), y.to(task.device)
+            if schedule != "constant":
+                opt.set_lr(schedule_lr(schedule, lr, step, steps))
             loss, _ = train_step(task, z_D, opt, x, y)
             losses.append(float(loss))
             if not (math.isfinite(losses[-1]) and bool(torch.isfinite(z_D).all())):
@@ -165,7 +191,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
         if s not in evals:  # after the divergence
             evals[s] = {**{f"{sp}_acc": 0.0 for sp in splits}, **{f"{sp}_loss": math.nan for sp in splits}}
     last = evals[str(steps)]
-    return {"optimizer": optimizer_name, "lr": lr, "seed": seed, "steps": steps, "losses": losses,
+    return {"optimizer": optimizer_name, "lr": lr, "schedule": schedule, "seed": seed, "steps": steps,
+            "losses": losses,
             "diverged": diverged_at is not None, "diverged_at": diverged_at, "evals": evals,
             **{f"{s}_acc": last[f"{s}_acc"] for s in splits},
             "convergence_step": None if diverged_at else convergence_step(losses),
@@ -176,7 +203,7 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
 # the protocol
 
 def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[int], seeds: int,
-                    val_seeds: int, grids: Dict[str, Sequence[float]]) -> None:
+                    val_seeds: int, grids: Dict[str, Sequence[float]], schedules: Sequence[str] = SCHEDULES) -> None:
     """Every problem of a meta-test's inputs, in one `ConfigError`, before anything runs.
 
     Raises:
@@ -195,6 +222,9 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
     if cfg.data.val_fraction <= 0:
         problems.append("data.val_fraction=0: the baselines' lrs are picked on a held-out validation split, never "
                         "on test; set data.val_fraction (e.g. 0.1, as in meta-training)")
+    bad = [x for x in schedules if x not in SCHEDULES]
+    if not schedules or bad:
+        problems.append(f"--schedules {','.join(schedules)}: choose one or more of {', '.join(SCHEDULES)}")
     if "psgd" not in grids:
         problems.append("--baselines: Momentum† (psgd) is the reference of the speedups and the accuracy gap: "
                         "include it")
@@ -213,7 +243,7 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
 def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5), seeds: int = 3,
               val_seeds: Optional[int] = None, grids: Optional[Dict[str, Sequence[float]]] = None,
               z0_std: Optional[float] = None, say: Callable[[str], None] = print,
-              progress_every: int = 0) -> Dict[str, Any]:
+              progress_every: int = 0, schedules: Sequence[str] = SCHEDULES) -> Dict[str, Any]:
     """φ (``weights``) against the baselines of ``grids`` (lrs picked on validation) on the task of ``cfg``.
 
     Args:
@@ -226,6 +256,8 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         val_seeds: Validation optimizees for the lr pick (default ``l2o.validation_optimizees``).
         grids: Baseline name → lr grid (default `DEFAULT_GRIDS`); must include ``psgd`` (Momentum†) for the
             speedups.
+        schedules: The lr schedules tried with each lr of a grid (`schedule_lr`, over the run's length): each
+            baseline's (lr, schedule) is picked on validation runs as long as the meta-test runs, max(h)·N steps.
 
     Returns:
         The record (`RunDir.write_json` writes it, non-finite values as null): task, weights, seeds, lr
@@ -237,7 +269,7 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
     horizons = sorted({int(h) for h in horizons})
     val_seeds = cfg.l2o.validation_optimizees if val_seeds is None else val_seeds
     z0_std = cfg.l2o.z0_std if z0_std is None else z0_std
-    check_meta_test(cfg, weights, steps, horizons, seeds, val_seeds, grids)
+    check_meta_test(cfg, weights, steps, horizons, seeds, val_seeds, grids, schedules)
     info = plan(cfg)
     check_train_projection(cfg, info["num_params"], RunDir(cfg.run_dir), own_basis=False)
 
@@ -259,25 +291,26 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
     for name, grid in grids.items():
         t0 = time.perf_counter()
 
-        def runner(lr, seed, name=name):
-            return run_optimizee(cfg, task, name, lr, {}, seed, z0_std, steps, splits=("val",))
+        def runner(lr, seed, schedule, name=name):
+            return run_optimizee(cfg, task, name, lr, {}, seed, z0_std, total, splits=("val",), schedule=schedule)
 
-        selection[name] = pick_lr(list(grid), runner, val_list)
-        rows = "  ".join(f"{r['lr']:g}: {100 * r['val_acc']:.2f}%" + (f" ({r['diverged']} diverged)"
-                                                                        if r["diverged"] else "")
-                         for r in selection[name]["rows"])
-        say(f"lr pick {LABELS.get(name, name)} (val acc after N={steps}): {rows}  → lr "
-            f"{selection[name]['lr']:g}{'  (at the grid edge: widen it)' if selection[name]['at_edge'] else ''}"
+        selection[name] = pick_lr(list(grid), runner, val_list, schedules=list(schedules))
+        rows = "  ".join(f"{r['lr']:g} {r['schedule']}: {100 * r['val_acc']:.2f}%"
+                         + (f" ({r['diverged']} diverged)" if r["diverged"] else "") for r in selection[name]["rows"])
+        say(f"lr pick {LABELS.get(name, name)} (val acc after runs of {total}): {rows}  → lr "
+            f"{selection[name]['lr']:g} {selection[name]['schedule']}"
+            f"{'  (at the grid edge: widen it)' if selection[name]['at_edge'] else ''}"
             f"  {time.perf_counter() - t0:.1f}s")
 
-    arms = [("l2o", 1.0, {"weights": weights})] + [(n, selection[n]["lr"], {}) for n in grids]
+    arms = [("l2o", 1.0, {"weights": weights}, "constant")] + [
+        (n, selection[n]["lr"], {}, selection[n]["schedule"]) for n in grids]
     checkpoints = [h * steps for h in horizons]
     optimizers: Dict[str, Any] = {}
-    for name, lr, options in arms:
+    for name, lr, options, schedule in arms:
         runs = []
         for seed in test_list:
             r = run_optimizee(cfg, task, name, lr, options, seed, z0_std, total, eval_at=checkpoints, say=say,
-                              progress_every=progress_every)
+                              progress_every=progress_every, schedule=schedule)
             r.pop("z")
             early = r["diverged_at"] is not None and r["diverged_at"] <= steps
             r["convergence_step_at_n"] = None if early else convergence_step(r["losses"][:steps])
@@ -287,35 +320,48 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
                 f"{'-' if cs is None else cs}  final loss {final_loss(r['losses']):.4f}"
                 f"{'  DIVERGED at step ' + str(r['diverged_at']) if r['diverged'] else ''}  {r['wall_s']:.1f}s")
         optimizers[name] = {"label": LABELS.get(name, name), "lr": None if name == "l2o" else lr,
-                            "runs": runs, "summary": summarize(runs)}
+                            "schedule": None if name == "l2o" else schedule, "runs": runs,
+                            "summary": summarize(runs)}
 
-    speedups = {}
-    for h in horizons:
-        per_seed = [speedup(a["losses"], b["losses"], h * steps)
-                    for a, b in zip(optimizers["l2o"]["runs"], optimizers["psgd"]["runs"])]
-        speedups[f"{h}n"] = {"h": h, "n": h * steps, "per_seed": per_seed,
-                             **mean_std([s["value"] for s in per_seed]),
-                             "lower_bound": any(s["lower_bound"] for s in per_seed)}
+    def speedups_over(baseline: str) -> Dict[str, Any]:
+        out = {}
+        for h in horizons:
+            per_seed = [speedup(a["losses"], b["losses"], h * steps)
+                        for a, b in zip(optimizers["l2o"]["runs"], optimizers[baseline]["runs"])]
+            out[f"{h}n"] = {"h": h, "n": h * steps, "per_seed": per_seed, **mean_std([s["value"] for s in per_seed]),
+                            "lower_bound": any(s["lower_bound"] for s in per_seed)}
+        return out
+
+    speedups = speedups_over("psgd")
+    speedups_adam = speedups_over("adam") if "adam" in optimizers else None
     l2o_s, mom_s = optimizers["l2o"]["summary"], optimizers["psgd"]["summary"]
+    best = max((n for n in optimizers if n != "l2o"), key=lambda n: optimizers[n]["summary"]["test_acc"]["mean"])
     metrics = {
         "l2o_over_momentum_steps": l2o_s["convergence_step"]["mean"] / mom_s["convergence_step"]["mean"],
         "l2o_over_momentum_steps_censored": bool(l2o_s["not_converged"] or mom_s["not_converged"]),
         "acc_gap_pts": 100 * (mom_s["test_acc"]["mean"] - l2o_s["test_acc"]["mean"]),
         "acc_gap_pts_at_n": 100 * (_mean_acc_at(optimizers["psgd"]["runs"], steps)
                                    - _mean_acc_at(optimizers["l2o"]["runs"], steps)),
+        # the best tuned baseline's test accuracy after the full run, minus φ's (in points)
+        f"acc_gap_best_{max(horizons)}n_pts": 100 * (optimizers[best]["summary"]["test_acc"]["mean"]
+                                                      - l2o_s["test_acc"]["mean"]),
+        "best_baseline": best,
+        "test_acc_end": {n: o["summary"]["test_acc"]["mean"] for n, o in optimizers.items()},
         "seeds": seeds,
     }
-    for h in horizons:
-        key = "l2o_speedup_over_momentum" + ("" if h == 1 else f"_{h}n")
-        metrics[key] = speedups[f"{h}n"]["mean"]
-        metrics[key + "_lower_bound"] = speedups[f"{h}n"]["lower_bound"]
+    for label, table in (("momentum", speedups), ("adam", speedups_adam)):
+        for h in horizons if table else ():
+            key = f"l2o_speedup_over_{label}" + ("" if h == 1 else f"_{h}n")
+            metrics[key] = table[f"{h}n"]["mean"]
+            metrics[key + "_lower_bound"] = table[f"{h}n"]["lower_bound"]
     return {"task": {"data": cfg.data.name, "model": cfg.model.name, "projection": cfg.train.projection,
                      "dim": task.dim, "batch_size": cfg.train.batch_size or cfg.data.batch_size,
                      "basis_run": cfg.train.basis_run, "theta0_run": theta0_run.uri,
                      "theta0_norm": float(task.theta0_N.norm()), "theta0_same_as_meta_training": theta0_same},
             "weights": weights, "steps": steps, "horizons": horizons, "run_steps": total, "z0_std": z0_std,
             "seeds": test_list, "val_seeds": val_list, "smoothing": f"trailing mean of {SMOOTH_WINDOW}",
-            "lr_selection": selection, "optimizers": optimizers, "speedups": speedups, "metrics": metrics}
+            "lr_selection": selection, "schedules": list(schedules), "optimizers": optimizers, "speedups": speedups,
+            "speedups_adam": speedups_adam, "metrics": metrics}
 
 
 
@@ -326,23 +372,23 @@ def _mean_acc_at(runs: Sequence[Dict[str, Any]], step: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # where φ comes from
 
-def meta_training_run(weights: str) -> str:
-    """The directory of the meta-training run φ comes from: ``weights`` = RUN, RUN/l2o/weights.pt,
-    RUN/l2o/ckpt/GEN/weights.pt or RUN/weights.pt (local paths)."""
-
-    path = os.path.abspath(os.path.expanduser(weights))
-    run = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.basename(os.path.dirname(run)) == "ckpt":  # a generation's own file
-        run = os.path.dirname(os.path.dirname(run))
-    return os.path.dirname(run) if os.path.basename(run) == "l2o" else run
+def meta_training_run(weights: str) -> Optional[str]:
+    """The meta-training run φ comes from: the run whose manifest (or tuning record) vouches for ``weights`` (RUN,
+    RUN/l2o/weights.pt, RUN/l2o/ckpt/GEN/weights.pt: `raysub.l2o.weights.weights_run`, so a run named ``l2o`` is
+    itself, not its parent); None for weights no run records (a copy), or weights that do not load."""
+    try:
+        return weights_run(weights)
+    except ConfigError:
+        return None
 
 
 def meta_training_config(weights: str):
     """The config (``config.yaml``) of `meta_training_run`; None when there is none to read."""
-
-
+    run = meta_training_run(weights)
+    if run is None:
+        return None
     try:
-        return load_config(os.path.join(meta_training_run(weights), layout.CONFIG))
+        return load_config(RunDir(run).path(layout.CONFIG))
     except (ConfigError, StorageError, OSError):  # no config there, or storage that cannot serve it
         return None
 
@@ -351,7 +397,10 @@ def same_theta0(task, weights: str) -> Optional[bool]:
     """Whether the meta-training run's ``theta0.pt`` is the task's θ0 (None: no such file; False also for another
     architecture). Call before the task's first step (its parameters are θ0 until then)."""
 
-    run = RunDir(meta_training_run(weights))
+    uri = meta_training_run(weights)
+    if uri is None:
+        return None
+    run = RunDir(uri)
     try:
         ref = run.read_theta0() if run.exists(layout.THETA0) else None
     except StorageError:  # an unverifiable θ0 (no manifest entry): unknown

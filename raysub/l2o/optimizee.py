@@ -38,7 +38,7 @@ class Optimizee:
         self.seed = optimizee_seed(cfg, serial)
         gen = torch.Generator().manual_seed(self.seed)
         self.z = torch.randn(task.dim, generator=gen) * cfg.l2o.z0_std
-        self.state = init_state(config, task.dim)
+        self.state = init_state(config, task.dim, horizon=self.horizon)
         self.step = 0
         self.epoch, self.cursor, self.order = 0, 0, None
         self.loss = self.g = None
@@ -118,11 +118,14 @@ class OptimizeeWorker:
         lc = self.cfg.l2o
         gen = self.generation[slot]
         self.generation[slot] += 1
+        serial = gen * lc.optimizees + slot
+        if lc.horizons:  # drawn lengths: no stagger needed, the optimizees in flight are out of step anyway
+            return serial, sampled_horizon(self.cfg, serial)
         horizon = lc.steps
         if gen == 0:
             shift = (slot * (lc.steps // lc.optimizees)) // lc.unroll * lc.unroll
             horizon = max(lc.steps - shift, min(lc.unroll, lc.steps))
-        return gen * lc.optimizees + slot, horizon
+        return serial, horizon
 
     def unroll(self, phi: Dict[str, torch.Tensor]) -> List[Dict[str, Any]]:
         """One unroll of every owned optimizee with φ; finished ones are replaced afterwards.
@@ -141,7 +144,8 @@ class OptimizeeWorker:
             if opt.loss_start is None:
                 opt.loss_start = float(opt.loss)
             u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g,
-                                 log_loss=lc.meta_loss == "log")
+                                 log_loss=lc.meta_loss == "log",
+                                 term_weights=late_weights(lc.late_weight, opt.step, n, opt.horizon))
             opt.z, opt.state, opt.loss, opt.g = u.z, u.state, u.loss, u.g
             opt.step += n
             # a diverged optimizee (its meta-gradient is dropped by `combine`) is replaced at once
@@ -158,13 +162,15 @@ class OptimizeeWorker:
         return out
 
     def validate(self, phi: Dict[str, torch.Tensor], serial: int) -> Dict[str, Any]:
-        """N steps of φ (no meta-gradient) on a fresh optimizee, then its accuracy on the ``val`` split."""
+        """``l2o.validation_steps`` (default N) steps of φ (no meta-gradient) on a fresh optimizee, then its
+        accuracy on the ``val`` split."""
         task = self.tasks[self.slots[0]]
-        opt = Optimizee(self.cfg, task, serial, self.config)
+        steps = self.cfg.l2o.validation_steps or self.cfg.l2o.steps
+        opt = Optimizee(self.cfg, task, serial, self.config, horizon=steps)
         losses: List[float] = []
         z, state = opt.z, opt.state
         with torch.no_grad():
-            for _ in range(self.cfg.l2o.steps):
+            for _ in range(steps):
                 (batch,) = opt.next_batches(1)
                 loss, g = engine_task.loss_and_projected_grad(task, z, batch)
                 losses.append(float(loss))
@@ -177,6 +183,25 @@ class OptimizeeWorker:
         return {"serial": serial, "seed": opt.seed, "losses": losses,
                 "convergence_step": convergence_step(losses) if ok else None,
                 "val_acc": val["acc"], "val_loss": val["loss"], "final_train_loss": losses[-1]}
+
+
+def sampled_horizon(cfg, serial: int) -> int:
+    """The horizon of optimizee ``serial`` when ``l2o.horizons`` = [lo, hi]: log-uniform in [lo, hi], from the
+    optimizee's seed alone (a resumed or re-run meta-training draws the same), rounded down to whole unrolls."""
+    lo, hi = cfg.l2o.horizons
+    u = torch.rand(1, generator=torch.Generator().manual_seed(optimizee_seed(cfg, serial) + 7919),
+                   dtype=torch.float64).item()
+    h = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    unroll = cfg.l2o.unroll
+    return max(unroll, int(h) // unroll * unroll)
+
+
+def late_weights(late_weight: float, done: int, n: int, horizon: int) -> Optional[List[float]]:
+    """ω of the n terms after step ``done`` of a ``horizon``-step optimizee: (1 + a·p)/(1 + a/2), p the fraction
+    of the horizon done after each step (so ω averages about 1 over a whole horizon); None when a = 0 (all 1)."""
+    if not late_weight:
+        return None
+    return [(1.0 + late_weight * (done + i + 1) / horizon) / (1.0 + late_weight / 2) for i in range(n)]
 
 
 def _actor_class(num_cpus: float):

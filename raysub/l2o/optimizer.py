@@ -51,6 +51,11 @@ class LearnedOptimizer(SubspaceOptimizer):
         self.state: State = init_state(config, len(z_D), z_D.dtype, z_D.device)
         self.saturated = 0
 
+    def set_horizon(self, steps: int) -> None:
+        """The run's length in steps: φ's ``progress`` input is the fraction of it done (the loop calls this
+        once, before the first step: ``train.epochs`` × steps per epoch)."""
+        self.state["horizon"] = int(steps)
+
     @torch.no_grad()
     def step(self, z_D: torch.Tensor, g_D: torch.Tensor, loss: float,
              closure: Optional[BatchClosure] = None) -> Dict[str, float]:
@@ -59,17 +64,21 @@ class LearnedOptimizer(SubspaceOptimizer):
         Returns:
             {"dz_norm": ‖applied Δz‖, "saturated": fraction of coordinates at the step cap}.
         """
+        if self.config.needs_horizon and not self.state.get("horizon"):
+            raise ConfigError("the l2o weights read the fraction of the run done (feature 'progress'): the loop "
+                              "must give the run's length (set_horizon), or set train.optimizer_options.horizon")
         delta_D, self.state = update(self.params, self.config, g_D, self.state)
         delta_D = delta_D * (self.lr / self.lr0)
         z_D.add_(delta_D.to(z_D.dtype))
-        sat = int((delta_D.abs() > SATURATED * self.config.step_scale * self.lr / self.lr0).sum())
+        cap = self.config.step_scale if self.config.rule == "lstm" else float("inf")  # adam_schedule: no cap
+        sat = int((delta_D.abs() > SATURATED * cap * self.lr / self.lr0).sum())
         self.saturated += sat
         return {"dz_norm": float(delta_D.norm()), "saturated": sat / max(len(z_D), 1)}
 
     def state_dict(self) -> Dict[str, Any]:
         s = self.state
         return {"m": s["m"].clone(), "v": s["v"].clone(), "t": int(s["t"]), "h": s["h"].clone(),
-                "c": s["c"].clone(), "saturated": self.saturated}
+                "c": s["c"].clone(), "horizon": s.get("horizon"), "saturated": self.saturated}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore `state_dict`'s output.
@@ -84,7 +93,7 @@ class LearnedOptimizer(SubspaceOptimizer):
                                   f"and z need {tuple(mine[k].shape)}: resume with the weights it was trained with")
         ref = mine["m"]
         self.state = {**{k: state[k].to(dtype=ref.dtype, device=ref.device).clone() for k in ("m", "v", "h", "c")},
-                      "t": int(state["t"])}
+                      "t": int(state["t"]), "horizon": state.get("horizon", mine.get("horizon"))}
         self.saturated = int(state.get("saturated", 0))
 
     def counters(self) -> Dict[str, float]:
@@ -104,10 +113,12 @@ def _check(options: Dict[str, Any]) -> List[str]:
 
 @OPTIMIZERS.register("l2o", check=_check)
 def l2o(z, *, lr: float, momentum: float, weight_decay: float, weights: str, hidden_size: Optional[int] = None,
-        features: Optional[List[str]] = None):
+        features: Optional[List[str]] = None, horizon: Optional[int] = None):
     """The learned optimizer (SL2O) with φ from ``weights`` (path or URI of weights.pt, or a run directory).
 
-    ``hidden_size`` and ``features`` are optional expectations: weights meta-trained otherwise are refused. The
+    ``hidden_size`` and ``features`` are optional expectations: weights meta-trained otherwise are refused.
+    ``horizon``: the run's length in steps, for weights that read the fraction done (a training loop sets it
+    itself from ``train.epochs``). The
     step is (lr / train.lr) · step_scale · tanh(...) (see `raysub.l2o.optimizer`); momentum is not used, a
     non-zero weight decay is ignored with a warning.
     """
@@ -115,4 +126,7 @@ def l2o(z, *, lr: float, momentum: float, weight_decay: float, weights: str, hid
         warnings.warn(f"train.weight_decay={weight_decay} is ignored by the l2o optimizer (its rule is learned)",
                       stacklevel=2)
     config, params = load_learned_optimizer(weights, hidden_size=hidden_size, features=features)
-    return LearnedOptimizer(z, config, params, lr=lr)
+    opt = LearnedOptimizer(z, config, params, lr=lr)
+    if horizon:
+        opt.set_horizon(horizon)
+    return opt

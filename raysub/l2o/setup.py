@@ -32,9 +32,16 @@ def l2o_problems(cfg) -> List[str]:
                         f"optimizee; lower l2o.actors or raise l2o.optimizees")
     if lc.meta_loss not in ("sum", "log"):
         problems.append(f"l2o.meta_loss={lc.meta_loss!r}: choose sum (Σ L_t, SL2O) or log (Σ log L_t)")
+    positive(problems, "l2o.late_weight", lc.late_weight, allow_zero=True)
+    positive(problems, "l2o.validation_steps", lc.validation_steps)
+    hs = list(lc.horizons)
+    if hs and not (len(hs) == 2 and all(isinstance(h, int) and not isinstance(h, bool) for h in hs)
+                   and lc.unroll <= hs[0] <= hs[1]):
+        problems.append(f"l2o.horizons={hs}: give [lo, hi], whole steps with l2o.unroll ({lc.unroll}) ≤ lo ≤ hi, "
+                        f"e.g. [50, 1000]; or [] for l2o.steps")
     if lc.init not in ("adam_like", "random"):
         problems.append(f"l2o.init={lc.init!r}: choose adam_like or random")
-    elif lc.init == "adam_like" and "m" not in lc.features:
+    elif lc.init == "adam_like" and lc.rule == "lstm" and "m" not in lc.features:
         problems.append(f"l2o.init=adam_like needs the 'm' feature (l2o.features={list(lc.features)}): add it or "
                         f"set l2o.init=random")
     if cfg.data.val_fraction <= 0:
@@ -52,14 +59,20 @@ def l2o_problems(cfg) -> List[str]:
 def opt_config(cfg) -> LearnedOptimizerConfig:
     """φ's config from the ``l2o`` section."""
     lc = cfg.l2o
-    return LearnedOptimizerConfig(hidden_size=lc.hidden_size, features=tuple(lc.features), step_scale=lc.step_scale)
+    if lc.rule == "adam_schedule":  # Adam†'s moments and ε (raysub.optim.first_order.adam at momentum 0.9)
+        return LearnedOptimizerConfig(hidden_size=lc.hidden_size, features=tuple(lc.features), rule=lc.rule,
+                                      adam_lr=lc.adam_lr, per_coordinate=lc.per_coordinate, beta1=0.9, beta2=0.999,
+                                      eps=1e-8)
+    return LearnedOptimizerConfig(hidden_size=lc.hidden_size, features=tuple(lc.features), step_scale=lc.step_scale,
+                                  rule=lc.rule)
 
 
 INIT_NOISE = 0.1  # adam_like: the input and output weights of hidden units 1.. start at 0.1 × torch's random init
 
 
 def initial_phi(cfg) -> Dict[str, torch.Tensor]:
-    """φ's start. ``random``: torch's LSTMCell init from ``l2o.seed``. ``adam_like``: the hand-built tanh-clipped
+    """φ's start. ``l2o.rule=adam_schedule``: torch's LSTMCell init with a zero output row, so the multiplier is
+    1 and the first steps are exactly Adam's (``l2o.init`` does not apply). ``random``: torch's LSTMCell init from ``l2o.seed``. ``adam_like``: the hand-built tanh-clipped
     Adam (`adam_like_params`: Δz ≈ −step_scale·tanh(init_gain·m̂/√v̂), on hidden unit 0 alone) with the input
     weights (``lstm.weight_ih``) and output weights of units 1.. set to ``INIT_NOISE`` × the random init.
 
@@ -70,6 +83,9 @@ def initial_phi(cfg) -> Dict[str, torch.Tensor]:
     start, measured val accuracy 0.36 instead of 0.90 on Fashion-MNIST LeNet-5 d = 40)."""
     config = opt_config(cfg)
     rand = init_params(config, seed=cfg.l2o.seed)
+    if config.rule == "adam_schedule":  # multiplier e^0 = 1: exactly Adam at l2o.adam_lr, whatever the LSTM says
+        rand["out.weight"].zero_()
+        return rand
     if cfg.l2o.init == "random":
         return rand
     phi = adam_like_params(config, gain=cfg.l2o.init_gain)

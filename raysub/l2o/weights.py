@@ -94,6 +94,14 @@ def _locate(uri: str):
     raise ConfigError(f"learned-optimizer weights {uri!r}: no such file or directory: {HOW}")
 
 
+def weights_run(uri: str) -> Optional[str]:
+    """The URI of the meta-training (or tuning) run whose record vouches for the weights ``uri`` names (RUN, RUN/l2o/
+    weights.pt or RUN/l2o/ckpt/GEN/weights.pt; a run that is itself named ``l2o`` included), or None for a copy no
+    run records. Raises ConfigError when ``uri`` names no weights."""
+    run, _, _, record = _locate(uri)
+    return run.uri if record is not None else None
+
+
 def save_learned_optimizer(uri: str, config: LearnedOptimizerConfig, params: Dict[str, torch.Tensor]) -> str:
     """Write φ and its config atomically to the file ``uri`` (a path or URI ending in the file name).
 

@@ -129,16 +129,23 @@ def meta_test_table(record: Dict[str, Any]) -> str:
     """The console table of a meta-test record (`raysub.l2o.metatest.meta_test`): per optimizer its lr,
     convergence step and test accuracy (mean ± std over the meta-test optimizees; ≥: some never converged,
     counted at the run's length), and φ's speedups over Momentum† at each horizon (≥: a lower bound)."""
-    heads = ["optimizer", "lr", "conv step", "test acc %"] + [f"speedup {h}N" for h in record["horizons"]]
+    adam = record.get("speedups_adam")
+    over = " over Mom† / Adam†" if adam else ""
+    heads = ["optimizer", "lr", "conv step", "test acc % (end)"] + [f"speedup {h}N{over}" for h in record["horizons"]]
     rows = []
+
+    def cell(sp):
+        return ("≥ " if sp["lower_bound"] else "") + f"{sp['mean']:.2f}"
+
     for name, o in record["optimizers"].items():
         s = o["summary"]
         conv = ("≥ " if s["not_converged"] else "") + _pm(s["convergence_step"])
-        cells = [o["label"] + (f" ({s['diverged']} diverged)" if s["diverged"] else ""),
-                 "φ" if o["lr"] is None else f"{o['lr']:g}", conv, _pm(s["test_acc"], 100, ".2f")]
+        lr = "φ" if o["lr"] is None else f"{o['lr']:g}" + (f" {o['schedule']}" if o.get("schedule") else "")
+        cells = [o["label"] + (f" ({s['diverged']} diverged)" if s["diverged"] else ""), lr, conv,
+                 _pm(s["test_acc"], 100, ".2f")]
         for h in record["horizons"]:
-            sp = record["speedups"][f"{h}n"]
-            cells.append((("≥ " if sp["lower_bound"] else "") + f"{sp['mean']:.2f}") if name == "l2o" else "")
+            both = cell(record["speedups"][f"{h}n"]) + (f" / {cell(adam[f'{h}n'])}" if adam else "")
+            cells.append(both if name == "l2o" else "")
         rows.append(cells)
     return "\n".join(format_table([heads] + rows, align_left=True))
 
