@@ -159,3 +159,94 @@ def test_a_worker_runs_adam_schedule_optimizees_of_drawn_horizons(tmp_path):
     assert r["grads"]["out.weight"].abs().sum() > 0 and r["grads"]["lstm.weight_ih"].abs().sum() == 0
     row = w.validate(phi, 500_000)
     assert len(row["losses"]) == 6 and 0 < row["val_acc"] <= 1
+
+
+def test_pes_estimate_hand_computed_and_unbiased_on_a_quadratic():
+    """L(φ) = ‖φ‖² at φ = (1, 2), ε = (σ, 0): (L(φ+ε) − L(φ−ε))·ξ/(2σ²) = (4σ/(2σ²))·(σ, 0) = (2, 0), the gradient's
+    first coordinate. Averaged over 4,000 antithetic draws it is ∇L = (2, 4). Catches σ for σ² in the
+    denominator, a missing 2 (an estimate twice the gradient), the − particle's ξ used with the + sign."""
+    from raysub.l2o.learner import pes_contributions, pes_estimate
+
+    sigma = 0.1
+    phi = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+    def loss(p):
+        return float((p * p).sum())
+
+    eps = torch.tensor([sigma, 0.0], dtype=torch.float64)
+    est = pes_estimate(loss(phi + eps), loss(phi - eps), {"w": eps}, sigma)["w"]
+    assert est.tolist() == pytest.approx([2.0, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros(2, dtype=torch.float64)
+    for _ in range(4000):
+        e = torch.randn(2, generator=gen, dtype=torch.float64) * sigma
+        total += pes_estimate(loss(phi + e), loss(phi - e), {"w": e}, sigma)["w"]
+    assert (total / 4000).tolist() == pytest.approx([2.0, 4.0], rel=0.06)
+    # the learner pairs particles by sign, in any order, and drops a pair with a non-finite meta-loss
+    xi = {"w": eps}
+
+    def particle(pair, sign, value):
+        return {"name": f"p{pair}{sign}", "pes": {"pair": pair, "sign": sign, "value": value,
+                                                  "xi": {"w": sign * eps}}}
+
+    out = pes_contributions([particle(1, -1, loss(phi - eps)), particle(0, 1, float("nan")), particle(0, -1, 1.0),
+                             particle(1, 1, loss(phi + eps))], sigma)
+    assert [why is None for _, _, why in out] == [False, True]
+    assert out[1][1]["w"].tolist() == pytest.approx(pes_estimate(loss(phi + eps), loss(phi - eps), xi, sigma)
+                                                    ["w"].tolist())
+
+
+def test_pes_pairs_run_one_optimizee_at_phi_plus_and_minus_epsilon(tmp_path):
+    """Slots 0 and 1 are one optimizee (seed, z0, horizon) at φ ± ε with the same ε; ξ is the sum of the pair's ε's
+    over the unrolls (+ for slot 0, − for slot 1) and starts again at the replacement. Catches halves with
+    different data (the difference would measure the data, not ε), ε drawn per particle, ξ not carried across
+    unrolls (truncated ES: biased), ξ carried into the next optimizee."""
+    from test_l2o_meta import tiny_cfg
+
+    from raysub.l2o.optimizee import OptimizeeWorker, pes_noise
+    from raysub.l2o.setup import initial_phi, l2o_problems
+
+    cfg = tiny_cfg(tmp_path, "l2o.estimator=pes", "l2o.pes_sigma=0.05", "l2o.steps=4", "l2o.unroll=2",
+                   "l2o.optimizees=2", "l2o.actors=1")
+    w = OptimizeeWorker(cfg.to_dict(), [0, 1])
+    a, b = w.live[0], w.live[1]
+    assert (a.seed, a.horizon) == (b.seed, b.horizon) and torch.equal(a.z, b.z)
+    phi = initial_phi(cfg)
+    r1 = w.unroll(phi, meta_step=7)
+    e7 = pes_noise(phi, cfg.l2o.seed, 7, 0, 0.05)
+    assert [r["pes"]["sign"] for r in r1] == [1, -1] and r1[0]["grads"] is None
+    assert r1[0]["losses"] != r1[1]["losses"]  # the halves step differently: φ ± ε
+    r2 = w.unroll(phi, meta_step=8)
+    e8 = pes_noise(phi, cfg.l2o.seed, 8, 0, 0.05)
+    for k in phi:
+        torch.testing.assert_close(r2[0]["pes"]["xi"][k], e7[k] + e8[k])
+        torch.testing.assert_close(r2[1]["pes"]["xi"][k], -(e7[k] + e8[k]))
+    assert r2[0]["done"] and r2[1]["done"] and w.live[0].xi is None and w.live[0].seed == w.live[1].seed != a.seed
+    odd = tiny_cfg(tmp_path, "l2o.estimator=pes", "l2o.optimizees=3", "l2o.actors=1")
+    assert any("antithetic pairs" in p for p in l2o_problems(odd))
+
+
+def test_the_registry_l2o_takes_another_tasks_adam_lr_for_adam_schedule_weights(tmp_path):
+    """train.optimizer_options.adam_lr moves an adam_schedule φ to another task's tuned Adam lr: at its zero start
+    the step is Adam's at that lr. Catches the override ignored (φ's meta-training lr used on a task where it
+    diverges) or accepted for lstm weights, where it means nothing."""
+    from raysub.config import TrainConfig
+    from raysub.l2o.weights import save_learned_optimizer
+    from raysub.optim import build_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=2, features=("m", "g"), rule="adam_schedule", adam_lr=0.1,
+                                    beta1=0.9, beta2=0.999)
+    phi = init_params(config)
+    phi["out.weight"].zero_()
+    weights = str(tmp_path / "w.pt")
+    save_learned_optimizer(weights, config, phi)
+    z = torch.zeros(3)
+    opt = build_optimizer("l2o", z, TrainConfig(optimizer="l2o", lr=1.0,
+                                                optimizer_options={"weights": weights, "adam_lr": 0.02}))
+    opt.step(z, torch.tensor([1.0, -2.0, 0.5]), 1.0)
+    assert z.tolist() == pytest.approx([-0.02, 0.02, -0.02], rel=1e-5)  # Adam's first step: lr·sign(g)
+    lstm_config = LearnedOptimizerConfig(hidden_size=2)
+    save_learned_optimizer(weights, lstm_config, init_params(lstm_config))
+    with pytest.raises(ConfigError, match="adam_schedule weights only"):
+        build_optimizer("l2o", z, TrainConfig(optimizer="l2o", lr=1.0,
+                                              optimizer_options={"weights": weights, "adam_lr": 0.02}))

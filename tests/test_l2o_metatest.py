@@ -327,3 +327,18 @@ def test_the_weights_run_is_the_run_its_manifest_records_even_when_named_l2o(tmp
     assert bench.main(["--weights", str(copy)]) == 2  # N and the seeds are never guessed
     err = capsys.readouterr().err
     assert "no meta-training run records these weights" in err and "--steps N" in err and "\n" not in err.strip()
+
+
+@pytest.mark.system  # forks worker processes
+def test_runs_in_forked_processes_equal_the_serial_runs(digits_task, one_thread):
+    """run_all over 2 forked processes returns, in order, the serial runs' losses and z bit for bit. Catches
+    results returned in completion order (a baseline's runs swapped with another's), a forked worker with more
+    torch threads (float sums in another order), a run that depends on what ran before it in its process."""
+    cfg, task = digits_task
+    jobs = [(("sgd", lr, {}, seed, 0.3, 12), {"splits": ("val",), "schedule": sch})
+            for lr, seed, sch in ((0.5, 1, "constant"), (0.2, 2, "cosine"), (1.0, 1, "step"))]
+    serial = metatest.run_all(cfg, task, jobs, 1)
+    forked = metatest.run_all(cfg, task, jobs, 2)
+    for a, b in zip(serial, forked):
+        assert a["losses"] == b["losses"] and torch.equal(a["z"], b["z"]) and a["schedule"] == b["schedule"]
+    assert serial[0]["losses"] != serial[2]["losses"]

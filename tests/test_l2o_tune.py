@@ -119,6 +119,9 @@ def test_trial_name():
     """Mutation caught: a name without the trial id (two equal points would share a run directory)."""
     assert lt.trial_name({"hidden_size": 8, "meta_lr": 0.01, "unroll": 5, "features": ["m", "g"]},
                          "abc12_00003") == "h8-lr0.01-T5-fmg-abc12_00003"
+    # issue 27's keys: a horizon range of ints, a rule name (an int list once broke the name: join of non-strings)
+    assert lt.trial_name({"rule": "adam_schedule", "horizons": [50, 1000], "late_weight": 1.0}, "x_1") == \
+        "radam_schedule-H50+1000-w1-x_1"
 
 
 def test_trial_reserves_no_cpu_its_actors_do(tmp_path):

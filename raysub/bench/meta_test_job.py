@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--trained-on", help="label of φ's meta-training task in the transfer table (default: read from "
                                         "the meta-training run's config.yaml)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--procs", type=int, default=1, help="runs at once, in forked processes of one thread each")
     p.add_argument("--progress-every", type=int, default=0, help="a progress line every K steps of a run (0: none)")
     p.add_argument("--out", help="output directory (default runs/l2o_meta_test)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR/meta_test.json")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         record = metatest.meta_test(cfg, weights, steps, horizons, ns.seeds, ns.val_seeds, grids, ns.z0_std,
                                     say=lambda s: print(s, flush=True), progress_every=ns.progress_every,
-                                    schedules=schedules)
+                                    schedules=schedules, processes=ns.procs)
     except (RaysubError, ValueError) as exc:  # ours, or a bad number in --horizons
         problems = exc.problems if isinstance(exc, RaysubError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
         print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr, flush=True)

@@ -240,6 +240,10 @@ class L2OConfig:
         "help": "adam_schedule: a multiplier per coordinate (false: one per step, their mean)"})
     horizons: List[int] = field(default_factory=list, metadata={
         "help": "[lo, hi]: each optimizee's horizon drawn log-uniformly from it (whole unrolls); empty: l2o.steps"})
+    estimator: str = field(default="tbptt", metadata={
+        "help": "meta-gradient: tbptt (truncated backprop through each unroll, SL2O) | pes (persistent evolution "
+                "strategies, Vicol et al. 2021: unbiased over the whole horizon; antithetic pairs of optimizees)"})
+    pes_sigma: float = field(default=0.01, metadata={"help": "pes: std of φ's perturbation"})
     validation_steps: Optional[int] = field(default=None, metadata={
         "help": "steps of a meta-validation run (default l2o.steps): select φ at the horizon it must win at"})
     late_weight: float = field(default=0.0, metadata={
@@ -254,8 +258,9 @@ class L2OTuneConfig:
 
     space: Dict[str, Any] = field(
         default_factory=lambda: {"hidden_size": [8, 20], "meta_lr": [0.003, 0.01, 0.03], "unroll": [5, 10, 20]},
-        metadata={"help": "l2o key -> list of choices; keys: hidden_size, meta_lr, unroll, step_scale, optimizees, "
-                          "features (e.g. {features: [[m, g], [m]]})"})
+        metadata={"help": "l2o key -> list of choices; keys: rule, estimator, hidden_size, meta_lr, unroll, "
+                          "step_scale, optimizees, features (e.g. {features: [[m, g], [m]]}), horizons, late_weight, "
+                          "meta_loss, adam_lr"})
     samples: int = field(default=8, metadata={"help": "trials: distinct points drawn at random from the space"})
     max_concurrent_trials: Optional[int] = field(
         default=None, metadata={"help": "trials at once (default: as many as the cluster's CPUs fit)"})

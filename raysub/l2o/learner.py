@@ -1,6 +1,7 @@
 """The learner of meta-training, on the driver: it turns the optimizees' meta-gradients into φ's step and picks
 the best φ among the meta-validations.
 
+- `pes_contributions` — PES's antithetic pairs of optimizees turned into one meta-gradient estimate per pair;
 - `combine` — drop the non-finite (or diverged) contributions, clip each by global norm, average;
 - `step_phi` — one Adam step of φ on that average;
 - `mean_validation` — one meta-validation's row, the mean over its optimizees;
@@ -45,6 +46,38 @@ def combine(contributions: Sequence[Tuple[str, Dict[str, torch.Tensor], Optional
         return None, dropped, float("nan")
     avg = {k: torch.stack([g[k] for g in kept]).mean(0).to(contributions[0][1][k].dtype) for k in kept[0]}
     return avg, dropped, sum(norms) / len(norms)
+
+
+def pes_estimate(value_plus: float, value_minus: float, xi: Dict[str, torch.Tensor], sigma: float
+                 ) -> Dict[str, torch.Tensor]:
+    """PES's antithetic estimate of dMeta/dφ from one pair (Vicol et al. 2021, eq. 8 with N = 1 pair):
+    (L(φ+ε) − L(φ−ε)) · ξ / (2σ²), where L± are the pair's meta-losses over this unroll and ξ the + particle's
+    perturbations summed over every unroll of its optimizee so far (its own and the earlier ones): the earlier
+    perturbations shaped the state this unroll starts from, so the estimate is unbiased for the whole horizon."""
+    scale = (value_plus - value_minus) / (2.0 * sigma * sigma)
+    return {k: v * scale for k, v in xi.items()}
+
+
+def pes_contributions(results: Sequence[Dict[str, Any]], sigma: float
+                      ) -> List[Tuple[str, Dict[str, torch.Tensor], Optional[str]]]:
+    """`combine`'s input from PES particles: each pair's two results (``r["pes"]`` = {"pair", "sign", "value",
+    "xi"}) become one estimate (`pes_estimate`); a pair with a non-finite meta-loss is dropped with its reason.
+    Pairs are combined before `combine` clips: the two halves are huge and nearly cancel."""
+    pairs: Dict[int, Dict[int, Dict[str, Any]]] = {}
+    for r in results:
+        pairs.setdefault(r["pes"]["pair"], {})[r["pes"]["sign"]] = r
+    out = []
+    for k in sorted(pairs):
+        plus, minus = pairs[k].get(1), pairs[k].get(-1)
+        assert plus is not None and minus is not None, f"PES pair {k} is missing a particle"
+        vp, vm = plus["pes"]["value"], minus["pes"]["value"]
+        why = None if math.isfinite(vp) and math.isfinite(vm) else (
+            f"a non-finite meta-loss in the pair ({vp:.4g}, {vm:.4g})")
+        xi = plus["pes"]["xi"]
+        out.append((f"PES pair {k} ({plus['name']})",
+                    pes_estimate(vp, vm, xi, sigma) if why is None else {n: torch.zeros_like(v) for n, v in xi.items()},
+                    why))
+    return out
 
 
 def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Optional[int]:

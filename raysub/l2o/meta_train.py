@@ -40,7 +40,7 @@ import torch
 from raysub.engine import cluster  # ensure_ray looked up when called: tests replace it
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.layout import CHECKPOINT, GENERATIONS, HISTORY, WEIGHTS, state_files
-from raysub.l2o.learner import combine, mean_validation, select, step_phi
+from raysub.l2o.learner import combine, mean_validation, pes_contributions, select, step_phi
 from raysub.l2o.lstm import LearnedOptimizerConfig
 from raysub.l2o.optimizee import _actor_class
 from raysub.l2o.seeds import VALIDATION_SERIAL
@@ -230,9 +230,10 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
                 validate_and_checkpoint()
             while meta_step < lc.meta_steps:
                 phi_ref = ray.put({k: v.detach() for k, v in phi.items()})
-                results = [r for rs in ray.get([a.unroll.remote(phi_ref) for a in actors]) for r in rs]
-                avg, dropped, norm = combine([(r["name"], r["grads"], r["diverged"]) for r in results], lc.grad_clip,
-                                              say)
+                results = [r for rs in ray.get([a.unroll.remote(phi_ref, meta_step) for a in actors]) for r in rs]
+                contributions = (pes_contributions(results, lc.pes_sigma) if lc.estimator == "pes" else
+                                 [(r["name"], r["grads"], r["diverged"]) for r in results])
+                avg, dropped, norm = combine(contributions, lc.grad_clip, say)
                 if avg is not None:
                     step_phi(adam, phi, avg)
                 else:

@@ -240,10 +240,36 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
         raise ConfigError(problems)
 
 
+_FORKED: Optional[tuple] = None  # (cfg, task) that `run_all`'s forked workers inherit
+
+
+def _forked_run(job):
+    args, kwargs = job
+    cfg, task = _FORKED
+    return run_optimizee(cfg, task, *args, **kwargs)
+
+
+def run_all(cfg, task, jobs: Sequence[tuple], processes: int = 1) -> List[Dict[str, Any]]:
+    """`run_optimizee` of each ``(args, kwargs)`` job, in order: here, or in ``processes`` forked processes (one
+    torch thread each; every run is seeded on its own, so where it runs changes nothing in its result)."""
+    global _FORKED
+    if processes <= 1:
+        return [run_optimizee(cfg, task, *args, **kwargs) for args, kwargs in jobs]
+    import multiprocessing
+
+    _FORKED = (cfg, task)
+    try:
+        with multiprocessing.get_context("fork").Pool(processes, initializer=torch.set_num_threads,
+                                                      initargs=(1,)) as pool:
+            return pool.map(_forked_run, jobs, chunksize=1)
+    finally:
+        _FORKED = None
+
+
 def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5), seeds: int = 3,
               val_seeds: Optional[int] = None, grids: Optional[Dict[str, Sequence[float]]] = None,
               z0_std: Optional[float] = None, say: Callable[[str], None] = print,
-              progress_every: int = 0, schedules: Sequence[str] = SCHEDULES) -> Dict[str, Any]:
+              progress_every: int = 0, schedules: Sequence[str] = SCHEDULES, processes: int = 1) -> Dict[str, Any]:
     """φ (``weights``) against the baselines of ``grids`` (lrs picked on validation) on the task of ``cfg``.
 
     Args:
@@ -258,6 +284,7 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
             speedups.
         schedules: The lr schedules tried with each lr of a grid (`schedule_lr`, over the run's length): each
             baseline's (lr, schedule) is picked on validation runs as long as the meta-test runs, max(h)·N steps.
+        processes: Runs at once, in forked processes (`run_all`); the record is the same for any number.
 
     Returns:
         The record (`RunDir.write_json` writes it, non-finite values as null): task, weights, seeds, lr
@@ -288,11 +315,17 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         f"{seeds} meta-test optimizees, lrs picked on {val_seeds} validation optimizees; z0 std {z0_std:g}")
 
     selection = {}
+    t0 = time.perf_counter()
+    picks = [((name, lr, {}, seed, z0_std, total), {"splits": ("val",), "schedule": sch})
+             for name, grid in grids.items() for sch in schedules for lr in grid for seed in val_list]
+    picked = {(a[0], a[1], k["schedule"], a[3]): r for (a, k), r in zip(picks, run_all(cfg, task, picks, processes))}
+    say(f"lr picks: {len(picks)} validation runs of {total} steps in {time.perf_counter() - t0:.0f} s "
+        f"({processes} process{'es' if processes > 1 else ''})")
     for name, grid in grids.items():
         t0 = time.perf_counter()
 
         def runner(lr, seed, schedule, name=name):
-            return run_optimizee(cfg, task, name, lr, {}, seed, z0_std, total, splits=("val",), schedule=schedule)
+            return picked[(name, lr, schedule, seed)]
 
         selection[name] = pick_lr(list(grid), runner, val_list, schedules=list(schedules))
         rows = "  ".join(f"{r['lr']:g} {r['schedule']}: {100 * r['val_acc']:.2f}%"
@@ -306,11 +339,15 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         (n, selection[n]["lr"], {}, selection[n]["schedule"]) for n in grids]
     checkpoints = [h * steps for h in horizons]
     optimizers: Dict[str, Any] = {}
+    jobs = [((name, lr, options, seed, z0_std, total), {"eval_at": checkpoints, "schedule": schedule,
+                                                        "progress_every": progress_every if processes <= 1 else 0,
+                                                        "say": say if processes <= 1 else None})
+            for name, lr, options, schedule in arms for seed in test_list]
+    done = iter(run_all(cfg, task, jobs, processes))
     for name, lr, options, schedule in arms:
         runs = []
         for seed in test_list:
-            r = run_optimizee(cfg, task, name, lr, options, seed, z0_std, total, eval_at=checkpoints, say=say,
-                              progress_every=progress_every, schedule=schedule)
+            r = next(done)
             r.pop("z")
             early = r["diverged_at"] is not None and r["diverged_at"] <= steps
             r["convergence_step_at_n"] = None if early else convergence_step(r["losses"][:steps])

@@ -43,6 +43,7 @@ class Optimizee:
         self.epoch, self.cursor, self.order = 0, 0, None
         self.loss = self.g = None
         self.loss_start: Optional[float] = None  # the loss at z0: `DIVERGED_FACTOR` × it means diverged
+        self.xi: Optional[Dict[str, torch.Tensor]] = None  # pes: the ±ε summed over this optimizee's unrolls
 
     @property
     def name(self) -> str:
@@ -93,13 +94,13 @@ class OptimizeeWorker:
         for s, o in self.live.items():
             out[s] = {"serial": o.serial, "generation": self.generation[s], "z": o.z, "state": o.state,
                       "step": o.step, "epoch": o.epoch, "cursor": o.cursor, "started": o.order is not None,
-                      "loss": o.loss, "g": o.g, "horizon": o.horizon, "loss_start": o.loss_start}
+                      "loss": o.loss, "g": o.g, "horizon": o.horizon, "loss_start": o.loss_start, "xi": o.xi}
         return out
 
     def _restore(self, slot: int, st: Dict[str, Any]) -> None:
         o = Optimizee(self.cfg, self.tasks[slot], st["serial"], self.config, st.get("horizon"))
         o.z, o.state, o.step, o.loss, o.g = st["z"], st["state"], st["step"], st["loss"], st["g"]
-        o.epoch, o.cursor, o.loss_start = st["epoch"], st["cursor"], st.get("loss_start")
+        o.epoch, o.cursor, o.loss_start, o.xi = st["epoch"], st["cursor"], st.get("loss_start"), st.get("xi")
         if st["started"]:
             batch = self.cfg.train.batch_size or self.cfg.data.batch_size
             o.order = epoch_batches(o.task.data.size("train"), batch, o.seed, o.epoch, 0, 1)
@@ -118,22 +119,27 @@ class OptimizeeWorker:
         lc = self.cfg.l2o
         gen = self.generation[slot]
         self.generation[slot] += 1
-        serial = gen * lc.optimizees + slot
+        # pes: slots 2k and 2k+1 are an antithetic pair, the same optimizee (seed, z0, horizon) at φ ± ε
+        lane, lanes = (slot // 2, lc.optimizees // 2) if lc.estimator == "pes" else (slot, lc.optimizees)
+        serial = gen * lanes + lane
         if lc.horizons:  # drawn lengths: no stagger needed, the optimizees in flight are out of step anyway
             return serial, sampled_horizon(self.cfg, serial)
         horizon = lc.steps
         if gen == 0:
-            shift = (slot * (lc.steps // lc.optimizees)) // lc.unroll * lc.unroll
+            shift = (lane * (lc.steps // lanes)) // lc.unroll * lc.unroll
             horizon = max(lc.steps - shift, min(lc.unroll, lc.steps))
         return serial, horizon
 
-    def unroll(self, phi: Dict[str, torch.Tensor]) -> List[Dict[str, Any]]:
+    def unroll(self, phi: Dict[str, torch.Tensor], meta_step: int = 0) -> List[Dict[str, Any]]:
         """One unroll of every owned optimizee with φ; finished ones are replaced afterwards.
 
         Returns:
-            Per optimizee {"name", "serial", "seed", "grads", "losses", "meta_loss", "done"}.
+            Per optimizee {"name", "serial", "seed", "grads", "losses", "meta_loss", "done"}; with
+            ``l2o.estimator=pes`` "grads" is None and "pes" = {"pair", "sign", "value", "xi"} (`_unroll_pes`).
         """
         lc = self.cfg.l2o
+        if lc.estimator == "pes":
+            return self._unroll_pes(phi, meta_step)
         out = []
         for s in self.slots:
             opt = self.live[s]
@@ -161,6 +167,47 @@ class OptimizeeWorker:
                 self.live[s] = self._fresh(s)
         return out
 
+    def _unroll_pes(self, phi: Dict[str, torch.Tensor], meta_step: int) -> List[Dict[str, Any]]:
+        """PES (Vicol et al. 2021): slot 2k runs its optimizee at φ + ε, slot 2k+1 the same optimizee at φ − ε, ε
+        drawn from (l2o.seed, meta-step, pair) so that both halves agree wherever they run; no backpropagation.
+        Each particle adds its ±ε to ξ (reset when its optimizee is replaced) and returns its meta-loss over the
+        unroll, Σ ω_t L_t (Σ ω_t log L_t with ``meta_loss: log``); the learner pairs them (`pes_contributions`).
+        Pairs are replaced together at their common horizon; a diverged pair is dropped by the learner, not
+        replaced early (its halves would fall out of step)."""
+        lc = self.cfg.l2o
+        out = []
+        for s in self.slots:
+            opt = self.live[s]
+            pair, sign = s // 2, 1 - 2 * (s % 2)
+            eps = pes_noise(phi, lc.seed, meta_step, pair, lc.pes_sigma)
+            phi_p = {k: v.detach() + sign * eps[k] for k, v in phi.items()}
+            n = min(lc.unroll, opt.horizon - opt.step)
+            batches = opt.next_batches(n)
+            if opt.g is None:
+                opt.loss, opt.g = start(opt.task, opt.z, batches[0])
+            if opt.loss_start is None:
+                opt.loss_start = float(opt.loss)
+            weights = late_weights(lc.late_weight, opt.step, n, opt.horizon) or [1.0] * n
+            losses, value = [], 0.0
+            z, state, g = opt.z, opt.state, opt.g
+            with torch.no_grad():
+                for w, batch in zip(weights, batches):
+                    delta, state = update(phi_p, self.config, g, state)
+                    z = z + delta
+                    loss, g = engine_task.loss_and_projected_grad(opt.task, z, batch)
+                    losses.append(float(loss))
+                    value += w * (math.log(losses[-1]) if lc.meta_loss == "log" and losses[-1] > 0 else losses[-1])
+            opt.z, opt.state, opt.loss, opt.g = z, state, loss, g
+            opt.step += n
+            opt.xi = {k: (opt.xi[k] if opt.xi else 0) + sign * eps[k] for k in eps}
+            done = opt.step >= opt.horizon
+            out.append({"name": opt.name, "serial": opt.serial, "seed": opt.seed, "grads": None, "losses": losses,
+                        "meta_loss": float(sum(losses)), "done": done, "diverged": None,
+                        "pes": {"pair": pair, "sign": sign, "value": value, "xi": dict(opt.xi)}})
+            if done:
+                self.live[s] = self._fresh(s)
+        return out
+
     def validate(self, phi: Dict[str, torch.Tensor], serial: int) -> Dict[str, Any]:
         """``l2o.validation_steps`` (default N) steps of φ (no meta-gradient) on a fresh optimizee, then its
         accuracy on the ``val`` split."""
@@ -183,6 +230,13 @@ class OptimizeeWorker:
         return {"serial": serial, "seed": opt.seed, "losses": losses,
                 "convergence_step": convergence_step(losses) if ok else None,
                 "val_acc": val["acc"], "val_loss": val["loss"], "final_train_loss": losses[-1]}
+
+
+def pes_noise(phi: Dict[str, torch.Tensor], seed: int, meta_step: int, pair: int, sigma: float
+              ) -> Dict[str, torch.Tensor]:
+    """ε ~ N(0, σ²) shaped like φ, from (seed, meta-step, pair) alone: the two halves of a pair draw the same."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + meta_step) * 10_007 + pair) % (2 ** 62))
+    return {k: torch.randn(phi[k].shape, generator=gen, dtype=phi[k].dtype) * sigma for k in sorted(phi)}
 
 
 def sampled_horizon(cfg, serial: int) -> int:

@@ -15,6 +15,7 @@ not used (the learned rule has its own moments; a non-zero weight decay is ignor
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -113,12 +114,13 @@ def _check(options: Dict[str, Any]) -> List[str]:
 
 @OPTIMIZERS.register("l2o", check=_check)
 def l2o(z, *, lr: float, momentum: float, weight_decay: float, weights: str, hidden_size: Optional[int] = None,
-        features: Optional[List[str]] = None, horizon: Optional[int] = None):
+        features: Optional[List[str]] = None, horizon: Optional[int] = None, adam_lr: Optional[float] = None):
     """The learned optimizer (SL2O) with φ from ``weights`` (path or URI of weights.pt, or a run directory).
 
     ``hidden_size`` and ``features`` are optional expectations: weights meta-trained otherwise are refused.
     ``horizon``: the run's length in steps, for weights that read the fraction done (a training loop sets it
-    itself from ``train.epochs``). The
+    itself from ``train.epochs``). ``adam_lr``: for ``adam_schedule`` weights on another task, the Adam lr φ's
+    multiplier applies to (that task's tuned Adam† lr; default: the one φ was meta-trained with). The
     step is (lr / train.lr) · step_scale · tanh(...) (see `raysub.l2o.optimizer`); momentum is not used, a
     non-zero weight decay is ignored with a warning.
     """
@@ -126,6 +128,11 @@ def l2o(z, *, lr: float, momentum: float, weight_decay: float, weights: str, hid
         warnings.warn(f"train.weight_decay={weight_decay} is ignored by the l2o optimizer (its rule is learned)",
                       stacklevel=2)
     config, params = load_learned_optimizer(weights, hidden_size=hidden_size, features=features)
+    if adam_lr is not None:
+        if config.rule != "adam_schedule":
+            raise ConfigError(f"train.optimizer_options.adam_lr={adam_lr}: these weights use the {config.rule} rule; "
+                              f"adam_lr applies to adam_schedule weights only")
+        config = replace(config, adam_lr=float(adam_lr))
     opt = LearnedOptimizer(z, config, params, lr=lr)
     if horizon:
         opt.set_horizon(horizon)

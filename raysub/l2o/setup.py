@@ -34,6 +34,12 @@ def l2o_problems(cfg) -> List[str]:
         problems.append(f"l2o.meta_loss={lc.meta_loss!r}: choose sum (Σ L_t, SL2O) or log (Σ log L_t)")
     positive(problems, "l2o.late_weight", lc.late_weight, allow_zero=True)
     positive(problems, "l2o.validation_steps", lc.validation_steps)
+    positive(problems, "l2o.pes_sigma", lc.pes_sigma)
+    if lc.estimator not in ("tbptt", "pes"):
+        problems.append(f"l2o.estimator={lc.estimator!r}: choose tbptt or pes")
+    elif lc.estimator == "pes" and lc.optimizees % 2:
+        problems.append(f"l2o.optimizees={lc.optimizees}: pes runs antithetic pairs of optimizees: give an even "
+                        f"number")
     hs = list(lc.horizons)
     if hs and not (len(hs) == 2 and all(isinstance(h, int) and not isinstance(h, bool) for h in hs)
                    and lc.unroll <= hs[0] <= hs[1]):

@@ -1,7 +1,8 @@
 """Ray Tune over the learned optimizer's meta-hyperparameters (``raysub l2o tune``).
 
 ``l2o_tune.space`` maps ``l2o`` keys (`SPACE_KEYS`: hidden size, meta-lr, unroll T, step scale, number of
-optimizees, input features) to lists of choices. The search is random: ``l2o_tune.samples`` distinct points of the
+optimizees, input features, the rule, the estimator, the horizon range, the late weighting, the meta-loss, the
+Adam lr) to lists of choices. The search is random: ``l2o_tune.samples`` distinct points of the
 space's product drawn with ``l2o_tune.seed`` (without replacement — two equal points would be the same meta-training
 twice, bit for bit; a space smaller than ``samples`` runs whole). Each trial is `meta_train` of the ``l2o`` section
 with the point's values, in its own run directory ``RUN/trials/NAME`` (its own weights.pt, history, checkpoint).
@@ -60,8 +61,10 @@ from raysub.l2o.learner import select
 from raysub.runs.open import open_run
 from raysub.tracking import tune_callbacks
 
-SPACE_KEYS = ("hidden_size", "meta_lr", "unroll", "step_scale", "optimizees", "features")
-_SHORT = {"hidden_size": "h", "meta_lr": "lr", "unroll": "T", "step_scale": "s", "optimizees": "n", "features": "f"}
+SPACE_KEYS = ("hidden_size", "meta_lr", "unroll", "step_scale", "optimizees", "features", "rule", "estimator",
+              "horizons", "late_weight", "meta_loss", "adam_lr")
+_SHORT = {"rule": "r", "estimator": "e", "hidden_size": "h", "meta_lr": "lr", "unroll": "T", "step_scale": "s",
+          "optimizees": "n", "features": "f", "horizons": "H", "late_weight": "w", "meta_loss": "L", "adam_lr": "a"}
 EXPERIMENT = "l2o"  # the Tune experiment: RUN/tune/l2o
 RESULTS, BEST_CONFIG, BEST_WEIGHTS = layout.L2O_TUNE_RESULTS, layout.L2O_TUNE_BEST_CONFIG, layout.L2O_WEIGHTS
 
@@ -173,6 +176,7 @@ def trial_name(point: Dict[str, Any], trial_id: str) -> str:
     experiment), e.g. ``h8-lr0.01-T5-fmg-3f2a1_00000``."""
     def text(v):
         if isinstance(v, list):
+            v = [str(x) for x in v]
             return "".join(v) if all(len(s) == 1 for s in v) else "+".join(v)
         return f"{v:g}" if isinstance(v, float) else str(v)
 
