@@ -38,6 +38,7 @@ def test_adam_schedule_starts_exactly_at_adam():
                                     adam_lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8)
     phi = init_params(config, seed=1, dtype=torch.float64)
     phi["out.weight"].zero_()
+    phi["sched.weight"].zero_()
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(4, generator=gen, dtype=torch.float64) * 10 ** k for k in (-3, 0, 2, -1, 0)]
     z_ref = torch.zeros(4, dtype=torch.float64, requires_grad=True)
@@ -52,7 +53,7 @@ def test_adam_schedule_starts_exactly_at_adam():
 
 
 def test_adam_schedule_multiplier_per_coordinate_or_per_step():
-    """out = w_outᵀh scales Adam's step by e^out per coordinate, capped at e^±3; per_coordinate=false uses e^mean.
+    """out = w_outᵀh scales Adam's step by e^out per coordinate, capped at e^±5; per_coordinate=false uses e^mean.
     Catches the multiplier applied outside exp, no cap (a φ that learns e^50), the mean taken over steps."""
     base = dict(hidden_size=2, features=("m",), rule="adam_schedule", adam_lr=1.0, beta1=0.0, beta2=0.0, eps=1e-30)
     g = torch.tensor([1.0, -4.0], dtype=torch.float64)  # β 0: Adam's step is g/|g| = ±1
@@ -61,7 +62,8 @@ def test_adam_schedule_multiplier_per_coordinate_or_per_step():
     phi["lstm.weight_ih"][2 * 2, 0] = 100.0  # cell candidate of unit 0 = tanh(30 + 100·m) = ±1
     phi["out.weight"][0] = 10.0
     h0 = math.tanh(1.0)
-    for per, want in ((True, [-math.exp(3.0), -math.exp(-3.0) * -1]),  # out = ±10·tanh(1) → capped at ±3
+    cap = lstm.MAX_LOG_SCALE
+    for per, want in ((True, [-math.exp(cap), math.exp(-cap)]),  # out = ±10·tanh(1) = ±7.6 → capped at ±cap
                       (False, [-1.0, 1.0])):  # mean of +7.6 and −7.6 = 0 → e^0
         config = LearnedOptimizerConfig(**base, per_coordinate=per)
         delta, _ = update(phi, config, g, init_state(config, 2, torch.float64))
@@ -154,9 +156,10 @@ def test_a_worker_runs_adam_schedule_optimizees_of_drawn_horizons(tmp_path):
     assert [w.live[s].horizon for s in (0, 1)] == [sampled_horizon(cfg, 0), sampled_horizon(cfg, 1)]
     assert [w.live[s].state["horizon"] for s in (0, 1)] == [w.live[s].horizon for s in (0, 1)]
     phi = initial_phi(cfg)
-    assert phi["out.weight"].abs().sum() == 0
+    assert phi["out.weight"].abs().sum() == 0 and phi["sched.weight"].abs().sum() == 0
     r = w.unroll(phi)[0]
     assert r["grads"]["out.weight"].abs().sum() > 0 and r["grads"]["lstm.weight_ih"].abs().sum() == 0
+    assert r["grads"]["sched.weight"][0] != 0  # the schedule's first knot is trained from the first unroll
     row = w.validate(phi, 500_000)
     assert len(row["losses"]) == 6 and 0 < row["val_acc"] <= 1
 
@@ -238,6 +241,7 @@ def test_the_registry_l2o_takes_another_tasks_adam_lr_for_adam_schedule_weights(
                                     beta1=0.9, beta2=0.999)
     phi = init_params(config)
     phi["out.weight"].zero_()
+    phi["sched.weight"].zero_()
     weights = str(tmp_path / "w.pt")
     save_learned_optimizer(weights, config, phi)
     z = torch.zeros(3)
@@ -250,3 +254,38 @@ def test_the_registry_l2o_takes_another_tasks_adam_lr_for_adam_schedule_weights(
     with pytest.raises(ConfigError, match="adam_schedule weights only"):
         build_optimizer("l2o", z, TrainConfig(optimizer="l2o", lr=1.0,
                                               optimizer_options={"weights": weights, "adam_lr": 0.02}))
+
+
+def test_the_learned_schedule_is_piecewise_linear_in_the_fraction_done():
+    """sched.weight = log-multipliers at the knots 0, ¼, ½, ¾, 1 of the fraction done: −2 at ½ gives e^−2 at
+    progress ½ and e^−1 at ⅜ (halfway to the knot before), e^0 at 0. Catches progress taken after the step, knots
+    interpolated in the wrong pair, the schedule applied outside the cap."""
+    config = LearnedOptimizerConfig(hidden_size=2, features=("m", "progress"), rule="adam_schedule", adam_lr=1.0,
+                                    beta1=0.0, beta2=0.0, eps=1e-30)
+    phi = {k: torch.zeros(s, dtype=torch.float64) for k, s in lstm.param_shapes(config).items()}
+    phi["sched.weight"][2] = -2.0
+    assert lstm.schedule_weights(0.375) == pytest.approx([0, 0.5, 0.5, 0, 0])
+    g = torch.tensor([3.0], dtype=torch.float64)
+    for t, want in ((1, 1.0), (4, math.exp(-1.0)), (5, math.exp(-2.0)), (9, 1.0)):  # horizon 8: p = (t − 1)/8
+        state = init_state(config, 1, torch.float64, horizon=8)
+        state["t"] = t - 1
+        delta, _ = update(phi, config, g, state)
+        assert float(delta) == pytest.approx(-want), t
+    phi["sched.weight"][4] = -40.0
+    state = init_state(config, 1, torch.float64, horizon=8)
+    state["t"] = 8
+    assert float(update(phi, config, g, state)[0]) == pytest.approx(-math.exp(-lstm.MAX_LOG_SCALE))
+
+
+def test_adam_schedule_weights_from_before_the_learned_schedule_load_with_a_flat_one(tmp_path):
+    """Weights written before sched.weight existed (their digest over the tensors they have) load with a zero
+    schedule. Catches a refusal ('missing sched.weight') or a digest recomputed over the filled-in tensors."""
+    from raysub.l2o.weights import content_digest, load_learned_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=2, features=("m",), rule="adam_schedule")
+    params = {k: v for k, v in init_params(config).items() if k != "sched.weight"}
+    blob = {"config": config.to_dict(), "params": params, "sha256": content_digest(config.to_dict(), params)}
+    torch.save(blob, tmp_path / "old.pt")
+    loaded_config, loaded = load_learned_optimizer(str(tmp_path / "old.pt"))
+    assert loaded_config.rule == "adam_schedule" and loaded["sched.weight"].tolist() == [0.0] * 5
+    assert torch.equal(loaded["out.weight"], params["out.weight"])

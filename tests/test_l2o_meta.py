@@ -332,3 +332,16 @@ def test_meta_validation_reads_train_and_val_never_test(tmp_path, monkeypatch):
     row = w.validate(initial_phi(cfg), 500_000)
     assert evaluated == ["val"] and set(batched) == {"train", "val"} and len(row["losses"]) == 6
     assert batched.index("val") == len(batched) - batched[::-1].count("val")  # val read only after training
+
+
+def test_select_by_final_loss_ranks_by_the_end_of_the_runs():
+    """l2o.select_by=final_loss: within the accuracy tolerance the lowest smoothed final loss wins, not the fastest
+    convergence. Catches the option ignored (the early-converging φ that then levels off would be kept), a
+    missing or non-finite final loss ranked first, the tolerance dropped."""
+    rows = [{"val_acc": 0.906, "convergence_step": 48, "final_loss": 0.123},
+            {"val_acc": 0.908, "convergence_step": 99, "final_loss": 0.118},
+            {"val_acc": 0.905, "convergence_step": 60, "final_loss": float("nan")},
+            {"val_acc": 0.880, "convergence_step": 70, "final_loss": 0.100}]
+    assert select(rows, 0.005) == 0
+    assert select(rows, 0.005, by="final_loss") == 1
+    assert select(rows, 0.05, by="final_loss") == 3

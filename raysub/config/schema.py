@@ -244,6 +244,9 @@ class L2OConfig:
         "help": "meta-gradient: tbptt (truncated backprop through each unroll, SL2O) | pes (persistent evolution "
                 "strategies, Vicol et al. 2021: unbiased over the whole horizon; antithetic pairs of optimizees)"})
     pes_sigma: float = field(default=0.01, metadata={"help": "pes: std of φ's perturbation"})
+    select_by: str = field(default="speed", metadata={
+        "help": "best φ among those within select_tolerance of the best val acc: speed (fastest convergence step) | "
+                "final_loss (lowest smoothed training loss at the end of the validation runs)"})
     validation_steps: Optional[int] = field(default=None, metadata={
         "help": "steps of a meta-validation run (default l2o.steps): select φ at the horizon it must win at"})
     late_weight: float = field(default=0.0, metadata={

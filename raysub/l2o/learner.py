@@ -80,7 +80,7 @@ def pes_contributions(results: Sequence[Dict[str, Any]], sigma: float
     return out
 
 
-def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Optional[int]:
+def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float, by: str = "speed") -> Optional[int]:
     """Index of the best meta-validation in ``rows`` (None entries skipped; None if there is none).
 
     The rule (``l2o.select_tolerance`` = tol): among the rows whose val accuracy is within tol of the best val
@@ -93,8 +93,14 @@ def select(rows: Sequence[Optional[Dict[str, Any]]], tolerance: float) -> Option
         return None
     top = max(r["val_acc"] for _, r in live)
     inf = float("inf")
-    ok = [(r["convergence_step"] if r["convergence_step"] is not None else inf, -r["val_acc"], i)
-          for i, r in live if r["val_acc"] >= top - tolerance]
+
+    def key(r):  # by="final_loss" (``l2o.select_by``): the lowest smoothed training loss at the runs' end instead
+        if by == "final_loss":
+            loss = r.get("final_loss")
+            return loss if loss is not None and math.isfinite(loss) else inf
+        return r["convergence_step"] if r["convergence_step"] is not None else inf
+
+    ok = [(key(r), -r["val_acc"], i) for i, r in live if r["val_acc"] >= top - tolerance]
     return min(ok)[2]
 
 
@@ -106,6 +112,7 @@ def mean_validation(rows: List[Dict[str, Any]], meta_step: int) -> Dict[str, Any
             "val_loss": sum(r["val_loss"] for r in rows) / len(rows),
             "final_train_loss": sum(r["final_train_loss"] for r in rows) / len(rows),
             "convergence_step": (sum(steps) / len(steps)) if all(s is not None for s in steps) else None,
+            "final_loss": sum(r.get("final_loss", math.inf) for r in rows) / len(rows),
             "seeds": [r["seed"] for r in rows]}
 
 

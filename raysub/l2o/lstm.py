@@ -33,10 +33,14 @@ FEATURES: Dict[str, Callable[..., torch.Tensor]] = {
     "progress": lambda g, m_hat, v_hat, eps, progress: torch.full_like(g, progress),
 }
 # how φ's output becomes a step: ``lstm`` (SL2O) Δz = step_scale · tanh(w_outᵀ h); ``adam_schedule`` (Celo-Adam
-# style) Δz = −adam_lr · exp(clamp(w_outᵀ h, ±MAX_LOG_SCALE)) · m̂/(√v̂ + ε): a learned multiplier on Adam's step,
-# exactly Adam at lr adam_lr when w_out = 0 (its start)
+# style) Δz = −adam_lr · exp(clamp(s(p) + w_outᵀ h, ±MAX_LOG_SCALE)) · m̂/(√v̂ + ε): a learned multiplier on Adam's
+# step (s: the learned schedule over the fraction done p), exactly Adam at lr adam_lr when s = 0 and w_out = 0 (its
+# start)
 RULES = ("lstm", "adam_schedule")
-MAX_LOG_SCALE = 3.0  # adam_schedule: the multiplier stays within e^±3 ≈ [0.05, 20]
+MAX_LOG_SCALE = 5.0  # adam_schedule: the multiplier stays within e^±5 ≈ [0.007, 150]
+# adam_schedule also learns a schedule over the run (Celo's learned schedule): a piecewise-linear log-multiplier of
+# the fraction done, with its values at these knots (``sched.weight``), added to the LSTM's per-coordinate output
+SCHEDULE_KNOTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # the tensors of φ and their shapes for a config (see `param_shapes`)
 PARAM_NAMES = ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias", "out.weight")
@@ -132,7 +136,24 @@ def param_shapes(config: LearnedOptimizerConfig) -> Dict[str, Tuple[int, ...]]:
     for torch's bias_ih + bias_hh) and an output row without bias (a bias would push every coordinate the same
     way whatever its gradient)."""
     h, f = config.hidden_size, config.num_features
-    return {"lstm.weight_ih": (4 * h, f), "lstm.weight_hh": (4 * h, h), "lstm.bias": (4 * h,), "out.weight": (h,)}
+    shapes = {"lstm.weight_ih": (4 * h, f), "lstm.weight_hh": (4 * h, h), "lstm.bias": (4 * h,), "out.weight": (h,)}
+    if config.rule == "adam_schedule":  # the log-multiplier's values at SCHEDULE_KNOTS of the fraction done
+        shapes["sched.weight"] = (len(SCHEDULE_KNOTS),)
+    return shapes
+
+
+def schedule_weights(progress: float) -> List[float]:
+    """The piecewise-linear interpolation weights of ``progress`` over `SCHEDULE_KNOTS` (two neighbours, sum 1)."""
+    knots = SCHEDULE_KNOTS
+    p = min(max(progress, knots[0]), knots[-1])
+    out = [0.0] * len(knots)
+    for i in range(len(knots) - 1):
+        if p <= knots[i + 1]:
+            f = (p - knots[i]) / (knots[i + 1] - knots[i])
+            out[i], out[i + 1] = 1.0 - f, f
+            return out
+    out[-1] = 1.0
+    return out
 
 
 def init_params(config: LearnedOptimizerConfig, seed: int = 0, dtype: torch.dtype = torch.float32
@@ -235,6 +256,9 @@ def update(params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, g_D:
     out_D = h @ params["out.weight"]
     if config.rule == "adam_schedule":
         log_scale = out_D if config.per_coordinate else out_D.mean().expand_as(out_D)
+        sched = params["sched.weight"] @ torch.as_tensor(schedule_weights(progress_of(t - 1, horizon)),
+                                                         dtype=out_D.dtype, device=out_D.device)
+        log_scale = log_scale + sched
         adam_D = (m / (1 - config.beta1 ** t)) / ((v / (1 - config.beta2 ** t)).sqrt() + config.eps)
         delta_D = -config.adam_lr * torch.exp(log_scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE)) * adam_D
     else:

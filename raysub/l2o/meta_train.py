@@ -208,7 +208,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             row["wall_s"] = time.perf_counter() - t0
             history["validation"].append(row)
             phis[meta_step] = cur
-            chosen = history["validation"][select(history["validation"], lc.select_tolerance)]
+            chosen = history["validation"][select(history["validation"], lc.select_tolerance, lc.select_by)]
             improved = chosen is not best
             if improved:
                 best, best_phi = chosen, phis[chosen["meta_step"]]
@@ -217,6 +217,7 @@ def meta_train(cfg, resume: bool = False, overwrite: bool = False, say=print,
             loss = history["meta"][-1]["loss"] if history["meta"] else None
             say(f"l2o: meta-step {meta_step}/{lc.meta_steps}  train loss {'-' if loss is None else f'{loss:.4f}'}"
                 f"  val acc {row['val_acc']:.4f}  conv step {'-' if cs is None else f'{cs:.1f}'}"
+                f"  final loss {row['final_loss']:.4f}"
                 f"  best: meta-step {best['meta_step']}  {row['wall_s']:.1f}s")
             checkpoint()
             tracker.log({k: v for k, v in row.items() if k != "wall_s"} | {"best_val_acc": best["val_acc"]},

@@ -24,7 +24,7 @@ from raysub.l2o.lstm import LearnedOptimizerConfig, init_state, update
 from raysub.l2o.meta import start, unroll_meta_grad
 from raysub.l2o.seeds import optimizee_seed
 from raysub.l2o.setup import opt_config
-from raysub.metrics import convergence_step
+from raysub.metrics import convergence_step, final_loss
 
 DIVERGED_FACTOR = 10.0  # an optimizee whose loss exceeds 10× its loss at z0 has diverged (dropped, replaced)
 
@@ -229,7 +229,8 @@ class OptimizeeWorker:
         val = engine_task.evaluate_task(task, z, "val") if ok else {"loss": float("nan"), "acc": 0.0}
         return {"serial": serial, "seed": opt.seed, "losses": losses,
                 "convergence_step": convergence_step(losses) if ok else None,
-                "val_acc": val["acc"], "val_loss": val["loss"], "final_train_loss": losses[-1]}
+                "val_acc": val["acc"], "val_loss": val["loss"], "final_train_loss": losses[-1],
+                "final_loss": final_loss(losses) if ok else math.inf}
 
 
 def pes_noise(phi: Dict[str, torch.Tensor], seed: int, meta_step: int, pair: int, sigma: float

@@ -35,6 +35,8 @@ def l2o_problems(cfg) -> List[str]:
     positive(problems, "l2o.late_weight", lc.late_weight, allow_zero=True)
     positive(problems, "l2o.validation_steps", lc.validation_steps)
     positive(problems, "l2o.pes_sigma", lc.pes_sigma)
+    if lc.select_by not in ("speed", "final_loss"):
+        problems.append(f"l2o.select_by={lc.select_by!r}: choose speed or final_loss")
     if lc.estimator not in ("tbptt", "pes"):
         problems.append(f"l2o.estimator={lc.estimator!r}: choose tbptt or pes")
     elif lc.estimator == "pes" and lc.optimizees % 2:
@@ -91,6 +93,7 @@ def initial_phi(cfg) -> Dict[str, torch.Tensor]:
     rand = init_params(config, seed=cfg.l2o.seed)
     if config.rule == "adam_schedule":  # multiplier e^0 = 1: exactly Adam at l2o.adam_lr, whatever the LSTM says
         rand["out.weight"].zero_()
+        rand["sched.weight"].zero_()
         return rand
     if cfg.l2o.init == "random":
         return rand

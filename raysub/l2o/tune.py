@@ -193,6 +193,11 @@ def trials_uri(run_uri: str, name: str) -> str:
     return join_uri(run_uri, "trials", name)
 
 
+def asha_key(cfg) -> str:
+    """What ASHA minimizes: the best φ's convergence step, or with ``l2o.select_by=final_loss`` its final loss."""
+    return "best_final_loss" if cfg.l2o.select_by == "final_loss" else "best_conv_step"
+
+
 def asha_metric(convergence_step: Optional[float], steps: int) -> float:
     """The convergence step ASHA minimizes: a φ that never converged (None) counts as ``steps + 1``, worse than
     any that did within the ``steps`` steps of a meta-validation."""
@@ -217,6 +222,7 @@ def _trial(config: Dict[str, Any], base: Dict[str, Any]) -> None:
         tune.report({"meta_step": row["meta_step"], "val_acc": row["val_acc"],
                      "conv_step": asha_metric(row["convergence_step"], steps),
                      "best_val_acc": best["val_acc"], "best_conv_step": asha_metric(best["convergence_step"], steps),
+                     "best_final_loss": best.get("final_loss", math.inf),
                      "best_meta_step": best["meta_step"]})
 
     meta_train(cfg, resume=True, on_validation=on_validation)
@@ -273,13 +279,13 @@ def meta_train_seconds(history: Dict[str, Any]) -> float:
     return total + last
 
 
-def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float) -> Optional[Dict[str, Any]]:
+def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float, by: str = "speed") -> Optional[Dict[str, Any]]:
     """The trial whose best φ wins under `raysub.l2o.learner.select` over the trials' best φ's (the fastest
     convergence step among those within ``tolerance`` val accuracy of the most accurate; ties → higher val
     accuracy, then the earlier trial); None when no trial has a validated φ."""
 
     ok = [r for r in rows if "error" not in r and r.get("best") is not None]
-    i = select([r["best"] for r in ok], tolerance)
+    i = select([r["best"] for r in ok], tolerance, by)
     return None if i is None else ok[i]
 
 
@@ -393,7 +399,7 @@ def _tune(cfg, info: Dict[str, Any], run, resuming: bool, say) -> Dict[str, Any]
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(points)},  # the random draw, made by sample_points
-            tune_config=tune.TuneConfig(metric="best_conv_step", mode="min", scheduler=scheduler,
+            tune_config=tune.TuneConfig(metric=asha_key(cfg), mode="min", scheduler=scheduler,
                                         max_concurrent_trials=max_concurrent, reuse_actors=False,
                                         trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, storage_filesystem=fs, verbose=1,
@@ -411,7 +417,7 @@ def _tune(cfg, info: Dict[str, Any], run, resuming: bool, say) -> Dict[str, Any]
         raise ConfigError(f"{len(failed)} of {len(rows)} trials did not finish (first: {failed[0]['trial']}: "
                           f"{failed[0]['error']}); fix the cause and continue with: raysub l2o tune "
                           f"{run.arg(layout.CONFIG)} --resume")
-    best = best_trial(rows, cfg.l2o.select_tolerance)
+    best = best_trial(rows, cfg.l2o.select_tolerance, cfg.l2o.select_by)
     assert best is not None  # every trial has a validated φ (no failed ones)
 
     weights = best_weights(RunDir(best["run_dir"]))
@@ -423,9 +429,11 @@ def _tune(cfg, info: Dict[str, Any], run, resuming: bool, say) -> Dict[str, Any]
                "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
                "select_tolerance": lc.select_tolerance,
-               "selection": f"fastest convergence step within {cfg.l2o.select_tolerance} val acc of the best "
-                            f"(raysub.l2o.learner.select)",
-               "asha_metric": "best_conv_step: the best φ's convergence step, never converged = l2o.steps + 1",
+               "selection": f"{'lowest final loss' if cfg.l2o.select_by == 'final_loss' else 'fastest convergence step'}"
+                            f" within {cfg.l2o.select_tolerance} val acc of the best (raysub.l2o.learner.select)",
+               "asha_metric": ("best_final_loss: the best φ's smoothed training loss at the end of its validation "
+                               "runs" if cfg.l2o.select_by == "final_loss" else
+                               "best_conv_step: the best φ's convergence step, never converged = l2o.steps + 1"),
                "trials": rows, "best": {"trial": best["trial"], "point": best["point"], "run_dir": best["run_dir"],
                                         **b, "weights_sha256": checksum},
                "wall_s": time.perf_counter() - t0}

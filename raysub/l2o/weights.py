@@ -21,7 +21,7 @@ import torch
 
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.layout import WEIGHTS as RUN_WEIGHTS, state_files
-from raysub.l2o.lstm import LearnedOptimizerConfig, check_params, expectation_problems
+from raysub.l2o.lstm import SCHEDULE_KNOTS, LearnedOptimizerConfig, check_params, expectation_problems
 from raysub.runs.layout import L2O_TUNE_RESULTS, MANIFEST
 from raysub.runs.manifest import Manifest
 from raysub.checksums import matches
@@ -155,7 +155,10 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
         config = LearnedOptimizerConfig.from_dict(blob["config"])
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"learned-optimizer weights {uri!r} has a bad config ({exc}): {HOW}") from None
-    problems = check_params(config, blob["params"])
+    params = dict(blob["params"])
+    if config.rule == "adam_schedule" and "sched.weight" not in params:  # written before the learned schedule: flat
+        params["sched.weight"] = torch.zeros(len(SCHEDULE_KNOTS))
+    problems = check_params(config, params)
     if problems:
         raise ConfigError(f"learned-optimizer weights {uri!r} do not match their config ({'; '.join(problems)}): "
                           f"{HOW}")
@@ -163,7 +166,7 @@ def load_learned_optimizer(uri: str, *, hidden_size: Optional[int] = None,
     if mismatch:
         raise ConfigError(f"learned-optimizer weights {uri!r} were meta-trained with {' and '.join(mismatch)}: "
                           f"use weights meta-trained with the expected settings, or change the expectation")
-    return config, dict(blob["params"])
+    return config, params
 
 
 def weights_problems(uri: str, *, hidden_size: Optional[int] = None,
