@@ -135,6 +135,20 @@ def test_rebatch_cuts_blocks_back_into_the_asked_batches():
         list(image_tree.rebatch(iter(blocks([0, 1, 2, 3], [4], [5])), [3, 1]))
 
 
+def test_merge_rows_joins_consecutive_batches_in_order():
+    """Batches of 3, 2, 4, 1 rows with block_rows 5: blocks [3+2], [4+1], in order, every column joined alike; and
+    through rebatch they come back as the asked batches. Catches a block cut below block_rows, a reordered or
+    dropped batch, columns joined out of step (a path paired with another row's seed)."""
+    rows = [{"index": np.arange(a, b), "path": np.array([f"p{i}" for i in range(a, b)], dtype=object)}
+            for a, b in ((0, 3), (3, 5), (5, 9), (9, 10))]
+    blocks = image_tree.merge_rows(rows, 5)
+    assert [b["index"].tolist() for b in blocks] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert blocks[1]["path"].tolist() == ["p5", "p6", "p7", "p8", "p9"]
+    assert [b["index"].tolist() for b in image_tree.merge_rows(rows, 100)] == [list(range(10))]
+    back = list(image_tree.rebatch(iter(blocks), [3, 2, 4, 1]))
+    assert [b["index"].tolist() for b in back] == [r["index"].tolist() for r in rows]
+
+
 def _truncate(path):
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 3])

@@ -89,6 +89,7 @@ def _ingest_loop(config: Dict) -> None:
             options = {"ingest": "ray_data", "preprocess_cpus": config["preprocess_cpus"]} \
                 if side.startswith("ray_data") else {"ingest": "dataloader"}
             datasets[side] = load_dataset("imagenet", root, image_size=size, **options)
+            datasets[side].stream.block_rows = config.get("block_rows", datasets[side].stream.block_rows)
 
         def epoch_of(side: str, epoch: int):
             ds = datasets[side]
@@ -157,6 +158,7 @@ def run_sides(sides: Dict[str, str], args) -> Dict:
 
     config = {"sides": sides, "sizes": args.sizes, "rounds": args.rounds, "batch": args.batch,
               "loader_workers": args.loader_workers, "preprocess_cpus": args.preprocess_cpus,
+              "block_rows": args.block_rows,
               "out": os.path.join(args.work, "figures.json")}
     trainer = TorchTrainer(
         _ingest_loop, train_loop_config=config,
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="global batch (default 64: 32 per worker)")
     ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per Train worker (default 1)")
     ap.add_argument("--preprocess-cpus", type=float, default=1.0, help="CPUs per Ray Data decode task (default 1)")
+    ap.add_argument("--block-rows", type=int, default=128,
+                    help="images per Ray Data decode task at least (consecutive batches joined; default 128)")
     ap.add_argument("--num-cpus", type=int, default=4, help="the local Ray cluster's logical CPUs (default 4)")
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     args = ap.parse_args(argv)
