@@ -140,6 +140,26 @@ def test_bad_shards_are_one_line_naming_the_shard_and_the_sample(tmp_path):
     assert_one_line(problem, "val/", "class index(es) not in train/: 1")
 
 
+def test_a_class_archive_left_in_an_imagefolder_split_does_not_make_it_shards(tmp_path):
+    """ImageNet's train/ often keeps n01440764.tar beside the extracted n01440764/: still an ImageFolder split, read
+    by the DataLoader as before. And a .cls that is a digit to Python but not to int() ('²') is one line about the
+    sample. Catches any .tar switching the layout (a working tree refused), a ValueError escaping as a storage
+    problem."""
+    tree = make_tree(tmp_path / "tree", per_class=(2, 1))
+    (tree / "train" / "n01.tar").write_bytes(b"an archive of n01")
+    assert not image_tree.is_sharded(str(tree))
+    ds = data.load_dataset("imagenet", str(tree), image_size=16)
+    assert ds.ingest == "dataloader" and ds.size("train") == 6
+    classes, files = image_tree.list_split(str(tree), "train")
+    assert classes == ["n01", "n02", "n03"] and len(files) == 6
+    jpg = (tree / "train" / "n01" / "n01_0.JPEG").read_bytes()
+    root = tmp_path / "odd_cls"
+    _one_shard(str(root / "train" / "s-0.tar"), [("a.jpg", jpg), ("a.cls", "²".encode())])
+    _one_shard(str(root / "val" / "s-0.tar"), [("v.jpg", jpg), ("v.cls", b"0")])
+    (problem,) = data.validate_dataset("imagenet", str(root))
+    assert_one_line(problem, "bad shard", "class index '²' is not an integer")
+
+
 def test_an_unreadable_image_in_a_shard_names_the_shard_and_member(tmp_path, capsys):
     """Catches: the shard's URI without the member (which of a thousand images?), a skipped image left in y."""
     jpg = (make_tree(tmp_path / "tree", per_class=(1, 1)) / "train" / "n01" / "n01_0.JPEG").read_bytes()

@@ -245,8 +245,8 @@ def test_the_registry_l2o_takes_another_tasks_adam_lr_for_adam_schedule_weights(
     weights = str(tmp_path / "w.pt")
     save_learned_optimizer(weights, config, phi)
     z = torch.zeros(3)
-    opt = build_optimizer("l2o", z, TrainConfig(optimizer="l2o", lr=1.0,
-                                                optimizer_options={"weights": weights, "adam_lr": 0.02}))
+    opt = build_optimizer("l2o", z, TrainConfig(optimizer="l2o", lr=1.0, optimizer_options={
+        "weights": weights, "adam_lr": 0.02, "horizon": 10}))  # its learned schedule reads the fraction done
     opt.step(z, torch.tensor([1.0, -2.0, 0.5]), 1.0)
     assert z.tolist() == pytest.approx([-0.02, 0.02, -0.02], rel=1e-5)  # Adam's first step: lr·sign(g)
     lstm_config = LearnedOptimizerConfig(hidden_size=2)
@@ -284,8 +284,10 @@ def test_adam_schedule_weights_from_before_the_learned_schedule_load_with_a_flat
 
     config = LearnedOptimizerConfig(hidden_size=2, features=("m",), rule="adam_schedule")
     params = {k: v for k, v in init_params(config).items() if k != "sched.weight"}
-    blob = {"config": config.to_dict(), "params": params, "sha256": content_digest(config.to_dict(), params)}
+    old = {k: v for k, v in config.to_dict().items() if k != "max_log_scale"}  # neither existed then
+    blob = {"config": old, "params": params, "sha256": content_digest(old, params)}
     torch.save(blob, tmp_path / "old.pt")
     loaded_config, loaded = load_learned_optimizer(str(tmp_path / "old.pt"))
     assert loaded_config.rule == "adam_schedule" and loaded["sched.weight"].tolist() == [0.0] * 5
+    assert loaded_config.max_log_scale == 3.0 and loaded_config.needs_horizon  # the cap they were trained under
     assert torch.equal(loaded["out.weight"], params["out.weight"])

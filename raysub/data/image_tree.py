@@ -161,6 +161,8 @@ def is_sharded(root: str, split_dir: str = "train") -> bool:
         names = os.listdir(top)
     except OSError:
         return False
+    if any(os.path.isdir(os.path.join(top, n)) for n in names):  # class folders: an ImageFolder split
+        return False
     return any(n.lower().endswith((shards.SUFFIX,) + shards.COMPRESSED) for n in names)
 
 
@@ -301,7 +303,8 @@ class Stream:
     Args:
         cpus: CPUs each Ray Data decode task reserves.
         labels: node labels the decode tasks need (``label_selector``), e.g. {"raysub/role": "data"}.
-        prefetch: batches Ray Data keeps decoded ahead of the consumer.
+        prefetch: blocks (of ``block_rows`` images or more) Ray Data keeps decoded ahead of the consumer.
+        block_rows: images each decode task takes at least (`merge_rows`).
     """
 
     def __init__(self, cpus: float = 1.0, labels: Optional[Dict[str, str]] = None, prefetch: int = 4,

@@ -7,8 +7,9 @@ Samples are numbered in shard order (shards sorted by path), then in their order
 ImageFolder order numbers its samples as the tree does.
 
 raysub's loops pick each rank's examples, in their order, from a seeded permutation of the whole split (as for an
-ImageFolder tree), so a decode task reads single images at random: `index_shard` reads a shard once, sequentially
-(Python's ``tarfile`` on a ``pyarrow.fs`` stream; no image is decoded) and records each image's byte range; a
+ImageFolder tree), so a decode task reads single images at random: `index_shard` reads a shard's headers once
+(Python's ``tarfile``: seeking from header to header on a local disk, one sequential read of the object from an
+object store; no image is decoded) and records each image's byte range; a
 decode task then reads that range alone. The index of a shard is kept in this process and in a file per shard under
 ``RAYSUB_CACHE_DIR`` (``~/.cache/raysub`` by default), keyed by the shard's URI, size and modification time, so the
 processes of a node read each shard once. Ray Data's ``read_webdataset`` streams shards whole, in shard order: it
@@ -55,18 +56,35 @@ def split_key(name: str) -> Tuple[str, str]:
 
 
 def list_shards(fs, top: str):
-    """(FileInfo of each ``.tar`` directly in ``top``, sorted by path; paths of the compressed tars there)."""
+    """(FileInfo of each ``.tar`` directly in ``top``, sorted by path; paths of the compressed tars there), both
+    empty when ``top`` has sub-folders: an ImageFolder split (a class archive left beside its extracted folder
+    does not make it a split of shards)."""
     import pyarrow.fs as pafs
 
     entries = fs.get_file_info(pafs.FileSelector(top, recursive=False))
+    if any(e.type == pafs.FileType.Directory for e in entries):
+        return [], []
     files = [e for e in entries if e.type == pafs.FileType.File]
     tars = sorted((e for e in files if e.base_name.lower().endswith(SUFFIX)), key=lambda e: e.path)
     compressed = sorted(e.path for e in files if e.base_name.lower().endswith(COMPRESSED))
     return tars, compressed
 
 
+def _members(fs, path: str):
+    """(tar, its members) of one shard: a local file is opened seekable (only the headers are read), a stream
+    from an object store is read once from start to end."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        tar = tarfile.open(path, mode="r:")
+        return tar, tar
+    stream = fs.open_input_stream(path)
+    tar = tarfile.open(fileobj=stream, mode="r|")
+    return tar, tar
+
+
 def index_shard(fs, info, image_exts: Sequence[str]) -> List[Tuple[Member, int]]:
-    """``[(Member, label), ...]`` of one shard, read once from start to end.
+    """``[(Member, label), ...]`` of one shard (its headers, or the object once from start to end: `_members`).
 
     Raises:
         ShardError: a sample without an image or a ``.cls``, with two images, a ``.cls`` that is not an integer
@@ -87,8 +105,9 @@ def index_shard(fs, info, image_exts: Sequence[str]) -> List[Tuple[Member, int]]
         out.append((Member(info.path, image[0], image[1], image[2]), label))
 
     try:
-        with fs.open_input_stream(info.path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
+        tar, members = _members(fs, info.path)
+        with tar:
+            for m in members:
                 if not m.isfile():
                     continue
                 k, ext = split_key(m.name)
@@ -105,7 +124,7 @@ def index_shard(fs, info, image_exts: Sequence[str]) -> List[Tuple[Member, int]]
                     image = (m.offset_data, m.size, m.name)
                 elif ext == "cls":
                     text = tar.extractfile(m).read().decode("utf-8", "replace").strip()
-                    if not text.isdigit():
+                    if not (text.isascii() and text.isdigit()):
                         raise ShardError(f"{m.name}: class index {text[:20]!r} is not an integer >= 0")
                     label = int(text)
             close()
@@ -176,6 +195,9 @@ def index_shards(fs, infos, uri_of, image_exts: Sequence[str]) -> List[Tuple[Mem
             futures = {pool.submit(one, i): i for i in todo}
             for future in concurrent.futures.as_completed(futures):
                 info = futures[future]
+                if future.exception() is not None:  # the first bad shard says so now, not after every other read
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise future.exception()
                 _INDEXED[(uri_of(info.path), info.size, getattr(info, "mtime_ns", None))] = future.result()
                 done += 1
                 if time.monotonic() - said > SAY_EVERY_S:
@@ -193,10 +215,13 @@ class Reader:
         self.fs, self.files, self.lock = fs, {}, threading.Lock()
 
     def __call__(self, member: Member) -> bytes:
-        with self.lock:
-            f = self.files.get(member.shard)
-            if f is None:
-                f = self.files[member.shard] = self.fs.open_input_file(member.shard)
+        f = self.files.get(member.shard)
+        if f is None:  # opened outside the lock (an object store's open is a request); the first one kept
+            mine = self.fs.open_input_file(member.shard)
+            with self.lock:
+                f = self.files.setdefault(member.shard, mine)
+            if f is not mine:
+                mine.close()
         return f.read_at(member.size, member.offset)
 
     def close(self) -> None:

@@ -25,8 +25,8 @@ import torch
 from raysub.errors import ConfigError
 
 # name → the per-coordinate feature from (g, m̂, v̂, ε, progress); all are scale-invariant in g (a loss ×k leaves
-# them). ``progress`` is the fraction of the run done, t / T (T: the run's length in steps, `init_state`'s
-# ``horizon``), capped at 1: the same for every coordinate (VeLO and Celo feed it too).
+# them). ``progress`` is the fraction of the run done before the step, (t − 1) / T (T: the run's length in steps,
+# `init_state`'s ``horizon``), capped at 1: the same for every coordinate (VeLO and Celo feed it too).
 FEATURES: Dict[str, Callable[..., torch.Tensor]] = {
     "m": lambda g, m_hat, v_hat, eps, progress: m_hat / torch.sqrt(v_hat + eps),
     "g": lambda g, m_hat, v_hat, eps, progress: g / torch.sqrt(v_hat + eps),
@@ -69,6 +69,8 @@ class LearnedOptimizerConfig:
     adam_lr: float = field(default=0.1, metadata={"help": "adam_schedule: the lr of the Adam step it multiplies"})
     per_coordinate: bool = field(default=True, metadata={
         "help": "adam_schedule: one multiplier per coordinate (else their mean: one per step)"})
+    max_log_scale: float = field(default=MAX_LOG_SCALE, metadata={
+        "help": "adam_schedule: the multiplier stays within e^±max_log_scale"})
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
@@ -105,7 +107,7 @@ class LearnedOptimizerConfig:
     @property
     def needs_horizon(self) -> bool:
         """φ reads the fraction of its run done: whoever runs it must say how long the run is."""
-        return "progress" in self.features
+        return "progress" in self.features or self.rule == "adam_schedule"  # its schedule reads it too
 
     @property
     def num_features(self) -> int:
@@ -124,6 +126,8 @@ class LearnedOptimizerConfig:
             ConfigError: unknown keys or bad values.
         """
         known = {f for f in cls.__dataclass_fields__}
+        if d.get("rule") == "adam_schedule" and "max_log_scale" not in d:  # written while the cap was fixed at 3
+            d = {**d, "max_log_scale": 3.0}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"learned-optimizer config: unknown key(s) {', '.join(unknown)}: "
@@ -260,7 +264,7 @@ def update(params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, g_D:
                                                          dtype=out_D.dtype, device=out_D.device)
         log_scale = log_scale + sched
         adam_D = (m / (1 - config.beta1 ** t)) / ((v / (1 - config.beta2 ** t)).sqrt() + config.eps)
-        delta_D = -config.adam_lr * torch.exp(log_scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE)) * adam_D
+        delta_D = -config.adam_lr * torch.exp(log_scale.clamp(-config.max_log_scale, config.max_log_scale)) * adam_D
     else:
         delta_D = config.step_scale * torch.tanh(out_D)
     return delta_D, {"m": m, "v": v, "t": t, "h": h, "c": c, "horizon": horizon}

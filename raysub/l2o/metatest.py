@@ -61,8 +61,8 @@ SCHEDULES = ("constant", "cosine", "step")
 
 
 def schedule_lr(schedule: str, lr: float, step: int, total: int) -> float:
-    """The lr of step ``step`` (1-based) of a run of ``total`` steps: ``constant``; ``cosine`` to 0 at the end,
-    lr·½(1 + cos(π(step−1)/total)); ``step``: lr, ×0.1 after half the run, ×0.01 after three quarters."""
+    """The lr of step ``step`` (1-based) of a run of ``total`` steps: ``constant``; ``cosine`` towards 0,
+    lr·½(1 + cos(π(step−1)/total)) (its last step still just above 0); ``step``: lr, ×0.1 after half the run, ×0.01 after three quarters."""
     if schedule == "constant":
         return lr
     if schedule == "cosine":

@@ -70,7 +70,8 @@ class OptimizeeWorker:
 
     Args:
         cfg_dict: The run's config (`Config.to_dict`).
-        slots: Which of the ``l2o.optimizees`` slots it owns; slot s runs serials s, s + n, s + 2n, …
+        slots: Which of the ``l2o.optimizees`` slots it owns; slot s runs serials s, s + n, s + 2n, … (with
+            ``l2o.estimator=pes`` the pair of slots 2k, 2k+1 runs serials k, k + n/2, …: one optimizee at φ ± ε)
         states: `states` of a checkpoint, by slot: those optimizees go on where they were (others start fresh).
     """
 

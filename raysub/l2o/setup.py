@@ -40,8 +40,8 @@ def l2o_problems(cfg) -> List[str]:
     if lc.estimator not in ("tbptt", "pes"):
         problems.append(f"l2o.estimator={lc.estimator!r}: choose tbptt or pes")
     elif lc.estimator == "pes" and lc.optimizees % 2:
-        problems.append(f"l2o.optimizees={lc.optimizees}: pes runs antithetic pairs of optimizees: give an even "
-                        f"number")
+        problems.append(f"l2o.optimizees={lc.optimizees} with l2o.estimator=pes: pes runs antithetic pairs of "
+                        f"optimizees: give an even number")
     hs = list(lc.horizons)
     if hs and not (len(hs) == 2 and all(isinstance(h, int) and not isinstance(h, bool) for h in hs)
                    and lc.unroll <= hs[0] <= hs[1]):

@@ -281,8 +281,9 @@ def meta_train_seconds(history: Dict[str, Any]) -> float:
 
 def best_trial(rows: Sequence[Dict[str, Any]], tolerance: float, by: str = "speed") -> Optional[Dict[str, Any]]:
     """The trial whose best φ wins under `raysub.l2o.learner.select` over the trials' best φ's (the fastest
-    convergence step among those within ``tolerance`` val accuracy of the most accurate; ties → higher val
-    accuracy, then the earlier trial); None when no trial has a validated φ."""
+    convergence step, or with ``by="final_loss"`` the lowest final loss, among those within ``tolerance`` val
+    accuracy of the most accurate; ties → higher val accuracy, then the earlier trial); None when no trial has a
+    validated φ."""
 
     ok = [r for r in rows if "error" not in r and r.get("best") is not None]
     i = select([r["best"] for r in ok], tolerance, by)
