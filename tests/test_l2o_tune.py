@@ -228,3 +228,23 @@ def test_tune_end_to_end_then_resume_runs_no_new_trial(tmp_path, capsys, ray_ses
     again = json.loads((run / "l2o_tune" / "results.json").read_text())
     assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in trials]
     assert again["best"]["trial"] == summary["best"]["trial"]
+
+
+def test_tune_table_shows_named_and_list_choices_and_the_final_loss():
+    """A space over issue 27's keys: a rule name, an estimator, a horizon range of ints, a number. Catches the table
+    formatting every choice as a number (it crashed with "Unknown format code 'g' for str" after an hour of
+    trials), the final loss missing when trials are selected by it."""
+    from raysub.report.tables import tune_table
+
+    trial = {"trial": "t0", "point": {"meta_lr": 0.003, "rule": "adam_schedule", "estimator": "pes",
+                                      "horizons": [100, 1000]},
+             "best": {"val_acc": 0.9045, "convergence_step": 118.5, "final_loss": 0.12723}, "meta_steps": 200,
+             "stopped_early": False, "meta_train_s": 650.4}
+    summary = {"space_keys": ["meta_lr", "rule", "estimator", "horizons"], "best": {"trial": "t0"},
+               "trials": [trial, {"trial": "t1", "point": None}], "meta_steps": 200, "validation_optimizees": 2,
+               "steps": 1000, "selection": "lowest final loss within 0.005 val acc of the best"}
+    table = tune_table(summary)
+    row = next(line for line in table.splitlines() if line.startswith("t0 *"))
+    for cell in ("0.003", "adam_schedule", "pes", "100-1000", "90.45%", "118.5", "0.1272", "200/200"):
+        assert cell in row, (cell, row)
+    assert "error" in table and "of 1000 steps" in table and "lowest final loss" in table

@@ -427,7 +427,8 @@ def _tune(cfg, info: Dict[str, Any], run, resuming: bool, say) -> Dict[str, Any]
     b = best["best"]
     run.write_text(BEST_CONFIG, best_cfg.to_yaml(best_config_header(best["trial"], b)))
     summary = {"space": tc.space, "space_keys": [k for k in SPACE_KEYS if k in tc.space], "samples": len(points),
-               "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps, "steps": lc.steps,
+               "seed": tc.seed, "asha": tc.asha, "meta_steps": lc.meta_steps,
+               "steps": lc.validation_steps or lc.steps,  # of a validation run
                "validation_optimizees": lc.validation_optimizees, "max_concurrent": max_concurrent,
                "select_tolerance": lc.select_tolerance,
                "selection": f"{'lowest final loss' if cfg.l2o.select_by == 'final_loss' else 'fastest convergence step'}"

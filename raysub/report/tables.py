@@ -93,23 +93,30 @@ def tune_table(summary: Dict[str, Any]) -> str:
     """The console table: one row per trial (its point, best φ's val acc and convergence step, meta-steps done,
     ASHA's stop), the best marked ``*``."""
     keys = summary["space_keys"]
-    rows = [("trial", *keys, "val acc", "conv step", "meta-steps", "stopped", "s")]
+    rows = [("trial", *keys, "val acc", "conv step", "final loss", "meta-steps", "stopped", "s")]
     best = summary["best"]["trial"] if summary["best"] else None
+
+    def cell(v) -> str:  # a choice: a number, a name (rule, estimator), or a list (features, a horizon range)
+        if isinstance(v, list):
+            v = [str(x) for x in v]
+            return "".join(v) if all(len(x) == 1 for x in v) else "-".join(v)
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
     for r in summary["trials"]:
-        point = [("".join(v) if isinstance(v, list) else f"{v:g}") for v in (r["point"][k] for k in keys)] \
-            if r["point"] else ["?"] * len(keys)
+        point = [cell(r["point"][k]) for k in keys] if r["point"] else ["?"] * len(keys)
         if "best" in r:
-            cs = r["best"]["convergence_step"]
+            cs, fl = r["best"]["convergence_step"], r["best"].get("final_loss")
             stats = (f"{100 * r['best']['val_acc']:.2f}%", "never" if cs is None else f"{cs:.1f}",
+                     "" if fl is None else f"{fl:.4f}",
                      f"{r['meta_steps']}/{summary['meta_steps']}", "ASHA" if r["stopped_early"] else "",
                      f"{r['meta_train_s']:.0f}")
         else:
-            stats = ("error", "", "", "", "")
+            stats = ("error", "", "", "", "", "")
         rows.append(((r["trial"] + (" *" if r["trial"] == best else "")), *point, *stats))
     lines = format_table(rows)
     lines.append(f"val acc and conv step: the trial's best φ (mean over {summary['validation_optimizees']} "
                  f"validation optimizees of {summary['steps']} steps; conv step 'never' = did not converge); "
-                 f"* best: fastest conv step within {summary.get('select_tolerance', 0):.3f} val acc of the most accurate")
+                 f"* best: {summary.get('selection') or 'fastest conv step within the tolerance of the most accurate'}")
     return "\n".join(lines)
 
 
