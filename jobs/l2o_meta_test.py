@@ -3,14 +3,16 @@
 What it does
     On the task of CONFIG's ``train`` section (e.g. Fashion-MNIST LeNet-5 in its DLDR basis: ``train.basis_run``,
     ``train.projection: dldr``, ``train.dim: 40``, ``train.batch_size: 128``), in ONE process (no Ray):
-      1. each baseline's lr is picked from its grid (``--lr-grid``) by mean validation accuracy after N steps on
-         the meta-validation optimizees (the ones φ was selected on; never on test);
+      1. each baseline's lr and schedule are picked from its grid (``--lr-grid``) × ``--schedules`` (constant,
+         cosine, step over the run's length) by mean validation accuracy at the end of runs of max(horizons)·N
+         steps on the meta-validation optimizees (the ones φ was selected on; never on test);
       2. φ (``--weights``) and every tuned baseline run max(horizons)·N steps on ``--seeds`` new optimizees (new
          data-order seeds and z0's, the same for every optimizer), each step a 1-worker ``raysub train`` step
-         through the one optimizer protocol, at a constant lr; val and test are evaluated at every h·N;
+         through the one optimizer protocol; val and test are evaluated at every h·N;
       3. metrics (raysub/l2o/metatest.py): SL2O §4.1's convergence step over the full run and the test accuracy
-         after it (mean ± std over the optimizees); VeLO's speedup of φ over Momentum† at h·N (the steps
-         Momentum† needs to reach φ's smoothed training loss at h·N, over h·N; "≥" when it never does).
+         after it (mean ± std over the optimizees); VeLO's speedup of φ over Momentum† and over Adam† at h·N
+         (the steps the baseline needs to reach φ's smoothed training loss at h·N, over h·N; "≥" when it never
+         does); the best baseline's test accuracy at the end minus φ's (acc_gap_best_<max h>n_pts).
     Transfer (SL2O Table 3) is the same job on another task (another model, another d) with weights meta-trained
     elsewhere; ``--table A.json B.json ...`` then prints (and with --out writes) the markdown transfer table.
 
@@ -20,10 +22,10 @@ Outputs (--out DIR, a local path or URI): meta_test.json (everything, per-step l
 headline metrics: l2o_over_momentum_steps, l2o_speedup_over_momentum[_2n, _5n], acc_gap_pts, seeds, lrs).
 
 How long it takes
-    Steps ≈ (Σ grid sizes) · val-seeds · N + (1 + baselines) · seeds · max(h) · N. Fashion-MNIST LeNet-5,
-    d = 40, batch 128, N = 200, horizons 1,2,5, 3 seeds, the default grids, 2 validation optimizees: 16.8k steps,
-    measured 1055 s (one thread, this shared 2-core machine at load 12–18: ≈ 60 ms a step with its evaluations);
-    it scales with N. Digits (quickstart MLP, dense d = 10, N = 30): about 20 s, mostly start-up.
+    Steps ≈ (Σ grid sizes) · schedules · val-seeds · max(h) · N + (1 + baselines) · seeds · max(h) · N
+    (--procs K runs them K at a time). Fashion-MNIST LeNet-5, d = 40, batch 128, N = 100, horizons 1,2,5,10, 3 seeds,
+    3 baselines, 3 schedules, 2 validation optimizees: 72 pick runs and 12 meta-test runs of 1,000 steps, measured
+    807–859 s with --procs 2 (this shared 2-core machine at load 3–6); the MLP at the same setting 87 s.
 
 How to run
     locally (single process; --threads 1 is the steadier choice on a shared machine):
@@ -41,10 +43,10 @@ How to run
         export RAY_AUTH_MODE=token   # token-auth clusters (the client sends ~/.ray/auth_token or RAY_AUTH_TOKEN)
         ray job submit --working-dir . -- python jobs/l2o_meta_test.py CONFIG ... --out /shared/meta_test
 
-    python jobs/l2o_meta_test.py CONFIG [key=value ...] --weights PATH|adam_like [--steps N] [--horizons 1,2,5]
-        [--seeds 3] [--val-seeds K] [--baselines psgd,adam,sgd] [--lr-grid psgd=0.1,0.3,1,3 ...] [--z0-std S]
-        [--trained-on LABEL]
-        [--threads 1] [--progress-every 0] [--out DIR] [--overwrite]
+    python jobs/l2o_meta_test.py CONFIG [key=value ...] --weights PATH|adam_like [--steps N]
+        [--horizons 1,2,5,10] [--seeds 3] [--val-seeds K] [--baselines psgd,adam,sgd] [--lr-grid psgd=0.1,0.3,1,3 ...]
+        [--schedules constant,cosine,step] [--z0-std S] [--trained-on LABEL]
+        [--threads 1] [--procs 1] [--progress-every 0] [--out DIR] [--overwrite]
     python jobs/l2o_meta_test.py --table META_TEST.json ... [--out DIR]
     --weights: weights.pt, a meta-training run directory, or ``adam_like`` (the hand-built φ of the config's l2o
     section: a smoke test, not a learned optimizer). --steps defaults to l2o.steps (the meta-training N).

@@ -264,7 +264,9 @@ def test_the_learned_schedule_is_piecewise_linear_in_the_fraction_done():
                                     beta1=0.0, beta2=0.0, eps=1e-30)
     phi = {k: torch.zeros(s, dtype=torch.float64) for k, s in lstm.param_shapes(config).items()}
     phi["sched.weight"][2] = -2.0
-    assert lstm.schedule_weights(0.375) == pytest.approx([0, 0.5, 0.5, 0, 0])
+    knots = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    assert [float(lstm.schedule_value(knots, p)) for p in (0.0, 0.375, 0.5, 0.9, 1.0, 1.5)] == pytest.approx(
+        [1.0, 3.0, 4.0, 12.8, 16.0, 16.0])
     g = torch.tensor([3.0], dtype=torch.float64)
     for t, want in ((1, 1.0), (4, math.exp(-1.0)), (5, math.exp(-2.0)), (9, 1.0)):  # horizon 8: p = (t − 1)/8
         state = init_state(config, 1, torch.float64, horizon=8)

@@ -342,3 +342,14 @@ def test_runs_in_forked_processes_equal_the_serial_runs(digits_task, one_thread)
     for a, b in zip(serial, forked):
         assert a["losses"] == b["losses"] and torch.equal(a["z"], b["z"]) and a["schedule"] == b["schedule"]
     assert serial[0]["losses"] != serial[2]["losses"]
+
+
+def test_a_schedule_that_does_not_exist_is_one_line_before_anything_runs(digits_task):
+    """Catches --schedules linear accepted (the pick would fail after its first runs) or reported as a traceback."""
+    from raysub.errors import ConfigError
+
+    cfg, _ = digits_task
+    with pytest.raises(ConfigError) as e:
+        metatest.check_meta_test(cfg, None, 10, [1], 1, 1, {"psgd": [1.0]}, ["cosine", "linear"])
+    assert len(e.value.problems) == 1 and "--schedules cosine,linear: choose one or more of constant" in \
+        e.value.problems[0]

@@ -156,14 +156,14 @@ def _list_shards(root: str, fs, tars, compressed):
 
 def is_sharded(root: str, split_dir: str = "train") -> bool:
     """A local root whose ``split_dir`` holds tar shards (a URI root is listed by `check_tree` instead)."""
-    top = os.path.join(os.path.expanduser(str(root)), split_dir)
+    import pyarrow.fs as pafs
+
     try:
-        names = os.listdir(top)
-    except OSError:
+        tars, compressed = shards.list_shards(pafs.LocalFileSystem(),
+                                              os.path.join(os.path.abspath(os.path.expanduser(str(root))), split_dir))
+    except OSError:  # no such folder
         return False
-    if any(os.path.isdir(os.path.join(top, n)) for n in names):  # class folders: an ImageFolder split
-        return False
-    return any(n.lower().endswith((shards.SUFFIX,) + shards.COMPRESSED) for n in names)
+    return bool(tars or compressed)
 
 
 def tree_problems(name: str, root: str, dirs: Dict[str, str], partial_val: bool) -> List[str]:

@@ -146,18 +146,14 @@ def param_shapes(config: LearnedOptimizerConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def schedule_weights(progress: float) -> List[float]:
-    """The piecewise-linear interpolation weights of ``progress`` over `SCHEDULE_KNOTS` (two neighbours, sum 1)."""
+def schedule_value(knots_K: torch.Tensor, progress: float) -> torch.Tensor:
+    """The learned schedule at ``progress``: linear between the two `SCHEDULE_KNOTS` around it (two elements of
+    ``knots_K`` indexed where they are: no host-to-device copy in the step)."""
     knots = SCHEDULE_KNOTS
     p = min(max(progress, knots[0]), knots[-1])
-    out = [0.0] * len(knots)
-    for i in range(len(knots) - 1):
-        if p <= knots[i + 1]:
-            f = (p - knots[i]) / (knots[i + 1] - knots[i])
-            out[i], out[i + 1] = 1.0 - f, f
-            return out
-    out[-1] = 1.0
-    return out
+    i = next((k for k in range(len(knots) - 1) if p <= knots[k + 1]), len(knots) - 2)
+    f = (p - knots[i]) / (knots[i + 1] - knots[i])
+    return knots_K[i] * (1.0 - f) + knots_K[i + 1] * f
 
 
 def init_params(config: LearnedOptimizerConfig, seed: int = 0, dtype: torch.dtype = torch.float32
@@ -260,9 +256,7 @@ def update(params: Dict[str, torch.Tensor], config: LearnedOptimizerConfig, g_D:
     out_D = h @ params["out.weight"]
     if config.rule == "adam_schedule":
         log_scale = out_D if config.per_coordinate else out_D.mean().expand_as(out_D)
-        sched = params["sched.weight"] @ torch.as_tensor(schedule_weights(progress_of(t - 1, horizon)),
-                                                         dtype=out_D.dtype, device=out_D.device)
-        log_scale = log_scale + sched
+        log_scale = log_scale + schedule_value(params["sched.weight"], progress_of(t - 1, horizon))
         adam_D = (m / (1 - config.beta1 ** t)) / ((v / (1 - config.beta2 ** t)).sqrt() + config.eps)
         delta_D = -config.adam_lr * torch.exp(log_scale.clamp(-config.max_log_scale, config.max_log_scale)) * adam_D
     else:

@@ -158,8 +158,7 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
     train = replace(cfg.train, optimizer=optimizer_name, lr=float(lr), optimizer_options=dict(options))
     z_D = start_z(task, seed, z0_std)
     opt = build_optimizer(optimizer_name, z_D, train)
-    if hasattr(opt, "set_horizon"):  # φ reading the fraction of its run done: this run's length
-        opt.set_horizon(steps)
+    opt.set_horizon(steps)  # φ reading the fraction of its run done: this run's length
     checkpoints = sorted({int(s) for s in eval_at if 0 < s <= steps} | {steps})
     buffers = {k: v.clone() for k, v in task.model.named_buffers()}
     losses: List[float] = []

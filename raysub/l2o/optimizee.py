@@ -144,12 +144,7 @@ class OptimizeeWorker:
         out = []
         for s in self.slots:
             opt = self.live[s]
-            n = min(lc.unroll, opt.horizon - opt.step)
-            batches = opt.next_batches(n)
-            if opt.g is None:
-                opt.loss, opt.g = start(opt.task, opt.z, batches[0])
-            if opt.loss_start is None:
-                opt.loss_start = float(opt.loss)
+            n, batches = self._next_unroll(opt)
             u = unroll_meta_grad(phi, self.config, opt.task, opt.z, opt.state, batches, loss0=opt.loss, g0=opt.g,
                                  log_loss=lc.meta_loss == "log",
                                  term_weights=late_weights(lc.late_weight, opt.step, n, opt.horizon))
@@ -168,6 +163,17 @@ class OptimizeeWorker:
                 self.live[s] = self._fresh(s)
         return out
 
+    def _next_unroll(self, opt: Optimizee) -> Tuple[int, List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """(n, the batches) of ``opt``'s next unroll (T steps, fewer at the end of its horizon); on its first, (L, g)
+        at z0 and the loss that divergence is measured against."""
+        n = min(self.cfg.l2o.unroll, opt.horizon - opt.step)
+        batches = opt.next_batches(n)
+        if opt.g is None:
+            opt.loss, opt.g = start(opt.task, opt.z, batches[0])
+        if opt.loss_start is None:
+            opt.loss_start = float(opt.loss)
+        return n, batches
+
     def _unroll_pes(self, phi: Dict[str, torch.Tensor], meta_step: int) -> List[Dict[str, Any]]:
         """PES (Vicol et al. 2021): slot 2k runs its optimizee at φ + ε, slot 2k+1 the same optimizee at φ − ε, ε
         drawn from (l2o.seed, meta-step, pair) so that both halves agree wherever they run; no backpropagation.
@@ -182,12 +188,7 @@ class OptimizeeWorker:
             pair, sign = s // 2, 1 - 2 * (s % 2)
             eps = pes_noise(phi, lc.seed, meta_step, pair, lc.pes_sigma)
             phi_p = {k: v.detach() + sign * eps[k] for k, v in phi.items()}
-            n = min(lc.unroll, opt.horizon - opt.step)
-            batches = opt.next_batches(n)
-            if opt.g is None:
-                opt.loss, opt.g = start(opt.task, opt.z, batches[0])
-            if opt.loss_start is None:
-                opt.loss_start = float(opt.loss)
+            n, batches = self._next_unroll(opt)
             weights = late_weights(lc.late_weight, opt.step, n, opt.horizon) or [1.0] * n
             losses, value = [], 0.0
             z, state, g = opt.z, opt.state, opt.g

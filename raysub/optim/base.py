@@ -66,6 +66,10 @@ class SubspaceOptimizer(abc.ABC):
     def set_lr(self, lr: float) -> None:
         self.lr = float(lr)
 
+    def set_horizon(self, steps: int) -> None:
+        """The run's length in steps, given once before the first step (a learned optimizer reads the fraction of
+        it done; the others ignore it)."""
+
     @abc.abstractmethod
     def step(self, z_D: torch.Tensor, g_D: torch.Tensor, loss: float,
              closure: Optional[BatchClosure] = None) -> Dict[str, float]:

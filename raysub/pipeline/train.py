@@ -134,8 +134,7 @@ def subspace_loop(config: Dict[str, Any]) -> None:
                       sharding=config.get("sharding") or cfg.train.projection_sharding)
     z_D = task.new_z()
     opt = build_optimizer(cfg.train.optimizer, z_D, cfg.train)
-    if hasattr(opt, "set_horizon"):  # a learned optimizer that reads the fraction of its run done
-        opt.set_horizon(cfg.train.epochs * (task.data.size("train") // (cfg.train.batch_size or cfg.data.batch_size)))
+    opt.set_horizon(cfg.train.epochs * (task.data.size("train") // (cfg.train.batch_size or cfg.data.batch_size)))
     state = _restore(ctx.session, task, z_D, opt)
     if loop.resumed_divergence(state, ctx.rank, ctx.session):
         return
