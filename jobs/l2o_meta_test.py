@@ -12,14 +12,21 @@ What it does
       3. metrics (raysub/l2o/metatest.py): SL2O §4.1's convergence step over the full run and the test accuracy
          after it (mean ± std over the optimizees); VeLO's speedup of φ over Momentum† and over Adam† at h·N
          (the steps the baseline needs to reach φ's smoothed training loss at h·N, over h·N; "≥" when it never
-         does); the best baseline's test accuracy at the end minus φ's (acc_gap_best_<max h>n_pts).
+         does); the same speedups on each run's evaluated curve — the loss of z on 2,048 fixed training samples
+         every 10 steps, free of minibatch noise, interpolated between evaluations (l2o_eval_speedup_over_*); the
+         best baseline's test accuracy at the end minus φ's (acc_gap_best_<max h>n_pts).
+      An adam_schedule φ multiplies Adam's step at the lr it was meta-trained with (``--adam-lr weights``); on
+      another task give that task's: ``constant`` (plain Adam's best constant lr in Adam†'s pick: φ brings the
+      schedule), ``run`` (the lr of Adam†'s (lr, schedule) pick) or a number.
     Transfer (SL2O Table 3) is the same job on another task (another model, another d) with weights meta-trained
     elsewhere; ``--table A.json B.json ...`` then prints (and with --out writes) the markdown transfer table.
 
 Outputs (--out DIR, a local path or URI): meta_test.json (everything, per-step losses included), loss_curves.png
 (mean smoothed training loss per step per optimizer, log y), config.yaml; on stdout progress lines, the table
 (optimizer, lr picked, convergence step, test accuracy, speedups), and as the last line one JSON object (the
-headline metrics: l2o_over_momentum_steps, l2o_speedup_over_momentum[_2n, _5n], acc_gap_pts, seeds, lrs).
+headline metrics: l2o_over_momentum_steps, l2o_speedup_over_momentum[_2n, _5n, _10n],
+l2o_speedup_over_adam[...], l2o_eval_speedup_over_momentum[...], l2o_eval_speedup_over_adam[...],
+acc_gap_best_10n_pts, acc_gap_pts, seeds, lrs, schedules, l2o_adam_lr).
 
 How long it takes
     Steps ≈ (Σ grid sizes) · schedules · val-seeds · max(h) · N + (1 + baselines) · seeds · max(h) · N
@@ -45,7 +52,7 @@ How to run
 
     python jobs/l2o_meta_test.py CONFIG [key=value ...] --weights PATH|adam_like [--steps N]
         [--horizons 1,2,5,10] [--seeds 3] [--val-seeds K] [--baselines psgd,adam,sgd] [--lr-grid psgd=0.1,0.3,1,3 ...]
-        [--schedules constant,cosine,step] [--z0-std S] [--trained-on LABEL]
+        [--schedules constant,cosine,step] [--adam-lr weights|constant|run|LR] [--z0-std S] [--trained-on LABEL]
         [--threads 1] [--procs 1] [--progress-every 0] [--out DIR] [--overwrite]
     python jobs/l2o_meta_test.py --table META_TEST.json ... [--out DIR]
     --weights: weights.pt, a meta-training run directory, or ``adam_like`` (the hand-built φ of the config's l2o

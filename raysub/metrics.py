@@ -2,6 +2,7 @@
 
 - `smoothed` — the trailing mean every curve uses; `convergence_step` — SL2O §4.1's convergence step;
 - `steps_to_reach`, `speedup` (VeLO's speedup of one curve over another at a horizon), `final_loss`;
+- `curve_speedup` — the same speedup on evaluated curves (a fixed set of samples, no minibatch noise);
 - `mean_std`, `summarize` — mean ± std over optimizees of meta-test runs (`raysub.l2o.metatest`).
 """
 from __future__ import annotations
@@ -82,6 +83,32 @@ def speedup(l2o_losses: Sequence[float], momentum_losses: Sequence[float], n: in
     if t is None:
         return {"value": len(momentum_losses) / n, "lower_bound": True, "target": target, "momentum_steps": None}
     return {"value": t / n, "lower_bound": False, "target": target, "momentum_steps": t}
+
+
+def curve_speedup(l2o_curve: Sequence[Sequence[float]], base_curve: Sequence[Sequence[float]], n: int
+                  ) -> Dict[str, Any]:
+    """VeLO's speedup at horizon n on evaluated loss curves ([step, loss] pairs, steps increasing; the loss of z
+    after that many steps on a fixed set of samples, so no minibatch noise): the step at which the baseline's
+    curve first reaches φ's loss at step n, linearly interpolated between its two evaluations around the
+    crossing, divided by n.
+
+    Returns:
+        {"value", "lower_bound", "target", "steps"} as `speedup`: a baseline that never gets there gives its last
+        evaluated step ÷ n with lower_bound = True; φ with no finite loss at step n (diverged) gives 0.0.
+    """
+    target = dict((int(s), v) for s, v in l2o_curve).get(int(n), math.nan)
+    if target is None or not math.isfinite(target):
+        return {"value": 0.0, "lower_bound": False, "target": None, "steps": None}
+    prev = None
+    for s, v in base_curve:
+        if v is not None and v <= target:
+            t = float(s)
+            if prev is not None:  # prev[1] > target ≥ v: the crossing between the two evaluations
+                t = prev[0] + (prev[1] - target) / (prev[1] - v) * (s - prev[0])
+            return {"value": t / n, "lower_bound": False, "target": target, "steps": t}
+        prev = (s, v) if v is not None and math.isfinite(v) else None
+    last = base_curve[-1][0] if base_curve else 0
+    return {"value": last / n, "lower_bound": True, "target": target, "steps": None}
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:

@@ -353,3 +353,176 @@ def test_a_schedule_that_does_not_exist_is_one_line_before_anything_runs(digits_
         metatest.check_meta_test(cfg, None, 10, [1], 1, 1, {"psgd": [1.0]}, ["cosine", "linear"])
     assert len(e.value.problems) == 1 and "--schedules cosine,linear: choose one or more of constant" in \
         e.value.problems[0]
+
+
+def _exact_adam_weights(path, adam_lr):
+    """adam_schedule φ whose multiplier is e^0 everywhere: exactly Adam at ``adam_lr`` (or at the lr it is given)."""
+    from raysub.l2o.lstm import LearnedOptimizerConfig, init_params
+    from raysub.l2o.weights import save_learned_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=2, features=("m", "g"), rule="adam_schedule", adam_lr=adam_lr,
+                                    beta1=0.9, beta2=0.999)
+    phi = init_params(config)
+    phi["out.weight"].zero_()
+    phi["sched.weight"].zero_()
+    save_learned_optimizer(str(path), config, phi)
+    return str(path)
+
+
+def test_an_adam_schedule_phi_multiplies_its_own_lr_or_adam_s_pick_on_this_task(digits_task, tmp_path, one_thread):
+    """φ = exactly Adam (zero multiplier) meta-trained at lr 0.1, meta-tested where Adam† picks 0.01: by default φ
+    keeps its own 0.1; ``run`` runs it at Adam†'s 0.01 (its losses are then Adam†'s, step for step); a number sets
+    it; other rules have none. Catches the option not passed to φ (transfer to a task whose Adam lr differs then
+    starts φ at the wrong lr), the record not saying which lr φ ran."""
+    cfg, _ = digits_task
+    weights = _exact_adam_weights(tmp_path / "w.pt", 0.1)
+    kw = dict(steps=8, horizons=[1], seeds=1, val_seeds=1, grids={"psgd": [0.5], "adam": [0.01]},
+              schedules=["constant"], say=lambda s: None)
+    run = metatest.meta_test(cfg, weights, phi_adam_lr="run", **kw)
+    phi, adam = run["optimizers"]["l2o"]["runs"][0], run["optimizers"]["adam"]["runs"][0]
+    assert run["l2o_adam_lr"] == 0.01
+    assert phi["losses"] == pytest.approx(adam["losses"], rel=1e-5)
+    own = metatest.meta_test(cfg, weights, **kw)
+    assert own["l2o_adam_lr"] == 0.1
+    assert own["optimizers"]["l2o"]["runs"][0]["losses"][1:] != pytest.approx(adam["losses"][1:], rel=1e-3)
+    given = metatest.meta_test(cfg, weights, phi_adam_lr=0.01, **{**kw, "grids": {"psgd": [0.5]}})
+    assert given["l2o_adam_lr"] == 0.01 and given["optimizers"]["l2o"]["runs"][0]["losses"] == phi["losses"]
+    lstm = metatest.meta_test(cfg, _job_weights_lstm(tmp_path), **kw)  # other rules: no Adam lr to move
+    assert lstm["l2o_adam_lr"] is None
+
+
+def test_phi_s_constant_adam_lr_is_adam_s_best_constant_row_not_the_scheduled_pick(digits_task, tmp_path,
+                                                                                  one_thread):
+    """``constant``: plain Adam's best constant lr among the rows of Adam†'s pick (φ brings its own schedule), even
+    where Adam†'s pick is a cosine lr; ``run``: that pick's lr. Catches the two swapped, the best taken over every
+    row (a scheduled lr under φ's schedule), the rows of another baseline."""
+    cfg, _ = digits_task
+    weights = _exact_adam_weights(tmp_path / "w.pt", 0.1)
+    kw = dict(steps=6, horizons=[1, 2], seeds=1, val_seeds=1, grids={"psgd": [0.5], "adam": [0.001, 0.03, 0.3]},
+              schedules=["constant", "cosine"], say=lambda s: None, curve_every=0)
+    rec = metatest.meta_test(cfg, weights, phi_adam_lr="constant", **kw)
+    rows = rec["lr_selection"]["adam"]["rows"]
+    best = max((r for r in rows if r["schedule"] == "constant"), key=lambda r: (r["val_acc"], -r["final_loss"]))
+    assert rec["l2o_adam_lr"] == best["lr"]
+    run = metatest.meta_test(cfg, weights, phi_adam_lr="run", **kw)
+    assert run["l2o_adam_lr"] == run["lr_selection"]["adam"]["lr"]
+    assert rows == run["lr_selection"]["adam"]["rows"]  # the same pick: only φ's lr differs
+
+
+def _job_weights_lstm(tmp_path):
+    from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params
+    from raysub.l2o.weights import save_learned_optimizer
+
+    config = LearnedOptimizerConfig(hidden_size=2, step_scale=0.1)
+    path = str(tmp_path / "lstm.pt")
+    save_learned_optimizer(path, config, adam_like_params(config))
+    return path
+
+
+@pytest.mark.parametrize("value", ["fast", "Weights", -0.1, float("nan")])
+def test_a_bad_adam_lr_is_one_line_before_anything_runs(digits_task, value):
+    """Catches --adam-lr with a typo silently meaning φ's own lr, or a non-positive lr reaching the optimizer."""
+    from raysub.errors import ConfigError
+
+    cfg, _ = digits_task
+    with pytest.raises(ConfigError) as e:
+        metatest.check_meta_test(cfg, None, 10, [1], 1, 1, {"psgd": [1.0]}, ["constant"],
+                                 metatest.adam_lr_arg(str(value)))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"--adam-lr {value}")
+
+
+def test_curve_speedup_hand_computed_interpolates_between_evaluations():
+    """φ at 0.35 after 20 steps; the baseline's evaluations 0.4 at 20 and 0.2 at 30 put its crossing at
+    20 + (0.4 − 0.35)/(0.4 − 0.2)·10 = 22.5 steps: speedup 1.125. Catches the crossing taken at the evaluation
+    after it (1.5) or before it, the interpolation fraction mirrored (27.5 → 1.375), a never-reached baseline
+    not flagged as a lower bound, a diverged φ scored above 0."""
+    from raysub.metrics import curve_speedup
+
+    phi = [[0, 1.0], [10, 0.5], [20, 0.35], [30, 0.1]]
+    base = [[0, 1.0], [10, 0.8], [20, 0.4], [30, 0.2]]
+    r = curve_speedup(phi, base, 20)
+    assert r["value"] == pytest.approx(1.125) and r["steps"] == pytest.approx(22.5) and not r["lower_bound"]
+    assert curve_speedup(phi, base, 10)["value"] == pytest.approx((10 + 0.3 / 0.4 * 10) / 10)  # 0.8 → 0.4 at 0.5
+    assert curve_speedup(phi, [[0, 1.0], [10, 0.5]], 10)["value"] == 1.0  # reached exactly at an evaluation
+    never = curve_speedup(phi, base, 30)
+    assert never["value"] == 1.0 and never["lower_bound"] and never["steps"] is None
+    assert curve_speedup([[0, 1.0], [10, 0.5]], base, 20) == {"value": 0.0, "lower_bound": False, "target": None,
+                                                              "steps": None}
+    assert curve_speedup(phi, [[0, 1.0], [10, float("nan")], [20, 0.3]], 20)["value"] == 1.0  # no NaN crossing
+
+
+def test_the_evaluated_curve_is_the_loss_of_z_on_fixed_training_samples(digits_task, one_thread):
+    """The curve holds step 0, every k-th step and each eval_at step; its values are the eval-mode loss of the
+    run's z on the same fixed samples whatever the optimizee's seed. Catches the run's own minibatch used (a noisy
+    curve again), a set drawn from the run's seed (optimizers compared on different data), a point off by one
+    step (the loss before the step instead of after)."""
+    import torch.nn.functional as F
+
+    cfg, task = digits_task
+    batch = metatest.curve_set(task, 300)
+    assert batch[0].shape[0] == 300 and torch.equal(metatest.curve_set(task, 300)[1], batch[1])
+    a = metatest.run_optimizee(cfg, task, "sgd", 0.5, {}, 11, 0.0, 7, eval_at=[5], splits=("val",),
+                               curve_every=3, curve_samples=300)
+    b = metatest.run_optimizee(cfg, task, "sgd", 0.5, {}, 12, 0.0, 3, splits=("val",), curve_every=3,
+                               curve_samples=300)
+    assert [s for s, _ in a["curve"]] == [0, 3, 5, 6, 7]
+    assert a["curve"][0][1] == b["curve"][0][1]  # z0 = 0 for both: the same set, not the seed's
+    task.sub.set_z(a["z"])
+    task.model.eval()
+    with torch.no_grad():
+        by_hand = float(F.cross_entropy(task.sub.forward(batch[0]), batch[1]))
+    task.model.train()
+    assert a["curve"][-1][1] == pytest.approx(by_hand, rel=1e-6)
+    assert a["curve"][1][1] != pytest.approx(b["curve"][-1][1], rel=1e-9)  # seeds 11, 12: other batches, other z
+    assert "curve" not in metatest.run_optimizee(cfg, task, "sgd", 0.5, {}, 11, 0.0, 2, splits=("val",))
+
+
+def test_the_record_s_eval_speedups_are_curve_speedups_of_its_own_runs(digits_task, tmp_path, one_thread):
+    """The eval speedups over Momentum† and Adam† are `curve_speedup` of φ's and that baseline's curves, per
+    optimizee, then the mean. Catches the baselines swapped, one optimizee's curve paired with another's."""
+    from raysub.metrics import curve_speedup
+
+    cfg, _ = digits_task
+    rec = metatest.meta_test(cfg, _exact_adam_weights(tmp_path / "w.pt", 0.05), steps=6, horizons=[1, 2], seeds=2,
+                             val_seeds=1, grids={"psgd": [0.5], "adam": [0.01]}, schedules=["constant"],
+                             say=lambda s: None, curve_every=2, phi_adam_lr="weights")  # φ: Adam at 0.05
+    opts, m = rec["optimizers"], rec["metrics"]
+    assert m["l2o_eval_speedup_over_momentum"] != m["l2o_eval_speedup_over_adam"]
+    for name, key in (("psgd", "l2o_eval_speedup_over_momentum"), ("adam", "l2o_eval_speedup_over_adam")):
+        for h, suffix in ((1, ""), (2, "_2n")):
+            want = [curve_speedup(a["curve"], b["curve"], 6 * h)["value"]
+                    for a, b in zip(opts["l2o"]["runs"], opts[name]["runs"])]
+            assert m[key + suffix] == pytest.approx(sum(want) / 2)
+    assert rec["curve"] == {"samples": metatest.CURVE_SAMPLES, "every": 2, "seed": metatest.CURVE_SEED}
+
+
+def test_the_bench_refuses_a_transfer_without_its_basis_before_the_main_meta_test(tmp_path, capsys):
+    """--transfer mlp with a basis run that does not exist: one line, exit 2, nothing written. Catches the
+    transfer task checked only when its turn comes (after the main meta-test's ~15 minutes)."""
+    from raysub.bench import l2o_meta_test as bench
+
+    out = tmp_path / "out"
+    assert bench.main(["--basis-run", str(tmp_path / "none"), "--steps", "5", "--transfer", "mlp", "--mlp-basis-run",
+                       str(tmp_path / "none_mlp"), "--out", str(out), f"data.root={tmp_path}",
+                       "data.name=digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "none_mlp has no basis" in err
+    assert not out.exists()
+
+
+def test_transfer_figures_prefix_the_headline_of_each_transfer():
+    """The last line's transfer rows: transfer_<task>_<metric> for the Adam† and Momentum† speedups (flags
+    included), the step ratios, the best baseline's gap at the transfer's last horizon, the picks. Catches
+    another task's key dropped or unprefixed (two transfers then overwrite each other's figures)."""
+    from raysub.bench.l2o_meta_test import transfer_figures
+
+    rec = {"horizons": [1, 5], "l2o_adam_lr": 0.003,
+           "lr_selection": {"adam": {"lr": 0.003, "schedule": "cosine"}},
+           "metrics": {"l2o_speedup_over_adam_5n": 1.1, "l2o_speedup_over_adam_5n_lower_bound": False,
+                       "l2o_eval_speedup_over_adam": 2.0, "l2o_over_adam_steps": 0.7, "acc_gap_best_5n_pts": 0.2,
+                       "acc_gap_pts": 0.5, "seeds": 3}}
+    assert transfer_figures("vit_uv", rec) == {
+        "transfer_vit_uv_l2o_speedup_over_adam_5n": 1.1, "transfer_vit_uv_l2o_speedup_over_adam_5n_lower_bound": False,
+        "transfer_vit_uv_l2o_eval_speedup_over_adam": 2.0, "transfer_vit_uv_l2o_over_adam_steps": 0.7,
+        "transfer_vit_uv_acc_gap_best_pts": 0.2, "transfer_vit_uv_horizons": [1, 5],
+        "transfer_vit_uv_lrs": {"adam": [0.003, "cosine"]}, "transfer_vit_uv_l2o_adam_lr": 0.003}

@@ -39,6 +39,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--baselines", default="psgd,adam,sgd", help="registered baselines to run (psgd = Momentum†)")
     p.add_argument("--lr-grid", action="append", default=[], metavar="NAME=LR,LR,...",
                    help="one baseline's lr grid (repeatable)")
+    p.add_argument("--adam-lr", default="weights", metavar="weights|constant|run|LR",
+                   help="adam_schedule φ: the Adam lr its multiplier applies to: the one φ was meta-trained with "
+                        "(default); constant: plain Adam's best constant lr on this task (φ brings the schedule); "
+                        "run: the lr of Adam†'s pick; or LR")
     p.add_argument("--z0-std", type=float, help="σ of z0 ~ N(0, σ²) (default l2o.z0_std)")
     p.add_argument("--trained-on", help="label of φ's meta-training task in the transfer table (default: read from "
                                         "the meta-training run's config.yaml)")
@@ -94,7 +98,8 @@ def headline(record) -> Dict:
             "lrs": {n: s["lr"] for n, s in record["lr_selection"].items()},
             "schedules": {n: s.get("schedule") for n, s in record["lr_selection"].items()},
             "lr_at_grid_edge": [n for n, s in record["lr_selection"].items() if s["at_edge"]],
-            "seed_list": record["seeds"], "weights": record["weights"], "trained_on": record.get("trained_on")}
+            "seed_list": record["seeds"], "weights": record["weights"], "l2o_adam_lr": record.get("l2o_adam_lr"),
+            "trained_on": record.get("trained_on")}
 
 
 def main(argv=None) -> int:
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
         weights = ns.weights
         metatest.check_meta_test(cfg, None if weights == "adam_like" else weights, steps, horizons, ns.seeds,
                                  ns.val_seeds if ns.val_seeds is not None else cfg.l2o.validation_optimizees,
-                                 grids, schedules)
+                                 grids, schedules, metatest.adam_lr_arg(ns.adam_lr))
         out.makedirs()
         if weights == "adam_like":
             weights = write_adam_like(cfg, out)
@@ -144,7 +149,8 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         record = metatest.meta_test(cfg, weights, steps, horizons, ns.seeds, ns.val_seeds, grids, ns.z0_std,
                                     say=lambda s: print(s, flush=True), progress_every=ns.progress_every,
-                                    schedules=schedules, processes=ns.procs)
+                                    schedules=schedules, processes=ns.procs,
+                                    phi_adam_lr=metatest.adam_lr_arg(ns.adam_lr))
     except (RaysubError, ValueError) as exc:  # ours, or a bad number in --horizons
         problems = exc.problems if isinstance(exc, RaysubError) else [f"{exc} (--horizons takes e.g. 1,2,5)"]
         print(f"{PROG}: error: {'; '.join(problems)}", file=sys.stderr, flush=True)

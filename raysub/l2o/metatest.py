@@ -34,17 +34,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from raysub.errors import ConfigError, StorageError
 from raysub.l2o.seeds import VALIDATION_SERIAL, optimizee_seed
-from raysub.metrics import SMOOTH_WINDOW, convergence_step, final_loss, mean_std, smoothed, speedup, summarize
+from raysub.metrics import (SMOOTH_WINDOW, convergence_step, curve_speedup, final_loss, mean_std, smoothed, speedup,
+                            summarize)
 from raysub.report.tables import task_label
 from raysub.runs import layout
 from raysub.optim import build_optimizer, OPTIMIZERS
-from raysub.l2o.weights import weights_problems, weights_run
+from raysub.l2o.weights import load_learned_optimizer, weights_problems, weights_run
 from raysub.data import open_dataset
 from raysub.engine.task import build_task
 from raysub.pipeline.plan import check_train_projection, plan
@@ -58,6 +60,10 @@ DEFAULT_GRIDS: Dict[str, List[float]] = {"psgd": [0.1, 0.3, 1.0, 3.0], "sgd": [0
                                          "adam": [0.01, 0.03, 0.1, 0.3]}
 # a baseline's lr schedule over its run (the run's own length): what a user tuning for that length would try
 SCHEDULES = ("constant", "cosine", "step")
+# the evaluated training-loss curve of every meta-test run: the loss of z on CURVE_SAMPLES fixed training samples
+# (the same for every optimizer and optimizee), every CURVE_EVERY steps: the speedups without minibatch noise
+CURVE_SAMPLES, CURVE_EVERY, CURVE_SEED = 2048, 10, 12345
+ADAM_LR_CHOICES = ("weights", "constant", "run")  # --adam-lr: where an adam_schedule φ's Adam lr comes from
 
 
 def schedule_lr(schedule: str, lr: float, step: int, total: int) -> float:
@@ -129,10 +135,33 @@ def start_z(task, seed: int, z0_std: float) -> torch.Tensor:
     return (torch.randn(task.dim, generator=gen) * z0_std).to(task.theta0_N.device)
 
 
+def curve_set(task, samples: int = CURVE_SAMPLES) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fixed training samples of the evaluated curve: ``samples`` of the train split drawn with `CURVE_SEED`
+    (all of it when smaller), without augmentation: the same for every optimizer and optimizee of a task."""
+    n = task.data.size("train")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(CURVE_SEED))[:min(samples, n)]
+    x, y = next(iter(task.data.batches("train", [idx], augment=False, seed=0)))
+    return x.to(task.device), y.to(task.device)
+
+
+@torch.no_grad()
+def curve_loss(task, z_D: torch.Tensor, batch: Tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Mean cross-entropy of θ0 + P z on ``batch`` in eval mode (nothing the task holds moves)."""
+    sub = task.sub
+    sub.set_z(z_D)
+    was_training = sub.model.training
+    sub.model.eval()
+    try:
+        return float(F.cross_entropy(sub.forward(batch[0]), batch[1]))
+    finally:
+        sub.model.train(was_training)
+
+
 def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, Any], seed: int, z0_std: float,
                   steps: int, eval_at: Sequence[int] = (), splits: Sequence[str] = ("val", "test"),
                   say: Optional[Callable[[str], None]] = None, progress_every: int = 0,
-                  schedule: str = "constant") -> Dict[str, Any]:
+                  schedule: str = "constant", curve_every: int = 0,
+                  curve_samples: int = CURVE_SAMPLES) -> Dict[str, Any]:
     """``steps`` steps of one optimizee (data-order ``seed``, z0 from it) with a registry optimizer, its lr on
     ``schedule`` over the ``steps`` of the run (`schedule_lr`; constant by default).
 
@@ -144,11 +173,14 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
         eval_at: Steps after which to evaluate (the last step always is).
         splits: The splits evaluated (`pick_lr`'s runs: ``("val",)`` only).
         say, progress_every: A progress line every ``progress_every`` steps (0: none).
+        curve_every, curve_samples: With ``curve_every`` > 0, the evaluated curve: the loss of z on `curve_set`
+            before the first step and after every ``curve_every``-th step and each of ``eval_at``.
 
     Returns:
         {"optimizer", "lr", "seed", "steps", "losses" (the batch loss of each step taken, at z before it),
         "diverged", "diverged_at" (1-based step or None), "evals": {step: {"val_acc", "val_loss", …}},
-        "val_acc"/"test_acc" (after the last step; 0 when diverged), "convergence_step", "z", "wall_s"}.
+        "val_acc"/"test_acc" (after the last step; 0 when diverged), "convergence_step", "z", "wall_s"}, and
+        with ``curve_every`` "curve": [[step, loss], ...] (up to the divergence).
         A non-finite loss or z stops the run: every later evaluation scores accuracy 0.
     """
     # imported per call, not at the top: tests monkeypatch these names on the module they come from
@@ -165,6 +197,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
     evals: Dict[str, Dict[str, float]] = {}  # by step, as a string (JSON's keys)
     diverged_at = None
     stream = batch_stream(task, cfg, seed)
+    curve_batch = curve_set(task, curve_samples) if curve_every else None
+    curve: List[List[float]] = [[0, curve_loss(task, z_D, curve_batch)]] if curve_every else []
     try:
         task.model.train()
         for step in range(1, steps + 1):
@@ -177,6 +211,8 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
             if not (math.isfinite(losses[-1]) and bool(torch.isfinite(z_D).all())):
                 diverged_at = step
                 break
+            if curve_every and (step % curve_every == 0 or step in checkpoints):
+                curve.append([step, curve_loss(task, z_D, curve_batch)])
             if step in checkpoints:
                 evals[str(step)] = {f"{s}_{k}": v for s in splits for k, v in evaluate_task(task, z_D, s).items()}
             if say and progress_every and step % progress_every == 0:
@@ -195,14 +231,24 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
             "diverged": diverged_at is not None, "diverged_at": diverged_at, "evals": evals,
             **{f"{s}_acc": last[f"{s}_acc"] for s in splits},
             "convergence_step": None if diverged_at else convergence_step(losses),
+            **({"curve": curve} if curve_every else {}),
             "z": z_D.detach().cpu(), "wall_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the protocol
 
+def adam_lr_arg(text: str) -> Union[str, float]:
+    """``--adam-lr``'s value: ``weights``, ``constant``, ``run`` or a number (`check_meta_test` judges it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[int], seeds: int,
-                    val_seeds: int, grids: Dict[str, Sequence[float]], schedules: Sequence[str] = SCHEDULES) -> None:
+                    val_seeds: int, grids: Dict[str, Sequence[float]], schedules: Sequence[str] = SCHEDULES,
+                    phi_adam_lr: Union[str, float] = "weights") -> None:
     """Every problem of a meta-test's inputs, in one `ConfigError`, before anything runs.
 
     Raises:
@@ -233,6 +279,14 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
                             f"{', '.join(n for n in OPTIMIZERS.names() if n != 'l2o')}")
         elif not grid or any(not (isinstance(v, (int, float)) and v > 0) for v in grid):
             problems.append(f"--lr-grid {name}={list(grid)}: give one or more lrs > 0")
+    if (phi_adam_lr not in ADAM_LR_CHOICES if isinstance(phi_adam_lr, str)
+            else not (math.isfinite(phi_adam_lr) and phi_adam_lr > 0)):
+        problems.append(f"--adam-lr {phi_adam_lr}: give weights (φ's own), constant (Adam†'s best constant lr for "
+                        f"the runs), run (the lr of Adam†'s pick) or an lr > 0")
+    if phi_adam_lr in ("constant", "run") and "adam" not in grids:
+        problems.append(f"--adam-lr {phi_adam_lr}: takes Adam†'s pick: include adam in --baselines")
+    if phi_adam_lr == "constant" and "constant" not in schedules:
+        problems.append("--adam-lr constant: takes Adam†'s best constant lr: include constant in --schedules")
     if weights is not None:
         problems += [f"--weights: {p}" for p in weights_problems(weights)]
     if problems:
@@ -268,7 +322,8 @@ def run_all(cfg, task, jobs: Sequence[tuple], processes: int = 1) -> List[Dict[s
 def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5), seeds: int = 3,
               val_seeds: Optional[int] = None, grids: Optional[Dict[str, Sequence[float]]] = None,
               z0_std: Optional[float] = None, say: Callable[[str], None] = print,
-              progress_every: int = 0, schedules: Sequence[str] = SCHEDULES, processes: int = 1) -> Dict[str, Any]:
+              progress_every: int = 0, schedules: Sequence[str] = SCHEDULES, processes: int = 1,
+              phi_adam_lr: Union[str, float] = "weights", curve_every: int = CURVE_EVERY) -> Dict[str, Any]:
     """φ (``weights``) against the baselines of ``grids`` (lrs picked on validation) on the task of ``cfg``.
 
     Args:
@@ -284,6 +339,14 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         schedules: The lr schedules tried with each lr of a grid (`schedule_lr`, over the run's length): each
             baseline's (lr, schedule) is picked on validation runs as long as the meta-test runs, max(h)·N steps.
         processes: Runs at once, in forked processes (`run_all`); the record is the same for any number.
+        phi_adam_lr: For ``adam_schedule`` weights, the Adam lr φ's multiplier applies to: ``"weights"`` (the
+            lr φ was meta-trained with: its own task's tuned Adam lr), ``"constant"`` (plain Adam's best constant
+            lr for these runs, from the rows of Adam†'s pick — φ brings the schedule; needs Adam† and the
+            constant schedule among the baselines), ``"run"`` (the lr of Adam†'s (lr, schedule) pick) or a
+            number. Ignored for other rules.
+        curve_every: The meta-test runs' evaluated curve (`run_optimizee`: the loss on `CURVE_SAMPLES` fixed
+            training samples every ``curve_every`` steps; 0: none): the speedups again, without minibatch noise
+            (``l2o_eval_speedup_over_*``).
 
     Returns:
         The record (`RunDir.write_json` writes it, non-finite values as null): task, weights, seeds, lr
@@ -295,7 +358,7 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
     horizons = sorted({int(h) for h in horizons})
     val_seeds = cfg.l2o.validation_optimizees if val_seeds is None else val_seeds
     z0_std = cfg.l2o.z0_std if z0_std is None else z0_std
-    check_meta_test(cfg, weights, steps, horizons, seeds, val_seeds, grids, schedules)
+    check_meta_test(cfg, weights, steps, horizons, seeds, val_seeds, grids, schedules, phi_adam_lr)
     info = plan(cfg)
     check_train_projection(cfg, info["num_params"], RunDir(cfg.run_dir), own_basis=False)
 
@@ -334,11 +397,28 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
             f"{'  (at the grid edge: widen it)' if selection[name]['at_edge'] else ''}"
             f"  {time.perf_counter() - t0:.1f}s")
 
-    arms = [("l2o", 1.0, {"weights": weights}, "constant")] + [
+    phi_options, phi_lr = {"weights": weights}, None
+    phi_config = load_learned_optimizer(weights)[0]
+    if phi_config.rule == "adam_schedule":  # φ multiplies Adam's step: at which lr
+        constant = [r for r in selection.get("adam", {}).get("rows", []) if r.get("schedule") == "constant"]
+        if phi_adam_lr == "constant" and constant:
+            # plain Adam's best constant lr for these runs (φ brings the schedule): the rows of Adam†'s pick
+            best = max(constant, key=lambda r: (r["val_acc"], -r["final_loss"]))
+            phi_lr, why = best["lr"], f"Adam†'s best constant lr for runs of {total}"
+        elif phi_adam_lr == "run" and "adam" in selection:
+            phi_lr, why = selection["adam"]["lr"], f"Adam†'s pick for runs of {total}"
+        elif isinstance(phi_adam_lr, str):
+            phi_lr, why = phi_config.adam_lr, "the lr φ was meta-trained with"
+        else:
+            phi_lr, why = float(phi_adam_lr), "given"
+        phi_options["adam_lr"] = phi_lr
+        say(f"φ (adam_schedule) multiplies Adam's step at lr {phi_lr:g} ({why})")
+    arms = [("l2o", 1.0, phi_options, "constant")] + [
         (n, selection[n]["lr"], {}, selection[n]["schedule"]) for n in grids]
     checkpoints = [h * steps for h in horizons]
     optimizers: Dict[str, Any] = {}
     jobs = [((name, lr, options, seed, z0_std, total), {"eval_at": checkpoints, "schedule": schedule,
+                                                        "curve_every": curve_every,
                                                         "progress_every": progress_every if processes <= 1 else 0,
                                                         "say": say if processes <= 1 else None})
             for name, lr, options, schedule in arms for seed in test_list]
@@ -359,17 +439,20 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
                             "schedule": None if name == "l2o" else schedule, "runs": runs,
                             "summary": summarize(runs)}
 
-    def speedups_over(baseline: str) -> Dict[str, Any]:
+    def speedups_over(baseline: str, evaluated: bool = False) -> Dict[str, Any]:
         out = {}
         for h in horizons:
-            per_seed = [speedup(a["losses"], b["losses"], h * steps)
-                        for a, b in zip(optimizers["l2o"]["runs"], optimizers[baseline]["runs"])]
+            pairs = zip(optimizers["l2o"]["runs"], optimizers[baseline]["runs"])
+            per_seed = ([curve_speedup(a["curve"], b["curve"], h * steps) for a, b in pairs] if evaluated
+                        else [speedup(a["losses"], b["losses"], h * steps) for a, b in pairs])
             out[f"{h}n"] = {"h": h, "n": h * steps, "per_seed": per_seed, **mean_std([s["value"] for s in per_seed]),
                             "lower_bound": any(s["lower_bound"] for s in per_seed)}
         return out
 
     speedups = speedups_over("psgd")
     speedups_adam = speedups_over("adam") if "adam" in optimizers else None
+    eval_speedups = ({n: speedups_over(n, evaluated=True) for n in optimizers if n != "l2o"} if curve_every
+                     else None)
     l2o_s, mom_s = optimizers["l2o"]["summary"], optimizers["psgd"]["summary"]
     best = max((n for n in optimizers if n != "l2o"), key=lambda n: optimizers[n]["summary"]["test_acc"]["mean"])
     metrics = {
@@ -382,6 +465,11 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         f"acc_gap_best_{max(horizons)}n_pts": 100 * (optimizers[best]["summary"]["test_acc"]["mean"]
                                                       - l2o_s["test_acc"]["mean"]),
         "best_baseline": best,
+        **({"l2o_over_adam_steps": l2o_s["convergence_step"]["mean"]
+            / optimizers["adam"]["summary"]["convergence_step"]["mean"],
+            "l2o_over_adam_steps_censored": bool(l2o_s["not_converged"]
+                                                 or optimizers["adam"]["summary"]["not_converged"])}
+           if "adam" in optimizers else {}),
         "test_acc_end": {n: o["summary"]["test_acc"]["mean"] for n, o in optimizers.items()},
         "seeds": seeds,
     }
@@ -390,14 +478,21 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
             key = f"l2o_speedup_over_{label}" + ("" if h == 1 else f"_{h}n")
             metrics[key] = table[f"{h}n"]["mean"]
             metrics[key + "_lower_bound"] = table[f"{h}n"]["lower_bound"]
+    for name, label in (("psgd", "momentum"), ("adam", "adam")):
+        for h in horizons if eval_speedups and name in eval_speedups else ():
+            key = f"l2o_eval_speedup_over_{label}" + ("" if h == 1 else f"_{h}n")
+            metrics[key] = eval_speedups[name][f"{h}n"]["mean"]
+            metrics[key + "_lower_bound"] = eval_speedups[name][f"{h}n"]["lower_bound"]
     return {"task": {"data": cfg.data.name, "model": cfg.model.name, "projection": cfg.train.projection,
                      "dim": task.dim, "batch_size": cfg.train.batch_size or cfg.data.batch_size,
                      "basis_run": cfg.train.basis_run, "theta0_run": theta0_run.uri,
                      "theta0_norm": float(task.theta0_N.norm()), "theta0_same_as_meta_training": theta0_same},
-            "weights": weights, "steps": steps, "horizons": horizons, "run_steps": total, "z0_std": z0_std,
+            "weights": weights, "l2o_adam_lr": phi_lr, "steps": steps, "horizons": horizons, "run_steps": total, "z0_std": z0_std,
             "seeds": test_list, "val_seeds": val_list, "smoothing": f"trailing mean of {SMOOTH_WINDOW}",
             "lr_selection": selection, "schedules": list(schedules), "optimizers": optimizers, "speedups": speedups,
-            "speedups_adam": speedups_adam, "metrics": metrics}
+            "speedups_adam": speedups_adam, "eval_speedups": eval_speedups,
+            "curve": {"samples": CURVE_SAMPLES, "every": curve_every, "seed": CURVE_SEED} if curve_every else None,
+            "metrics": metrics}
 
 
 

@@ -129,34 +129,45 @@ def plot_l2o(run, history: Dict[str, Any]) -> None:
 def plot_meta_test(run, record: Dict[str, Any], rel: str = "loss_curves.png") -> None:
     """Meta-testing (`raysub.l2o.metatest`): per optimizer the mean over the meta-test optimizees of the smoothed
     training loss (trailing mean of 20) against the step, log y, with the min–max band over optimizees; the
-    horizons h·N dashed."""
+    horizons h·N dashed. When the runs have evaluated curves, a second panel draws those (the loss on the fixed
+    training samples, no minibatch noise) the same way."""
     # heavy: matplotlib loads here, not when this module is imported (the Agg backend chosen before pyplot)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, o in record["optimizers"].items():
-        curves = [smoothed(r["losses"]) for r in o["runs"] if r["losses"]]
-        n = min(len(c) for c in curves) if curves else 0  # a diverged run ends early: the common part
-        if n == 0:
-            continue
-        arr = np.asarray([c[:n] for c in curves])
-        steps = np.arange(1, n + 1)
-        label = o["label"] + ("" if o["lr"] is None else f" (lr {o['lr']:g})")
-        (line,) = ax.plot(steps, arr.mean(0), lw=1.2, label=label)
-        ax.fill_between(steps, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.15, lw=0)
-    for h in record["horizons"]:
-        ax.axvline(h * record["steps"], color="k", lw=0.6, ls="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (trailing mean of 20)")
-    ax.set_title(f"meta-test: {record['task']['model']} {record['task']['projection']} d={record['task']['dim']}, "
+    with_curve = all("curve" in r for o in record["optimizers"].values() for r in o["runs"])
+    fig, axes = plt.subplots(1, 2 if with_curve else 1, figsize=(13, 4.5) if with_curve else (7.5, 4.5),
+                             squeeze=False)
+    panels = [(axes[0][0], "training loss (trailing mean of 20)",
+               lambda r: (np.arange(1, len(r["losses"]) + 1), smoothed(r["losses"])))]
+    if with_curve:
+        cur = record.get("curve") or {}
+        panels.append((axes[0][1], f"loss on {cur.get('samples', '?'):,} fixed training samples",
+                       lambda r: (np.asarray([s for s, _ in r["curve"]]), [v for _, v in r["curve"]])))
+    for ax, ylabel, series in panels:
+        for name, o in record["optimizers"].items():
+            pairs = [series(r) for r in o["runs"]]
+            n = min((len(v) for _, v in pairs), default=0)  # a diverged run ends early: the common part
+            if n == 0:
+                continue
+            arr = np.asarray([v[:n] for _, v in pairs], dtype=float)
+            steps = pairs[0][0][:n]
+            label = o["label"] + ("" if o["lr"] is None else f" (lr {o['lr']:g}"
+                                  + (f" {o['schedule']})" if o.get("schedule") else ")"))
+            (line,) = ax.plot(steps, arr.mean(0), lw=1.2, label=label)
+            ax.fill_between(steps, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.15, lw=0)
+        for h in record["horizons"]:
+            ax.axvline(h * record["steps"], color="k", lw=0.6, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"meta-test: {record['task']['model']} {record['task']['projection']} d={record['task']['dim']}, "
                  f"{len(record['seeds'])} optimizees; dashed: h·N, N = {record['steps']}, h = "
                  f"{', '.join(map(str, record['horizons']))}", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
     _save(run, rel, fig)
 
 

@@ -135,7 +135,8 @@ def _pm(ms: Dict[str, float], scale: float = 1.0, fmt: str = ".1f") -> str:
 def meta_test_table(record: Dict[str, Any]) -> str:
     """The console table of a meta-test record (`raysub.l2o.metatest.meta_test`): per optimizer its lr,
     convergence step and test accuracy (mean ± std over the meta-test optimizees; ≥: some never converged,
-    counted at the run's length), and φ's speedups over Momentum† at each horizon (≥: a lower bound)."""
+    counted at the run's length), and φ's speedups over Momentum† (and Adam†) at each horizon (≥: a lower bound),
+    then those on the evaluated curve when the record has them."""
     adam = record.get("speedups_adam")
     over = " over Mom† / Adam†" if adam else ""
     heads = ["optimizer", "lr", "conv step", "test acc % (end)"] + [f"speedup {h}N{over}" for h in record["horizons"]]
@@ -154,7 +155,15 @@ def meta_test_table(record: Dict[str, Any]) -> str:
             both = cell(record["speedups"][f"{h}n"]) + (f" / {cell(adam[f'{h}n'])}" if adam else "")
             cells.append(both if name == "l2o" else "")
         rows.append(cells)
-    return "\n".join(format_table([heads] + rows, align_left=True))
+    lines = format_table([heads] + rows, align_left=True)
+    ev = record.get("eval_speedups")
+    if ev and "psgd" in ev:  # the same speedups on the evaluated curve (no minibatch noise)
+        cur = record["curve"]
+        lines.append(f"speedup on the evaluated training loss ({cur['samples']:,} fixed training samples every "
+                     f"{cur['every']} steps) over Mom†{' / Adam†' if 'adam' in ev else ''}: " + "; ".join(
+                         f"{h}N {cell(ev['psgd'][f'{h}n'])}" + (f" / {cell(ev['adam'][f'{h}n'])}" if "adam" in ev
+                                                                  else "") for h in record["horizons"]))
+    return "\n".join(lines)
 
 
 def transfer_table(records: Sequence[Dict[str, Any]]) -> str:
