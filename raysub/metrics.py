@@ -85,16 +85,17 @@ def speedup(l2o_losses: Sequence[float], momentum_losses: Sequence[float], n: in
     return {"value": t / n, "lower_bound": False, "target": target, "momentum_steps": t}
 
 
-def curve_speedup(l2o_curve: Sequence[Sequence[float]], base_curve: Sequence[Sequence[float]], n: int
-                  ) -> Dict[str, Any]:
+def curve_speedup(l2o_curve: Sequence[Sequence[float]], base_curve: Sequence[Sequence[float]], n: int,
+                  base_steps: Optional[int] = None) -> Dict[str, Any]:
     """VeLO's speedup at horizon n on evaluated loss curves ([step, loss] pairs, steps increasing; the loss of z
     after that many steps on a fixed set of samples, so no minibatch noise): the step at which the baseline's
     curve first reaches φ's loss at step n, linearly interpolated between its two evaluations around the
     crossing, divided by n.
 
     Returns:
-        {"value", "lower_bound", "target", "steps"} as `speedup`: a baseline that never gets there gives its last
-        evaluated step ÷ n with lower_bound = True; φ with no finite loss at step n (diverged) gives 0.0.
+        {"value", "lower_bound", "target", "steps"} as `speedup`: a baseline that never gets there gives the
+        steps it ran (``base_steps``: its run's length, up to a divergence; default its last evaluated step) ÷ n
+        with lower_bound = True; φ with no finite loss at step n (diverged) gives 0.0.
     """
     target = dict((int(s), v) for s, v in l2o_curve).get(int(n), math.nan)
     if target is None or not math.isfinite(target):
@@ -107,7 +108,7 @@ def curve_speedup(l2o_curve: Sequence[Sequence[float]], base_curve: Sequence[Seq
                 t = prev[0] + (prev[1] - target) / (prev[1] - v) * (s - prev[0])
             return {"value": t / n, "lower_bound": False, "target": target, "steps": t}
         prev = (s, v) if v is not None and math.isfinite(v) else None
-    last = base_curve[-1][0] if base_curve else 0
+    last = base_steps if base_steps is not None else (base_curve[-1][0] if base_curve else 0)
     return {"value": last / n, "lower_bound": True, "target": target, "steps": None}
 
 

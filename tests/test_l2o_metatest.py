@@ -391,24 +391,6 @@ def test_an_adam_schedule_phi_multiplies_its_own_lr_or_adam_s_pick_on_this_task(
     assert lstm["l2o_adam_lr"] is None
 
 
-def test_phi_s_constant_adam_lr_is_adam_s_best_constant_row_not_the_scheduled_pick(digits_task, tmp_path,
-                                                                                  one_thread):
-    """``constant``: plain Adam's best constant lr among the rows of Adam†'s pick (φ brings its own schedule), even
-    where Adam†'s pick is a cosine lr; ``run``: that pick's lr. Catches the two swapped, the best taken over every
-    row (a scheduled lr under φ's schedule), the rows of another baseline."""
-    cfg, _ = digits_task
-    weights = _exact_adam_weights(tmp_path / "w.pt", 0.1)
-    kw = dict(steps=6, horizons=[1, 2], seeds=1, val_seeds=1, grids={"psgd": [0.5], "adam": [0.001, 0.03, 0.3]},
-              schedules=["constant", "cosine"], say=lambda s: None, curve_every=0)
-    rec = metatest.meta_test(cfg, weights, phi_adam_lr="constant", **kw)
-    rows = rec["lr_selection"]["adam"]["rows"]
-    best = max((r for r in rows if r["schedule"] == "constant"), key=lambda r: (r["val_acc"], -r["final_loss"]))
-    assert rec["l2o_adam_lr"] == best["lr"]
-    run = metatest.meta_test(cfg, weights, phi_adam_lr="run", **kw)
-    assert run["l2o_adam_lr"] == run["lr_selection"]["adam"]["lr"]
-    assert rows == run["lr_selection"]["adam"]["rows"]  # the same pick: only φ's lr differs
-
-
 def _job_weights_lstm(tmp_path):
     from raysub.l2o.lstm import LearnedOptimizerConfig, adam_like_params
     from raysub.l2o.weights import save_learned_optimizer
@@ -417,6 +399,47 @@ def _job_weights_lstm(tmp_path):
     path = str(tmp_path / "lstm.pt")
     save_learned_optimizer(path, config, adam_like_params(config))
     return path
+
+
+def test_phi_s_constant_adam_lr_is_adam_s_best_constant_row_not_the_scheduled_pick():
+    """Adam†'s pick is 0.3 cosine (90%); its best constant row is 0.03 (88%, over 0.1's 88% by the lower final
+    loss): ``constant`` gives 0.03, ``run`` 0.3, ``weights`` φ's own, a number itself. Catches the two swapped, the
+    best taken over every row (a scheduled lr under φ's schedule), the tie not broken by the final loss."""
+    pick = {"lr": 0.3, "schedule": "cosine", "rows": [
+        {"lr": 0.03, "schedule": "constant", "val_acc": 0.88, "final_loss": 0.20},
+        {"lr": 0.1, "schedule": "constant", "val_acc": 0.88, "final_loss": 0.25},
+        {"lr": 0.3, "schedule": "constant", "val_acc": 0.80, "final_loss": 0.10},
+        {"lr": 0.3, "schedule": "cosine", "val_acc": 0.90, "final_loss": 0.15}]}
+    assert metatest.phi_adam_base("constant", 0.1, pick)[0] == 0.03
+    assert metatest.phi_adam_base("run", 0.1, pick)[0] == 0.3
+    assert metatest.phi_adam_base("weights", 0.1, pick)[0] == 0.1
+    assert metatest.phi_adam_base(0.007, 0.1, pick)[0] == 0.007
+
+
+def test_the_meta_test_runs_phi_at_the_constant_row_it_names(digits_task, tmp_path, one_thread):
+    """The wiring: the record's l2o_adam_lr is `phi_adam_base` of its own Adam† pick. Catches the choice computed
+    from another baseline's rows or ignored."""
+    cfg, _ = digits_task
+    weights = _exact_adam_weights(tmp_path / "w.pt", 0.1)
+    rec = metatest.meta_test(cfg, weights, steps=6, horizons=[1, 2], seeds=1, val_seeds=1,
+                             grids={"psgd": [0.5], "adam": [0.001, 0.03, 0.3]}, schedules=["constant", "cosine"],
+                             say=lambda s: None, curve_every=0, phi_adam_lr="constant")
+    assert rec["l2o_adam_lr"] == metatest.phi_adam_base("constant", 0.1, rec["lr_selection"]["adam"])[0]
+
+
+def test_adam_lr_choices_that_need_adam_are_checked_only_for_adam_schedule_phi(digits_task, tmp_path):
+    """``constant`` needs Adam† and the constant schedule — for an adam_schedule φ; for an lstm φ the option does
+    not apply and is not an error. Catches an lstm φ refused over an option it ignores, and an adam_schedule φ
+    let through to fail after the picks."""
+    from raysub.errors import ConfigError
+
+    cfg, _ = digits_task
+    adam_phi = _exact_adam_weights(tmp_path / "w.pt", 0.1)
+    with pytest.raises(ConfigError) as e:
+        metatest.check_meta_test(cfg, adam_phi, 10, [1], 1, 1, {"psgd": [1.0]}, ["cosine"], "constant")
+    assert [p.split(":")[0] for p in e.value.problems] == ["--adam-lr constant", "--adam-lr constant"]
+    metatest.check_meta_test(cfg, _job_weights_lstm(tmp_path), 10, [1], 1, 1, {"psgd": [1.0]}, ["cosine"],
+                             "constant")
 
 
 @pytest.mark.parametrize("value", ["fast", "Weights", -0.1, float("nan")])
@@ -449,6 +472,8 @@ def test_curve_speedup_hand_computed_interpolates_between_evaluations():
     assert curve_speedup([[0, 1.0], [10, 0.5]], base, 20) == {"value": 0.0, "lower_bound": False, "target": None,
                                                               "steps": None}
     assert curve_speedup(phi, [[0, 1.0], [10, float("nan")], [20, 0.3]], 20)["value"] == 1.0  # no NaN crossing
+    diverged = curve_speedup(phi, [[0, 1.0]], 20, base_steps=7)  # the baseline diverged at step 7, before 10
+    assert diverged["value"] == 7 / 20 and diverged["lower_bound"]
 
 
 def test_the_evaluated_curve_is_the_loss_of_z_on_fixed_training_samples(digits_task, one_thread):
@@ -473,6 +498,14 @@ def test_the_evaluated_curve_is_the_loss_of_z_on_fixed_training_samples(digits_t
         by_hand = float(F.cross_entropy(task.sub.forward(batch[0]), batch[1]))
     task.model.train()
     assert a["curve"][-1][1] == pytest.approx(by_hand, rel=1e-6)
+    modes, forward = [], task.sub.forward
+    task.sub.forward = lambda x: (modes.append(task.model.training), forward(x))[1]
+    try:
+        task.model.train()
+        metatest.curve_loss(task, a["z"], batch)
+    finally:
+        del task.sub.forward
+    assert modes == [False] and task.model.training  # evaluated in eval mode, left in train mode
     assert a["curve"][1][1] != pytest.approx(b["curve"][-1][1], rel=1e-9)  # seeds 11, 12: other batches, other z
     assert "curve" not in metatest.run_optimizee(cfg, task, "sgd", 0.5, {}, 11, 0.0, 2, splits=("val",))
 

@@ -44,7 +44,8 @@ How to run
                    [--steps N] [--horizons 1,2,5,10] [--baselines psgd,adam,sgd] [--schedules constant,cosine,step]
                    [--seeds 3] [--procs 2] [--adam-lr weights|constant|run|LR] [--transfer mlp] [--transfer vit_uv]
                    [--mlp-basis-run runs/fashion_mnist_mlp] [--vit-base runs/vit_fashion_mnist_base]
-                   [--transfer-adam-lr constant|run|weights|LR] [--transfer-horizons H,...] [--out DIR]
+                   [--transfer-adam-lr constant|run|weights|LR] [--transfer-horizons H,...]
+                   [--transfer-set key=value ...] [--out DIR]
                    [key=value ...]
     on a cluster:  ray job submit --working-dir . -- python jobs/bench/l2o_meta_test.py --basis-run /shared/fm_lenet
                    (single process, no Ray needed: it runs where the driver lands; the basis run must be there.)
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--transfer-adam-lr", default="constant", metavar="constant|run|weights|LR",
                         help="the same for the transfer tasks (default constant: plain Adam's best constant lr on "
                              "that task, as φ's own is on its task)")
+    parser.add_argument("--transfer-set", action="append", default=[], metavar="key=value",
+                        help="an override of every transfer task's config (repeatable), e.g. data.root=DIR")
     parser.add_argument("--transfer-horizons", help="the transfer meta-tests' multiples of N (default: --horizons "
                                                    "for mlp; those ≤ 5 for vit_uv, whose steps cost ~3× LeNet-5's)")
     parser.add_argument("--mlp-basis-run", default="runs/fashion_mnist_mlp",
@@ -169,9 +172,9 @@ def main(argv=None) -> int:
         print(f"warning: --weights {args.weights}: no meta-training run records these weights: N = --steps "
               f"{args.steps}; optimizee seeds and z0 from this config's l2o section", flush=True)
     steps = args.steps or (trained.l2o.steps if trained is not None else 100)
-    horizons = [int(h) for h in args.horizons.split(",") if h]
     schedules = [x for x in args.schedules.split(",") if x]
     try:
+        horizons = [int(h) for h in args.horizons.split(",") if h]
         cfg = load_config(resolve_config(args.config), [*TASK, f"train.basis_run={args.basis_run}",
                                                          f"run_dir={out.uri}", *l2o, *args.overrides])
         if args.weights:  # verified before anything is written
@@ -184,11 +187,16 @@ def main(argv=None) -> int:
         t_cfgs = {}
         for name in dict.fromkeys(args.transfer):  # every transfer task's problems before the first run
             t_config, t_over, t_grids = transfer_task(name, args, l2o)
-            t_cfg = load_config(resolve_config(t_config), [*t_over, f"run_dir={join_uri(out.uri, 'transfer_' + name)}"])
+            t_cfg = load_config(resolve_config(t_config), [*t_over, *args.transfer_set,
+                                                            f"run_dir={join_uri(out.uri, 'transfer_' + name)}"])
             # a missing basis or base run: one line, before anything runs (as meta_test checks its own)
             check_train_projection(t_cfg, plan(t_cfg)["num_params"], RunDir(t_cfg.run_dir), own_basis=False)
             t_horizons = ([int(h) for h in args.transfer_horizons.split(",") if h] if args.transfer_horizons
                           else horizons if name == "mlp" else [h for h in horizons if h <= 5] or horizons[:1])
+            metatest.check_meta_test(t_cfg, args.weights, steps, t_horizons, args.seeds,
+                                     args.val_seeds if args.val_seeds is not None
+                                     else t_cfg.l2o.validation_optimizees, t_grids, schedules,
+                                     metatest.adam_lr_arg(args.transfer_adam_lr))
             t_cfgs[name] = (t_cfg, t_grids, t_horizons)
         out.makedirs()
         weights = args.weights
@@ -218,8 +226,9 @@ def main(argv=None) -> int:
             plot_meta_test(t_out, rec)
             print(meta_test_table(rec), flush=True)
             transfers[name] = rec
-    except RaysubError as exc:
-        print(f"l2o_meta_test bench: error: {'; '.join(exc.problems)}", file=sys.stderr, flush=True)
+    except (RaysubError, ValueError) as exc:  # ours, or a bad number in --horizons / --transfer-horizons
+        problems = exc.problems if isinstance(exc, RaysubError) else [f"{exc} (horizons take e.g. 1,2,5)"]
+        print(f"l2o_meta_test bench: error: {'; '.join(problems)}", file=sys.stderr, flush=True)
         return 2
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()[0]

@@ -146,7 +146,8 @@ def curve_set(task, samples: int = CURVE_SAMPLES) -> Tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def curve_loss(task, z_D: torch.Tensor, batch: Tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Mean cross-entropy of θ0 + P z on ``batch`` in eval mode (nothing the task holds moves)."""
+    """Mean cross-entropy of θ0 + P z on ``batch`` in eval mode. The task's θ is left at z (as a training step
+    leaves it; the next `train_step` sets it again); its train/eval mode and buffers are as they were."""
     sub = task.sub
     sub.set_z(z_D)
     was_training = sub.model.training
@@ -238,6 +239,21 @@ def run_optimizee(cfg, task, optimizer_name: str, lr: float, options: Dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 # the protocol
 
+def phi_adam_base(choice: Union[str, float], own: float, adam_pick: Optional[Dict[str, Any]]
+                  ) -> Tuple[float, str]:
+    """(the Adam lr an adam_schedule φ multiplies, why) for ``--adam-lr`` ``choice``: ``weights`` φ's ``own``;
+    ``constant`` the best constant-schedule row of Adam†'s pick ``adam_pick`` (`pick_lr`'s record; φ brings the
+    schedule); ``run`` that pick's lr; a number itself. `check_meta_test` has made sure the pick has what it needs."""
+    if not isinstance(choice, str):
+        return float(choice), "given"
+    if choice == "constant":
+        rows = [r for r in adam_pick["rows"] if r.get("schedule") == "constant"]
+        return max(rows, key=lambda r: (r["val_acc"], -r["final_loss"]))["lr"], "Adam†'s best constant lr"
+    if choice == "run":
+        return adam_pick["lr"], f"Adam†'s pick ({adam_pick['lr']:g} {adam_pick.get('schedule', 'constant')})"
+    return own, "the lr φ was meta-trained with"
+
+
 def adam_lr_arg(text: str) -> Union[str, float]:
     """``--adam-lr``'s value: ``weights``, ``constant``, ``run`` or a number (`check_meta_test` judges it)."""
     try:
@@ -283,12 +299,14 @@ def check_meta_test(cfg, weights: Optional[str], steps: int, horizons: Sequence[
             else not (math.isfinite(phi_adam_lr) and phi_adam_lr > 0)):
         problems.append(f"--adam-lr {phi_adam_lr}: give weights (φ's own), constant (Adam†'s best constant lr for "
                         f"the runs), run (the lr of Adam†'s pick) or an lr > 0")
-    if phi_adam_lr in ("constant", "run") and "adam" not in grids:
+    weight_problems = [] if weights is None else [f"--weights: {p}" for p in weights_problems(weights)]
+    adam_schedule = (weights is not None and not weight_problems
+                     and load_learned_optimizer(weights)[0].rule == "adam_schedule")
+    if adam_schedule and phi_adam_lr in ("constant", "run") and "adam" not in grids:
         problems.append(f"--adam-lr {phi_adam_lr}: takes Adam†'s pick: include adam in --baselines")
-    if phi_adam_lr == "constant" and "constant" not in schedules:
+    if adam_schedule and phi_adam_lr == "constant" and "constant" not in schedules:
         problems.append("--adam-lr constant: takes Adam†'s best constant lr: include constant in --schedules")
-    if weights is not None:
-        problems += [f"--weights: {p}" for p in weights_problems(weights)]
+    problems += weight_problems
     if problems:
         raise ConfigError(problems)
 
@@ -400,19 +418,9 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
     phi_options, phi_lr = {"weights": weights}, None
     phi_config = load_learned_optimizer(weights)[0]
     if phi_config.rule == "adam_schedule":  # φ multiplies Adam's step: at which lr
-        constant = [r for r in selection.get("adam", {}).get("rows", []) if r.get("schedule") == "constant"]
-        if phi_adam_lr == "constant" and constant:
-            # plain Adam's best constant lr for these runs (φ brings the schedule): the rows of Adam†'s pick
-            best = max(constant, key=lambda r: (r["val_acc"], -r["final_loss"]))
-            phi_lr, why = best["lr"], f"Adam†'s best constant lr for runs of {total}"
-        elif phi_adam_lr == "run" and "adam" in selection:
-            phi_lr, why = selection["adam"]["lr"], f"Adam†'s pick for runs of {total}"
-        elif isinstance(phi_adam_lr, str):
-            phi_lr, why = phi_config.adam_lr, "the lr φ was meta-trained with"
-        else:
-            phi_lr, why = float(phi_adam_lr), "given"
+        phi_lr, why = phi_adam_base(phi_adam_lr, phi_config.adam_lr, selection.get("adam"))
         phi_options["adam_lr"] = phi_lr
-        say(f"φ (adam_schedule) multiplies Adam's step at lr {phi_lr:g} ({why})")
+        say(f"φ (adam_schedule) multiplies Adam's step at lr {phi_lr:g} ({why}, runs of {total})")
     arms = [("l2o", 1.0, phi_options, "constant")] + [
         (n, selection[n]["lr"], {}, selection[n]["schedule"]) for n in grids]
     checkpoints = [h * steps for h in horizons]
@@ -443,7 +451,8 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
         out = {}
         for h in horizons:
             pairs = zip(optimizers["l2o"]["runs"], optimizers[baseline]["runs"])
-            per_seed = ([curve_speedup(a["curve"], b["curve"], h * steps) for a, b in pairs] if evaluated
+            per_seed = ([curve_speedup(a["curve"], b["curve"], h * steps, len(b["losses"])) for a, b in pairs]
+                        if evaluated
                         else [speedup(a["losses"], b["losses"], h * steps) for a, b in pairs])
             out[f"{h}n"] = {"h": h, "n": h * steps, "per_seed": per_seed, **mean_std([s["value"] for s in per_seed]),
                             "lower_bound": any(s["lower_bound"] for s in per_seed)}
