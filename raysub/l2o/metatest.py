@@ -81,6 +81,11 @@ def schedule_lr(schedule: str, lr: float, step: int, total: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # the lr pick
 
+def pick_key(row: Dict[str, Any]) -> Tuple[float, float]:
+    """How `pick_lr` ranks its candidates: mean validation accuracy, ties to the lower mean final loss."""
+    return row["val_acc"], -row["final_loss"]
+
+
 def pick_lr(grid: Sequence[float], runner: Callable[..., Dict[str, Any]], seeds: Sequence[int],
             schedules: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The lr of ``grid`` (and, given ``schedules``, the schedule) with the best mean validation accuracy over
@@ -104,7 +109,7 @@ def pick_lr(grid: Sequence[float], runner: Callable[..., Dict[str, Any]], seeds:
                          "val_acc": sum(r["val_acc"] for r in runs) / len(runs),
                          "final_loss": sum(final_loss(r["losses"]) for r in runs) / len(runs),
                          "diverged": sum(bool(r["diverged"]) for r in runs)})
-    best = max(rows, key=lambda r: (r["val_acc"], -r["final_loss"]))
+    best = max(rows, key=pick_key)
     return {"lr": best["lr"], **({} if schedules is None else {"schedule": best["schedule"]}), "rows": rows,
             "at_edge": len(grid) > 1 and best["lr"] in (min(grid), max(grid))}
 
@@ -135,13 +140,19 @@ def start_z(task, seed: int, z0_std: float) -> torch.Tensor:
     return (torch.randn(task.dim, generator=gen) * z0_std).to(task.theta0_N.device)
 
 
+_CURVE_SET: Dict[str, Any] = {}  # the last task's curve set: read once per task (forked workers inherit it)
+
+
 def curve_set(task, samples: int = CURVE_SAMPLES) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fixed training samples of the evaluated curve: ``samples`` of the train split drawn with `CURVE_SEED`
-    (all of it when smaller), without augmentation: the same for every optimizer and optimizee of a task."""
-    n = task.data.size("train")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(CURVE_SEED))[:min(samples, n)]
-    x, y = next(iter(task.data.batches("train", [idx], augment=False, seed=0)))
-    return x.to(task.device), y.to(task.device)
+    (all of it when smaller), without augmentation: the same for every optimizer and optimizee of a task. Read
+    once and kept for the last (task, samples) asked for."""
+    if _CURVE_SET.get("task") is not task or _CURVE_SET.get("samples") != samples:
+        n = task.data.size("train")
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(CURVE_SEED))[:min(samples, n)]
+        x, y = next(iter(task.data.batches("train", [idx], augment=False, seed=0)))
+        _CURVE_SET.update(task=task, samples=samples, batch=(x.to(task.device), y.to(task.device)))
+    return _CURVE_SET["batch"]
 
 
 @torch.no_grad()
@@ -248,7 +259,7 @@ def phi_adam_base(choice: Union[str, float], own: float, adam_pick: Optional[Dic
         return float(choice), "given"
     if choice == "constant":
         rows = [r for r in adam_pick["rows"] if r.get("schedule") == "constant"]
-        return max(rows, key=lambda r: (r["val_acc"], -r["final_loss"]))["lr"], "Adam†'s best constant lr"
+        return max(rows, key=pick_key)["lr"], "Adam†'s best constant lr"
     if choice == "run":
         return adam_pick["lr"], f"Adam†'s pick ({adam_pick['lr']:g} {adam_pick.get('schedule', 'constant')})"
     return own, "the lr φ was meta-trained with"
@@ -430,6 +441,8 @@ def meta_test(cfg, weights: str, steps: int, horizons: Sequence[int] = (1, 2, 5)
                                                         "progress_every": progress_every if processes <= 1 else 0,
                                                         "say": say if processes <= 1 else None})
             for name, lr, options, schedule in arms for seed in test_list]
+    if curve_every:
+        curve_set(task)  # read once here: the forked workers inherit it
     done = iter(run_all(cfg, task, jobs, processes))
     for name, lr, options, schedule in arms:
         runs = []
